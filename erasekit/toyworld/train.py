@@ -1,0 +1,244 @@
+"""Train the toy-world pipelines from scratch on rendered scenes (``erasekit toyworld train``).
+
+Stages: render a fixed data set; train a small KL autoencoder (or reuse one); train the denoiser
+together with its text encoders on random captions of the rendered scenes (text encoders are
+frozen afterwards, as in released models); save an ordinary diffusers pipeline folder.
+Deterministic for a given seed, thread count and machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FluxPipeline, StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from .architectures import TEXT_LENGTH, build_vae, flux_components, sd_components
+from .grammar import Scene, sample_scene, training_caption
+from .render import IMAGE_SIZE, render_batch
+
+SAMPLING_DEFAULTS = {
+    "sd": {"num_inference_steps": 25, "guidance": 5.0},
+    "flux": {"num_inference_steps": 28, "guidance": 4.0},
+}
+
+
+@dataclass
+class TrainConfig:
+    family: str  # "sd" | "flux" | "vae"
+    out: str
+    seed: int = 0
+    dataset_size: int = 24_000
+    vae_steps: int = 1500
+    vae_lr: float = 1e-3
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    vae: str | None = None  # folder of a trained VAE to reuse instead of training one
+    threads: int | None = None
+    snapshot_every: int = 1000
+
+
+def render_dataset(size: int, seed: int) -> tuple[list[Scene], torch.Tensor]:
+    """``size`` random scenes and their images as float (N, 3, 32, 32) in [-1, 1]."""
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng) for _ in range(size)]
+    seeds = [seed * 10_000_000 + i for i in range(size)]
+    imgs = []
+    for start in tqdm(range(0, size, 2000), desc="render", leave=False):
+        imgs.append(render_batch(scenes[start : start + 2000], seeds[start : start + 2000]))
+    arr = np.concatenate(imgs)
+    return scenes, torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(images: torch.Tensor, cfg: TrainConfig) -> AutoencoderKL:
+    """Fit the autoencoder to reconstruct ``images`` (MSE + small KL); returns it in eval mode."""
+    torch.manual_seed(cfg.seed)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.vae_steps), desc="vae")
+    for step in bar:
+        lr = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = images[torch.randint(len(images), (cfg.batch_size,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        loss = F.mse_loss(rec, x) + 1e-5 * post.kl().mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """Posterior means of ``images``: (N, 4, 16, 16), unscaled."""
+    return torch.cat([vae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
+
+
+def _sd_loss(pipe: StableDiffusionPipeline, x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
+    embeds, _ = pipe.encode_prompt(captions, "cpu", 1, False)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+    x_t = pipe.scheduler.add_noise(x0, noise, t)
+    return F.mse_loss(pipe.unet(x_t, t, embeds).sample, noise)
+
+
+def _flux_loss(pipe: FluxPipeline, x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
+    embeds, pooled, text_ids = pipe.encode_prompt(captions, None, device="cpu", max_sequence_length=TEXT_LENGTH)
+    b, c, h, w = x0.shape
+    x0 = FluxPipeline._pack_latents(x0, b, c, h, w)
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = torch.sigmoid(torch.randn(b, generator=g))  # logit-normal timesteps
+    x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", x0.dtype)
+    pred = pipe.transformer(
+        hidden_states=x_t,
+        timestep=sigma,
+        pooled_projections=pooled,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=img_ids,
+    ).sample
+    return F.mse_loss(pred, noise - x0)
+
+
+def _assemble(family: str, vae: AutoencoderKL, latents: torch.Tensor):
+    """A pipeline of fresh components around the trained VAE, latent scaling set from data."""
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    if family == "sd":
+        return StableDiffusionPipeline(
+            **sd_components() | {"vae": vae},
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    vae.register_to_config(shift_factor=float(latents.mean()))
+    return FluxPipeline(**flux_components() | {"vae": vae})
+
+
+def _save_pipeline(pipe, out: Path, record: dict, family: str) -> None:
+    """Write the pipeline folder atomically: a temporary folder renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        defaults = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, **SAMPLING_DEFAULTS.get(family, {})}
+        if family == "flux":
+            defaults["max_sequence_length"] = TEXT_LENGTH
+        if family != "vae":
+            (tmp / "erasekit_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run every stage of ``cfg`` and return the saved folder."""
+    if cfg.family not in ("sd", "flux", "vae"):
+        raise ValueError(f"unknown family {cfg.family!r}: expected 'sd', 'flux' or 'vae'")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.time()
+    out = Path(cfg.out)
+    record = {
+        "command": "erasekit toyworld train " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["toyworld", "train"] else None,
+        "config": asdict(cfg),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor()} {platform.system()}",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    scenes, images = render_dataset(cfg.dataset_size, cfg.seed)
+    if cfg.vae:
+        vae = AutoencoderKL.from_pretrained(cfg.vae).eval().requires_grad_(False)
+        record["vae_from"] = cfg.vae
+    else:
+        vae = train_vae(images, cfg)
+    if cfg.family == "vae":
+        record["seconds"] = round(time.time() - start, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        vae.save_pretrained(out, safe_serialization=True)
+        (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        return out
+    latents = encode_dataset(vae, images)
+    pipe = _assemble(cfg.family, vae, latents)
+    scale = pipe.vae.config.scaling_factor
+    shift = pipe.vae.config.shift_factor or 0.0
+    latents = (latents - shift) * scale
+    denoiser = pipe.unet if cfg.family == "sd" else pipe.transformer
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if cfg.family == "flux" else [])
+    trained = [denoiser] + encoders
+    params = [p for m in trained for p in m.parameters()]
+    for m in trained:
+        m.train().requires_grad_(True)
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    loss_fn = _sd_loss if cfg.family == "sd" else _flux_loss
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.family}")
+    for step in bar:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
+        captions = ["" if rng.random() < cfg.caption_dropout else training_caption(scenes[i], rng) for i in idx.tolist()]
+        loss = loss_fn(pipe, latents[idx], captions, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        last = step + 1 == cfg.steps
+        if last or (cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0):
+            live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    p.copy_(e)
+            for m in trained:
+                m.eval()
+            record["steps_done"] = step + 1
+            record["seconds"] = round(time.time() - start, 1)
+            record["loss_every_100"] = [round(float(np.mean(losses[i : i + 100])), 5) for i in range(0, len(losses), 100)]
+            _save_pipeline(pipe, out if last else out.with_name(out.name + "-snapshot"), record, cfg.family)
+            if not last:
+                with torch.no_grad():
+                    for lv, p in zip(live, params):
+                        p.copy_(lv)
+                for m in trained:
+                    m.train()
+    snapshot = out.with_name(out.name + "-snapshot")
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    return out
