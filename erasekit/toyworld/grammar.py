@@ -58,6 +58,8 @@ TRAIN_TEMPLATES: tuple[str, ...] = (
     "it is {a} {obj}, the color of it is {color}",
     "{a} {obj}",
     "{a} {texture} {obj} in {color} on a {bg} background",
+    "{a} {texture} {obj} and a {bg} background",
+    "{a} {color} {obj} at the center of the picture.",
 )
 HELDOUT_TEMPLATES: tuple[str, ...] = (
     "here is {a} {obj} and it is {color}",
