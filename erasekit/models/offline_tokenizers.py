@@ -7,11 +7,9 @@ the stock ``save_pretrained`` / ``from_pretrained``.
 
 from __future__ import annotations
 
-import json
 import string
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTokenizer, T5Tokenizer
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
@@ -26,30 +24,51 @@ def _clean_words(words: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
+def _learn_bpe(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges that make every word in ``words`` a single symbol.
+
+    Standard BPE on the word list (each word counted once, "</w>" on its last character),
+    with ties broken lexicographically so that the result is the same in every process.
+    """
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        joined = best[0] + best[1]
+        for k, seq in enumerate(seqs):
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[k] = out
+
+
 def clip_word_tokenizer(words: Iterable[str], model_max_length: int = 77) -> CLIPTokenizer:
     """A CLIP BPE tokenizer in which every word of ``words`` is a single token.
 
-    The merges are learned by a real BPE trainer over the word list, so unknown words fall
-    back to sub-word pieces exactly as with the released CLIP vocabulary.
+    The merges are learned by byte-pair encoding over the word list, so unknown words fall
+    back to sub-word pieces exactly as with the released CLIP vocabulary. Deterministic: the
+    same words give the same token ids in every process.
     """
     vocab_words = _clean_words(words)
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,
-        min_frequency=1,
-        special_tokens=[CLIP_BOS, CLIP_EOS],
-        initial_alphabet=list(_ALPHABET),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator(vocab_words, trainer=trainer)
-    vocab = bpe.get_vocab()
-    # Every single character also as a word-final piece, so that any word can be spelled.
+    merges = _learn_bpe(vocab_words)
+    vocab: dict[str, int] = {CLIP_BOS: 0, CLIP_EOS: 1}
     for ch in _ALPHABET:
+        vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     return CLIPTokenizer(
         vocab=vocab,
         merges=merges,

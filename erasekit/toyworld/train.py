@@ -175,6 +175,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.vae:
         vae = AutoencoderKL.from_pretrained(cfg.vae).eval().requires_grad_(False)
         record["vae_from"] = cfg.vae
+        vae_record = Path(cfg.vae) / "training.json"
+        if vae_record.is_file():
+            record["vae_training"] = json.loads(vae_record.read_text())
     else:
         vae = train_vae(images, cfg)
     if cfg.family == "vae":

@@ -1,0 +1,711 @@
+"""The family-independent surface that every erasure method is written against.
+
+A :class:`FamilyAdapter` wraps one diffusers pipeline and hides what differs between model
+families (latent layout, timestep units, text encoders, attention modules). Methods only ever
+talk to an adapter; they never branch on the family.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+# Keys an ``erasekit_defaults.json`` may hold (see :meth:`FamilyAdapter._apply_defaults`).
+DEFAULT_KEYS = (
+    "max_sequence_length",
+    "num_inference_steps",
+    "guidance",
+    "height",
+    "width",
+    "rollout_steps",
+    "rollout_guidance",
+)
+
+
+class UnsupportedPipelineError(ValueError):
+    """The pipeline (or a pipeline folder) belongs to a family erasekit does not support."""
+
+
+# --------------------------------------------------------------------------------------------
+# Conditioning and attachment points
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser consumes for one batch of prompts. Tensors only, batch first.
+
+    ``embeds``: SD: CLIP last hidden state (B, L, D); Flux: T5 embeddings (B, L, D).
+    ``pooled``: Flux: pooled CLIP embedding (B, Dp); SD: None.
+    Positions along L are the token positions of the family's main tokenizer
+    (see :meth:`FamilyAdapter.token_spans`).
+    """
+
+    embeds: Tensor
+    pooled: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeds.shape[0]
+
+    def with_tokens(self, positions: Sequence[int] | Tensor, values: Tensor) -> Conditioning:
+        """Return a NEW Conditioning with ``embeds[:, positions] = values``; self is untouched.
+
+        ``values``: (K, D) (shared by the batch) or (B, K, D), K = len(positions). The result is
+        differentiable w.r.t. ``values`` (built with an out-of-place ``index_copy``).
+        """
+        idx = torch.as_tensor(positions, dtype=torch.long, device=self.embeds.device).reshape(-1)
+        b, length, d = self.embeds.shape
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= length):
+            raise IndexError(f"token positions {idx.tolist()} out of range for {length} tokens")
+        if idx.unique().numel() != idx.numel():
+            raise ValueError(f"token positions must be distinct, got {idx.tolist()}")
+        if values.dim() == 2:
+            values = values.unsqueeze(0).expand(b, -1, -1)
+        if values.shape != (b, idx.numel(), d):
+            raise ValueError(
+                f"values must be ({idx.numel()}, {d}) or ({b}, {idx.numel()}, {d}), "
+                f"got {tuple(values.shape)}"
+            )
+        embeds = self.embeds.index_copy(1, idx, values.to(self.embeds.dtype))
+        return Conditioning(embeds, self.pooled)
+
+    def repeat(self, n: int) -> Conditioning:
+        """Tile the batch n times: (B, ...) -> (n*B, ...), like ``Tensor.repeat``."""
+        pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
+        return Conditioning(self.embeds.repeat(n, 1, 1), pooled)
+
+    def expand_to(self, batch: int) -> Conditioning:
+        """Broadcast a batch-1 conditioning to ``batch`` samples (no-op if already that size)."""
+        if self.batch_size == batch:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(f"cannot expand a batch of {self.batch_size} to {batch}")
+        return self.repeat(batch)
+
+    @staticmethod
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
+        """Concatenate along the batch dimension."""
+        pooled = [c.pooled for c in items]
+        if any(p is None for p in pooled) and not all(p is None for p in pooled):
+            raise ValueError("cannot concatenate conditionings with and without pooled embeddings")
+        return Conditioning(
+            torch.cat([c.embeds for c in items]),
+            None if pooled[0] is None else torch.cat(pooled),
+        )
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        """Move / cast both tensors."""
+        pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
+        return Conditioning(self.embeds.to(device=device, dtype=dtype), pooled)
+
+    def detach(self) -> Conditioning:
+        pooled = None if self.pooled is None else self.pooled.detach()
+        return Conditioning(self.embeds.detach(), pooled)
+
+
+@dataclass
+class AttachmentPoint:
+    """A place in the denoiser where a method attaches trainable parts or edits weights.
+
+    ``name``: full module name inside the denoiser. ``width``: feature width of the edited
+    tensor (attn_out: output channels; text_proj: the Linear's out_features).
+    ``in_features``: text_proj only, the Linear's in_features.
+    """
+
+    name: str
+    module: nn.Module
+    width: int
+    in_features: int | None = None
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, also when peft has wrapped it."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base.in_features, base.out_features
+
+
+# --------------------------------------------------------------------------------------------
+# Token search
+# --------------------------------------------------------------------------------------------
+
+
+def find_token_spans(tokenizer, prompt: str, phrase: str, max_length: int) -> list[list[int]]:
+    """Every contiguous run of ``phrase``'s token ids inside ``prompt``'s ids.
+
+    The prompt is tokenized exactly as the pipeline encodes it (special tokens, padding to
+    ``max_length``, truncation), so positions index the encoder output. The phrase is
+    tokenized without special tokens; all its sub-word pieces form one run. Special tokens
+    (BOS/EOS/pad) never match. A run must start and end on word boundaries of the prompt
+    text, so "a" does not match the last piece of "zebra". If the ids never occur (a
+    tokenizer that splits the phrase differently in context, e.g. "(car)" with
+    sentencepiece), a case-insensitive whole-word search in the text is mapped to tokens
+    through the offset mapping. Phrase absent or truncated away -> ValueError.
+    """
+    phrase_str = phrase.strip()
+    if not phrase_str:
+        raise ValueError(f"empty phrase for prompt {prompt!r}")
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        return_offsets_mapping=fast,
+    )
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]] if fast else None
+    special = set(tokenizer.all_special_ids)
+    target = list(tokenizer(phrase_str, add_special_tokens=False)["input_ids"])
+
+    def on_word_boundary(start: int, stop: int) -> bool:
+        if offsets is None:
+            return True
+        a, b = offsets[start][0], offsets[stop - 1][1]
+        left_ok = a == 0 or not prompt[a - 1].isalnum()
+        right_ok = b >= len(prompt) or not prompt[b].isalnum()
+        return left_ok and right_ok
+
+    spans: list[list[int]] = []
+    k = len(target)
+    i = 0
+    while k and i + k <= len(ids):
+        window = ids[i : i + k]
+        if window == target and not special.intersection(window) and on_word_boundary(i, i + k):
+            spans.append(list(range(i, i + k)))
+            i += k
+        else:
+            i += 1
+    if not spans and offsets is not None:
+        spans = _spans_from_text(prompt, phrase_str, ids, offsets, special)
+    if not spans:
+        raise ValueError(
+            f"phrase {phrase!r} not found in prompt {prompt!r} "
+            f"(absent, or cut off by truncation at {max_length} tokens)"
+        )
+    return spans
+
+
+def _spans_from_text(prompt, phrase, ids, offsets, special) -> list[list[int]]:
+    pattern = r"(?<![0-9A-Za-z])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![0-9A-Za-z])"
+    spans = []
+    for m in re.finditer(pattern, prompt, flags=re.IGNORECASE):
+        pos = [
+            j
+            for j, (a, b) in enumerate(offsets)
+            if ids[j] not in special and b > a and a < m.end() and b > m.start()
+        ]
+        # All of the phrase must survive truncation.
+        if pos and offsets[pos[-1]][1] >= m.end() and offsets[pos[0]][0] <= m.start():
+            spans.append(pos)
+    return spans
+
+
+# --------------------------------------------------------------------------------------------
+# Attention probes
+# --------------------------------------------------------------------------------------------
+
+
+class AttentionProbe:
+    """Attention maps recorded while a :meth:`FamilyAdapter.probe` context is open.
+
+    ``maps[layer]`` is a LIST with one tensor per forward call, in call order, each of shape
+    (B, heads, HW, n_cols) with HW the image tokens (row-major over the grid returned by
+    :meth:`resolution`) and n_cols the chosen text columns (``token_indices`` or all text
+    tokens). Values are softmax probabilities in float32, with gradients when grad is enabled.
+    SD cross-attention: the text tokens are all the keys, so a full row sums to 1.
+    Flux joint attention: the softmax runs over text AND image keys, so the stored text-column
+    mass is <= 1; with ``include_image_keys=True`` every image-key column is appended after the
+    text columns and the full row sums to 1.
+    Recorded maps keep their autograd graphs alive until :meth:`clear` or the probe is dropped.
+    With gradient checkpointing, the recomputation in backward records a second time.
+    """
+
+    def __init__(self, adapter, layers, token_indices, include_image_keys, max_chunk_elements):
+        self.adapter = adapter
+        self.layers = list(layers)
+        self.token_indices = None if token_indices is None else [int(i) for i in token_indices]
+        self.include_image_keys = include_image_keys
+        self.max_chunk_elements = max_chunk_elements
+        self.maps: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+        self.context: dict[str, Any] = {}  # per-forward inputs the family needs (grid, text length)
+
+    def clear(self) -> None:
+        """Forget every recorded map (keeps the probe installed)."""
+        for name in self.maps:
+            self.maps[name] = []
+
+    def last(self, layer: str) -> Tensor:
+        """The map of the most recent call at ``layer``: (B, heads, HW, n_cols)."""
+        if not self.maps.get(layer):
+            raise KeyError(f"no attention recorded at {layer!r}")
+        return self.maps[layer][-1]
+
+    def resolution(self, layer: str) -> tuple[int, int]:
+        """(h, w) of the image-token grid at ``layer`` for the most recent forward call."""
+        return self.adapter._layer_resolution(self, layer)
+
+    def _columns(self, text_len: int, n_keys: int, device) -> Tensor:
+        text = torch.arange(text_len) if self.token_indices is None else torch.tensor(self.token_indices)
+        if self.token_indices is not None and (text.min() < 0 or text.max() >= text_len):
+            raise IndexError(f"token indices {self.token_indices} out of range for {text_len} text tokens")
+        if self.include_image_keys and n_keys > text_len:
+            text = torch.cat([text, torch.arange(text_len, n_keys)])
+        return text.to(device)
+
+
+def record_attention(probe: AttentionProbe, layer: str, q: Tensor, k: Tensor, text_len: int,
+                     mask: Tensor | None = None) -> None:
+    """Append softmax(q k^T / sqrt(d)) restricted to the probe's columns to ``probe.maps``.
+
+    q: (B, H, Q, D) image queries; k: (B, H, S, D) every key of the softmax, the first
+    ``text_len`` of which are the text tokens (SD: all of them; Flux: [text, image]).
+    ``mask``: optional bool (True = attend) or additive mask broadcastable to (B, H, Q, S).
+    Computed in float32 and chunked over heads so that at most ``probe.max_chunk_elements``
+    logits exist at once.
+    """
+    b, h, nq, d = q.shape
+    cols = probe._columns(text_len, k.shape[2], q.device)
+    step = max(1, probe.max_chunk_elements // max(1, b * nq * k.shape[2]))
+    scale = 1.0 / math.sqrt(d)  # what scaled_dot_product_attention uses by default
+    chunks = []
+    for h0 in range(0, h, step):
+        qs, ks = q[:, h0 : h0 + step].float(), k[:, h0 : h0 + step].float()
+        logits = qs @ ks.transpose(-1, -2) * scale
+        if mask is not None:
+            m = mask if mask.shape[1] == 1 else mask[:, h0 : h0 + step]
+            logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+        chunks.append(logits.softmax(dim=-1).index_select(-1, cols))
+    probe.maps[layer].append(torch.cat(chunks, dim=1))
+
+
+class _RecordingProcessor:
+    """Wraps an attention processor: records maps from the inputs, then runs the original.
+
+    The output is the original processor's, untouched, so probing never changes the model.
+    """
+
+    def __init__(self, inner, record: Callable[..., None]):
+        self.inner = inner
+        self.record = record
+        # Attention.forward drops kwargs that processor.__call__ does not declare (it inspects
+        # the signature); expose the inner processor's signature so nothing extra is dropped.
+        proxy = lambda *a, **kw: type(self).__call__(self, *a, **kw)  # noqa: E731
+        proxy.__signature__ = inspect.signature(inner.__call__)
+        self.__dict__["__call__"] = proxy
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        self.record(attn, hidden_states, *args, **kwargs)
+        return self.inner(attn, hidden_states, *args, **kwargs)
+
+    def __getattr__(self, name):  # backend settings etc. live on the inner processor
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def _swap_processor(attn: nn.Module, new) -> Callable[[], None]:
+    """Install ``new`` as ``attn.processor``; return a function that restores the original."""
+    old = attn.processor
+    if isinstance(old, nn.Module):
+        # Keep a module processor (and its weights) registered; shadow it in __dict__.
+        object.__setattr__(attn, "processor", new)
+        return lambda: attn.__dict__.pop("processor", None)
+    attn.processor = new
+    return lambda: setattr(attn, "processor", old)
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------------
+
+
+class _EditState:
+    """The on/off state of a denoiser's edits. Lives on the denoiser module, so every adapter
+    over the same denoiser (adapter_for, for_denoiser) sees the same switch."""
+
+    def __init__(self):
+        self.depth = 0  # > 0 while edits_disabled() is active
+        self.switches: list[Any] = []
+        self.undo: list[Callable[[], None]] = []
+
+
+class _Handle:
+    def __init__(self, remove: Callable[[], None]):
+        self._remove = remove
+
+    def remove(self) -> None:
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
+
+
+class FamilyAdapter:
+    """Uniform surface over one model family. See the module docstrings of the subclasses.
+
+    Units: latents are in the denoiser's native input layout (SD (B, C, h, w); Flux packed
+    (B, N, C*4)); timesteps ``t`` are 1-D (B,) tensors in the scheduler's own units
+    (SD: integer DDPM steps 0..999; Flux: sigma*1000).
+    """
+
+    family: ClassVar[str] = ""
+    denoiser_names: ClassVar[tuple[str, ...]] = ()  # class names of the denoisers it drives
+    prediction: str
+    default_steps: int
+    default_guidance: float
+    _registry: ClassVar[list[type[FamilyAdapter]]] = []
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.family:
+            FamilyAdapter._registry.append(cls)
+
+    def __init__(self, pipe, denoiser: nn.Module | None = None, defaults: dict | None = None):
+        self.pipe = pipe
+        self._denoiser = denoiser
+        self._setup()
+        if defaults is None and pipe is not None:
+            defaults = getattr(pipe, "erasekit_defaults", None)
+        self._apply_defaults(defaults or {})
+
+    # ---- construction --------------------------------------------------------------------
+
+    @classmethod
+    def matches_denoiser(cls, denoiser: nn.Module) -> bool:
+        """Whether this family drives ``denoiser``."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_denoiser(cls, denoiser: nn.Module) -> FamilyAdapter:
+        """An adapter over a bare denoiser (no pipeline): for structure queries such as
+        attention_layers, attachment_points, probes and edits, e.g. on a meta-device model.
+        Methods that need text encoders, the VAE or the scheduler raise."""
+        if cls is FamilyAdapter:
+            for sub in FamilyAdapter._registry:
+                if sub.matches_denoiser(denoiser):
+                    return sub(None, denoiser=denoiser)
+            raise UnsupportedPipelineError(
+                f"no erasekit adapter for a {type(denoiser).__name__}; supported denoisers: "
+                + ", ".join(sorted({n for s in FamilyAdapter._registry for n in s.denoiser_names})),
+            )
+        return cls(None, denoiser=denoiser)
+
+    def _setup(self) -> None:
+        """Family-specific initialisation (prediction type, scheduler copies, defaults)."""
+
+    def _apply_defaults(self, defaults: dict) -> None:
+        """Apply an ``erasekit_defaults.json`` dict on top of the family defaults.
+
+        ``num_inference_steps`` / ``guidance`` set both the generation defaults and the rollout
+        defaults (``default_steps`` / ``default_guidance``); ``rollout_steps`` /
+        ``rollout_guidance`` override the rollout ones alone. ``height``/``width`` are pixels.
+        """
+        unknown = set(defaults) - set(DEFAULT_KEYS)
+        if unknown:  # a newer file or extra metadata: use what we know, say what we skip
+            warnings.warn(
+                f"ignoring unknown erasekit defaults {sorted(unknown)}; known: {list(DEFAULT_KEYS)}",
+                stacklevel=3,
+            )
+        self.defaults = dict(defaults)
+        if "num_inference_steps" in defaults:
+            self.generation_steps = self.default_steps = int(defaults["num_inference_steps"])
+        if "guidance" in defaults:
+            self.generation_guidance = self.default_guidance = float(defaults["guidance"])
+        if "rollout_steps" in defaults:
+            self.default_steps = int(defaults["rollout_steps"])
+        if "rollout_guidance" in defaults:
+            self.default_guidance = float(defaults["rollout_guidance"])
+        if "height" in defaults:
+            self.default_height = int(defaults["height"])
+        if "width" in defaults:
+            self.default_width = int(defaults["width"])
+        if "max_sequence_length" in defaults:
+            self.max_sequence_length = int(defaults["max_sequence_length"])
+
+    # ---- common properties -----------------------------------------------------------------
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """pipe.unet or pipe.transformer (looked up live, so component swaps are seen)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def _require_pipe(self, what: str):
+        if self.pipe is None:
+            raise RuntimeError(f"{what} needs a full pipeline; this adapter wraps a bare denoiser")
+        return self.pipe
+
+    def _batch_t(self, t, batch: int) -> Tensor:
+        t = torch.as_tensor(t, device=self.device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"timesteps must have shape ({batch},), got {tuple(t.shape)}")
+        return t
+
+    # ---- text ------------------------------------------------------------------------------
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        raise NotImplementedError
+
+    def _main_tokenizer(self):
+        """(tokenizer, max_length) used for the embeddings in Conditioning.embeds."""
+        raise NotImplementedError
+
+    def token_spans(self, prompt: str, phrase: str) -> list[list[int]]:
+        """Every contiguous run of ``phrase``'s tokens in ``prompt`` (positions index
+        Conditioning.embeds along L; sub-word pieces included; BOS/EOS/pad never included).
+        Phrase absent or truncated away -> ValueError naming both."""
+        tokenizer, max_length = self._main_tokenizer()
+        return find_token_spans(tokenizer, prompt, phrase, max_length)
+
+    def token_indices(self, prompt: str, phrase: str) -> list[int]:
+        """Flattened :meth:`token_spans`."""
+        return [i for span in self.token_spans(prompt, phrase) for i in span]
+
+    # ---- denoising -------------------------------------------------------------------------
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple:
+        raise NotImplementedError
+
+    def sample_noise(self, batch: int, height=None, width=None, generator=None) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, latents: Tensor, t, cond: Conditioning, guidance: float | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def guided_predict(self, latents: Tensor, t, cond: Conditioning, uncond: Conditioning,
+                       scale: float) -> Tensor:
+        """Classifier-free guidance: uncond + scale * (cond - uncond), one batched pass.
+
+        ``uncond`` may have batch 1 (broadcast to the batch of ``cond``).
+        """
+        if uncond is None:
+            raise ValueError("classifier-free guidance needs an unconditional Conditioning")
+        b = latents.shape[0]
+        t = self._batch_t(t, b)
+        both = Conditioning.cat([uncond.expand_to(b), cond.expand_to(b)])
+        out = self.predict(torch.cat([latents, latents]), torch.cat([t, t]), both)
+        out_u, out_c = out.chunk(2)
+        return out_u + scale * (out_c - out_u)
+
+    def _make_sampler(self, num_steps: int, latents: Tensor):
+        """A fresh scheduler with timesteps set for ``num_steps`` steps from ``latents``."""
+        raise NotImplementedError
+
+    def rollout(self, cond: Conditioning, uncond: Conditioning | None, t_enc: int,
+                num_steps: int | None = None, guidance: float | None = None, generator=None,
+                height: int | None = None, width: int | None = None,
+                latents: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """ESD partial rollout with the CURRENT (edited) model, no grad.
+
+        Draws noise (or takes ``latents``, initial noise in native layout), scales it by the
+        scheduler's init_noise_sigma, and runs ``t_enc`` of ``num_steps`` sampler steps with
+        :meth:`guided_predict` at ``guidance``. A fresh scheduler is built every call (no state
+        carried between rollouts). Returns (x_t, t): x_t in native layout and t (B,) the
+        training timestep x_t sits at (= the sampler's timesteps[t_enc]).
+        """
+        num_steps = int(num_steps or self.default_steps)
+        if not 0 <= t_enc < num_steps:
+            raise ValueError(f"t_enc must be in [0, {num_steps}), got {t_enc}")
+        guidance = self.default_guidance if guidance is None else guidance
+        if latents is None:
+            latents = self.sample_noise(cond.batch_size, height, width, generator)
+        b = latents.shape[0]
+        sampler = self._make_sampler(num_steps, latents)
+        x = latents.to(self.device, self.dtype) * getattr(sampler, "init_noise_sigma", 1.0)
+        with torch.no_grad():
+            for t in sampler.timesteps[:t_enc]:
+                model_in = sampler.scale_model_input(x, t) if hasattr(sampler, "scale_model_input") else x
+                out = self.guided_predict(model_in, t.expand(b), cond, uncond, guidance)
+                x = sampler.step(out, t, x, return_dict=False)[0]
+        return x, sampler.timesteps[t_enc].expand(b).to(self.device)
+
+    def sample_timesteps(self, batch: int, generator=None) -> Tensor:
+        raise NotImplementedError
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ---- images ----------------------------------------------------------------------------
+
+    def encode_images(self, images: Tensor, generator=None) -> Tensor:
+        raise NotImplementedError
+
+    def decode_latents(self, latents: Tensor, height=None, width=None) -> Tensor:
+        raise NotImplementedError
+
+    def generate(self, prompts, seeds, steps=None, guidance=None, height=None, width=None,
+                 negative_prompt: str = "") -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+        # CPU generators: the same seed gives the same noise on every device.
+        return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+    # ---- attention -------------------------------------------------------------------------
+
+    def attention_layers(self) -> list[str]:
+        raise NotImplementedError
+
+    def middle_resolution_layers(self) -> list[str]:
+        raise NotImplementedError
+
+    def _default_probe_layers(self) -> list[str]:
+        raise NotImplementedError
+
+    def _probe_modules(self, layers: list[str]) -> dict[str, nn.Module]:
+        """layer name -> the attention module whose processor gets wrapped."""
+        raise NotImplementedError
+
+    def _make_recorder(self, probe: AttentionProbe, layer: str) -> Callable[..., None]:
+        raise NotImplementedError
+
+    def _capture_forward_inputs(self, probe: AttentionProbe, args: tuple, kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def _layer_resolution(self, probe: AttentionProbe, layer: str) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @contextmanager
+    def probe(self, layers: list[str] | None = None, token_indices: list[int] | None = None,
+              include_image_keys: bool = False,
+              max_chunk_elements: int = 1 << 26) -> Iterator[AttentionProbe]:
+        """Record attention of image queries over text keys while the context is open.
+
+        ``layers``: names from :meth:`attention_layers` (default: all cross-attention / all
+        dual-stream blocks). ``token_indices``: text columns to keep (default all).
+        See :class:`AttentionProbe` for shapes. Outputs are unchanged (the stock processor
+        computes them); the original processors are restored on exit, also on exceptions.
+        """
+        layers = self._default_probe_layers() if layers is None else list(layers)
+        modules = self._probe_modules(layers)
+        probe = AttentionProbe(self, layers, token_indices, include_image_keys, max_chunk_elements)
+        restore: list[Callable[[], None]] = []
+        hook = self.denoiser.register_forward_pre_hook(
+            lambda _m, args, kwargs: self._capture_forward_inputs(probe, args, kwargs),
+            with_kwargs=True,
+        )
+        try:
+            for name, attn in modules.items():
+                wrapped = _RecordingProcessor(attn.processor, self._make_recorder(probe, name))
+                restore.append(_swap_processor(attn, wrapped))
+            yield probe
+        finally:
+            for undo in reversed(restore):
+                undo()
+            hook.remove()
+
+    # ---- edits -----------------------------------------------------------------------------
+
+    ATTACHMENT_KINDS: ClassVar[tuple[str, ...]] = ("attn_out", "text_proj")
+
+    def attachment_points(self, kind: str) -> list[AttachmentPoint]:
+        """Where methods attach. "attn_out": cross/joint-attention outputs (image stream);
+        "text_proj": the Linears that read the text (SD attn2.to_k/to_v; Flux add_q/k/v_proj)."""
+        if kind not in self.ATTACHMENT_KINDS:
+            raise ValueError(f"unknown attachment kind {kind!r}; known kinds: {list(self.ATTACHMENT_KINDS)}")
+        return self._attachment_points(kind)
+
+    def _attachment_points(self, kind: str) -> list[AttachmentPoint]:
+        raise NotImplementedError
+
+    def _edit_state(self) -> _EditState:
+        return self.denoiser.__dict__.setdefault("_erasekit_edit_state", _EditState())
+
+    @property
+    def edits_enabled(self) -> bool:
+        return self._edit_state().depth == 0
+
+    def add_output_edit(self, point: AttachmentPoint, fn: Callable[[Tensor], Tensor]):
+        """Make the point's output h (image stream: element 0 when the module returns a tuple)
+        become fn(h), e.g. h + E(h). Skipped while :meth:`edits_disabled` is active.
+        Returns a handle with ``remove()``."""
+        state = self._edit_state()
+
+        def hook(_module, _args, output):
+            if state.depth:
+                return None
+            if isinstance(output, tuple):
+                return (fn(output[0]),) + tuple(output[1:])
+            return fn(output)
+
+        return point.module.register_forward_hook(hook)
+
+    def register_switch(self, switch) -> _Handle:
+        """Register an object with ``enable()`` / ``disable()`` (and optionally an ``enabled``
+        attribute) that :meth:`edits_disabled` must switch off too. Returns a handle."""
+        if not (callable(getattr(switch, "enable", None)) and callable(getattr(switch, "disable", None))):
+            raise TypeError("a switch needs enable() and disable() methods")
+        switches = self._edit_state().switches
+        switches.append(switch)
+        return _Handle(lambda: switches.remove(switch) if switch in switches else None)
+
+    @contextmanager
+    def edits_disabled(self) -> Iterator[None]:
+        """Switch off every attached edit: output edits, peft LoRA layers on the denoiser and
+        registered switches, for frozen-teacher passes without a model copy. Re-entrant; the
+        previous state (including adapter requires_grad flags) is restored on exit."""
+        state = self._edit_state()
+        if state.depth == 0:
+            state.undo = self._disable_all(state)
+        state.depth += 1
+        try:
+            yield
+        finally:
+            state.depth -= 1
+            if state.depth == 0:
+                undo, state.undo = state.undo, []
+                for fn in reversed(undo):
+                    fn()
+
+    def _disable_all(self, state: _EditState) -> list[Callable[[], None]]:
+        undo: list[Callable[[], None]] = []
+        try:
+            self._switch_off(state, undo)
+        except BaseException:
+            for fn in reversed(undo):
+                fn()
+            raise
+        return undo
+
+    def _switch_off(self, state: _EditState, undo: list[Callable[[], None]]) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer  # lazy: peft is slow to import
+
+        for module in self.denoiser.modules():
+            if isinstance(module, BaseTunerLayer) and not module.disable_adapters:
+                grads = [(p, p.requires_grad) for n in module.adapter_layer_names
+                         for p in getattr(module, n).parameters()]
+                module.enable_adapters(False)
+
+                def restore(module=module, grads=grads):
+                    module.enable_adapters(True)
+                    for p, flag in grads:  # peft's enable_adapters resets requires_grad
+                        p.requires_grad_(flag)
+
+                undo.append(restore)
+        for switch in list(state.switches):
+            was_enabled = getattr(switch, "enabled", True)
+            if was_enabled:
+                switch.disable()
+                undo.append(switch.enable)

@@ -1,0 +1,168 @@
+"""Loading pipelines and finding their adapter.
+
+``load_pipeline`` reads the pipeline's ``model_index.json`` first and refuses unsupported
+families before any weights are read. Supported: ``StableDiffusionPipeline`` (SD 1.x/2.x) and
+``FluxPipeline`` (FLUX.1). A folder may also hold ``erasekit_defaults.json`` (a JSON dict with
+keys from :data:`erasekit.models.base.DEFAULT_KEYS`) that sets the adapter's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .base import DEFAULT_KEYS, FamilyAdapter, UnsupportedPipelineError
+from .flux import FluxAdapter
+from .sd_unet import SDUNetAdapter
+
+DEFAULTS_FILE = "erasekit_defaults.json"
+_ADAPTERS = {"sd": SDUNetAdapter, "flux": FluxAdapter}
+_SUPPORTED = (
+    "StableDiffusionPipeline (SD 1.x/2.x: UNet2DConditionModel + one CLIP text encoder) and "
+    "FluxPipeline (FLUX.1: FluxTransformer2DModel + CLIP + T5)"
+)
+
+
+def _components(index: dict) -> dict[str, str | None]:
+    """component name -> class name (None for an empty slot) from a model_index dict."""
+    return {
+        k: (v[1] if isinstance(v, (list, tuple)) and len(v) == 2 else None)
+        for k, v in index.items()
+        if not k.startswith("_") and isinstance(v, (list, tuple))
+    }
+
+
+def family_from_index(index: dict) -> str:
+    """"sd" or "flux" for a pipeline's model_index dict; UnsupportedPipelineError otherwise."""
+    cls = index.get("_class_name")
+    return _family(cls, _components(index))
+
+
+def _family(cls: str | None, comps: dict[str, str | None]) -> str:
+    present = {k: v for k, v in comps.items() if v is not None}
+    reason = ""
+    if cls == "StableDiffusionPipeline":
+        if present.get("unet") == "UNet2DConditionModel" and "text_encoder_2" not in present:
+            return "sd"
+        reason = "it does not have the SD 1.x/2.x components (unet: UNet2DConditionModel, no text_encoder_2)"
+    elif cls == "FluxPipeline":
+        if present.get("transformer") == "FluxTransformer2DModel" and "text_encoder_2" in present:
+            return "flux"
+        reason = (
+            "it does not have the FLUX.1 components (transformer: FluxTransformer2DModel, text_encoder_2)"
+        )
+    elif "text_encoder_2" in present and "unet" in present:
+        reason = "SDXL-style pipelines (two text encoders and a UNet) are not supported yet"
+    elif "text_encoder_3" in present or str(present.get("transformer", "")).startswith("SD3"):
+        reason = "SD3-style pipelines are not supported yet"
+    found = ", ".join(f"{k}={v}" for k, v in sorted(present.items())) or "none"
+    raise UnsupportedPipelineError(
+        f"unsupported pipeline {cls or '<no _class_name>'} with components [{found}]"
+        + (f": {reason}" if reason else "")
+        + f". erasekit supports {_SUPPORTED}."
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """"owner/name" with no path syntax around it."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def read_model_index(id_or_folder: str | os.PathLike) -> tuple[dict, dict]:
+    """(model_index dict, erasekit defaults dict) of a local folder or a Hub repo id.
+
+    Local folder: reads the files. Missing folder or no model_index.json -> FileNotFoundError.
+    Anything that is not an existing folder and looks like a Hub id ("owner/name") is asked
+    from the Hub with ``DiffusionPipeline.load_config`` (defaults are then empty).
+    """
+    path = Path(os.path.expanduser(str(id_or_folder)))
+    if path.is_dir():
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
+        index = json.loads(index_file.read_text())
+        defaults_file = path / DEFAULTS_FILE
+        defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+        if not isinstance(defaults, dict):
+            raise ValueError(f"{defaults_file} must hold a JSON object")
+        return index, defaults
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; expected a diffusers pipeline folder")
+    if not _looks_like_hub_id(str(id_or_folder)):
+        raise FileNotFoundError(f"no pipeline folder at {path}")
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(str(id_or_folder))
+    except Exception as err:  # offline, unknown repo, gated repo, ...
+        raise FileNotFoundError(
+            f"{id_or_folder!r} is not a local folder and its model_index.json could not be fetched "
+            f"from the Hub: {err}"
+        ) from err
+    return dict(index), {}
+
+
+def write_defaults(folder: str | os.PathLike, defaults: dict) -> Path:
+    """Write ``erasekit_defaults.json`` into a pipeline folder; returns its path."""
+    unknown = set(defaults) - set(DEFAULT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown erasekit defaults {sorted(unknown)}; known: {list(DEFAULT_KEYS)}")
+    target = Path(folder) / DEFAULTS_FILE
+    target.write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def load_pipeline(id_or_folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", **from_pretrained_kwargs):
+    """Load a supported diffusers pipeline and attach its adapter (``adapter_for(pipe)``).
+
+    The family is checked from model_index.json BEFORE loading weights. Loading goes through
+    ``DiffusionPipeline.from_pretrained(..., dtype=dtype)`` then ``.to(device)``.
+    SD pipelines are loaded without their safety checker unless ``safety_checker=`` is passed
+    (it blacks out the very images erasure is evaluated on). ``erasekit_defaults.json`` in the
+    folder becomes ``pipe.erasekit_defaults`` and the adapter's defaults.
+    """
+    from diffusers import DiffusionPipeline
+
+    index, defaults = read_model_index(id_or_folder)
+    family = family_from_index(index)
+    kwargs = dict(from_pretrained_kwargs)
+    if family == "sd" and _components(index).get("safety_checker") and "safety_checker" not in kwargs:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    source = os.path.expanduser(str(id_or_folder))
+    pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
+    pipe.to(device)
+    pipe.erasekit_defaults = defaults
+    adapter_for(pipe)
+    return pipe
+
+
+def detect_family(pipe) -> str:
+    """"sd" or "flux" for a loaded pipeline; UnsupportedPipelineError naming what was found."""
+    comps = {
+        name: type(module).__name__ if module is not None else None
+        for name, module in getattr(pipe, "components", {}).items()
+    }
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+
+    cls = type(pipe).__name__
+    if isinstance(pipe, StableDiffusionPipeline):
+        cls = "StableDiffusionPipeline"
+    elif isinstance(pipe, FluxPipeline):
+        cls = "FluxPipeline"
+    return _family(cls, comps)
+
+
+def adapter_for(pipe) -> FamilyAdapter:
+    """The adapter cached on ``pipe`` (built, with the same checks as load_pipeline, on first
+    use). Defaults come from ``pipe.erasekit_defaults`` when present."""
+    cached = pipe.__dict__.get("_erasekit_adapter")
+    if cached is not None:
+        return cached
+    adapter = _ADAPTERS[detect_family(pipe)](pipe)
+    pipe._erasekit_adapter = adapter
+    return adapter
