@@ -1,0 +1,352 @@
+"""Receler (ECCV 2024): lightweight eraser adapters, concept-localized regularisation and
+adversarial soft prompts. Spec: shared design ALGORITHMS.md, section Receler.
+
+One eraser per attention-output attachment point of the family adapter (SD UNet: every attn2;
+Flux: the image-stream output of every dual-stream block):
+``h <- h + E(h)``, ``E(h) = W_up GELU(W_down h + b_down) + b_up``, W_up and b_up zero-initialised.
+Several concepts' edits applied together average their erasers' outputs (paper).
+
+Unlike the authors' release, the adversarial soft prompt is written into the conditioning
+OUT OF PLACE (``Conditioning.with_tokens``), so the denoiser really sees it and the eraser's
+gradient flows through the adversarial conditioning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..edits import Edit
+from ..models import adapter_for
+
+NAME = "receler"
+
+
+@dataclass
+class RecelerConfig:
+    """Hyper-parameters; the defaults are the paper's."""
+
+    iterations: int = 500
+    lr: float = 3e-4
+    rank: int = 128
+    eta: float = 1.0  # negative-guidance factor of the erase target
+    reg_weight: float = 0.1  # concept-localized regulariser; 0 switches it off
+    reg_threshold: float = 0.1  # mask = min-max normalised attention >= threshold
+    adv_tokens: int = 16  # soft embeddings written after the concept's tokens; 0 switches off
+    adv_steps: int = 50
+    adv_lr: float = 0.1
+    adv_weight_decay: float = 0.1
+    prompt: str = "{concept}"  # the erased prompt c
+    rollout_steps: int | None = None  # N of the ESD partial rollout (None: the family's default)
+    rollout_guidance: float | None = None
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    @classmethod
+    def fast(cls, **overrides) -> "RecelerConfig":
+        """The toy-world preset: fewer, shorter rollouts and a shorter adversarial loop."""
+        base = dict(iterations=150, lr=1e-3, rank=32, adv_steps=10, rollout_steps=20, checkpoint_every=50)
+        return cls(**(base | overrides))
+
+
+class Eraser(nn.Module):
+    """E(h) = W_up GELU(W_down h + b_down) + b_up on (..., width) features; zero at init."""
+
+    def __init__(self, width: int, rank: int = 128):
+        super().__init__()
+        self.down = nn.Linear(width, rank)
+        self.up = nn.Linear(rank, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(F.gelu(self.down(h)))
+
+
+def _key(point_name: str) -> str:
+    return "erasers." + point_name
+
+
+def build_erasers(adapter, rank: int) -> dict[str, Eraser]:
+    """One zero-initialised eraser per "attn_out" attachment point: point name -> Eraser."""
+    return {p.name: Eraser(p.width, rank) for p in adapter.attachment_points("attn_out")}
+
+
+class _Bank:
+    """The erasers attached at one point: output h -> h + mean_k(scale_k * E_k(h))."""
+
+    def __init__(self):
+        self.entries: dict[str, tuple[Eraser, float]] = {}
+        self.record: list[torch.Tensor] | None = None  # eraser outputs, while training
+        self.handle = None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.entries:
+            return h
+        outs = [scale * eraser(h) for eraser, scale in self.entries.values()]
+        delta = outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+        if self.record is not None:
+            self.record.append(delta)
+        return h + delta
+
+
+def _banks(adapter) -> dict[str, _Bank]:
+    return adapter.denoiser.__dict__.setdefault("_erasekit_receler_banks", {})
+
+
+class _Attachment:
+    def __init__(self, adapter, edit_id: str, points: list[str]):
+        self.adapter, self.edit_id, self.points = adapter, edit_id, points
+
+    def remove(self) -> None:
+        banks = _banks(self.adapter)
+        for name in self.points:
+            bank = banks.get(name)
+            if bank is None:
+                continue
+            bank.entries.pop(self.edit_id, None)
+            if not bank.entries:
+                bank.handle.remove()
+                del banks[name]
+
+
+def _attach_erasers(adapter, erasers: dict[str, Eraser], edit_id: str, scale: float) -> _Attachment:
+    points = {p.name: p for p in adapter.attachment_points("attn_out")}
+    unknown = set(erasers) - set(points)
+    if unknown:
+        raise ValueError(f"the edit has erasers for points this model lacks: {sorted(unknown)[:3]} ...")
+    banks = _banks(adapter)
+    for name, eraser in erasers.items():
+        bank = banks.get(name)
+        if bank is None:
+            bank = banks[name] = _Bank()
+            bank.handle = adapter.add_output_edit(points[name], bank)
+        bank.entries[edit_id] = (eraser, scale)
+    return _Attachment(adapter, edit_id, list(erasers))
+
+
+def erasers_from_edit(edit: Edit, device=None, dtype=None) -> dict[str, Eraser]:
+    """Rebuild the eraser modules stored in ``edit``."""
+    names = sorted({k[len("erasers.") : -len(".down.weight")] for k in edit.tensors if k.startswith("erasers.") and k.endswith(".down.weight")})
+    erasers = {}
+    for name in names:
+        down = edit.tensors[_key(name) + ".down.weight"]
+        eraser = Eraser(down.shape[1], down.shape[0])
+        eraser.load_state_dict({k.split(".")[-2] + "." + k.split(".")[-1]: v for k, v in edit.tensors.items() if k.startswith(_key(name) + ".")})
+        erasers[name] = eraser.to(device=device, dtype=dtype).requires_grad_(False)
+    return erasers
+
+
+def attach(adapter, edit: Edit, scale: float = 1.0) -> _Attachment:
+    """Attach ``edit``'s erasers (both guidance branches see them: they act on every forward)."""
+    return _attach_erasers(adapter, erasers_from_edit(edit, adapter.device, adapter.dtype), edit.id, scale)
+
+
+@contextmanager
+def _recording(adapter):
+    """Collect the erasers' outputs (B, tokens, C) of every forward inside the context."""
+    outs: list[torch.Tensor] = []
+    banks = list(_banks(adapter).values())
+    for bank in banks:
+        bank.record = outs
+    try:
+        yield outs
+    finally:
+        for bank in banks:
+            bank.record = None
+
+
+def concept_mask(maps: list[torch.Tensor], resolution: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Binary mask (B, h, w) of where the concept is: attention maps (B, heads, HW, n_tokens)
+    averaged over heads, tokens and layers, min-max normalised per image, >= ``threshold``."""
+    m = torch.stack([a.mean(dim=(1, 3)) for a in maps]).mean(0)  # (B, HW)
+    lo, hi = m.amin(1, keepdim=True), m.amax(1, keepdim=True)
+    m = (m - lo) / (hi - lo).clamp_min(1e-12)
+    return (m >= threshold).float().reshape(-1, *resolution)
+
+
+def localization_loss(outputs: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Mean over eraser outputs o (B, HW_l, C) of sum_pixels(mean_c((o * (1-M))^2)) / sum(1-M),
+    with the mask (B, h, w) resized (nearest) to each output's token grid."""
+    b, h, w = mask.shape
+    losses = []
+    for o in outputs:
+        hw = o.shape[1]
+        hl = max(1, round(h * math.sqrt(hw / (h * w))))
+        outside = 1 - F.interpolate(mask[:, None], size=(hl, hw // hl), mode="nearest").reshape(b, hw)
+        per_pixel = (o.float() * outside[..., None]).pow(2).mean(-1)
+        losses.append(per_pixel.sum() / outside.sum().clamp_min(1.0))
+    return torch.stack(losses).mean()
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def _adam_state(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            out[f"{prefix}.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _load_adam_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        state = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{i}.")}
+        if state:
+            opt.state[p] = state
+
+
+def _save_checkpoint(folder: Path, iteration: int, erasers, opt, adv, adv_opt, g: torch.Generator, config: RecelerConfig) -> None:
+    tensors = {f"{_key(n)}.{k}": v.detach().clone() for n, e in erasers.items() for k, v in e.state_dict().items()}
+    tensors |= _adam_state(opt, "opt")
+    if adv is not None:
+        tensors["adv"] = adv.detach().clone()
+        tensors |= _adam_state(adv_opt, "adv_opt")
+    tensors["generator_state"] = g.get_state()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "checkpoint.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    meta = {"iteration": iteration, "config": asdict(config)}
+    (folder / "checkpoint.json.tmp").write_text(json.dumps(meta))
+    tmp.replace(folder / "checkpoint.safetensors")
+    (folder / "checkpoint.json.tmp").replace(folder / "checkpoint.json")
+
+
+def _load_checkpoint(folder: Path, config: RecelerConfig):
+    meta_path = folder / "checkpoint.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta["config"] != asdict(config):
+        raise ValueError(f"the checkpoint in {folder} was made with other hyper-parameters; use another folder or the same config")
+    return meta, load_file(str(folder / "checkpoint.safetensors"))
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir: str | Path | None = None, progress: bool = True) -> Edit:
+    """Train erasers that remove ``concept`` from ``pipe``; returns the Edit (not applied).
+
+    With ``checkpoint_dir``, state is saved every ``config.checkpoint_every`` iterations and a
+    later call with the same folder and config resumes from the last checkpoint, ending with
+    the same weights as an uninterrupted run (same seed, CPU).
+    """
+    config = config or RecelerConfig()
+    adapter = adapter_for(pipe)
+    prompt = config.prompt.format(concept=concept)
+    concept_idx = adapter.token_indices(prompt, concept)  # ValueError if the concept is absent
+    device, dtype = adapter.device, adapter.dtype
+    torch.manual_seed(config.seed)
+    erasers = {n: e.to(device) for n, e in build_erasers(adapter, config.rank).items()}
+    params = [p for e in erasers.values() for p in e.parameters()]
+    opt = torch.optim.Adam(params, lr=config.lr)
+    g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
+
+    cond = adapter.encode([prompt])
+    uncond = adapter.encode([""])
+    length = cond.embeds.shape[1]
+    adv_pos = list(range(concept_idx[-1] + 1, min(length, concept_idx[-1] + 1 + config.adv_tokens)))
+    adv = adv_opt = None
+    if config.adv_tokens and adv_pos:
+        adv = nn.Parameter(cond.embeds[0, adv_pos].detach().clone().float())
+        adv_opt = torch.optim.Adam([adv], lr=config.adv_lr, weight_decay=config.adv_weight_decay)
+
+    start = 0
+    if checkpoint_dir is not None:
+        loaded = _load_checkpoint(Path(checkpoint_dir), config)
+        if loaded is not None:
+            meta, tensors = loaded
+            start = meta["iteration"]
+            for n, e in erasers.items():
+                e.load_state_dict({k[len(_key(n)) + 1 :]: v for k, v in tensors.items() if k.startswith(_key(n) + ".")})
+            _load_adam_state(opt, tensors, "opt")
+            if adv is not None:
+                with torch.no_grad():
+                    adv.copy_(tensors["adv"])
+                _load_adam_state(adv_opt, tensors, "adv_opt")
+            g.set_state(tensors["generator_state"])
+
+    steps = config.rollout_steps or adapter.default_steps
+    mid_layers = adapter.middle_resolution_layers()
+    attachment = _attach_erasers(adapter, erasers, "training", 1.0)
+    denoiser_grad = [(p, p.requires_grad) for p in adapter.denoiser.parameters()]
+    for p, _ in denoiser_grad:
+        p.requires_grad_(False)
+    history = []
+    t0 = time.time()
+    try:
+        for it in tqdm(range(start, config.iterations), desc=f"receler '{concept}'", disable=not progress, initial=start, total=config.iterations):
+            t_enc = int(torch.randint(0, steps, (1,), generator=g))
+            x_t, t = adapter.rollout(cond, uncond, t_enc, num_steps=steps, guidance=config.rollout_guidance, generator=g)
+            with torch.no_grad(), adapter.edits_disabled():
+                e_uncond = adapter.predict(x_t, t, uncond)
+                with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
+                    e_cond = adapter.predict(x_t, t, cond)
+                mask = concept_mask([probe.last(l) for l in mid_layers], probe.resolution(mid_layers[0]), config.reg_threshold)
+            target = e_uncond - config.eta * (e_cond - e_uncond)
+
+            student_cond = cond
+            if adv is not None:
+                for p in params:
+                    p.requires_grad_(False)
+                for _ in range(config.adv_steps):
+                    attack = adapter.predict(x_t, t, cond.with_tokens(adv_pos, adv))
+                    adv_loss = F.mse_loss(attack.float(), e_cond.float())
+                    adv_opt.zero_grad(set_to_none=True)
+                    adv_loss.backward()
+                    adv_opt.step()
+                for p in params:
+                    p.requires_grad_(True)
+                student_cond = cond.with_tokens(adv_pos, adv.detach())
+
+            with _recording(adapter) as outputs:
+                pred = adapter.predict(x_t, t, student_cond)
+            erase_loss = F.mse_loss(pred.float(), target.float())
+            loss = erase_loss
+            reg = torch.zeros(())
+            if config.reg_weight:
+                reg = localization_loss(outputs, mask)
+                loss = loss + config.reg_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append({"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item()})
+            done = it + 1
+            if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
+                _save_checkpoint(Path(checkpoint_dir), done, erasers, opt, adv, adv_opt, g, config)
+    finally:
+        attachment.remove()
+        for p, flag in denoiser_grad:
+            p.requires_grad_(flag)
+
+    tensors = {f"{_key(n)}.{k}": v.detach().cpu() for n, e in erasers.items() for k, v in e.state_dict().items()}
+    if adv is not None:
+        tensors["adversarial_prompt"] = adv.detach().cpu()
+    return Edit(
+        method=NAME,
+        concepts=[concept],
+        family=adapter.family,
+        base_model=str(getattr(pipe, "name_or_path", "") or ""),
+        tensors=tensors,
+        hyperparameters=asdict(config) | {"adv_positions": adv_pos, "rollout_steps": steps},
+        metrics={"train_seconds": round(time.time() - t0, 2), "final_erase_loss": history[-1]["erase"] if history else None},
+    )
+
+
+def config_from_dict(d: dict) -> RecelerConfig:
+    names = {f.name for f in fields(RecelerConfig)}
+    return RecelerConfig(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,183 @@
+"""Receler on tiny pipelines of both families."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import erasekit
+from erasekit.edits import apply, load_edit, remove
+from erasekit.methods import receler
+from erasekit.methods.receler import RecelerConfig, build_erasers, fit
+from erasekit.models import FamilyAdapter, adapter_for
+from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
+
+from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
+
+BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
+TINY = dict(iterations=4, rank=8, adv_tokens=4, adv_steps=2, rollout_steps=3, checkpoint_every=2, lr=1e-2)
+
+
+def _inputs(adapter, prompt="a photo of a red car", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return adapter.sample_noise(1, generator=g), adapter.sample_timesteps(1, generator=g), adapter.encode([prompt])
+
+
+def _perturb(erasers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for e in erasers.values():
+        with torch.no_grad():
+            e.up.weight.copy_(torch.randn(e.up.weight.shape, generator=g) * 0.1)
+
+
+def test_eraser_count_and_size_on_the_real_sd14_config():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD14_UNET)
+    with torch.device("meta"):
+        erasers = build_erasers(FamilyAdapter.for_denoiser(unet), rank=128)
+    assert len(erasers) == 16
+    assert sum(p.numel() for e in erasers.values() for p in e.parameters()) == 3_209_408
+
+
+def test_flux1_dev_gets_one_eraser_per_dual_stream_block():
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER)
+        erasers = build_erasers(FamilyAdapter.for_denoiser(transformer), rank=128)
+    assert len(erasers) == 19
+    assert all(e.down.in_features == 3072 for e in erasers.values())
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_zero_initialised_erasers_leave_outputs_unchanged(family):
+    adapter = adapter_for(BUILDERS[family]())
+    x, t, cond = _inputs(adapter)
+    base = adapter.predict(x, t, cond)
+    handle = receler._attach_erasers(adapter, build_erasers(adapter, rank=8), "zero", 1.0)
+    assert torch.equal(adapter.predict(x, t, cond), base)
+    handle.remove()
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_soft_prompt_reaches_the_student_and_carries_eraser_gradients(family):
+    """The release's bug (the adversarial prompt never reaches the model) cannot come back."""
+    adapter = adapter_for(BUILDERS[family]())
+    x, t, cond = _inputs(adapter, prompt="a red car")
+    erasers = build_erasers(adapter, rank=8)
+    _perturb(erasers)
+    handle = receler._attach_erasers(adapter, erasers, "train", 1.0)
+    pos = [p + 1 for p in adapter.token_indices("a red car", "car")][:1] + [adapter.token_indices("a red car", "car")[-1] + 2]
+    d = cond.embeds.shape[-1]
+
+    def eraser_grads(adv):
+        for e in erasers.values():
+            e.zero_grad(set_to_none=True)
+        adv = adv.clone().requires_grad_(True)
+        out = adapter.predict(x, t, cond.with_tokens(pos, adv))
+        out.pow(2).mean().backward()
+        assert adv.grad is not None and adv.grad.abs().sum() > 0
+        return out.detach(), torch.cat([p.grad.flatten() for e in erasers.values() for p in e.parameters()])
+
+    out1, g1 = eraser_grads(torch.zeros(len(pos), d))
+    out2, g2 = eraser_grads(torch.randn(len(pos), d, generator=torch.Generator().manual_seed(1)))
+    assert not torch.allclose(out1, out2)  # the student sees the soft prompt
+    assert g1.abs().sum() > 0 and not torch.allclose(g1, g2)  # eraser gradients depend on it
+    handle.remove()
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_fit_apply_remove_save_load(family, tmp_path):
+    pipe = BUILDERS[family]()
+    adapter = adapter_for(pipe)
+    edit = fit(pipe, "car", RecelerConfig(prompt="a photo of a {concept}", **TINY), progress=False)
+    assert edit.method == "receler" and edit.family == family and edit.concepts == ["car"]
+    x, t, cond = _inputs(adapter, prompt="a photo of a car")
+    base = adapter.predict(x, t, cond)
+
+    apply(pipe, edit)
+    edited = adapter.predict(x, t, cond)
+    assert not torch.allclose(edited, base)
+    with adapter.edits_disabled():
+        assert torch.equal(adapter.predict(x, t, cond), base)
+    remove(pipe, edit)
+    assert torch.equal(adapter.predict(x, t, cond), base)
+
+    edit.save(tmp_path / "edit")
+    loaded = load_edit(tmp_path / "edit")
+    assert loaded.hyperparameters["rank"] == 8 and loaded.id == edit.id
+    apply(pipe, loaded)
+    assert torch.equal(adapter.predict(x, t, cond), edited)
+    apply(pipe, loaded, scale=0.0)  # re-applying replaces; scale 0 is the base model
+    assert torch.equal(adapter.predict(x, t, cond), base)
+    remove(pipe, loaded)
+    with pytest.raises(ValueError, match="not applied"):
+        remove(pipe, loaded)
+
+
+def test_several_edits_average_their_erasers(sd_pipe):
+    import copy
+
+    adapter = adapter_for(sd_pipe)
+    x, t, cond = _inputs(adapter)
+    e1 = build_erasers(adapter, 8)
+    _perturb(e1, 1)
+    zero = build_erasers(adapter, 8)  # zero-initialised: E(h) = 0
+    h = receler._attach_erasers(adapter, e1, "one", 1.0)
+    alone = adapter.predict(x, t, cond)
+    h2 = receler._attach_erasers(adapter, copy.deepcopy(e1), "same", 1.0)
+    assert torch.allclose(adapter.predict(x, t, cond), alone, atol=1e-6)  # mean of equals
+    h2.remove()
+    h2 = receler._attach_erasers(adapter, zero, "zero", 1.0)
+    averaged = adapter.predict(x, t, cond)  # (E1 + 0) / 2
+    h.remove()
+    h2.remove()
+    h = receler._attach_erasers(adapter, e1, "half", 0.5)
+    assert torch.allclose(adapter.predict(x, t, cond), averaged, atol=1e-6)
+    h.remove()
+    assert not sd_pipe.unet.__dict__.get("_erasekit_receler_banks")
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = RecelerConfig(prompt="a photo of a {concept}", **TINY)
+    full = fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
+
+    pipe = tiny_sd_pipeline()
+    adapter = adapter_for(pipe)
+    calls = {"n": 0}
+    real_rollout = type(adapter).rollout
+
+    def dying_rollout(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # iteration 4 of 4: after the checkpoint at 2
+            raise KeyboardInterrupt
+        return real_rollout(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(adapter), "rollout", dying_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(type(adapter), "rollout", real_rollout)
+    assert not list(adapter.denoiser._forward_hooks.values())  # nothing left attached
+    resumed = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    assert full.tensors.keys() == resumed.tensors.keys()
+    for k in full.tensors:
+        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+
+
+def test_concept_missing_from_prompt_is_an_error(sd_pipe):
+    with pytest.raises(ValueError, match="car"):
+        fit(sd_pipe, "car", RecelerConfig(prompt="a photo of a dog", **TINY), progress=False)
+
+
+def test_edit_for_another_family_is_refused(sd_pipe, flux_pipe):
+    edit = fit(sd_pipe, "car", RecelerConfig(prompt="a photo of a {concept}", **(TINY | {"iterations": 1})), progress=False)
+    with pytest.raises(ValueError, match="family 'sd'"):
+        apply(flux_pipe, edit)
+
+
+def test_load_edit_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an erasekit edit"):
+        load_edit(tmp_path)
+    (tmp_path / "edit.json").write_text("{not json")
+    (tmp_path / "edit.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt edit"):
+        load_edit(tmp_path)
