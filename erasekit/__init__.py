@@ -3,7 +3,9 @@ nothing else broke.
 
     import erasekit
     pipe = erasekit.load_pipeline("CompVis/stable-diffusion-v1-4")   # or a local folder
-    adapter = erasekit.adapter_for(pipe)                              # the family's uniform surface
+    edit = erasekit.erase(pipe, concept="nudity", method="receler")   # -> Edit
+    edit.save("edits/nudity")                                         # safetensors + edit.json
+    erasekit.apply(pipe, erasekit.load_edit("edits/nudity"), scale=1.0)
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ _LAZY = {
     "load_pipeline": "models",
     "adapter_for": "models",
     "UnsupportedPipelineError": "models",
+    "erase": "methods",
+    "Edit": "edits",
+    "load_edit": "edits",
+    "apply": "edits",
+    "remove": "edits",
 }
 __all__ = ["__version__", *_LAZY]
 

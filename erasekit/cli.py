@@ -48,9 +48,78 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_source(spec: str) -> str:
+    """A pipeline folder or hub id; ``toy:sd`` and ``toy:flux`` name the shipped toy pipelines."""
+    if spec.startswith("toy:"):
+        from .toyworld import pipeline_path
+
+        return str(pipeline_path(spec[4:]))
+    return spec
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _erase(args: argparse.Namespace) -> int:
+    from .methods import erase, make_config
+    from .models import load_pipeline
+
+    config = make_config(args.method, args.preset, _parse_sets(args.set))
+    pipe = load_pipeline(_model_source(args.model))
+    edit = erase(pipe, args.concept, args.method, config, checkpoint_dir=args.checkpoint_dir)
+    edit.base_model = args.model
+    edit.save(args.out)
+    print(f"saved {args.method} edit for '{args.concept}' to {args.out} ({edit.metrics.get('train_seconds')} s of training)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .edits import apply, load_edit
+    from .evaluation.generation import generate_images
+    from .evaluation.report import image_grid
+    from .models import adapter_for, load_pipeline
+
+    pipe = load_pipeline(_model_source(args.model))
+    for folder in args.edit:
+        apply(pipe, load_edit(folder), scale=args.scale)
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    seeds = [args.seed + i for _ in args.prompt for i in range(args.n)]
+    images = generate_images(adapter_for(pipe), prompts, seeds)
+    image_grid(images, cols=args.n, scale=4 if images.shape[-1] <= 64 else 1).save(args.out)
+    print(f"wrote {len(images)} images to {args.out} (rows: prompts; columns: seeds {args.seed}..{args.seed + args.n - 1})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erasekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    er = sub.add_parser("erase", help="train an erasure and save it as an Edit folder")
+    er.add_argument("--method", default="receler")
+    er.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
+    er.add_argument("--concept", required=True)
+    er.add_argument("--out", required=True, help="Edit folder to write")
+    er.add_argument("--preset", default="paper", help="paper (the paper's hyper-parameters) or fast (toy world)")
+    er.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. --set iterations=100")
+    er.add_argument("--checkpoint-dir", default=None, help="save checkpoints here and resume from them")
+    er.set_defaults(func=_erase)
+
+    gen = sub.add_parser("generate", help="generate images, optionally with edits applied")
+    gen.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
+    gen.add_argument("--prompt", action="append", required=True)
+    gen.add_argument("--edit", action="append", default=[], help="Edit folder(s) to apply")
+    gen.add_argument("--scale", type=float, default=1.0, help="strength of the applied edits")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--n", type=int, default=4, help="images per prompt (seeds seed..seed+n-1)")
+    gen.add_argument("--out", default="images.png", help="PNG grid to write")
+    gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo", help="the toy world end to end: samples and the erasure suite, as an HTML page")
     demo.add_argument("--out", default="erasekit-demo", help="output folder (index.html, results.json)")

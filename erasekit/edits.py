@@ -9,7 +9,6 @@ pipeline.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import tempfile
@@ -23,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS_FILE = "edit.safetensors"
 META_FILE = "edit.json"
-METHODS = ("receler",)  # modules under erasekit.methods that can attach an Edit
 
 
 @dataclass
@@ -109,12 +107,6 @@ def load_edit(folder: str | Path) -> Edit:
     )
 
 
-def _method_module(name: str):
-    if name not in METHODS:
-        raise ValueError(f"unknown erasure method {name!r}; known: {', '.join(METHODS)}")
-    return importlib.import_module(f"erasekit.methods.{name}")
-
-
 def _attached(adapter) -> dict:
     return adapter.denoiser.__dict__.setdefault("_erasekit_attached_edits", {})
 
@@ -132,7 +124,9 @@ def apply(pipe, edit: Edit, scale: float = 1.0) -> None:
     attached = _attached(adapter)
     if edit.id in attached:
         attached.pop(edit.id).remove()
-    attached[edit.id] = _method_module(edit.method).attach(adapter, edit, scale)
+    from .methods import method_module
+
+    attached[edit.id] = method_module(edit.method).attach(adapter, edit, scale)
 
 
 def remove(pipe, edit: Edit) -> None:

@@ -17,7 +17,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -347,6 +347,4 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     )
 
 
-def config_from_dict(d: dict) -> RecelerConfig:
-    names = {f.name for f in fields(RecelerConfig)}
-    return RecelerConfig(**{k: v for k, v in d.items() if k in names})
+PRESETS = {"paper": RecelerConfig, "fast": RecelerConfig.fast}

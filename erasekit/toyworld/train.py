@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxPipeline, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+from ..models.loading import write_defaults
 from .architectures import TEXT_LENGTH, build_vae, flux_components, sd_components
 from .grammar import Scene, sample_scene, training_caption
 from .render import IMAGE_SIZE, render_batch
@@ -146,7 +147,7 @@ def _save_pipeline(pipe, out: Path, record: dict, family: str) -> None:
         if family == "flux":
             defaults["max_sequence_length"] = TEXT_LENGTH
         if family != "vae":
-            (tmp / "erasekit_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+            write_defaults(tmp, defaults)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

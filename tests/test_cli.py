@@ -1,0 +1,36 @@
+"""The command line on tiny pipelines saved to disk (the real loading path)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from erasekit.cli import main
+from erasekit.models.loading import write_defaults
+from erasekit.models.tiny import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
+
+
+@pytest.mark.parametrize("build", [tiny_sd_pipeline, tiny_flux_pipeline])
+def test_erase_then_generate_with_the_edit(tmp_path, build):
+    build().save_pretrained(tmp_path / "model")
+    write_defaults(tmp_path / "model", TINY_DEFAULTS)  # small sizes and steps, as the toy world ships
+    args = ["erase", "--method", "receler", "--model", str(tmp_path / "model"), "--concept", "car", "--out", str(tmp_path / "edit"), "--preset", "fast"]
+    sets = ["iterations=2", "rank=4", "adv_tokens=2", "adv_steps=1", "rollout_steps=2", "prompt=a photo of a {concept}"]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    meta = json.loads((tmp_path / "edit" / "edit.json").read_text())
+    assert meta["method"] == "receler" and meta["concepts"] == ["car"] and meta["hyperparameters"]["iterations"] == 2
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", "a photo of a car", "--edit", str(tmp_path / "edit"), "--n", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
+
+
+def test_unknown_method_and_setting_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown erasure method 'nope'"):
+        main(["erase", "--method", "nope", "--model", str(tmp_path), "--concept", "car", "--out", str(tmp_path / "e")])
+    with pytest.raises(ValueError, match="no setting 'depth'"):
+        main(["erase", "--model", str(tmp_path), "--concept", "car", "--out", str(tmp_path / "e"), "--set", "depth=3"])
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no pipeline folder"):
+        main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "a car"])
