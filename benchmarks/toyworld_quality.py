@@ -19,37 +19,28 @@ from datetime import date
 
 import torch
 
-from erasekit.models import load_pipeline
+from erasekit.evaluation.generation import generate_images
+from erasekit.models import adapter_for, load_pipeline
 from erasekit.toyworld import pipeline_path
 from erasekit.toyworld.detector import ToyDetector
 from erasekit.toyworld.grammar import OBJECT_NAMES
 from erasekit.toyworld.suite import object_prompts, score_cases
-from erasekit.evaluation.generation import generate_images
-from erasekit.models import adapter_for
 
 COLUMNS = ("simple", "paraphrase", "synonym", "indirect")
 
 
 def measure(path: str, n: int, detector: ToyDetector) -> dict:
-    pipe = load_pipeline(path)
-    adapter = adapter_for(pipe)
+    """Per object: % of images showing the prompted object per set, and the prompted colour."""
+    adapter = adapter_for(load_pipeline(path))
     rows = {}
     t0 = time.time()
     for obj in OBJECT_NAMES:
-        cases = [c for c in object_prompts(obj, n=n, n_locality=0)]
-        images = generate_images(adapter, [c.prompt for c in cases], [c.seed for c in cases], progress=f"{obj}")
-        res = score_cases(cases + [], images, detector, obj) if False else None
-        hits = {s: [] for s in COLUMNS}
-        colors = []
-        probs = detector.classify(images)
-        from erasekit.toyworld.detector import HEADS
-
-        for c, o, col in zip(cases, probs["object"].argmax(1).tolist(), probs["color"].argmax(1).tolist()):
-            hits[c.set].append(HEADS["object"][o] == c.object)
-            if c.color is not None:
-                colors.append(HEADS["color"][col] == c.color)
-        rows[obj] = {s: 100.0 * sum(v) / len(v) for s, v in hits.items()} | {"color": 100.0 * sum(colors) / len(colors)}
-    mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in next(iter(rows.values()))}
+        cases = object_prompts(obj, n=n, n_locality=0)
+        images = generate_images(adapter, [c.prompt for c in cases], [c.seed for c in cases], progress=obj)
+        res = score_cases(cases, images, detector, obj)
+        named = [r for r in res.cases if r["color"] is not None]
+        rows[obj] = {s: res.per_set[s] for s in COLUMNS} | {"color": 100.0 * sum(r["detected_color"] == r["color"] for r in named) / len(named)}
+    mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in COLUMNS + ("color",)}
     return {"per_object": rows, "mean": mean, "seconds": round(time.time() - t0, 1), "images": n * 4 * len(OBJECT_NAMES)}
 
 

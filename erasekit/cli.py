@@ -40,10 +40,15 @@ def _toyworld_train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .toyworld.demo import run_demo
 
-    result = run_demo(args.out, concept=args.concept, n=args.n)
-    print(f"concept '{result['concept']}' on the unedited toy pipelines (detector: {result['detector']['name']})")
-    for family, r in result["families"].items():
-        print(f"  {family:5s} Acc_E {r['acc_e']:5.1f}  Acc_R {r['acc_r']:5.1f}  Acc_L {r['acc_l']:5.1f}  H {r['h']:5.1f}")
+    method = None if args.method == "none" else args.method
+    result = run_demo(args.out, concept=args.concept, n=args.n, method=method, preset=args.preset, overrides=_parse_sets(args.set))
+    print(f"erasing '{result['concept']}' on the toy pipelines (detector: {result['detector']['name']})")
+    for family, entry in result["families"].items():
+        for label in ("base", "edited"):
+            if label in entry:
+                r = entry[label]
+                name = "base" if label == "base" else f"{method}"
+                print(f"  {family:5s} {name:10s} Acc_E {r['acc_e']:5.1f}  Acc_R {r['acc_r']:5.1f}  Acc_L {r['acc_l']:5.1f}  H {r['h']:5.1f}")
     print(f"wrote {args.out}/index.html and {args.out}/results.json in {result['seconds']:.0f} s")
     return 0
 
@@ -125,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="erasekit-demo", help="output folder (index.html, results.json)")
     demo.add_argument("--concept", default="circle", help="toy-world object to evaluate")
     demo.add_argument("--n", type=int, default=12, help="prompts per suite set")
+    demo.add_argument("--method", default="receler", help="erasure method to show, or 'none' for the unedited models")
+    demo.add_argument("--preset", default="fast", help="the method's preset")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting of the method")
     demo.set_defaults(func=_demo)
 
     toy = sub.add_parser("toyworld", help="the embedded toy text-to-image world")

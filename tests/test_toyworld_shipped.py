@@ -76,7 +76,7 @@ def test_detector_rejects_unknown_concepts():
 def test_demo_writes_page_and_results(tmp_path):
     from erasekit.cli import main
 
-    assert main(["demo", "--out", str(tmp_path), "--n", "2"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--n", "2", "--set", "iterations=5"]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["families"]) == {"sd", "flux"}
     for r in result["families"].values():

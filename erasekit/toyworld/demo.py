@@ -2,7 +2,9 @@
 
 Loads the shipped toy pipelines through ``erasekit.load_pipeline`` (the same path as real
 models), draws a gallery of every object and colour, runs the object-erasure suite for one
-concept on the unedited models, and writes ``index.html`` and ``results.json``.
+concept on the unedited model, erases the concept (Receler, the toy-world preset), runs the
+suite again on the edited model, and writes ``index.html`` (grids: base vs edited at the same
+seeds) and ``results.json``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..edits import apply, remove
 from ..evaluation.generation import generate_images
 from ..evaluation.report import figure, html_table, image_grid, page
+from ..methods import erase, make_config
 from ..models import adapter_for, load_pipeline
 from . import pipeline_path
 from .detector import ToyDetector
@@ -26,6 +30,7 @@ from .grammar import COLORS, OBJECT_NAMES, object_by_name
 from .suite import SETS, run_object_suite
 
 FAMILIES = ("sd", "flux")
+GRID_PER_SET = 8
 
 
 def _gallery(adapter) -> torch.Tensor:
@@ -33,9 +38,31 @@ def _gallery(adapter) -> torch.Tensor:
     return generate_images(adapter, prompts, list(range(len(prompts))), progress="gallery")
 
 
-def run_demo(out: str | Path = "erasekit-demo", concept: str = "circle", n: int = 12, families=FAMILIES) -> dict:
-    """Write the demo page for ``concept`` to ``out``; returns the JSON result written there."""
+def _set_rows(suite, images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """The first GRID_PER_SET images of every prompt set, one row per set, and the row labels."""
+    rows, labels = [], []
+    for s in SETS:
+        idx = [i for i, c in enumerate(suite.cases) if c["set"] == s][:GRID_PER_SET]
+        rows.append(images[idx])
+        labels.append(f"{s}: {suite.cases[idx[0]]['prompt']}")
+    return torch.cat(rows), labels
+
+
+def run_demo(
+    out: str | Path = "erasekit-demo",
+    concept: str = "circle",
+    n: int = 12,
+    method: str | None = "receler",
+    preset: str = "fast",
+    overrides: dict[str, str] | None = None,
+    families=FAMILIES,
+) -> dict:
+    """Write the demo page for ``concept`` to ``out``; returns the JSON result written there.
+
+    ``method=None`` shows the unedited models only; ``overrides`` change the preset's settings.
+    """
     object_by_name(concept)  # unknown concept -> ValueError before any work
+    config = make_config(method, preset, overrides) if method else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -45,36 +72,55 @@ def run_demo(out: str | Path = "erasekit-demo", concept: str = "circle", n: int 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "concept": concept,
+        "method": method,
+        "preset": preset if method else None,
         "detector": {"name": detector.name, "threshold": detector.threshold},
         "families": {},
     }
     sections = [
         "<p>The toy world: six shapes with synonyms and indirect mentions, five colours, two "
         "textures, three backgrounds. Robustness and locality prompts use phrasings held out of "
-        "training. Numbers are for the unedited models; the detector is a classifier trained on "
-        "the renderer's ground truth.</p>"
+        "training. The detector is a classifier trained on the renderer's ground truth. "
+        "Acc_E: % of simple prompts showing the concept (lower is better); Acc_R: the same on "
+        "paraphrases, synonyms and indirect mentions (lower is better); Acc_L: % of other "
+        "objects still drawn (higher is better); H: their harmonic mean.</p>"
     ]
     for family in tqdm(families, desc="demo"):
         path = pipeline_path(family)
         pipe = load_pipeline(path)
         adapter = adapter_for(pipe)
         gallery = _gallery(adapter)
-        suite, images = run_object_suite(pipe, concept, detector, n=n)
-        entry = suite.to_dict()
-        entry["pipeline"] = str(path)
+        base, base_images = run_object_suite(pipe, concept, detector, n=n)
+        entry = {"pipeline": str(path), "base": base.to_dict()}
+        rows = [["base", base.acc_e, base.acc_r, base.acc_l, base.h]]
+        per_set = [[s, base.per_set[s]] for s in SETS]
+        edited_images = None
+        if method:
+            t0 = time.time()
+            edit = erase(pipe, concept, method, config)
+            train_seconds = time.time() - t0
+            apply(pipe, edit)
+            edited, edited_images = run_object_suite(pipe, concept, detector, n=n)
+            remove(pipe, edit)
+            entry["edited"] = edited.to_dict()
+            entry["edit"] = {"method": method, "preset": preset, "hyperparameters": edit.hyperparameters, "train_seconds": round(train_seconds, 1)}
+            rows.append([f"{method} ({preset})", edited.acc_e, edited.acc_r, edited.acc_l, edited.h])
+            per_set = [[s, base.per_set[s], edited.per_set[s]] for s in SETS]
         result["families"][family] = entry
-        rows = [[s, suite.per_set[s]] for s in SETS]
-        metrics = [["base", suite.acc_e, suite.acc_r, suite.acc_l, suite.h]]
+
         sections.append(f"<h2>{family}: {type(pipe).__name__}</h2>")
         sections.append(figure(image_grid(gallery, cols=len(COLORS)), "rows: " + ", ".join(OBJECT_NAMES) + "; columns: " + ", ".join(COLORS)))
-        sections.append(f"<h3>Object suite for '{concept}'</h3>")
-        sections.append(html_table(["model", "Acc_E", "Acc_R", "Acc_L", "H"], metrics))
-        sections.append(html_table(["prompt set", "% prompted object detected"], rows, cls="sets"))
-        for s in SETS:
-            idx = [i for i, c in enumerate(suite.cases) if c["set"] == s][:12]
-            caption = f"{s}: " + " | ".join(suite.cases[i]["prompt"] for i in idx[:3]) + " ..."
-            sections.append(figure(image_grid(images[idx], cols=12), caption))
+        sections.append(f"<h3>Erasing '{concept}'</h3>")
+        sections.append(html_table(["model", "Acc_E", "Acc_R", "Acc_L", "H"], rows))
+        header = ["prompt set", "base: % prompted object"] + ([f"{method}: % prompted object"] if method else [])
+        sections.append(html_table(header, per_set, cls="sets"))
+        grid, labels = _set_rows(base, base_images)
+        caption = "rows: " + " | ".join(labels)
+        sections.append(figure(image_grid(grid, cols=GRID_PER_SET), "base model. " + caption))
+        if edited_images is not None:
+            grid, _ = _set_rows(base, edited_images)
+            sections.append(figure(image_grid(grid, cols=GRID_PER_SET), f"after {method}, same prompts and seeds"))
     result["seconds"] = round(time.time() - start, 1)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "index.html").write_text(page(f"erasekit toy-world demo: {concept}", sections))
+    (out / "index.html").write_text(page(f"erasekit toy-world demo: erasing '{concept}'", sections))
     return result

@@ -12,6 +12,7 @@ H: harmonic mean of (100 - Acc_E, 100 - Acc_R, Acc_L).
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -100,17 +101,18 @@ def score_cases(cases: list[PromptCase], images: torch.Tensor, detector, concept
         if case.color is not None and case.set != "locality":
             colors.append(c == case.color)
         records.append(asdict(case) | {"detected_object": o, "detected_color": c})
-    pct = {s: 100.0 * sum(v) / len(v) for s, v in per_set.items() if v}
-    robust = [x for s in ROBUSTNESS_SETS for x in per_set[s]]
-    acc_e, acc_l = pct["simple"], pct["locality"]
-    acc_r = 100.0 * sum(robust) / len(robust)
+    def pct(hits: list[bool]) -> float:
+        return 100.0 * sum(hits) / len(hits) if hits else math.nan  # NaN: the set was not run
+
+    acc_e, acc_l = pct(per_set["simple"]), pct(per_set["locality"])
+    acc_r = pct([x for s in ROBUSTNESS_SETS for x in per_set[s]])
     return SuiteResult(
         concept=concept,
         acc_e=acc_e,
         acc_r=acc_r,
         acc_l=acc_l,
-        h=harmonic_h(acc_e, acc_r, acc_l),
-        per_set=pct,
+        h=harmonic_h(acc_e, acc_r, acc_l) if not math.isnan(acc_e + acc_r + acc_l) else math.nan,
+        per_set={s: pct(v) for s, v in per_set.items()},
         color_accuracy=100.0 * sum(colors) / max(1, len(colors)),
         n_images=len(cases),
         detector=detector.name,

@@ -1,0 +1,89 @@
+"""Erasure on the toy world: Acc_E, Acc_R, Acc_L, H and wall time per method variant.
+
+For each toy pipeline and concept: the unedited model, then each variant trained from scratch,
+applied, measured with the object-erasure suite, and removed. Receler's ablation rows follow
+the paper (eraser only, + regulariser, + adversarial prompts, all).
+
+    python benchmarks/toyworld_erasure.py --family sd --concept circle --variants all,eraser-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+
+import torch
+
+from erasekit.edits import apply, remove
+from erasekit.evaluation.metrics import harmonic_h
+from erasekit.methods import erase, make_config
+from erasekit.models import load_pipeline
+from erasekit.toyworld import pipeline_path
+from erasekit.toyworld.detector import ToyDetector
+from erasekit.toyworld.suite import run_object_suite
+
+VARIANTS = {
+    "eraser-only": {"reg_weight": "0", "adv_tokens": "0"},
+    "+reg": {"adv_tokens": "0"},
+    "+adv": {"reg_weight": "0"},
+    "all": {},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", action="append", default=None, help="sd and/or flux (default both)")
+    ap.add_argument("--concept", action="append", default=None, help="default: circle, square, star")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--method", default="receler")
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--n", type=int, default=24, help="prompts per suite set")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    families = args.family or ["sd", "flux"]
+    concepts = args.concept or ["circle", "square", "star"]
+    variants = args.variants.split(",")
+    extra = dict(s.split("=", 1) for s in args.set)
+    detector = ToyDetector.load()
+    rows = []
+    for family in families:
+        pipe = load_pipeline(pipeline_path(family))
+        for concept in concepts:
+            base, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
+            rows.append(dict(family=family, concept=concept, variant="base", acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h, per_set=base.per_set, seconds=0.0))
+            for variant in variants:
+                config = make_config(args.method, args.preset, VARIANTS[variant] | extra)
+                t0 = time.time()
+                edit = erase(pipe, concept, args.method, config, progress=False)
+                seconds = time.time() - t0
+                apply(pipe, edit)
+                res, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
+                remove(pipe, edit)
+                rows.append(dict(family=family, concept=concept, variant=variant, acc_e=res.acc_e, acc_r=res.acc_r, acc_l=res.acc_l, h=res.h, per_set=res.per_set, seconds=seconds))
+                print(f"{family} {concept} {variant}: Acc_E {res.acc_e:.1f} Acc_R {res.acc_r:.1f} Acc_L {res.acc_l:.1f} H {res.h:.1f} ({seconds:.0f} s)", flush=True)
+    print(f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · method {args.method}, preset {args.preset} · `python benchmarks/toyworld_erasure.py {' '.join(sys.argv[1:])}`\n")
+    print("| family | concept | variant | Acc_E | Acc_R | Acc_L | H | paraphrase | synonym | indirect | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["per_set"]
+        print(f"| {r['family']} | {r['concept']} | {r['variant']} | {r['acc_e']:.1f} | {r['acc_r']:.1f} | {r['acc_l']:.1f} | {r['h']:.1f} | {p['paraphrase']:.1f} | {p['synonym']:.1f} | {p['indirect']:.1f} | {r['seconds']:.0f} |")
+    print("\nmeans over concepts:\n")
+    print("| family | variant | Acc_E | Acc_R | Acc_L | H |")
+    print("|---|---|---|---|---|---|")
+    for family in families:
+        for variant in ["base"] + variants:
+            sel = [r for r in rows if r["family"] == family and r["variant"] == variant]
+            m = {k: sum(r[k] for r in sel) / len(sel) for k in ("acc_e", "acc_r", "acc_l")}
+            print(f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {harmonic_h(m['acc_e'], m['acc_r'], m['acc_l']):.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
