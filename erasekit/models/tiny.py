@@ -19,7 +19,9 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextModel
+
+from .builders import clip_text_encoder, kl_vae, t5_text_encoder
 
 from .offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 
@@ -40,35 +42,11 @@ TINY_DEFAULTS = {
 
 
 def _tiny_vae(**extra) -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
-        **extra,
-    )
+    return kl_vae((16, 32), norm_groups=8, image_size=IMAGE_SIZE, **extra)
 
 
 def _tiny_clip(tokenizer) -> CLIPTextModel:
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=TEXT_LEN,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    return clip_text_encoder(tokenizer, width=32, layers=2, max_positions=TEXT_LEN, mlp_ratio=2)
 
 
 def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
@@ -115,21 +93,7 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False) -> FluxPipe
         torch.manual_seed(seed)
         clip_tok = clip_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
         t5_tok = t5_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=TEXT_LEN,
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-                decoder_start_token_id=t5_tok.pad_token_id,
-            )
-        )
+        t5 = t5_text_encoder(t5_tok, width=32, layers=2, ff=64, relative_attention_num_buckets=8, relative_attention_max_distance=TEXT_LEN)
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=16,

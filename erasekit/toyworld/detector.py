@@ -28,6 +28,7 @@ HEADS: dict[str, tuple[str, ...]] = {
     "texture": TEXTURE_NAMES,
     "background": BACKGROUNDS,
 }
+OBJECT_ATTRIBUTES = ("color", "texture")  # undefined on an empty background
 WEIGHTS_FILE = "detector.safetensors"
 CONFIG_FILE = "detector.json"
 
@@ -69,6 +70,13 @@ def _labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     }
 
 
+def _weight(head: str, y: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    """1 per sample, but 0 for an object attribute of an empty scene (its label means nothing)."""
+    if head not in OBJECT_ATTRIBUTES:
+        return torch.ones(len(idx))
+    return (y["object"][idx] != HEADS["object"].index(NONE)).float()
+
+
 def _render(n: int, seed: int, empty_prob: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     rng = random.Random(seed)
     scenes = [sample_scene(rng, empty_prob=empty_prob) for _ in range(n)]
@@ -92,7 +100,8 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def train_detector(out: str | Path, seed: int = 0, train_size: int = 20_000, steps: int = 2000, batch_size: int = 64) -> dict:
     """Train the classifier on fresh renders, measure it on other fresh renders, save it.
 
-    Returns the test accuracies per head (fractions in [0, 1]), also written to detector.json.
+    Returns the test accuracies per head (fractions in [0, 1]; colour and texture over images
+    that show an object), also written to detector.json.
     """
     torch.manual_seed(seed)
     x, y = _render(train_size, seed, empty_prob=0.1)
@@ -105,7 +114,7 @@ def train_detector(out: str | Path, seed: int = 0, train_size: int = 20_000, ste
     for step in bar:
         idx = torch.randint(len(x), (batch_size,), generator=g)
         logits = model(_augment(x[idx], g))
-        loss = sum(F.cross_entropy(logits[h], y[h][idx]) for h in HEADS)
+        loss = sum(F.cross_entropy(logits[h], y[h][idx], reduction="none").mul(_weight(h, y, idx)).mean() for h in HEADS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -115,7 +124,8 @@ def train_detector(out: str | Path, seed: int = 0, train_size: int = 20_000, ste
     model.eval()
     with torch.no_grad():
         pred = {h: torch.cat([model(xt[i : i + 500])[h].argmax(1) for i in range(0, len(xt), 500)]) for h in HEADS}
-    accuracy = {h: float((pred[h] == yt[h]).float().mean()) for h in HEADS}
+    has_object = yt["object"] != HEADS["object"].index(NONE)
+    accuracy = {h: float((pred[h] == yt[h])[has_object if h in OBJECT_ATTRIBUTES else slice(None)].float().mean()) for h in HEADS}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(out / WEIGHTS_FILE))

@@ -123,8 +123,10 @@ def _flux_loss(pipe: FluxPipeline, x0: torch.Tensor, captions: list[str], g: tor
     return F.mse_loss(pred, noise - x0)
 
 
-def _assemble(family: str, vae: AutoencoderKL, latents: torch.Tensor):
-    """A pipeline of fresh components around the trained VAE, latent scaling set from data."""
+def _assemble(family: str, vae: AutoencoderKL, latents: torch.Tensor, seed: int):
+    """A pipeline of fresh components (initialised from ``seed``) around the trained VAE,
+    latent scaling set from data."""
+    torch.manual_seed(seed)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     if family == "sd":
         return StableDiffusionPipeline(
@@ -188,7 +190,7 @@ def train(cfg: TrainConfig) -> Path:
         (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         return out
     latents = encode_dataset(vae, images)
-    pipe = _assemble(cfg.family, vae, latents)
+    pipe = _assemble(cfg.family, vae, latents, cfg.seed)
     scale = pipe.vae.config.scaling_factor
     shift = pipe.vae.config.shift_factor or 0.0
     latents = (latents - shift) * scale
@@ -201,7 +203,6 @@ def train(cfg: TrainConfig) -> Path:
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     loss_fn = _sd_loss if cfg.family == "sd" else _flux_loss
-    torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     losses: list[float] = []
