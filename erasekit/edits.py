@@ -10,8 +10,6 @@ pipeline.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .files import atomic_folder
 
 WEIGHTS_FILE = "edit.safetensors"
 META_FILE = "edit.json"
@@ -61,19 +61,10 @@ class Edit:
 
     def save(self, folder: str | Path) -> Path:
         """Write the edit to ``folder`` atomically (a temporary folder renamed into place)."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-        try:
+        with atomic_folder(folder) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(tmp / WEIGHTS_FILE))
             (tmp / META_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n")
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return folder
+        return Path(folder)
 
 
 def load_edit(folder: str | Path) -> Edit:

@@ -14,7 +14,6 @@ import platform
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxPipeline, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+from ..files import atomic_folder
 from ..models.loading import write_defaults
 from .architectures import TEXT_LENGTH, build_vae, flux_components, sd_components
 from .grammar import Scene, sample_scene, training_caption
@@ -141,9 +141,7 @@ def _assemble(family: str, vae: AutoencoderKL, latents: torch.Tensor, seed: int)
 
 def _save_pipeline(pipe, out: Path, record: dict, family: str) -> None:
     """Write the pipeline folder atomically: a temporary folder renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         defaults = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, **SAMPLING_DEFAULTS.get(family, {})}
         if family == "flux":
@@ -151,12 +149,6 @@ def _save_pipeline(pipe, out: Path, record: dict, family: str) -> None:
         if family != "vae":
             write_defaults(tmp, defaults)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -185,9 +177,9 @@ def train(cfg: TrainConfig) -> Path:
         vae = train_vae(images, cfg)
     if cfg.family == "vae":
         record["seconds"] = round(time.time() - start, 1)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        vae.save_pretrained(out, safe_serialization=True)
-        (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        with atomic_folder(out) as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         return out
     latents = encode_dataset(vae, images)
     pipe = _assemble(cfg.family, vae, latents, cfg.seed)
