@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def train_detector(out: str | Path, seed: int = 0, train_size: int = 20_000, ste
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(out / WEIGHTS_FILE))
-    config = {"heads": HEADS, "seed": seed, "train_size": train_size, "steps": steps, "test_size": len(xt), "test_accuracy": accuracy}
+    command = "erasekit toyworld train " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["toyworld", "train"] else None
+    config = {"command": command, "heads": HEADS, "seed": seed, "train_size": train_size, "steps": steps, "test_size": len(xt), "test_accuracy": accuracy}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return accuracy
 
