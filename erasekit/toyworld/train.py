@@ -101,7 +101,8 @@ def _sd_loss(pipe: StableDiffusionPipeline, x0: torch.Tensor, captions: list[str
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=g)
     x_t = pipe.scheduler.add_noise(x0, noise, t)
-    return F.mse_loss(pipe.unet(x_t, t, embeds).sample, noise)
+    target = noise if pipe.scheduler.config.prediction_type == "epsilon" else pipe.scheduler.get_velocity(x0, noise, t)
+    return F.mse_loss(pipe.unet(x_t, t, embeds).sample, target)
 
 
 def _flux_loss(pipe: FluxPipeline, x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
