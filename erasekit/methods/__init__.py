@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import importlib
 
-METHODS = ("receler",)
+METHODS = (
+    "receler",
+    "eraseanything",
+    "esd",
+    "uce",
+    "keyword_zeroing",
+    "sld",
+)
 
 
 def method_module(name: str):

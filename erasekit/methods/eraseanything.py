@@ -1,0 +1,673 @@
+"""EraseAnything (ICML 2025): a LoRA on the text-side projections, trained by bi-level
+optimisation. Spec: shared design ALGORITHMS.md, section EraseAnything.
+
+Trainable part: a peft LoRA (rank 8, alpha 8, gaussian init: A ~ N(0, 1/r), B = 0) on the
+text-side projections of the family adapter's "text_proj" attachment points, filtered by name:
+Flux ``attn.add_q_proj`` / ``attn.add_k_proj`` of every dual-stream block (FLUX.1-dev: 76
+tensors, 1,867,776 parameters); SD UNets ``attn2.to_k`` / ``attn2.to_v`` (the UNet has no
+text-stream query). Target modules are given to peft by their FULL names, so nothing else
+matches.
+
+Lower level (erasure), on even steps: ``esd_weight * L_esd + attn_weight * L_attn``.
+  The training prompt (one of ``prompts``) has its words shuffled (p = ``shuffle_prob``; the
+  keyword moves as one unit) and then its keyword swapped for a synonym (p = ``synonym_prob``);
+  the keyword's token indices are computed AFTER both rewrites. x_t comes from an ESD partial
+  rollout with the EDITED model. ``L_esd = || v'(x_t, c) - [v(x_t, a) - eta (v(x_t, c) -
+  v(x_t, a))] ||^2`` in the model's own prediction space (Flux: velocity; SD: epsilon or v),
+  with the teacher terms from the FROZEN model (LoRA disabled) and ``a`` the anchor prompt
+  (``anchor_prompt``, default "": ESD's unconditional anchor; the release uses a neutral prompt
+  such as "a photo", which this setting reproduces). ``L_attn``: the attention that image
+  queries put on the keyword's token columns (Flux: the last dual-stream block, as the release;
+  SD: the middle-resolution cross-attentions), L2 norm over queries, summed over heads and
+  columns.
+Upper level (preservation), on odd steps: ``fm_weight * L_fm + rsc_weight * L_rsc``.
+  ``L_fm``: the family's denoising loss (Flux: flow matching, target noise - x0; SD: epsilon or
+  v) on ``preserve_images`` images that the FROZEN model generates once, at the start, for
+  irrelevant-concept prompts (latents cached, and kept in checkpoints). ``L_rsc`` (reverse
+  self-contrastive, tau = 0.07): features are keyword-column attention maps at a high-noise x_t
+  (the first ``rsc_steps`` sampler steps), averaged over heads, layers and the keyword's
+  tokens: F_un (edited model, target prompt, with gradient), F_syn (frozen, a synonym's prompt),
+  F_ir_1..K (frozen, irrelevant prompts); ``s = cos(F_syn, [F_un, F_ir...]) / tau``,
+  ``L_rsc = logsumexp(s[:1]) - logsumexp(s)``.
+The two levels alternate 1:1 on one AdamW; ``gradient_surgery=True`` instead computes both
+every step and sums them after a PCGrad projection (each gradient loses its component along
+the other when they conflict).
+
+Departures from the release (on purpose, see ALGORITHMS.md): teacher terms with the LoRA OFF;
+a fresh scheduler for every rollout (sigmas reset); indices after the synonym swap; synonyms
+from the concept's first WordNet sense by default (``erasekit.lexicon``); irrelevant concepts
+from an offline lexicon (WordNet distance tiers, the toy world's grammar, or a user list)
+instead of GPT-4o; no API key anywhere.
+
+The Edit's ``edit.safetensors`` IS a diffusers LoRA file (keys
+``transformer.<module>.lora_A.weight`` / ``unet.<module>.lora_B.weight``, alpha folded into B),
+so stock diffusers loads the edit folder directly::
+
+    pipe.load_lora_weights("edits/nudity", weight_name="edit.safetensors")
+
+and gives the same images as ``erasekit.apply(pipe, edit)``; ``apply(pipe, edit, scale)`` is
+the LoRA strength (0 = the base model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..edits import WEIGHTS_FILE, Edit
+from ..lexicon import TIERS, Lexicon, ListLexicon, WordNetUnavailable, get_lexicon
+from ..models import adapter_for
+from ..models.base import Conditioning
+from .receler import _adam_state, _load_adam_state
+
+NAME = "eraseanything"
+LORA_WEIGHT_NAME = WEIGHTS_FILE  # pipe.load_lora_weights(edit_folder, weight_name=LORA_WEIGHT_NAME)
+NUDITY_WORDS = ("nudity", "nude", "naked", "nakedness")
+
+
+@dataclass
+class EraseAnythingConfig:
+    """Hyper-parameters; the defaults are the paper's / the release's.
+
+    Lists are comma-separated strings (so that ``--set key=value`` works); ``prompts`` is
+    "|"-separated templates with ``{concept}``.
+    """
+
+    iterations: int | None = None  # None: the release's 200 for nudity, 300 otherwise
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str = "add_q_proj,add_k_proj,to_k,to_v"  # projections among the "text_proj" points
+    eta: float = 1.0  # negative-guidance factor
+    esd_weight: float = 1.0
+    attn_weight: float = 1e-3
+    fm_weight: float = 0.1
+    rsc_weight: float = 0.1
+    tau: float = 0.07
+    prompts: str = "{concept}|a photo of {concept}|an image of {concept}|a picture of {concept}"
+    anchor_prompt: str = ""  # the release: a neutral prompt such as "a photo"
+    shuffle_prob: float = 0.9
+    synonym_prob: float = 0.5
+    lexicon: str = "auto"  # auto (toy world for its pipelines, else WordNet), wordnet, toyworld, none
+    synonyms: str = ""  # comma-separated: replaces the lexicon's synonyms
+    irrelevant: str = ""  # comma-separated: replaces the lexicon's irrelevant concepts
+    irrelevant_tiers: str = "close,mid,far"  # taken round-robin
+    preserve_images: int = 8  # 6-10 in the paper
+    preserve_prompt: str = "a photo of {concept}"  # also the prompt of the L_rsc features
+    preserve_steps: int | None = None  # sampler steps of those images (None: the family default)
+    rsc_irrelevant: int = 3  # K
+    rsc_steps: int = 3  # high noise: x_t after t_enc ~ U[0, rsc_steps) of the rollout's steps
+    attn_layers: str = "auto"  # auto: Flux the last dual-stream block, SD the middle resolution
+    gradient_surgery: bool = False
+    rollout_steps: int | None = None  # N of the ESD partial rollout (None: the family default)
+    rollout_guidance: float | None = None
+    resolution: int | None = None  # training images (px); None: the model's default (paper: 512)
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    @classmethod
+    def fast(cls, **overrides) -> EraseAnythingConfig:
+        """The toy-world preset: fewer steps and images, the toy world's lexicon and grammar."""
+        base = dict(
+            iterations=120,
+            lexicon="toyworld",
+            prompts="an image of a {concept}|a {concept}|a photo of a {concept}|the {concept}",
+            preserve_prompt="an image of a {concept}",
+            preserve_images=6,
+            rollout_steps=20,
+            checkpoint_every=40,
+        )
+        return cls(**(base | overrides))
+
+    def resolved_iterations(self, concept: str) -> int:
+        if self.iterations is not None:
+            return int(self.iterations)
+        return 200 if concept.strip().lower() in NUDITY_WORDS else 300
+
+
+PRESETS = {"paper": EraseAnythingConfig, "fast": EraseAnythingConfig.fast}
+
+
+def _split(text: str, sep: str = ",") -> list[str]:
+    return [w.strip() for w in text.split(sep) if w.strip()]
+
+
+# ---- the LoRA ------------------------------------------------------------------------------
+
+
+def lora_prefix(adapter) -> str:
+    """The denoiser's component name in the pipeline ("transformer", "unet"): the key prefix of
+    diffusers LoRA files."""
+    if adapter.pipe is not None:
+        for name, component in adapter.pipe.components.items():
+            if component is adapter.denoiser:
+                return name
+    return "unet" if "UNet" in type(adapter.denoiser).__name__ else "transformer"
+
+
+def lora_targets(adapter, targets: str | Sequence[str] = EraseAnythingConfig.targets):
+    """The "text_proj" attachment points whose last name part is one of ``targets``."""
+    wanted = set(_split(targets) if isinstance(targets, str) else targets)
+    points = [p for p in adapter.attachment_points("text_proj") if p.name.rsplit(".", 1)[-1] in wanted]
+    if not points:
+        raise ValueError(f"no text projection of this model is named one of {sorted(wanted)}")
+    return points
+
+
+def lora_shapes(adapter, rank: int, targets=EraseAnythingConfig.targets) -> dict[str, tuple[int, int]]:
+    """Diffusers LoRA keys -> shapes: ``<prefix>.<module>.lora_A.weight`` (rank, in) and
+    ``...lora_B.weight`` (out, rank) for every target."""
+    prefix = lora_prefix(adapter)
+    shapes = {}
+    for p in lora_targets(adapter, targets):
+        shapes[f"{prefix}.{p.name}.lora_A.weight"] = (rank, p.in_features)
+        shapes[f"{prefix}.{p.name}.lora_B.weight"] = (p.width, rank)
+    return shapes
+
+
+def init_lora(adapter, rank: int, targets=EraseAnythingConfig.targets, generator=None) -> dict[str, torch.Tensor]:
+    """peft's gaussian init, drawn from ``generator``: A ~ N(0, (1/rank)^2), B = 0 (float32,
+    CPU). The edited model starts identical to the base."""
+    out = {}
+    for key, shape in lora_shapes(adapter, rank, targets).items():
+        if key.endswith("lora_A.weight"):
+            out[key] = torch.randn(shape, generator=generator) / rank
+        else:
+            out[key] = torch.zeros(shape)
+    return out
+
+
+def _tuner_layers(module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class LoraHandle:
+    """A LoRA attached to a denoiser under ``name``; ``remove()`` takes it out again (and, when
+    no peft adapter is left, unwraps the layers, so the model is structurally the base)."""
+
+    def __init__(self, adapter, name: str):
+        self.adapter, self.name = adapter, name
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """module name -> peft layer that holds this LoRA."""
+        return {n: m for n, m in self.adapter.denoiser.named_modules()
+                if self.name in getattr(m, "lora_A", {}) and hasattr(m, "set_scale")}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """lora_A, lora_B weights per module, in module order."""
+        return [p for m in self.modules().values() for p in (m.lora_A[self.name].weight, m.lora_B[self.name].weight)]
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The weights in the diffusers layout (detached CPU copies)."""
+        out = {}
+        for n, m in self.modules().items():
+            out[f"{prefix}.{n}.lora_A.weight"] = m.lora_A[self.name].weight.detach().float().cpu().clone()
+            out[f"{prefix}.{n}.lora_B.weight"] = m.lora_B[self.name].weight.detach().float().cpu().clone()
+        return out
+
+    def set_scale(self, scale: float) -> None:
+        for m in self.modules().values():
+            m.set_scale(self.name, float(scale))
+
+    def remove(self) -> None:
+        if self.name is None:
+            return
+        den = self.adapter.denoiser
+        flags = [(p, p.requires_grad) for p in den.parameters()]
+        active = {m: [a for a in m.active_adapters if a != self.name] for m in _tuner_layers(den)}
+        den.delete_adapters(self.name)
+        if not getattr(den, "peft_config", None):
+            den.unload_lora()  # nothing else loaded: plain modules again
+        else:
+            for m in _tuner_layers(den):
+                keep = [a for a in active.get(m, []) if a in getattr(m, "lora_A", {})]
+                if keep and list(m.active_adapters) != keep:
+                    m.set_adapter(keep)
+        alive = {id(p) for p in den.parameters()}
+        for p, flag in flags:
+            if id(p) in alive:
+                p.requires_grad_(flag)
+        self.name = None
+
+
+def attach_lora(adapter, tensors: dict[str, torch.Tensor], name: str, scale: float = 1.0,
+                trainable: bool = False) -> LoraHandle:
+    """Load diffusers-layout LoRA ``tensors`` into the denoiser with the stock loader
+    (``load_lora_adapter``, as ``pipe.load_lora_weights`` does), as adapter ``name`` with
+    strength ``scale``. Adapters that were active stay active (peft would otherwise switch
+    them off); requires_grad flags of the rest of the model are left as they were."""
+    den = adapter.denoiser
+    prefix = lora_prefix(adapter)
+    foreign = [k for k in tensors if not k.startswith(prefix + ".")]
+    if foreign:
+        raise ValueError(f"LoRA keys must start with {prefix!r} for this model, got {foreign[:2]}")
+    if name in (getattr(den, "peft_config", None) or {}):
+        raise ValueError(f"a LoRA named {name!r} is already attached")
+    modules = dict(den.named_modules())
+    missing = sorted({k[len(prefix) + 1 :].rsplit(".lora_", 1)[0] for k in tensors} - set(modules))
+    if missing:
+        raise ValueError(f"the LoRA targets modules this model lacks: {missing[:3]}")
+    flags = [(p, p.requires_grad) for p in den.parameters()]
+    active = {m: list(m.active_adapters) for m in _tuner_layers(den)}
+    with warnings.catch_warnings():  # several adapters on one model is what we want here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        den.load_lora_adapter(dict(tensors), prefix=prefix, adapter_name=name)
+    handle = LoraHandle(adapter, name)
+    for m in _tuner_layers(den):
+        want = active.get(m, []) + ([name] if name in getattr(m, "lora_A", {}) else [])
+        if want and list(m.active_adapters) != want:
+            m.set_adapter(want)
+    handle.set_scale(scale)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    for p in handle.parameters():
+        p.requires_grad_(trainable)
+    return handle
+
+
+def attach(adapter, edit: Edit, scale: float = 1.0) -> LoraHandle:
+    """Attach ``edit``'s LoRA with strength ``scale`` (both guidance branches see it)."""
+    return attach_lora(adapter, edit.tensors, f"erasekit_{edit.id}", scale)
+
+
+# ---- prompts -------------------------------------------------------------------------------
+
+
+def rewrite_prompt(prompt: str, keyword: str, synonyms: Sequence[str], generator: torch.Generator,
+                   shuffle_prob: float = 0.9, synonym_prob: float = 0.5) -> tuple[str, str]:
+    """EraseAnything's prompt augmentation: with probability ``shuffle_prob`` shuffle the
+    prompt's words (every occurrence of ``keyword`` moves as one unit), then with probability
+    ``synonym_prob`` replace the keyword by a random synonym. Returns (new prompt, the keyword
+    as it now appears): compute token indices from THESE (after both rewrites).
+    Always draws the same number of random numbers from ``generator``."""
+    pattern = re.compile(r"(?<![0-9A-Za-z])" + r"\s+".join(map(re.escape, keyword.split())) + r"(?![0-9A-Za-z])",
+                         flags=re.IGNORECASE)
+    if not pattern.search(prompt):
+        raise ValueError(f"keyword {keyword!r} not in prompt {prompt!r}")
+    key = object()
+    units: list = []
+    last = 0
+    for m in pattern.finditer(prompt):
+        units += prompt[last : m.start()].split() + [key]
+        last = m.end()
+    units += prompt[last:].split()
+    r_shuffle, r_swap = torch.rand(2, generator=generator).tolist()
+    perm = torch.randperm(len(units), generator=generator).tolist()
+    pick = int(torch.randint(0, max(1, len(synonyms)), (1,), generator=generator))
+    if r_shuffle < shuffle_prob:
+        units = [units[i] for i in perm]
+    word = keyword
+    if synonyms and r_swap < synonym_prob:
+        word = synonyms[pick]
+    return " ".join(word if u is key else u for u in units), word
+
+
+# ---- losses --------------------------------------------------------------------------------
+
+
+def negative_guidance_target(adapter, x_t, t, cond: Conditioning, anchor: Conditioning, eta: float):
+    """The ESD target from the FROZEN model (every edit, the LoRA included, switched off):
+    ``v(x_t, anchor) - eta * (v(x_t, cond) - v(x_t, anchor))``, one batched pass, no grad."""
+    b = x_t.shape[0]
+    with torch.no_grad(), adapter.edits_disabled():
+        both = Conditioning.cat([anchor.expand_to(b), cond.expand_to(b)])
+        out = adapter.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
+    v_anchor, v_cond = out.chunk(2)
+    return v_anchor - eta * (v_cond - v_anchor)
+
+
+def attention_suppression(maps: list[torch.Tensor]) -> torch.Tensor:
+    """sum over maps (B, heads, HW, n_cols) of the L2 norm over image queries (summed over
+    batch, heads and keyword columns)."""
+    return torch.stack([m.float().norm(dim=2).sum() for m in maps]).sum()
+
+
+def attention_feature(maps: list[torch.Tensor]) -> torch.Tensor:
+    """(B, HW): keyword-column attention averaged over heads, keyword tokens and layers."""
+    return torch.stack([m.float().mean(dim=(1, 3)) for m in maps]).mean(0)
+
+
+def reverse_self_contrastive(f_un: torch.Tensor, f_syn: torch.Tensor, f_ir: Sequence[torch.Tensor],
+                             tau: float = 0.07) -> torch.Tensor:
+    """``s = cos(F_syn, [F_un, F_ir_1..K]) / tau``; ``logsumexp(s[:1]) - logsumexp(s)``: lowers
+    the edited concept's similarity to its synonym relative to the irrelevant concepts'."""
+    others = torch.stack([f_un.flatten(), *[f.flatten() for f in f_ir]])
+    s = F.cosine_similarity(f_syn.flatten()[None], others, dim=-1) / tau
+    return torch.logsumexp(s[:1], 0) - torch.logsumexp(s, 0)
+
+
+def pcgrad(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """PCGrad for two flat gradients: when they conflict (negative dot product) each loses its
+    projection on the other (computed from the originals); returns the sum."""
+    dot = torch.dot(g1, g2)
+    if dot >= 0:
+        return g1 + g2
+    p1 = g1 - dot / g2.dot(g2).clamp_min(1e-20) * g2
+    p2 = g2 - dot / g1.dot(g1).clamp_min(1e-20) * g1
+    return p1 + p2
+
+
+# ---- words ---------------------------------------------------------------------------------
+
+
+def _is_toy_pipeline(pipe) -> bool:
+    try:
+        from ..toyworld import weights_dir
+
+        source = Path(str(getattr(pipe, "name_or_path", "") or "")).resolve()
+        return bool(str(source)) and source.is_relative_to(weights_dir().resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def choose_lexicon(config: EraseAnythingConfig, pipe, concept: str) -> Lexicon:
+    """The lexicon named by ``config.lexicon`` ("auto": the toy world's for its own pipelines
+    and objects, else WordNet; "none": empty lists)."""
+    name = config.lexicon
+    if name == "auto":
+        from ..toyworld.grammar import OBJECT_NAMES
+
+        name = "toyworld" if concept in OBJECT_NAMES and _is_toy_pipeline(pipe) else "wordnet"
+    if name == "none":
+        return ListLexicon()
+    return get_lexicon(name)
+
+
+def concept_words(config: EraseAnythingConfig, pipe, concept: str) -> tuple[list[str], list[str], str]:
+    """(synonyms, irrelevant concepts, where they came from). ``config.synonyms`` /
+    ``config.irrelevant`` replace the lexicon's lists; the lexicon is only asked for what
+    they do not give."""
+    synonyms, irrelevant = _split(config.synonyms), _split(config.irrelevant)
+    n_ir = max(config.preserve_images, config.rsc_irrelevant)
+    source = "config"
+    if not synonyms or not irrelevant:
+        tiers = _split(config.irrelevant_tiers)
+        bad = [t for t in tiers if t not in TIERS]
+        if bad or not tiers:
+            raise ValueError(f"irrelevant_tiers must name tiers among {TIERS}, got {config.irrelevant_tiers!r}")
+        try:
+            lexicon = choose_lexicon(config, pipe, concept)
+            source = lexicon.name
+            if not synonyms:
+                synonyms = lexicon.synonyms(concept)
+            if not irrelevant:
+                irrelevant = lexicon.irrelevant_mixed(concept, tiers, n_ir)
+        except (WordNetUnavailable, ValueError) as err:
+            if not irrelevant:
+                raise ValueError(
+                    f"no irrelevant concepts for {concept!r}: {err}. Give them with "
+                    "irrelevant='word, word, ...' (and synonyms='...')"
+                ) from err
+            warnings.warn(f"no synonyms for {concept!r} ({err}); synonym swap and L_rsc are off", stacklevel=3)
+    synonyms = [s for s in synonyms if s.lower() != concept.lower()]
+    irrelevant = [w for w in irrelevant if w.lower() != concept.lower() and w not in synonyms]
+    if not irrelevant:
+        raise ValueError(f"no irrelevant concepts for {concept!r}; give them with irrelevant='word, word, ...'")
+    return synonyms, irrelevant, source
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+
+def _save_checkpoint(folder: Path, iteration: int, lora: dict, opt, g: torch.Generator, latents: torch.Tensor,
+                     meta: dict) -> None:
+    tensors = {f"lora.{k}": v for k, v in lora.items()}
+    tensors |= _adam_state(opt, "opt")
+    tensors["generator_state"] = g.get_state()
+    tensors["preserve_latents"] = latents.detach().cpu().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "checkpoint.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    (folder / "checkpoint.json.tmp").write_text(json.dumps(meta | {"iteration": iteration}))
+    tmp.replace(folder / "checkpoint.safetensors")
+    (folder / "checkpoint.json.tmp").replace(folder / "checkpoint.json")
+
+
+def _load_checkpoint(folder: Path, meta: dict):
+    path = folder / "checkpoint.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    iteration = saved.pop("iteration")
+    if saved != meta:
+        raise ValueError(
+            f"the checkpoint in {folder} was made with other settings (config, concept or word lists); "
+            "use another folder or the same settings"
+        )
+    return iteration, load_file(str(folder / "checkpoint.safetensors"))
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+class _Trainer:
+    """One EraseAnything run: state shared by the two levels."""
+
+    def __init__(self, adapter, concept: str, config: EraseAnythingConfig, synonyms, irrelevant, g):
+        self.adapter, self.concept, self.config = adapter, concept, config
+        self.synonyms, self.irrelevant, self.g = synonyms, irrelevant, g
+        self.templates = _split(config.prompts, "|")
+        if not self.templates:
+            raise ValueError("prompts must hold at least one template with {concept}")
+        for tpl in self.templates:
+            adapter.token_indices(tpl.format(concept=concept), concept)  # ValueError if absent
+        self.steps = int(config.rollout_steps or adapter.default_steps)
+        if not 1 <= config.rsc_steps <= self.steps:
+            raise ValueError(f"rsc_steps must be in [1, {self.steps}], got {config.rsc_steps}")
+        self.layers = self._layers()
+        self._conds: dict[str, Conditioning] = {}
+        self.empty = self.cond("")
+        self.anchor = self.cond(config.anchor_prompt)
+        self.rsc_prompt = config.preserve_prompt.format(concept=concept)
+        self.rsc_idx = adapter.token_indices(self.rsc_prompt, concept)
+        self.ir_rsc = [(self.cond(config.preserve_prompt.format(concept=w)),
+                        adapter.token_indices(config.preserve_prompt.format(concept=w), w))
+                       for w in irrelevant[: config.rsc_irrelevant]]
+        n = config.preserve_images
+        self.preserve_prompts = [config.preserve_prompt.format(concept=irrelevant[i % len(irrelevant)]) for i in range(n)]
+        self.latents: torch.Tensor | None = None
+
+    def _layers(self) -> list[str]:
+        spec = self.config.attn_layers
+        if spec != "auto":
+            return _split(spec)
+        middle = self.adapter.middle_resolution_layers()
+        # The release probes Flux's last dual-stream block; UNets: the middle-resolution layers.
+        return middle[-1:] if self.adapter.family == "flux" else middle
+
+    def cond(self, prompt: str) -> Conditioning:
+        if prompt not in self._conds:
+            if len(self._conds) > 512:
+                self._conds.clear()
+            self._conds[prompt] = self.adapter.encode([prompt])
+        return self._conds[prompt]
+
+    def randint(self, n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=self.g))
+
+    def size(self) -> dict:
+        r = self.config.resolution
+        return {"height": r, "width": r}
+
+    def generate_preserve_latents(self) -> torch.Tensor:
+        """Images of the irrelevant prompts from the FROZEN model, as latents (cached)."""
+        a = self.adapter
+        seeds = [int(s) for s in torch.randint(0, 2**31 - 1, (len(self.preserve_prompts),), generator=self.g)]
+        with torch.no_grad(), a.edits_disabled():
+            images = a.generate(self.preserve_prompts, seeds, steps=self.config.preserve_steps, **self.size())
+            return a.encode_images(images * 2 - 1).detach()
+
+    # -- the two levels --
+    def lower(self) -> tuple[torch.Tensor, dict]:
+        a, c = self.adapter, self.config
+        prompt = self.templates[self.randint(len(self.templates))].format(concept=self.concept)
+        prompt, word = rewrite_prompt(prompt, self.concept, self.synonyms, self.g, c.shuffle_prob, c.synonym_prob)
+        idx = a.token_indices(prompt, word)  # AFTER shuffle and swap
+        cond = self.cond(prompt)
+        t_enc = self.randint(self.steps)
+        x_t, t = a.rollout(cond, self.empty, t_enc, num_steps=self.steps, guidance=c.rollout_guidance,
+                           generator=self.g, **self.size())
+        target = negative_guidance_target(a, x_t, t, cond, self.anchor, c.eta)
+        with a.probe(layers=self.layers, token_indices=idx) as probe:
+            pred = a.predict(x_t, t, cond)
+        esd = F.mse_loss(pred.float(), target.float())
+        attn = attention_suppression([m for layer in self.layers for m in probe.maps[layer]])
+        loss = c.esd_weight * esd + c.attn_weight * attn
+        return loss, {"esd": esd.item(), "attn": attn.item(), "prompt": prompt}
+
+    def upper(self) -> tuple[torch.Tensor, dict]:
+        a, c = self.adapter, self.config
+        i = self.randint(len(self.latents))
+        x0 = self.latents[i : i + 1]
+        noise = torch.randn(x0.shape, generator=self.g).to(x0.device, x0.dtype)
+        t = a.sample_timesteps(1, generator=self.g)
+        pred = a.predict(a.add_noise(x0, noise, t), t, self.cond(self.preserve_prompts[i]))
+        fm = F.mse_loss(pred.float(), a.training_target(x0, noise, t).float())
+        loss = c.fm_weight * fm
+        logs = {"fm": fm.item()}
+        if self.synonyms and c.rsc_weight:
+            rsc = self.rsc()
+            loss = loss + c.rsc_weight * rsc
+            logs["rsc"] = rsc.item()
+        return loss, logs
+
+    def feature(self, x_t, t, cond, idx) -> torch.Tensor:
+        with self.adapter.probe(layers=self.layers, token_indices=idx) as probe:
+            self.adapter.predict(x_t, t, cond)
+        return attention_feature([m for layer in self.layers for m in probe.maps[layer]])
+
+    def rsc(self) -> torch.Tensor:
+        a, c = self.adapter, self.config
+        syn = self.synonyms[self.randint(len(self.synonyms))]
+        t_enc = self.randint(c.rsc_steps)
+        cond = self.cond(self.rsc_prompt)
+        x_t, t = a.rollout(cond, self.empty, t_enc, num_steps=self.steps, guidance=c.rollout_guidance,
+                           generator=self.g, **self.size())
+        f_un = self.feature(x_t, t, cond, self.rsc_idx)  # edited model, with gradient
+        syn_prompt = c.preserve_prompt.format(concept=syn)
+        with torch.no_grad(), a.edits_disabled():  # frozen
+            f_syn = self.feature(x_t, t, self.cond(syn_prompt), a.token_indices(syn_prompt, syn))
+            f_ir = [self.feature(x_t, t, ir_cond, ir_idx) for ir_cond, ir_idx in self.ir_rsc]
+        return reverse_self_contrastive(f_un, f_syn, f_ir, c.tau)
+
+
+def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+
+def _set_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
+        offset += n
+
+
+def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoint_dir: str | Path | None = None,
+        progress: bool = True) -> Edit:
+    """Train an EraseAnything LoRA that removes ``concept`` from ``pipe``; returns the Edit (not
+    applied). With ``checkpoint_dir``, state is saved every ``config.checkpoint_every``
+    iterations and a later call with the same folder and settings resumes from the last
+    checkpoint, ending with the same weights as an uninterrupted run (same seed, CPU)."""
+    config = config or EraseAnythingConfig()
+    adapter = adapter_for(pipe)
+    iterations = config.resolved_iterations(concept)
+    synonyms, irrelevant, source = concept_words(config, pipe, concept)
+    g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
+    trainer = _Trainer(adapter, concept, config, synonyms, irrelevant, g)
+    prefix = lora_prefix(adapter)
+    meta = {"config": asdict(config), "concept": concept, "synonyms": synonyms, "irrelevant": irrelevant}
+
+    initial = init_lora(adapter, config.rank, config.targets, generator=g)
+    loaded = _load_checkpoint(Path(checkpoint_dir), meta) if checkpoint_dir is not None else None
+    start, tensors = (0, None) if loaded is None else loaded
+    if tensors is not None:
+        initial = {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
+        trainer.latents = tensors["preserve_latents"].to(adapter.device, adapter.dtype)
+    else:
+        trainer.latents = trainer.generate_preserve_latents()
+
+    denoiser_grad = [(p, p.requires_grad) for p in adapter.denoiser.parameters()]
+    for p, _ in denoiser_grad:
+        p.requires_grad_(False)
+    handle = attach_lora(adapter, initial, f"erasekit_training_{id(trainer)}", config.alpha / config.rank, trainable=True)
+    history = []
+    t0 = time.time()
+    try:
+        params = handle.parameters()
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        if tensors is not None:
+            _load_adam_state(opt, tensors, "opt")
+            g.set_state(tensors["generator_state"])
+        bar = tqdm(range(start, iterations), desc=f"eraseanything '{concept}'", disable=not progress,
+                   initial=start, total=iterations)
+        for it in bar:
+            if config.gradient_surgery:
+                lower, log_l = trainer.lower()
+                g_lower = _flat_grad(lower, params)
+                upper, log_u = trainer.upper()
+                g_upper = _flat_grad(upper, params)
+                flat = pcgrad(g_lower, g_upper)
+                record = {"level": "both", **log_l, **log_u,
+                          "conflict": bool(torch.dot(g_lower, g_upper) < 0)}
+            else:
+                level = "lower" if it % 2 == 0 else "upper"
+                loss, logs = trainer.lower() if level == "lower" else trainer.upper()
+                flat = _flat_grad(loss, params)
+                record = {"level": level, **logs}
+            _set_grad(params, flat)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            history.append({"iteration": it + 1, **record})
+            done = it + 1
+            if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == iterations):
+                _save_checkpoint(Path(checkpoint_dir), done, handle.state(prefix), opt, g, trainer.latents, meta)
+        weights = handle.state(prefix)
+    finally:
+        handle.remove()
+        for p, flag in denoiser_grad:
+            p.requires_grad_(flag)
+
+    # Fold alpha / rank into B: the file then loads with any LoRA loader at alpha = rank.
+    scaling = config.alpha / config.rank
+    tensors_out = {k: (v * scaling if k.endswith("lora_B.weight") and scaling != 1 else v) for k, v in weights.items()}
+    last = {lvl: next((h for h in reversed(history) if h["level"] in (lvl, "both")), {}) for lvl in ("lower", "upper")}
+    return Edit(
+        method=NAME,
+        concepts=[concept],
+        family=adapter.family,
+        base_model=str(getattr(pipe, "name_or_path", "") or ""),
+        tensors=tensors_out,
+        hyperparameters=asdict(config) | {
+            "iterations": iterations,
+            "synonyms": synonyms,
+            "irrelevant_concepts": irrelevant,
+            "lexicon_used": source,
+            "rollout_steps": trainer.steps,
+            "attn_layers": trainer.layers,
+            "lora_prefix": prefix,
+            "lora_targets": [p.name for p in lora_targets(adapter, config.targets)],
+            "diffusers_lora_weight_name": LORA_WEIGHT_NAME,
+        },
+        metrics={
+            "train_seconds": round(time.time() - t0, 2),
+            "final_esd_loss": last["lower"].get("esd"),
+            "final_attn_loss": last["lower"].get("attn"),
+            "final_fm_loss": last["upper"].get("fm"),
+            "final_rsc_loss": last["upper"].get("rsc"),
+        },
+    )

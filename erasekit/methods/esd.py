@@ -1,0 +1,239 @@
+"""ESD (Gandikota et al., ICCV 2023): erase a concept by fully fine-tuning one parameter group
+with negative guidance. Spec: shared design ALGORITHMS.md, sections "Shared building blocks"
+and "Baselines".
+
+- ESD-x (``group="esd-x"``): the layers that attend to the text (adapter parameter group
+  "cross_attn": SD every attn2; Flux the text-stream projections of the joint attention).
+  ESD-u (``group="esd-u"``): every other Linear / Conv2d layer ("non_cross_attn").
+- Each iteration: x_t from a partial rollout of the EDITED model (CFG on the concept prompt,
+  ``t_enc ~ U[0, N)`` of N steps); the teacher terms e_c = eps(x_t, c, t) and e_u = eps(x_t, "", t)
+  come from the FROZEN model; loss ``|| eps'(x_t, c, t) - target ||^2``.
+- Target. The release's train script writes ``target = e_c - eta * (e_c - e_u)`` with eta 2
+  (``target_base="concept"``, the default). That is ALGORITHMS' building block
+  ``e_u - eta' * (e_c - e_u)`` with eta' = eta - 1 = 1; ``target_base="uncond"`` uses the
+  building block's form with ``eta`` as given.
+- Frozen teacher without a second model: the group's original tensors are kept aside and a
+  switch registered with ``adapter.register_switch`` swaps them in while
+  ``adapter.edits_disabled()`` is active. Teacher passes never overlap a student graph (they
+  run first, under no_grad), so swapping ``param.data`` is safe and costs no copy.
+- The Edit stores the group's weight deltas (``delta.<parameter>``, in the parameters' dtype);
+  see :mod:`.weight_edits` for attach / detach / :func:`export_merged`.
+
+Departures from the release: the release rolls out the FROZEN model (ALGORITHMS asks for the
+edited one: we follow ALGORITHMS) and it samples with the pipeline's own scheduler state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..edits import Edit
+from ..models import Conditioning, adapter_for
+from .receler import _adam_state, _load_adam_state
+from .weight_edits import PREFIX, attach_deltas, attached_parameters, export_merged  # noqa: F401
+
+NAME = "esd"
+GROUPS = {"esd-x": "cross_attn", "esd-u": "non_cross_attn"}
+TARGET_BASES = ("concept", "uncond")
+# The release's defaults per model family (its SD and Flux scripts differ); used where the
+# config leaves a field at None.
+RELEASE_DEFAULTS = {
+    "sd": {"iterations": 200, "lr": 5e-5},
+    "flux": {"iterations": 1400, "lr": 1e-4},
+}
+
+
+@dataclass
+class ESDConfig:
+    """Hyper-parameters; the defaults are the authors' release (``iterations`` / ``lr`` None:
+    the release's value for the model family, see RELEASE_DEFAULTS)."""
+
+    group: str = "esd-x"  # "esd-x" (cross-attention) or "esd-u" (everything else)
+    iterations: int | None = None
+    lr: float | None = None
+    eta: float = 2.0  # negative guidance
+    target_base: str = "concept"  # "concept": e_c - eta (e_c - e_u) (release); "uncond": e_u - eta (e_c - e_u)
+    prompt: str = "{concept}"  # the erased prompt c
+    uncond_prompt: str = ""  # the unconditional prompt of e_u
+    rollout_steps: int | None = None  # N (None: the family's default, 50 DDIM / 28 Euler)
+    rollout_guidance: float | None = None  # (None: 3 for SD, 3.5 for Flux)
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    @classmethod
+    def fast(cls, **overrides) -> "ESDConfig":
+        """The toy-world preset: fewer iterations, a higher learning rate, shorter rollouts."""
+        base = dict(iterations=100, lr=2e-4, rollout_steps=20, checkpoint_every=50)
+        return cls(**(base | overrides))
+
+    def resolved(self, family: str) -> "ESDConfig":
+        """A copy with the family's release defaults filled in."""
+        defaults = RELEASE_DEFAULTS.get(family, RELEASE_DEFAULTS["sd"])
+        return ESDConfig(**(asdict(self) | {k: v for k, v in defaults.items() if getattr(self, k) is None}))
+
+
+class FrozenTeacher:
+    """Keeps the trained group's original tensors and swaps them in while disabled.
+
+    ``disable()`` (called by ``edits_disabled()``): every parameter shows its original tensor;
+    ``enable()``: back to the trained (student) tensor. ``restore()`` ends training with the
+    originals in place (the very tensor objects, so bit for bit).
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.params = params
+        self.frozen = {n: p.data for n, p in params.items()}
+        self.student = {n: p.data.clone() for n, p in params.items()}
+        self.enabled = True
+        for n, p in params.items():
+            p.data = self.student[n]
+
+    def disable(self) -> None:
+        for n, p in self.params.items():
+            p.data = self.frozen[n]
+        self.enabled = False
+
+    def enable(self) -> None:
+        for n, p in self.params.items():
+            p.data = self.student[n]
+        self.enabled = True
+
+    def restore(self) -> None:
+        self.disable()
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {
+            n: (self.student[n].float() - self.frozen[n].float()).to(self.frozen[n].dtype).cpu()
+            for n in self.params
+        }
+
+
+def esd_target(e_cond: torch.Tensor, e_uncond: torch.Tensor, eta: float, target_base: str) -> torch.Tensor:
+    """The negative-guidance target (see the module docstring)."""
+    if target_base not in TARGET_BASES:
+        raise ValueError(f"target_base must be one of {TARGET_BASES}, got {target_base!r}")
+    base = e_cond if target_base == "concept" else e_uncond
+    return base - eta * (e_cond - e_uncond)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def _save_checkpoint(folder: Path, iteration: int, teacher: FrozenTeacher, opt, g: torch.Generator, config: ESDConfig) -> None:
+    tensors = {f"student.{n}": t.detach().clone() for n, t in teacher.student.items()}
+    tensors |= _adam_state(opt, "opt")
+    tensors["generator_state"] = g.get_state()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "checkpoint.safetensors.tmp"))
+    (folder / "checkpoint.json.tmp").write_text(json.dumps({"iteration": iteration, "config": asdict(config)}))
+    (folder / "checkpoint.safetensors.tmp").replace(folder / "checkpoint.safetensors")
+    (folder / "checkpoint.json.tmp").replace(folder / "checkpoint.json")
+
+
+def _load_checkpoint(folder: Path, config: ESDConfig):
+    meta_path = folder / "checkpoint.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta["config"] != asdict(config):
+        raise ValueError(f"the checkpoint in {folder} was made with other hyper-parameters; use another folder or the same config")
+    return meta["iteration"], load_file(str(folder / "checkpoint.safetensors"))
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str | Path | None = None, progress: bool = True) -> Edit:
+    """Fine-tune the config's parameter group of ``pipe``'s denoiser to erase ``concept``;
+    returns the Edit (weight deltas, not applied; the pipeline is left as it was).
+
+    With ``checkpoint_dir``, state is saved every ``config.checkpoint_every`` iterations and a
+    later call with the same folder and config resumes from the last checkpoint.
+    """
+    adapter = adapter_for(pipe)
+    config = (config or ESDConfig()).resolved(adapter.family)
+    if config.group not in GROUPS:
+        raise ValueError(f"unknown ESD group {config.group!r}; known: {', '.join(GROUPS)}")
+    if config.target_base not in TARGET_BASES:
+        raise ValueError(f"target_base must be one of {TARGET_BASES}, got {config.target_base!r}")
+    prompt = config.prompt.format(concept=concept)
+    params = adapter.parameter_group(GROUPS[config.group])
+    busy = sorted(attached_parameters(adapter) & set(params))
+    if busy:
+        raise ValueError(f"weight edits are applied to parameters ESD would train ({busy[0]}, ...); remove them first")
+
+    cond = adapter.encode([prompt])
+    uncond = adapter.encode([config.uncond_prompt])
+    steps = config.rollout_steps or adapter.default_steps
+    g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
+
+    denoiser_grad = [(p, p.requires_grad) for p in adapter.denoiser.parameters()]
+    teacher = FrozenTeacher(params)
+    switch = adapter.register_switch(teacher)
+    history = []
+    t0 = time.time()
+    try:
+        for p, _ in denoiser_grad:
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(list(params.values()), lr=config.lr)
+        start = 0
+        if checkpoint_dir is not None:
+            loaded = _load_checkpoint(Path(checkpoint_dir), config)
+            if loaded is not None:
+                start, tensors = loaded
+                with torch.no_grad():
+                    for n, t in teacher.student.items():
+                        t.copy_(tensors[f"student.{n}"])
+                _load_adam_state(opt, tensors, "opt")
+                g.set_state(tensors["generator_state"])
+
+        for it in tqdm(range(start, config.iterations), desc=f"esd '{concept}'", disable=not progress, initial=start, total=config.iterations):
+            t_enc = int(torch.randint(0, steps, (1,), generator=g))
+            x_t, t = adapter.rollout(cond, uncond, t_enc, num_steps=steps, guidance=config.rollout_guidance, generator=g)
+            with torch.no_grad(), adapter.edits_disabled():  # the frozen teacher
+                both = adapter.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+            e_uncond, e_cond = both.chunk(2)
+            target = esd_target(e_cond, e_uncond, config.eta, config.target_base)
+            pred = adapter.predict(x_t, t, cond)
+            loss = F.mse_loss(pred.float(), target.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append(loss.item())
+            done = it + 1
+            if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
+                _save_checkpoint(Path(checkpoint_dir), done, teacher, opt, g, config)
+        deltas = teacher.deltas()
+    finally:
+        teacher.restore()
+        switch.remove()
+        for p, flag in denoiser_grad:
+            p.requires_grad_(flag)
+
+    return Edit(
+        method=NAME,
+        concepts=[concept],
+        family=adapter.family,
+        base_model=str(getattr(pipe, "name_or_path", "") or ""),
+        tensors={PREFIX + n: d for n, d in deltas.items()},
+        hyperparameters=asdict(config) | {"rollout_steps": steps, "parameters": sum(p.numel() for p in params.values())},
+        metrics={"train_seconds": round(time.time() - t0, 2), "final_loss": history[-1] if history else None},
+    )
+
+
+def attach(adapter, edit: Edit, scale: float = 1.0):
+    """Add ``scale * delta`` to the trained parameters (see :func:`.weight_edits.attach_deltas`)."""
+    return attach_deltas(adapter, edit, scale)
+
+
+PRESETS = {"paper": ESDConfig, "fast": ESDConfig.fast}

@@ -1,0 +1,151 @@
+"""UCE (Gandikota et al., WACV 2024): closed-form edit of the projections that make attention
+keys and values from the text. Spec: shared design ALGORITHMS.md, section Baselines.
+
+For every text_proj attachment point with role "k" or "v" (SD: attn2.to_k / to_v; Flux: the
+dual-stream add_k_proj / add_v_proj), with W its weight::
+
+    W' = (sum_e v_e c_e^T + sum_p W c_p c_p^T + lamb W) (sum_e c_e c_e^T + sum_p c_p c_p^T + lamb I)^-1,
+    v_e = W c_guide(e)
+
+(erase terms weighted by ``erase_scale``, preserve terms by ``preserve_scale``, as in the
+release). As in the release, each prompt contributes ONE token: the last token of the concept
+(erased prompts: the concept inside the template; guide and preserved concepts: the prompt's
+last token; the empty guide: position 0, i.e. CLIP's BOS as in the release, T5's first token).
+Several concepts: ``concept`` may hold several separated by ";".
+
+c is the INPUT of the projection at that token. For SD that input is the text encoder's output
+itself (the release's c). For Flux the dual-stream projections read the block's text stream
+(after earlier blocks and the timestep-modulated norm), not T5's output (whose width differs on
+FLUX.1): the inputs are recorded during denoiser passes on the prompts, and their outer-product
+sums are averaged over ``samples`` random (noise, timestep) draws; for SD every draw gives the
+same inputs. All inputs are recorded on the unedited projections. Projection biases are left
+alone and v_e excludes them (the release's ``module(emb)`` adds the bias to the target of a
+weight-only solve). The Edit stores the weight deltas W' - W; see :mod:`.weight_edits`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..edits import Edit
+from ..models import adapter_for
+from .weight_edits import PREFIX, attach_deltas, export_merged  # noqa: F401
+
+NAME = "uce"
+
+
+@dataclass
+class UCEConfig:
+    """Hyper-parameters; the defaults are the authors' release (uce_sd_erase.py)."""
+
+    guide: str = ""  # the concept the erased ones are mapped to ("" = nothing)
+    preserve: str = ""  # concepts to keep, separated by ";"
+    templates: str = "{concept}"  # erased prompts, separated by ";" (the release's expand_prompts adds e.g. "photo of {concept}")
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    lamb: float = 0.5
+    samples: int = 4  # (noise, timestep) draws for inputs that depend on them (Flux)
+    seed: int = 0
+
+    @classmethod
+    def fast(cls, **overrides) -> "UCEConfig":
+        """The toy-world preset: UCE is already fast; the same settings."""
+        return cls(**overrides)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(";") if part.strip()]
+
+
+def _last_token(adapter, prompt: str, phrase: str) -> int:
+    """Position of the last token of ``phrase`` in ``prompt``; 0 for the empty prompt."""
+    if not prompt.strip():
+        return 0
+    return adapter.token_indices(prompt, phrase)[-1]
+
+
+def _record_inputs(adapter, points, prompts: list[str], positions: list[int], samples: int, seed: int) -> dict[str, list[torch.Tensor]]:
+    """point name -> one (len(prompts), in_features) float64 tensor per sample: the inputs of
+    the point's Linear at each prompt's position, during a denoiser pass on the prompts."""
+    cond = adapter.encode(prompts)
+    n = len(prompts)
+    rows = torch.arange(n)
+    pos = torch.tensor(positions)
+    g = torch.Generator().manual_seed(seed)
+    records: dict[str, list[torch.Tensor]] = {p.name: [] for p in points}
+    handles = []
+    for point in points:
+        def grab(_module, args, name=point.name):
+            records[name].append(args[0][rows, pos].detach().double())
+
+        handles.append(point.module.register_forward_pre_hook(grab))
+    try:
+        with torch.no_grad():
+            for _ in range(samples):
+                x = adapter.sample_noise(1, generator=g)
+                t = adapter.sample_timesteps(1, generator=g)
+                adapter.predict(x.expand(n, *x.shape[1:]), t.expand(n), cond)
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None, progress: bool = True) -> Edit:
+    """Compute the closed-form UCE edit erasing ``concept`` (several: separated by ";").
+    Returns the Edit (weight deltas, not applied). ``checkpoint_dir`` and ``progress`` are
+    accepted for the common interface and unused (there is no training loop)."""
+    config = config or UCEConfig()
+    adapter = adapter_for(pipe)
+    t0 = time.time()
+    concepts = _split(concept)
+    if not concepts:
+        raise ValueError("no concept to erase")
+    templates = _split(config.templates) or ["{concept}"]
+    erase = [(tpl.format(concept=c), c) for c in concepts for tpl in templates]
+    preserve = _split(config.preserve)
+    prompts = [p for p, _ in erase] + [config.guide] + preserve
+    positions = [_last_token(adapter, p, c) for p, c in erase]  # ValueError if absent
+    positions += [_last_token(adapter, config.guide, config.guide)] + [_last_token(adapter, p, p) for p in preserve]
+    points = [p for p in adapter.attachment_points("text_proj") if p.role in ("k", "v")]
+    records = _record_inputs(adapter, points, prompts, positions, max(1, config.samples), config.seed)
+
+    n_e, guide_row = len(erase), len(erase)
+    param_names = {id(p): n for n, p in adapter.denoiser.named_parameters()}
+    tensors = {}
+    for point in points:
+        base = point.module.get_base_layer() if hasattr(point.module, "get_base_layer") else point.module
+        w = base.weight.detach().double()
+        eye = torch.eye(w.shape[1], dtype=torch.float64, device=w.device)
+        lhs, rhs = config.lamb * w, config.lamb * eye  # W' rhs = lhs
+        for inputs in records[point.name]:
+            c_e, c_g, c_p = inputs[:n_e], inputs[guide_row : guide_row + 1], inputs[guide_row + 1 :]
+            v_e = F.linear(c_g, w).expand(n_e, -1)  # W c_guide, no bias
+            v_p = F.linear(c_p, w)
+            k = len(records[point.name])
+            lhs = lhs + (config.erase_scale * v_e.T @ c_e + config.preserve_scale * v_p.T @ c_p) / k
+            rhs = rhs + (config.erase_scale * c_e.T @ c_e + config.preserve_scale * c_p.T @ c_p) / k
+        new = torch.linalg.solve(rhs, lhs.T).T  # lhs @ rhs^-1 (rhs is symmetric)
+        tensors[PREFIX + param_names[id(base.weight)]] = (new - w).to(base.weight.dtype).cpu()
+
+    return Edit(
+        method=NAME,
+        concepts=concepts,
+        family=adapter.family,
+        base_model=str(getattr(pipe, "name_or_path", "") or ""),
+        tensors=tensors,
+        hyperparameters=asdict(config) | {"erase_prompts": [p for p, _ in erase], "token_positions": positions},
+        metrics={"train_seconds": round(time.time() - t0, 2)},
+    )
+
+
+def attach(adapter, edit: Edit, scale: float = 1.0):
+    """Add ``scale * (W' - W)`` to the projections (see :func:`.weight_edits.attach_deltas`)."""
+    return attach_deltas(adapter, edit, scale)
+
+
+PRESETS = {"paper": UCEConfig, "fast": UCEConfig.fast}
