@@ -114,7 +114,8 @@ def apply(pipe, edit: Edit, scale: float = 1.0) -> None:
         raise ValueError(f"edit {edit.method}/{edit.concepts} was made for family {edit.family!r}, the pipeline is {adapter.family!r}")
     attached = _attached(adapter)
     if edit.id in attached:
-        attached.pop(edit.id).remove()
+        attached[edit.id].remove()  # forget it only once it is really off
+        del attached[edit.id]
     from .methods import method_module
 
     attached[edit.id] = method_module(edit.method).attach(adapter, edit, scale)
@@ -127,4 +128,5 @@ def remove(pipe, edit: Edit) -> None:
     attached = _attached(adapter_for(pipe))
     if edit.id not in attached:
         raise ValueError(f"edit {edit.id} ({edit.method}, {edit.concepts}) is not applied to this pipeline")
-    attached.pop(edit.id).remove()
+    attached[edit.id].remove()  # a remove that fails leaves the edit applied and known
+    del attached[edit.id]

@@ -120,12 +120,14 @@ class AttachmentPoint:
     ``name``: full module name inside the denoiser. ``width``: feature width of the edited
     tensor (attn_out: output channels; text_proj: the Linear's out_features).
     ``in_features``: text_proj only, the Linear's in_features.
+    ``role``: text_proj only, which attention input the Linear makes: "q", "k" or "v".
     """
 
     name: str
     module: nn.Module
     width: int
     in_features: int | None = None
+    role: str | None = None
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -468,6 +470,12 @@ class FamilyAdapter:
         """(tokenizer, max_length) used for the embeddings in Conditioning.embeds."""
         raise NotImplementedError
 
+    def main_text_encoder(self) -> tuple[Any, nn.Module]:
+        """(tokenizer, text encoder) behind Conditioning.embeds: for a prompt's ids (tokenized as
+        :meth:`token_spans` does), ``encoder(input_ids)[0]`` is ``encode([prompt]).embeds``
+        (before the cast to the denoiser's dtype). SD: the CLIP encoder; Flux: T5."""
+        raise NotImplementedError
+
     def token_spans(self, prompt: str, phrase: str) -> list[list[int]]:
         """Every contiguous run of ``phrase``'s tokens in ``prompt`` (positions index
         Conditioning.embeds along L; sub-word pieces included; BOS/EOS/pad never included).
@@ -539,6 +547,16 @@ class FamilyAdapter:
 
     def sample_timesteps(self, batch: int, generator=None) -> Tensor:
         raise NotImplementedError
+
+    def call_inputs(self, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Conditioning, float | None]:
+        """(latents, t, cond, guidance) of a denoiser forward call, as a forward hook on
+        :attr:`denoiser` sees it (e.g. a call by the stock pipeline), in this adapter's units:
+        ``predict(latents, t, cond, guidance)`` repeats the call. ``t`` has shape (B,)."""
+        raise NotImplementedError
+
+    def _forward_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The denoiser forward's arguments by parameter name."""
+        return inspect.signature(self.denoiser.forward).bind_partial(*args, **kwargs).arguments
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -628,6 +646,28 @@ class FamilyAdapter:
         return self._attachment_points(kind)
 
     def _attachment_points(self, kind: str) -> list[AttachmentPoint]:
+        raise NotImplementedError
+
+    PARAMETER_GROUPS: ClassVar[tuple[str, ...]] = ("cross_attn", "non_cross_attn")
+
+    def parameter_group(self, group: str) -> dict[str, nn.Parameter]:
+        """The parameters of a fine-tuning group, by name: weights and biases of the denoiser's
+        Linear and Conv2d layers (peft adapter layers excluded). "cross_attn": the layers that
+        attend to the text (SD: every attn2; Flux: the text-stream projections of the
+        dual-stream joint attention); "non_cross_attn": all the other ones. (ESD-x / ESD-u.)"""
+        if group not in self.PARAMETER_GROUPS:
+            raise ValueError(f"unknown parameter group {group!r}; known groups: {list(self.PARAMETER_GROUPS)}")
+        inside = group == "cross_attn"
+        params = {}
+        for name, module in self.denoiser.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) or ".lora_" in f".{name}":
+                continue
+            if self._is_cross_attn_layer(name) == inside:
+                params.update({f"{name}.{n}": p for n, p in module.named_parameters(recurse=False)})
+        return params
+
+    def _is_cross_attn_layer(self, name: str) -> bool:
+        """Whether the Linear/Conv2d layer ``name`` belongs to the "cross_attn" group."""
         raise NotImplementedError
 
     def _edit_state(self) -> _EditState:

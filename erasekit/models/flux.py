@@ -10,6 +10,7 @@ plus the pooled CLIP embedding (B, Dp).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -118,6 +119,10 @@ class FluxAdapter(FamilyAdapter):
     def _main_tokenizer(self):
         return self._require_pipe("token_spans").tokenizer_2, self.max_sequence_length
 
+    def main_text_encoder(self):
+        pipe = self._require_pipe("main_text_encoder")
+        return pipe.tokenizer_2, pipe.text_encoder_2
+
     # ---- denoising -------------------------------------------------------------------------
 
     def sample_noise(self, batch: int, height=None, width=None, generator=None) -> Tensor:
@@ -182,6 +187,23 @@ class FluxAdapter(FamilyAdapter):
         """sigma * 1000 with sigma ~ U(0, 1), float32, shape (batch,)."""
         device = generator.device if generator is not None else "cpu"
         return (torch.rand(batch, generator=generator, device=device) * 1000).to(self.device)
+
+    def call_inputs(self, args: tuple, kwargs: dict):
+        """(hidden_states, timestep * 1000, Conditioning(encoder_hidden_states,
+        pooled_projections), guidance as a float or None). The image grid of the packed latents
+        is read from ``img_ids``, so that :meth:`predict` also repeats non-square calls."""
+        a = self._forward_arguments(args, kwargs)
+        latents = a["hidden_states"]
+        ids = a.get("img_ids")
+        if ids is not None and latents.shape[1] not in self._grids:
+            ids = ids.reshape(-1, ids.shape[-1])
+            grid = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            if grid[0] * grid[1] == latents.shape[1]:
+                self._grids[latents.shape[1]] = grid
+        t = self._batch_t(a["timestep"], latents.shape[0]) * 1000
+        g = a.get("guidance")
+        guidance = None if g is None else float(g.reshape(-1)[0])
+        return latents, t, Conditioning(a["encoder_hidden_states"], a.get("pooled_projections")), guidance
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Rectified-flow interpolation (1 - s) x0 + s noise with s = t / 1000."""
@@ -314,8 +336,12 @@ class FluxAdapter(FamilyAdapter):
                 for proj in ("add_q_proj", "add_k_proj", "add_v_proj"):
                     module = getattr(attn, proj)
                     fan_in, fan_out = linear_dims(module)
-                    points.append(AttachmentPoint(f"{name}.{proj}", module, fan_out, fan_in))
+                    points.append(AttachmentPoint(f"{name}.{proj}", module, fan_out, fan_in, role=proj[4]))
         return points
+
+    def _is_cross_attn_layer(self, name: str) -> bool:
+        # The text stream of the dual-stream joint attention: its Q/K/V and output projections.
+        return re.match(r"transformer_blocks\.\d+\.attn\.(add_[qkv]_proj|to_add_out|to_added_qkv)(\.|$)", name) is not None
 
 
 def _mask_rows(mask: Tensor | None, text_len: int) -> Tensor | None:

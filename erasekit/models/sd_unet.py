@@ -73,6 +73,10 @@ class SDUNetAdapter(FamilyAdapter):
         tok = self._require_pipe("token_spans").tokenizer
         return tok, tok.model_max_length
 
+    def main_text_encoder(self):
+        pipe = self._require_pipe("main_text_encoder")
+        return pipe.tokenizer, pipe.text_encoder
+
     # ---- denoising -------------------------------------------------------------------------
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple:
@@ -105,6 +109,12 @@ class SDUNetAdapter(FamilyAdapter):
         n = self._require_pipe("sample_timesteps").scheduler.config.num_train_timesteps
         device = generator.device if generator is not None else "cpu"
         return torch.randint(0, n, (batch,), generator=generator, device=device).to(self.device)
+
+    def call_inputs(self, args: tuple, kwargs: dict):
+        """(sample, timestep as (B,), Conditioning(encoder_hidden_states), None)."""
+        a = self._forward_arguments(args, kwargs)
+        latents = a["sample"]
+        return latents, self._batch_t(a["timestep"], latents.shape[0]), Conditioning(a["encoder_hidden_states"]), None
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """DDPM forward process q(x_t | x0): sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
@@ -242,8 +252,11 @@ class SDUNetAdapter(FamilyAdapter):
                 for proj in ("to_k", "to_v"):
                     module = getattr(attn, proj)
                     fan_in, fan_out = linear_dims(module)
-                    points.append(AttachmentPoint(f"{name}.{proj}", module, fan_out, fan_in))
+                    points.append(AttachmentPoint(f"{name}.{proj}", module, fan_out, fan_in, role=proj[-1]))
         return points
+
+    def _is_cross_attn_layer(self, name: str) -> bool:
+        return "attn2" in name.split(".")
 
 
 def _attn2_downsampling(unet: nn.Module) -> dict[str, int]:
