@@ -46,6 +46,7 @@ def test_sd14_unet_structure():
         for block, n in (("down_blocks.2", 2), ("up_blocks.1", 3))
         for i in range(n)
     ]
+    assert adapter.keyword_layers() == adapter.middle_resolution_layers()
     # Receler's eraser budget (rank 128 on every attn2 output): 3,209,408 = 0.373% of the UNet.
     eraser = sum(2 * 128 * p.width + 128 + p.width for p in attn_out)
     assert eraser == 3_209_408
@@ -60,6 +61,7 @@ def test_flux1_dev_transformer_structure():
     adapter = FamilyAdapter.for_denoiser(transformer)
     assert isinstance(adapter, FluxAdapter)
     assert len(adapter.attachment_points("attn_out")) == 19
+    assert adapter.keyword_layers() == ["transformer_blocks.18"]
     text_proj = adapter.attachment_points("text_proj")
     assert len(text_proj) == 57
     assert len(adapter.attention_layers()) == 57 and len(adapter.middle_resolution_layers()) == 19

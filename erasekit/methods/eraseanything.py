@@ -108,7 +108,7 @@ class EraseAnythingConfig:
     preserve_steps: int | None = None  # sampler steps of those images (None: the family default)
     rsc_irrelevant: int = 3  # K
     rsc_steps: int = 3  # high noise: x_t after t_enc ~ U[0, rsc_steps) of the rollout's steps
-    attn_layers: str = "auto"  # auto: Flux the last dual-stream block, SD the middle resolution
+    attn_layers: str = "auto"  # auto: the adapter's keyword_layers() (Flux: last dual-stream block)
     gradient_surgery: bool = False
     rollout_steps: int | None = None  # N of the ESD partial rollout (None: the family default)
     rollout_guidance: float | None = None
@@ -484,9 +484,7 @@ class _Trainer:
         spec = self.config.attn_layers
         if spec != "auto":
             return _split(spec)
-        middle = self.adapter.middle_resolution_layers()
-        # The release probes Flux's last dual-stream block; UNets: the middle-resolution layers.
-        return middle[-1:] if self.adapter.family == "flux" else middle
+        return self.adapter.keyword_layers()
 
     def cond(self, prompt: str) -> Conditioning:
         if prompt not in self._conds:

@@ -589,6 +589,11 @@ class FamilyAdapter:
     def middle_resolution_layers(self) -> list[str]:
         raise NotImplementedError
 
+    def keyword_layers(self) -> list[str]:
+        """Layers whose attention on a keyword's tokens methods read or suppress by default
+        (EraseAnything's attention loss and features)."""
+        raise NotImplementedError
+
     def _default_probe_layers(self) -> list[str]:
         raise NotImplementedError
 

@@ -270,6 +270,10 @@ class FluxAdapter(FamilyAdapter):
         """All dual-stream blocks (a transformer has a single resolution)."""
         return [f"transformer_blocks.{i}" for i in range(len(self.denoiser.transformer_blocks))]
 
+    def keyword_layers(self) -> list[str]:
+        """The last dual-stream block (what EraseAnything's release probes)."""
+        return self.middle_resolution_layers()[-1:]
+
     def _default_probe_layers(self) -> list[str]:
         return self.middle_resolution_layers()
 

@@ -184,6 +184,11 @@ class SDUNetAdapter(FamilyAdapter):
         target = factors[1] if len(factors) > 1 else factors[0]
         return [name for name in self.attention_layers() if self._factors[name] == target]
 
+
+    def keyword_layers(self) -> list[str]:
+        """The middle-resolution cross-attention layers (where concept maps are sharpest)."""
+        return self.middle_resolution_layers()
+
     def _default_probe_layers(self) -> list[str]:
         return self.attention_layers()
 
