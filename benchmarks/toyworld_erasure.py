@@ -37,7 +37,7 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", action="append", default=None, help="sd and/or flux (default both)")
-    ap.add_argument("--concept", action="append", default=None, help="default: circle, square, star")
+    ap.add_argument("--concept", action="append", default=None, help="default: circle, triangle, heart")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--method", default="receler")
     ap.add_argument("--preset", default="fast")
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     families = args.family or ["sd", "flux"]
-    concepts = args.concept or ["circle", "square", "star"]
+    concepts = args.concept or ["circle", "triangle", "heart"]
     variants = args.variants.split(",")
     extra = dict(s.split("=", 1) for s in args.set)
     detector = ToyDetector.load()

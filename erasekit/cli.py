@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="erasekit-demo", help="output folder (index.html, results.json)")
     demo.add_argument("--concept", default="circle", help="toy-world object to evaluate")
     demo.add_argument("--n", type=int, default=12, help="prompts per suite set")
-    demo.add_argument("--method", default="receler", help="erasure method to show, or 'none' for the unedited models")
-    demo.add_argument("--preset", default="fast", help="the method's preset")
+    demo.add_argument("--method", default="uce", help="erasure method to show, or 'none' for the unedited models")
+    demo.add_argument("--preset", default="paper", help="the method's preset (e.g. fast for the training methods)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting of the method")
     demo.set_defaults(func=_demo)
 

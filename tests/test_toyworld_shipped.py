@@ -78,11 +78,13 @@ def test_detector_rejects_unknown_concepts():
 def test_demo_writes_page_and_results(tmp_path):
     from erasekit.cli import main
 
-    assert main(["demo", "--out", str(tmp_path), "--n", "2", "--set", "iterations=5"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--n", "2"]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    assert set(result["families"]) == {"sd", "flux"}
-    for r in result["families"].values():
-        assert 0 <= r["h"] <= 100 and r["detector"] == "toyworld-classifier"
+    assert set(result["families"]) == {"sd", "flux"} and result["method"] == "uce"
+    for entry in result["families"].values():
+        for r in (entry["base"], entry["edited"]):
+            assert 0 <= r["h"] <= 100 and r["detector"] == "toyworld-classifier"
+            assert {c["seed"] for c in r["cases"]} == {c["seed"] for c in entry["base"]["cases"]}  # same seeds
     html = (tmp_path / "index.html").read_text()
     assert "<table" in html and html.count("data:image/png;base64,") >= 10
 

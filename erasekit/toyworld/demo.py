@@ -2,7 +2,7 @@
 
 Loads the shipped toy pipelines through ``erasekit.load_pipeline`` (the same path as real
 models), draws a gallery of every object and colour, runs the object-erasure suite for one
-concept on the unedited model, erases the concept (Receler, the toy-world preset), runs the
+concept on the unedited model, erases the concept (UCE by default: closed form, seconds), runs the
 suite again on the edited model, and writes ``index.html`` (grids: base vs edited at the same
 seeds) and ``results.json``.
 """
@@ -52,8 +52,8 @@ def run_demo(
     out: str | Path = "erasekit-demo",
     concept: str = "circle",
     n: int = 12,
-    method: str | None = "receler",
-    preset: str = "fast",
+    method: str | None = "uce",
+    preset: str = "paper",
     overrides: dict[str, str] | None = None,
     families=FAMILIES,
 ) -> dict:
