@@ -49,6 +49,8 @@ def _demo(args: argparse.Namespace) -> int:
                 r = entry[label]
                 name = "base" if label == "base" else f"{method}"
                 print(f"  {family:5s} {name:10s} Acc_E {r['acc_e']:5.1f}  Acc_R {r['acc_r']:5.1f}  Acc_L {r['acc_l']:5.1f}  H {r['h']:5.1f}")
+        if "warning" in entry:
+            print(f"  {family:5s} warning: {entry['warning']}")
     print(f"wrote {args.out}/index.html and {args.out}/results.json in {result['seconds']:.0f} s")
     return 0
 

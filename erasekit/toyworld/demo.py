@@ -30,6 +30,12 @@ from .grammar import COLORS, OBJECT_NAMES, object_by_name
 from .suite import SETS, run_object_suite
 
 FAMILIES = ("sd", "flux")
+MEANINGFUL_BASE = 50.0  # % of simple prompts showing the concept below which erasure means nothing
+
+
+def base_warning(acc_e: float) -> str:
+    return (f"The unedited model draws the concept on only {acc_e:.0f}% of simple prompts: "
+            "erasure numbers for this model are not meaningful.")
 GRID_PER_SET = 8
 
 
@@ -111,6 +117,9 @@ def run_demo(
         sections.append(f"<h2>{family}: {type(pipe).__name__}</h2>")
         sections.append(figure(image_grid(gallery, cols=len(COLORS)), "rows: " + ", ".join(OBJECT_NAMES) + "; columns: " + ", ".join(COLORS)))
         sections.append(f"<h3>Erasing '{concept}'</h3>")
+        if base.acc_e < MEANINGFUL_BASE:
+            entry["warning"] = base_warning(base.acc_e)
+            sections.append(f"<p><strong>{entry['warning']}</strong></p>")
         sections.append(html_table(["model", "Acc_E", "Acc_R", "Acc_L", "H"], rows))
         header = ["prompt set", "base: % prompted object"] + ([f"{method}: % prompted object"] if method else [])
         sections.append(html_table(header, per_set, cls="sets"))
