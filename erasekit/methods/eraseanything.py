@@ -51,7 +51,6 @@ the LoRA strength (0 = the base model).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import warnings
@@ -61,14 +60,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..edits import WEIGHTS_FILE, Edit
 from ..lexicon import TIERS, Lexicon, ListLexicon, WordNetUnavailable, get_lexicon
 from ..models import adapter_for
 from ..models.base import Conditioning
-from .receler import _adam_state, _load_adam_state
+from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 
 NAME = "eraseanything"
 LORA_WEIGHT_NAME = WEIGHTS_FILE  # pipe.load_lora_weights(edit_folder, weight_name=LORA_WEIGHT_NAME)
@@ -419,37 +417,6 @@ def concept_words(config: EraseAnythingConfig, pipe, concept: str) -> tuple[list
     return synonyms, irrelevant, source
 
 
-# ---- checkpoints ---------------------------------------------------------------------------
-
-
-def _save_checkpoint(folder: Path, iteration: int, lora: dict, opt, g: torch.Generator, latents: torch.Tensor,
-                     meta: dict) -> None:
-    tensors = {f"lora.{k}": v for k, v in lora.items()}
-    tensors |= _adam_state(opt, "opt")
-    tensors["generator_state"] = g.get_state()
-    tensors["preserve_latents"] = latents.detach().cpu().contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "checkpoint.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    (folder / "checkpoint.json.tmp").write_text(json.dumps(meta | {"iteration": iteration}))
-    tmp.replace(folder / "checkpoint.safetensors")
-    (folder / "checkpoint.json.tmp").replace(folder / "checkpoint.json")
-
-
-def _load_checkpoint(folder: Path, meta: dict):
-    path = folder / "checkpoint.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    iteration = saved.pop("iteration")
-    if saved != meta:
-        raise ValueError(
-            f"the checkpoint in {folder} was made with other settings (config, concept or word lists); "
-            "use another folder or the same settings"
-        )
-    return iteration, load_file(str(folder / "checkpoint.safetensors"))
-
-
 # ---- training ------------------------------------------------------------------------------
 
 
@@ -591,7 +558,7 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
     meta = {"config": asdict(config), "concept": concept, "synonyms": synonyms, "irrelevant": irrelevant}
 
     initial = init_lora(adapter, config.rank, config.targets, generator=g)
-    loaded = _load_checkpoint(Path(checkpoint_dir), meta) if checkpoint_dir is not None else None
+    loaded = load_checkpoint(checkpoint_dir, meta) if checkpoint_dir is not None else None
     start, tensors = (0, None) if loaded is None else loaded
     if tensors is not None:
         initial = {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
@@ -609,7 +576,7 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
         params = handle.parameters()
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         if tensors is not None:
-            _load_adam_state(opt, tensors, "opt")
+            load_optimizer_tensors(opt, tensors, "opt")
             g.set_state(tensors["generator_state"])
         bar = tqdm(range(start, iterations), desc=f"eraseanything '{concept}'", disable=not progress,
                    initial=start, total=iterations)
@@ -633,7 +600,8 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
             history.append({"iteration": it + 1, **record})
             done = it + 1
             if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == iterations):
-                _save_checkpoint(Path(checkpoint_dir), done, handle.state(prefix), opt, g, trainer.latents, meta)
+                state = {f"lora.{k}": v for k, v in handle.state(prefix).items()} | optimizer_tensors(opt, "opt")
+                save_checkpoint(checkpoint_dir, done, state | {"generator_state": g.get_state(), "preserve_latents": trainer.latents}, meta)
         weights = handle.state(prefix)
     finally:
         handle.remove()

@@ -25,20 +25,18 @@ edited one: we follow ALGORITHMS) and it samples with the pipeline's own schedul
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..edits import Edit
 from ..models import Conditioning, adapter_for
-from .receler import _adam_state, _load_adam_state
-from .weight_edits import PREFIX, attach_deltas, attached_parameters, export_merged  # noqa: F401
+from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .weight_edits import PREFIX, attach_deltas, attached_parameters, export_merged  # noqa: F401 (re-exported)
 
 NAME = "esd"
 GROUPS = {"esd-x": "cross_attn", "esd-u": "non_cross_attn"}
@@ -124,30 +122,6 @@ def esd_target(e_cond: torch.Tensor, e_uncond: torch.Tensor, eta: float, target_
     return base - eta * (e_cond - e_uncond)
 
 
-# ---- checkpoints -----------------------------------------------------------------------------
-
-
-def _save_checkpoint(folder: Path, iteration: int, teacher: FrozenTeacher, opt, g: torch.Generator, config: ESDConfig) -> None:
-    tensors = {f"student.{n}": t.detach().clone() for n, t in teacher.student.items()}
-    tensors |= _adam_state(opt, "opt")
-    tensors["generator_state"] = g.get_state()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "checkpoint.safetensors.tmp"))
-    (folder / "checkpoint.json.tmp").write_text(json.dumps({"iteration": iteration, "config": asdict(config)}))
-    (folder / "checkpoint.safetensors.tmp").replace(folder / "checkpoint.safetensors")
-    (folder / "checkpoint.json.tmp").replace(folder / "checkpoint.json")
-
-
-def _load_checkpoint(folder: Path, config: ESDConfig):
-    meta_path = folder / "checkpoint.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta["config"] != asdict(config):
-        raise ValueError(f"the checkpoint in {folder} was made with other hyper-parameters; use another folder or the same config")
-    return meta["iteration"], load_file(str(folder / "checkpoint.safetensors"))
-
-
 # ---- training --------------------------------------------------------------------------------
 
 
@@ -187,15 +161,15 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
             p.requires_grad_(True)
         opt = torch.optim.Adam(list(params.values()), lr=config.lr)
         start = 0
-        if checkpoint_dir is not None:
-            loaded = _load_checkpoint(Path(checkpoint_dir), config)
-            if loaded is not None:
-                start, tensors = loaded
-                with torch.no_grad():
-                    for n, t in teacher.student.items():
-                        t.copy_(tensors[f"student.{n}"])
-                _load_adam_state(opt, tensors, "opt")
-                g.set_state(tensors["generator_state"])
+        settings = {"config": asdict(config)}
+        loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
+        if loaded is not None:
+            start, tensors = loaded
+            with torch.no_grad():
+                for n, t in teacher.student.items():
+                    t.copy_(tensors[f"student.{n}"])
+            load_optimizer_tensors(opt, tensors, "opt")
+            g.set_state(tensors["generator_state"])
 
         for it in tqdm(range(start, config.iterations), desc=f"esd '{concept}'", disable=not progress, initial=start, total=config.iterations):
             t_enc = int(torch.randint(0, steps, (1,), generator=g))
@@ -212,7 +186,8 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
             history.append(loss.item())
             done = it + 1
             if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-                _save_checkpoint(Path(checkpoint_dir), done, teacher, opt, g, config)
+                state = {f"student.{n}": t for n, t in teacher.student.items()}
+                save_checkpoint(checkpoint_dir, done, state | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}, settings)
         deltas = teacher.deltas()
     finally:
         teacher.restore()

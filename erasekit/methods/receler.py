@@ -13,7 +13,6 @@ gradient flows through the adversarial conditioning.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -23,11 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..edits import Edit
 from ..models import adapter_for
+from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 
 NAME = "receler"
 
@@ -190,52 +189,6 @@ def localization_loss(outputs: list[torch.Tensor], mask: torch.Tensor) -> torch.
     return torch.stack(losses).mean()
 
 
-# ---- checkpoints -----------------------------------------------------------------------------
-
-
-def _adam_state(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
-    out = {}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        for k, v in opt.state.get(p, {}).items():
-            out[f"{prefix}.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return out
-
-
-def _load_adam_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        state = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{i}.")}
-        if state:
-            opt.state[p] = state
-
-
-def _save_checkpoint(folder: Path, iteration: int, erasers, opt, adv, adv_opt, g: torch.Generator, config: RecelerConfig) -> None:
-    tensors = {f"{_key(n)}.{k}": v.detach().clone() for n, e in erasers.items() for k, v in e.state_dict().items()}
-    tensors |= _adam_state(opt, "opt")
-    if adv is not None:
-        tensors["adv"] = adv.detach().clone()
-        tensors |= _adam_state(adv_opt, "adv_opt")
-    tensors["generator_state"] = g.get_state()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    meta = {"iteration": iteration, "config": asdict(config)}
-    (folder / "checkpoint.json.tmp").write_text(json.dumps(meta))
-    tmp.replace(folder / "checkpoint.safetensors")
-    (folder / "checkpoint.json.tmp").replace(folder / "checkpoint.json")
-
-
-def _load_checkpoint(folder: Path, config: RecelerConfig):
-    meta_path = folder / "checkpoint.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta["config"] != asdict(config):
-        raise ValueError(f"the checkpoint in {folder} was made with other hyper-parameters; use another folder or the same config")
-    return meta, load_file(str(folder / "checkpoint.safetensors"))
-
-
 # ---- training --------------------------------------------------------------------------------
 
 
@@ -250,7 +203,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     adapter = adapter_for(pipe)
     prompt = config.prompt.format(concept=concept)
     concept_idx = adapter.token_indices(prompt, concept)  # ValueError if the concept is absent
-    device, dtype = adapter.device, adapter.dtype
+    device = adapter.device
     torch.manual_seed(config.seed)
     erasers = {n: e.to(device) for n, e in build_erasers(adapter, config.rank).items()}
     params = [p for e in erasers.values() for p in e.parameters()]
@@ -267,19 +220,18 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
         adv_opt = torch.optim.Adam([adv], lr=config.adv_lr, weight_decay=config.adv_weight_decay)
 
     start = 0
-    if checkpoint_dir is not None:
-        loaded = _load_checkpoint(Path(checkpoint_dir), config)
-        if loaded is not None:
-            meta, tensors = loaded
-            start = meta["iteration"]
-            for n, e in erasers.items():
-                e.load_state_dict({k[len(_key(n)) + 1 :]: v for k, v in tensors.items() if k.startswith(_key(n) + ".")})
-            _load_adam_state(opt, tensors, "opt")
-            if adv is not None:
-                with torch.no_grad():
-                    adv.copy_(tensors["adv"])
-                _load_adam_state(adv_opt, tensors, "adv_opt")
-            g.set_state(tensors["generator_state"])
+    settings = {"config": asdict(config)}
+    loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
+    if loaded is not None:
+        start, tensors = loaded
+        for n, e in erasers.items():
+            e.load_state_dict({k[len(_key(n)) + 1 :]: v for k, v in tensors.items() if k.startswith(_key(n) + ".")})
+        load_optimizer_tensors(opt, tensors, "opt")
+        if adv is not None:
+            with torch.no_grad():
+                adv.copy_(tensors["adv"])
+            load_optimizer_tensors(adv_opt, tensors, "adv_opt")
+        g.set_state(tensors["generator_state"])
 
     steps = config.rollout_steps or adapter.default_steps
     mid_layers = adapter.middle_resolution_layers()
@@ -328,7 +280,11 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
             history.append({"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item()})
             done = it + 1
             if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-                _save_checkpoint(Path(checkpoint_dir), done, erasers, opt, adv, adv_opt, g, config)
+                state = {f"{_key(n)}.{k}": v for n, e in erasers.items() for k, v in e.state_dict().items()}
+                state |= optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
+                if adv is not None:
+                    state |= {"adv": adv} | optimizer_tensors(adv_opt, "adv_opt")
+                save_checkpoint(checkpoint_dir, done, state, settings)
     finally:
         attachment.remove()
         for p, flag in denoiser_grad:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..edits import Edit
 from ..models import adapter_for
-from .weight_edits import PREFIX, attach_deltas, export_merged  # noqa: F401
+from .weight_edits import PREFIX, attach_deltas, export_merged  # noqa: F401 (re-exported)
 
 NAME = "uce"
 
