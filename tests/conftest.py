@@ -75,3 +75,31 @@ def make_inputs():
         return x, t, adapter.encode([prompt] * batch)
 
     return make
+
+
+@pytest.fixture
+def interrupted_at_rollout(monkeypatch):
+    """``with interrupted_at_rollout(adapter, n): fit(...)`` raises KeyboardInterrupt at the n-th
+    rollout (one per training iteration), as a user's Ctrl-C would; the real rollout is back
+    after the block."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def interrupt(adapter, n: int):
+        real = type(adapter).rollout
+        calls = {"n": 0}
+
+        def dying(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(adapter), "rollout", dying)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(type(adapter), "rollout", real)
+
+    return interrupt

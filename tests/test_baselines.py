@@ -161,26 +161,15 @@ def test_esd_targets():
         esd.esd_target(c, u, 1.0, "zero")
 
 
-def test_esd_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_esd_resumes_to_the_same_weights(tmp_path, interrupted_at_rollout):
     cfg = ESDConfig(iterations=4, rollout_steps=3, lr=1e-2, checkpoint_every=2)
     full = esd.fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
     pipe = tiny_sd_pipeline()
     adapter = adapter_for(pipe)
     before = {n: p.detach().clone() for n, p in adapter.denoiser.named_parameters()}
     grads = {n: p.requires_grad for n, p in adapter.denoiser.named_parameters()}
-    calls = {"n": 0}
-    real = type(adapter).rollout
-
-    def dying(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # iteration 4 of 4: after the checkpoint at 2
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(adapter), "rollout", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_rollout(adapter, 4):  # iteration 4 of 4: after the checkpoint at 2
         esd.fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(type(adapter), "rollout", real)
     assert all(torch.equal(p, before[n]) for n, p in adapter.denoiser.named_parameters())
     assert not adapter._edit_state().switches
     assert {n: p.requires_grad for n, p in adapter.denoiser.named_parameters()} == grads

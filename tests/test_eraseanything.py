@@ -332,25 +332,14 @@ def test_edits_keep_a_users_own_lora_active(trained):
     assert pipe.unet.active_adapters() == ["user"]
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, interrupted_at_rollout):
     cfg = _cfg(iterations=5)
     full = fit(tiny_flux_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
 
     pipe = tiny_flux_pipeline()
     adapter = adapter_for(pipe)
-    calls = {"n": 0}
-    real_rollout = type(adapter).rollout
-
-    def dying_rollout(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # one rollout per iteration: iteration 4 of 5, after the checkpoint at 2
-            raise KeyboardInterrupt
-        return real_rollout(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(adapter), "rollout", dying_rollout)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_rollout(adapter, 4):  # iteration 4 of 5: after the checkpoint at 2
         fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(type(adapter), "rollout", real_rollout)
     assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["iteration"] == 2
     assert not _layers(adapter.denoiser)  # nothing left attached
     resumed = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)

@@ -137,25 +137,14 @@ def test_several_edits_average_their_erasers(sd_pipe):
     assert not sd_pipe.unet.__dict__.get("_erasekit_receler_banks")
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, interrupted_at_rollout):
     cfg = RecelerConfig(prompt="a photo of a {concept}", **TINY)
     full = fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
 
     pipe = tiny_sd_pipeline()
     adapter = adapter_for(pipe)
-    calls = {"n": 0}
-    real_rollout = type(adapter).rollout
-
-    def dying_rollout(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # iteration 4 of 4: after the checkpoint at 2
-            raise KeyboardInterrupt
-        return real_rollout(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(adapter), "rollout", dying_rollout)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_rollout(adapter, 4):  # iteration 4 of 4: after the checkpoint at 2
         fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(type(adapter), "rollout", real_rollout)
     assert not list(adapter.denoiser._forward_hooks.values())  # nothing left attached
     resumed = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     assert full.tensors.keys() == resumed.tensors.keys()
