@@ -34,3 +34,11 @@ def test_unknown_method_and_setting_are_clear_errors(tmp_path):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no pipeline folder"):
         main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "a car"])
+
+
+def test_settings_are_parsed_to_their_types():
+    from erasekit.methods import make_config
+
+    cfg = make_config("receler", "fast", {"iterations": "7", "lr": "0.5", "rollout_steps": "none", "prompt": "none of {concept}"})
+    assert (cfg.iterations, cfg.lr, cfg.rollout_steps, cfg.prompt) == (7, 0.5, None, "none of {concept}")
+    assert make_config("eraseanything", "paper", {"synonyms": "none"}).synonyms == "none"  # text stays text

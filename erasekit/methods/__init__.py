@@ -49,9 +49,12 @@ def make_config(method: str, preset: str = "paper", overrides: dict[str, str] | 
 
 
 def _parse_value(text: str, current):
-    """``text`` as a bool when the setting is one, else None / int / float / the string."""
+    """``text`` as the setting's type: bool, the string itself for a text setting, else
+    None / int / float / the string (for settings whose default is None)."""
     if isinstance(current, bool):
         return text.lower() in ("1", "true", "yes", "on")
+    if isinstance(current, str):
+        return text
     if text.lower() == "none":
         return None
     for cast in (int, float):
