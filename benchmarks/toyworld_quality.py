@@ -38,8 +38,7 @@ def measure(path: str, n: int, detector: ToyDetector) -> dict:
         cases = object_prompts(obj, n=n, n_locality=0)
         images = generate_images(adapter, [c.prompt for c in cases], [c.seed for c in cases], progress=obj)
         res = score_cases(cases, images, detector, obj)
-        named = [r for r in res.cases if r["color"] is not None]
-        rows[obj] = {s: res.per_set[s] for s in COLUMNS} | {"color": 100.0 * sum(r["detected_color"] == r["color"] for r in named) / len(named)}
+        rows[obj] = {s: res.per_set[s] for s in COLUMNS} | {"color": res.color_accuracy}
     mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in COLUMNS + ("color",)}
     return {"per_object": rows, "mean": mean, "seconds": round(time.time() - t0, 1), "images": n * 4 * len(OBJECT_NAMES)}
 

@@ -77,6 +77,17 @@ def _key(point_name: str) -> str:
     return "erasers." + point_name
 
 
+def eraser_tensors(erasers: dict[str, "Eraser"]) -> dict[str, torch.Tensor]:
+    """Every eraser's weights as named tensors ``erasers.{point name}.{down|up}.{weight|bias}``."""
+    return {f"{_key(n)}.{k}": v.detach() for n, e in erasers.items() for k, v in e.state_dict().items()}
+
+
+def _eraser_state(tensors: dict[str, torch.Tensor], point_name: str) -> dict[str, torch.Tensor]:
+    """The state dict of the eraser at ``point_name`` out of :func:`eraser_tensors`' naming."""
+    prefix = _key(point_name) + "."
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def build_erasers(adapter, rank: int) -> dict[str, Eraser]:
     """One zero-initialised eraser per "attn_out" attachment point: point name -> Eraser."""
     return {p.name: Eraser(p.width, rank) for p in adapter.attachment_points("attn_out")}
@@ -142,7 +153,7 @@ def erasers_from_edit(edit: Edit, device=None, dtype=None) -> dict[str, Eraser]:
     for name in names:
         down = edit.tensors[_key(name) + ".down.weight"]
         eraser = Eraser(down.shape[1], down.shape[0])
-        eraser.load_state_dict({k.split(".")[-2] + "." + k.split(".")[-1]: v for k, v in edit.tensors.items() if k.startswith(_key(name) + ".")})
+        eraser.load_state_dict(_eraser_state(edit.tensors, name))
         erasers[name] = eraser.to(device=device, dtype=dtype).requires_grad_(False)
     return erasers
 
@@ -225,7 +236,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     if loaded is not None:
         start, tensors = loaded
         for n, e in erasers.items():
-            e.load_state_dict({k[len(_key(n)) + 1 :]: v for k, v in tensors.items() if k.startswith(_key(n) + ".")})
+            e.load_state_dict(_eraser_state(tensors, n))
         load_optimizer_tensors(opt, tensors, "opt")
         if adv is not None:
             with torch.no_grad():
@@ -280,8 +291,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
             history.append({"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item()})
             done = it + 1
             if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-                state = {f"{_key(n)}.{k}": v for n, e in erasers.items() for k, v in e.state_dict().items()}
-                state |= optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
+                state = eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
                 if adv is not None:
                     state |= {"adv": adv} | optimizer_tensors(adv_opt, "adv_opt")
                 save_checkpoint(checkpoint_dir, done, state, settings)
@@ -290,7 +300,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
         for p, flag in denoiser_grad:
             p.requires_grad_(flag)
 
-    tensors = {f"{_key(n)}.{k}": v.detach().cpu() for n, e in erasers.items() for k, v in e.state_dict().items()}
+    tensors = {k: v.cpu() for k, v in eraser_tensors(erasers).items()}
     if adv is not None:
         tensors["adversarial_prompt"] = adv.detach().cpu()
     return Edit(

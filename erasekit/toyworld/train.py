@@ -144,11 +144,10 @@ def _save_pipeline(pipe, out: Path, record: dict, family: str) -> None:
     """Write the pipeline folder atomically: a temporary folder renamed into place."""
     with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        defaults = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, **SAMPLING_DEFAULTS.get(family, {})}
+        defaults = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, **SAMPLING_DEFAULTS[family]}
         if family == "flux":
             defaults["max_sequence_length"] = TEXT_LENGTH
-        if family != "vae":
-            write_defaults(tmp, defaults)
+        write_defaults(tmp, defaults)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
