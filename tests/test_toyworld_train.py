@@ -1,0 +1,34 @@
+"""The toy-world trainer on a few steps: what it trains, what it freezes, what it records."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from erasekit.toyworld.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae") / "vae"
+    train(TrainConfig(family="vae", out=str(out), dataset_size=16, vae_steps=1, batch_size=4, snapshot_every=0))
+    return out
+
+
+def _text_encoder_tensors(folder):
+    return load_file(str(folder / "text_encoder" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("mode", [None, True])
+def test_sd_text_encoder_frozen_by_default_and_trained_on_request(tmp_path, tiny_vae, mode):
+    cfg = dict(family="sd", dataset_size=16, steps=2, warmup=1, batch_size=4, vae=str(tiny_vae), snapshot_every=0, seed=3)
+    a = train(TrainConfig(out=str(tmp_path / "a"), train_text_encoders=mode, **cfg))
+    # same seed, no denoiser steps: the encoder as initialised
+    b = train(TrainConfig(out=str(tmp_path / "b"), train_text_encoders=False, **(cfg | {"steps": 1, "lr": 0.0})))
+    ta, tb = _text_encoder_tensors(a), _text_encoder_tensors(b)
+    changed = any(not torch.equal(ta[k], tb[k]) for k in ta)
+    assert changed == bool(mode)
+    record = json.loads((a / "training.json").read_text())
+    assert record["config"]["train_text_encoders"] == mode
+    assert record["steps_done"] == 2
