@@ -31,7 +31,7 @@ def _toyworld_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         vae=args.vae,
         threads=args.threads,
-        train_text_encoders={"auto": None, "train": True, "freeze": False}[args.text_encoders],
+        train_text_encoders=args.text_encoders == "train",
     )
     path = train(cfg)
     print(f"saved {cfg.family} to {path}")
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--lr", type=float, default=5e-4)
     tr.add_argument("--vae", default=None, help="reuse the autoencoder in this folder instead of training one")
-    tr.add_argument("--text-encoders", choices=("auto", "train", "freeze"), default="auto",
-                    help="train the text encoders with the denoiser (auto: flux trains them, sd keeps its random encoder frozen)")
+    tr.add_argument("--text-encoders", choices=("train", "freeze"), default="train",
+                    help="train the text encoders with the denoiser (default) or keep them frozen at random init")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     tr.set_defaults(func=_toyworld_train)
     return parser

@@ -51,11 +51,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     vae: str | None = None  # folder of a trained VAE to reuse instead of training one
-    # Train the text encoders with the denoiser? None: the family's default (flux yes, sd no).
-    # Trained jointly, the SD recipe's CLIP encoder collapsed the object words (their embeddings
-    # differed by 0.5 against 4.8 at random init) while it amplified the colours, and the UNet then
-    # drew blobs of the right colour; a frozen random encoder keeps every word apart.
-    train_text_encoders: bool | None = None
+    # Train the text encoders with the denoiser (the recipe of the shipped pipelines) or keep
+    # them frozen at their random initialisation.
+    train_text_encoders: bool = True
     threads: int | None = None
     snapshot_every: int = 1000
 
@@ -193,10 +191,9 @@ def train(cfg: TrainConfig) -> Path:
     latents = (latents - shift) * scale
     denoiser = pipe.unet if cfg.family == "sd" else pipe.transformer
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if cfg.family == "flux" else [])
-    train_encoders = cfg.family == "flux" if cfg.train_text_encoders is None else cfg.train_text_encoders
     for m in encoders:
         m.eval().requires_grad_(False)
-    trained = [denoiser] + (encoders if train_encoders else [])
+    trained = [denoiser] + (encoders if cfg.train_text_encoders else [])
     params = [p for m in trained for p in m.parameters()]
     for m in trained:
         m.train().requires_grad_(True)
