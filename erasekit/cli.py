@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 
@@ -54,6 +55,59 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"  {family:5s} warning: {entry['warning']}")
     print(f"wrote {args.out}/index.html and {args.out}/results.json in {result['seconds']:.0f} s")
     return 0
+
+
+def _bench_toy(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .bench import run_bench
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    def show(row: dict) -> None:
+        where = f"{row['model']:5s} {row['concept']:9s} {row['method']:15s}"
+        if "error" in row:
+            tqdm.write(f"{where} FAILED: {row['error']}")
+            return
+        fit = f"  fit {row['fit_seconds']:.1f} s, +{row['fit_peak_mb']:.0f} MiB" if "fit_seconds" in row else ""
+        tqdm.write(f"{where} Acc_E {row['acc_e']:5.1f}  Acc_R {row['acc_r']:5.1f}  Acc_L {row['acc_l']:5.1f}  H {row['h']:5.1f}{fit}")
+
+    overrides: dict[str, dict[str, str]] = {}
+    for key, value in _parse_sets(args.set).items():
+        method, dot, setting = key.partition(".")
+        if not dot or not method or not setting:
+            raise SystemExit(f"bench --set expects method.key=value (e.g. receler.iterations=50), got {key!r}")
+        overrides.setdefault(method, {})[setting] = value
+    optional = {"methods": _split_list(args.methods)} if args.methods else {}
+    result = run_bench(
+        models=_split_list(args.models),
+        **optional,
+        concepts=_split_list(args.concepts) if args.concepts else None,
+        preset=args.preset,
+        overrides=overrides,
+        n=args.n,
+        n_locality=args.n_locality,
+        quick=args.quick,
+        out=args.out,
+        device=args.device,
+        command="erasekit " + shlex.join(args.argv),
+        on_row=show,
+    )
+    from .bench import MD_FILE, markdown
+
+    print()
+    print(markdown(result).split("\n\nPer concept:")[0])
+    if result["skipped"]:
+        print(f"{result['skipped']} rows were already in {args.out} and were not run again")
+    print(f"wrote {args.out}/{MD_FILE} and {args.out}/bench.json")
+    return 1 if result["errors"] else 0
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _model_source(spec: str) -> str:
@@ -138,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting of the method")
     demo.set_defaults(func=_demo)
 
+    bench = sub.add_parser("bench", help="benchmark every erasure method on the same prompts, seeds and detector")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bt = bench_sub.add_parser("toy", help="every method on the toy pipelines: Acc_E, Acc_R, Acc_L, H, fit time, peak memory")
+    bt.add_argument("--models", "--families", default="toy:sd,toy:flux", help="comma-separated: sd, flux (the toy pipelines) or pipeline folders")
+    bt.add_argument("--methods", default=None, help="comma-separated rows (default all: receler, eraseanything, esd-x, esd-u, uce, keyword_zeroing, sld)")
+    bt.add_argument("--concepts", default=None, help="comma-separated toy objects (default circle,triangle,heart)")
+    bt.add_argument("--preset", default="fast", help="every method's preset (fast: the toy-world one; paper)")
+    bt.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="override a setting of a method (esd.lr=...) or of one row (esd-u.lr=...)")
+    bt.add_argument("--n", type=int, default=None, help="prompts per suite set (default 24; 2 with --quick)")
+    bt.add_argument("--n-locality", type=int, default=None, help="locality prompts per other object (default 8; 1 with --quick)")
+    bt.add_argument("--quick", action="store_true", help="a smoke run in minutes: tiny suite, one concept, fewest iterations")
+    bt.add_argument("--out", default="erasekit-bench", help="output folder (bench.json, bench.md, rows.jsonl); a rerun skips its finished rows")
+    bt.add_argument("--device", default="cpu")
+    bt.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bt.set_defaults(func=_bench_toy)
+
     toy = sub.add_parser("toyworld", help="the embedded toy text-to-image world")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     tr = toy_sub.add_parser("train", help="train a toy-world pipeline from scratch")
@@ -160,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # transformers warns on every import that torchvision is absent (PIL is used instead): noise here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in results as the command that made them
     return args.func(args)
 
 

@@ -1,0 +1,168 @@
+"""``erasekit bench toy`` on the tiny pipelines: the table's structure, resuming, the restore
+check, failures, and the command line."""
+
+import json
+
+import pytest
+import torch
+
+import erasekit.bench as bench
+from erasekit.cli import main
+from erasekit.models.loading import write_defaults
+from erasekit.models.tiny import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
+from erasekit.toyworld.detector import HEADS
+
+FAST = {"esd": {"iterations": "1", "rollout_steps": "2"}, "uce": {"samples": "1"}}
+
+
+class StubDetector:
+    """A fixed random linear read-out of the images' mean colour per quadrant: deterministic,
+    and it changes its mind when the images change."""
+
+    name = "stub"
+    threshold = "argmax"
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.w = {h: torch.randn(12, len(c), generator=g) for h, c in HEADS.items()}
+
+    def classify(self, images):
+        feats = torch.nn.functional.adaptive_avg_pool2d(images.float(), 2).flatten(1)  # (B, 12)
+        return {h: (feats @ w * 50).softmax(-1) for h, w in self.w.items()}
+
+    def detect(self, images, concept):  # the Detector protocol (the suite uses classify)
+        raise NotImplementedError
+
+
+def _bench(tmp_path, models, methods=("esd-x", "uce"), **kw):
+    used = {bench.variant_method(m)[0] for m in methods}
+    args = dict(concepts=["circle"], overrides={k: v for k, v in FAST.items() if k in used}, n=1, n_locality=1, out=tmp_path / "bench",
+                detector=StubDetector(), progress=False)
+    return bench.run_bench(models, methods, **(args | kw))
+
+
+def _counting(monkeypatch):
+    calls = {"erase": 0, "suite": 0}
+    real_erase, real_suite = bench.erase, bench.run_object_suite
+
+    def erase(*a, **k):
+        calls["erase"] += 1
+        return real_erase(*a, **k)
+
+    def suite(*a, **k):
+        calls["suite"] += 1
+        return real_suite(*a, **k)
+
+    monkeypatch.setattr(bench, "erase", erase)
+    monkeypatch.setattr(bench, "run_object_suite", suite)
+    return calls
+
+
+def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
+    models = {"sd": tiny_sd_pipeline(), "flux": tiny_flux_pipeline()}
+    real_suite = bench.run_object_suite
+    count = {"n": 0}
+
+    def dies_third(*a, **k):  # the run is killed during the third row (sd / circle / uce)
+        count["n"] += 1
+        if count["n"] == 3:
+            raise KeyboardInterrupt
+        return real_suite(*a, **k)
+
+    monkeypatch.setattr(bench, "run_object_suite", dies_third)
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path, models)
+    lines = (tmp_path / "bench" / "rows.jsonl").read_text().splitlines()
+    assert [json.loads(x)["method"] for x in lines] == ["base", "esd-x"]
+    with open(tmp_path / "bench" / "rows.jsonl", "a") as f:
+        f.write('{"key": "torn li')  # a write cut short by the kill
+
+    monkeypatch.setattr(bench, "run_object_suite", real_suite)
+    calls = _counting(monkeypatch)
+    result = _bench(tmp_path, models, command="erasekit bench toy ...")
+    assert calls == {"erase": 3, "suite": 4}  # sd: uce; flux: base, esd-x, uce
+    assert result["skipped"] == 2 and not result["errors"]
+
+    rows = result["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [(m, k) for m in ("sd", "flux") for k in ("base", "esd-x", "uce")]
+    for r in rows:
+        assert r["concept"] == "circle" and r["n_images"] == 4 + 5  # 1 per set, 1 per other object
+        assert all(0 <= r[k] <= 100 for k in ("acc_e", "acc_r", "acc_l", "h"))
+        assert set(r["per_set"]) == {"simple", "paraphrase", "synonym", "indirect", "locality"}
+        if r["method"] == "base":
+            assert "fit_seconds" not in r
+        else:
+            assert r["fit_seconds"] > 0 and r["fit_peak_mb"] >= 0 and r["memory_kind"] == "cpu-rss"
+            assert r["hyperparameters"]["iterations" if r["method"] == "esd-x" else "samples"] == 1
+    assert rows[1]["hyperparameters"]["group"] == "esd-x"
+    means = result["means"]
+    assert [(m["model"], m["method"]) for m in means] == [(r["model"], r["method"]) for r in rows]
+    assert means[1]["acc_e"] == rows[1]["acc_e"] and means[1]["concepts"] == ["circle"]
+
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert saved["rows"] == rows and saved["command"] == "erasekit bench toy ..."
+    assert {"torch", "diffusers", "transformers", "peft"} <= set(saved["versions"])
+    assert saved["machine"]["cpu_count"] >= 1 and saved["settings"]["n"] == 1
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    table = [line for line in md.split("Per concept")[0].splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model | method | Acc_E | Acc_R | Acc_L | H | fit s | fit peak MiB |")
+    assert [line.split(" | ")[:2] for line in table[1:]] == [["| " + m, k] for m in ("sd", "flux") for k in ("base", "esd-x", "uce")]
+
+    again = _bench(tmp_path, models)  # everything is there: nothing runs
+    assert calls == {"erase": 3, "suite": 4} and again["skipped"] == 6 and again["rows"] == rows
+    other_n = _bench(tmp_path, {"flux": models["flux"]}, methods=["uce"], n=2)  # other settings: run anew
+    assert calls == {"erase": 4, "suite": 6} and other_n["skipped"] == 0 and other_n["rows"][0]["n_images"] == 8 + 5
+
+
+def test_a_remove_that_does_not_restore_stops_the_bench(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "remove", lambda pipe, edit: None)
+    with pytest.raises(bench.RestoreError, match="after uce on sd"):
+        _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce"])
+
+
+def test_a_failing_method_is_recorded_and_retried(tmp_path, monkeypatch):
+    real = bench.erase
+
+    def broken(pipe, concept, method, config, progress=True):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench, "erase", broken)
+    result = _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce"])
+    assert result["errors"] == [{"model": "sd", "concept": "circle", "method": "uce", "error": "RuntimeError: out of memory"}]
+    assert [r["method"] for r in result["rows"]] == ["base"]
+    assert "**failed**: sd / uce / circle" in (tmp_path / "bench" / "bench.md").read_text()
+    monkeypatch.setattr(bench, "erase", real)
+    result = _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce"])
+    assert result["skipped"] == 1 and [r["method"] for r in result["rows"]] == ["base", "uce"] and not result["errors"]
+
+
+def test_method_configs_layer_preset_quick_and_overrides():
+    cfg = bench.method_configs(["esd-x", "esd-u", "receler"], "fast", {"esd": {"lr": "0.5"}, "esd-u": {"iterations": "7"}}, quick=True)
+    assert (cfg["esd-x"].group, cfg["esd-u"].group) == ("esd-x", "esd-u")
+    assert (cfg["esd-x"].lr, cfg["esd-u"].lr) == (0.5, 0.5)
+    assert (cfg["esd-x"].iterations, cfg["esd-u"].iterations) == (3, 7)  # quick, then the row's own
+    assert cfg["receler"].iterations == 3 and cfg["receler"].rank == 32  # quick over the fast preset
+    assert bench.method_configs(["receler"], "fast", None, quick=False)["receler"].iterations == 100
+    with pytest.raises(ValueError, match="does not run"):
+        bench.method_configs(["uce"], "fast", {"esd": {"lr": "1"}}, quick=False)
+    with pytest.raises(ValueError, match="no setting 'depth'"):
+        bench.method_configs(["uce"], "fast", {"uce": {"depth": "1"}}, quick=False)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        bench.variant_method("nope")
+    assert set(bench.DEFAULT_METHODS) >= {"receler", "eraseanything", "esd-x", "esd-u", "uce", "keyword_zeroing", "sld"}
+
+
+def test_bench_command_on_a_pipeline_folder(tmp_path, capsys):
+    tiny_sd_pipeline().save_pretrained(tmp_path / "model")
+    write_defaults(tmp_path / "model", TINY_DEFAULTS)
+    out = tmp_path / "out"
+    args = ["bench", "toy", "--models", str(tmp_path / "model"), "--methods", "keyword_zeroing", "--concepts", "circle",
+            "--n", "1", "--n-locality", "1", "--out", str(out), "--set", "keyword_zeroing.keywords=disc"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| model | method | Acc_E" in printed and "| model | keyword_zeroing |" in printed
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["command"].startswith("erasekit ") and saved["detector"]["name"] == "toyworld-classifier"
+    assert saved["rows"][1]["hyperparameters"]["keyword_list"] == ["circle", "disc"]
+    with pytest.raises(SystemExit, match="method.key=value"):
+        main(args[:-1] + ["keywords=disc"])
