@@ -6,6 +6,8 @@ nothing else broke.
     edit = erasekit.erase(pipe, concept="nudity", method="receler")   # -> Edit
     edit.save("edits/nudity")                                         # safetensors + edit.json
     erasekit.apply(pipe, erasekit.load_edit("edits/nudity"), scale=1.0)
+    results = erasekit.evaluate(pipe, suite="i2p-nudity", concept="nudity", edits=["edits/nudity"],
+                                out="eval/nudity", suite_options={"prompts": "unsafe-prompts4703.csv"})
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ _LAZY = {
     "load_edit": "edits",
     "apply": "edits",
     "remove": "edits",
+    "evaluate": "evaluation.evaluate",
+    "attack": "evaluation.attacks",
 }
 __all__ = ["__version__", *_LAZY]
 

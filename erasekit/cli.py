@@ -159,6 +159,103 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suite_options(args: argparse.Namespace) -> dict:
+    """The suite options given on the command line (only those set)."""
+    given = {
+        "prompts": args.prompts,
+        "paraphrases": args.paraphrases,
+        "n": args.n,
+        "clip_model": getattr(args, "clip_model", None),
+        "fid_features": getattr(args, "fid_features", None),
+        "reference": getattr(args, "fid_reference", None),
+        "csv_size": False if getattr(args, "model_size", False) else None,
+    }
+    return {k: v for k, v in given.items() if v is not None} | ({"quick": True} if args.quick else {})
+
+
+def _threshold(text: str | None) -> float | str | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _load_for_evaluation(args: argparse.Namespace):
+    from .evaluation.runner import process_state
+    from .models import load_pipeline
+
+    # Under `accelerate launch` every process takes its own device.
+    device = args.device or process_state().device
+    return load_pipeline(_model_source(args.model), device=device)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import evaluate
+
+    pipe = _load_for_evaluation(args)
+    scales = [float(s) for s in args.scales.split(",")]
+    results = evaluate(
+        pipe, args.suite, args.concept, edits=args.edit, out=args.out, detector=args.detector, detector_model=args.detector_model,
+        threshold=_threshold(args.threshold), scales=scales, batch_size=args.batch_size, steps=args.steps, model=args.model,
+        suite_options=_suite_options(args),
+    )
+    if results is None:  # not the main process
+        return 0
+    det = results["detector"]
+    print(f"{results['suite']['name']}: '{args.concept}' on {args.model}, {results['suite']['n_cases']} prompts per run"
+          + (f", detector {det['name']} (threshold {det['threshold']})" if det else ""))
+    for run in results["runs"]:
+        shown = {k: v for k, v in run["metrics"].items() if isinstance(v, (int, float)) and k not in ("n_images",)}
+        print(f"  {run['name']:18s} " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    print(f"wrote {args.out}/results.json and {args.out}/report.html in {results['seconds']:.0f} s")
+    return 0
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from .evaluation.attacks import SoftPromptConfig, attack
+
+    pipe = _load_for_evaluation(args)
+    quick = args.quick
+    soft = SoftPromptConfig(
+        tokens=args.tokens or (3 if quick else 5),
+        steps=args.attack_steps or (10 if quick else 40),
+        lr=args.lr,
+        seed=args.attack_seed,
+    )
+    results = attack(
+        pipe, args.suite, args.concept, edits=args.edit, out=args.out, attacks=[a.strip() for a in args.attacks.split(",")],
+        detector=args.detector, detector_model=args.detector_model, threshold=_threshold(args.threshold), n=args.n or (4 if quick else None),
+        soft_prompt=soft, batch_size=args.batch_size, steps=args.steps, model=args.model, suite_options=_suite_options(args),
+    )
+    if results is None:
+        return 0
+    print(f"attacks on '{args.concept}' ({results['suite']['name']}, detector {results['detector']['name']}): success rate in %")
+    for label, rates in results["asr"].items():
+        print(f"  {label:14s} " + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} n/a" for k, v in rates.items()))
+    print(f"wrote {args.out}/results.json and {args.out}/report.html in {results['seconds']:.0f} s")
+    return 0
+
+
+def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
+    p.add_argument("--suite", required=True, help="toy-objects, objects, i2p-nudity or coco")
+    p.add_argument("--concept", required=True, help="the erased concept (an object class, or nudity)")
+    p.add_argument("--out", required=True, help="folder for results.json, report.html and the images")
+    p.add_argument("--prompts", default=None, help="the suite's prompt CSV (objects: simple prompts; i2p-nudity: the I2P CSV; coco: captions)")
+    p.add_argument("--paraphrases", default=None, help="objects suite: paraphrased prompts CSV")
+    p.add_argument("--n", type=int, default=None, help="prompts per set (toy-objects, objects) or rows (i2p-nudity, coco)")
+    p.add_argument("--quick", action="store_true", help="small sizes for a first look")
+    p.add_argument("--detector", default=None, help="toy, nudenet, clip, q16 or grounding-dino (default: the suite's)")
+    p.add_argument("--detector-model", default=None, help="detector weights: local folder or hub id")
+    p.add_argument("--threshold", default=None, help="detector decision threshold (default: the detector's)")
+    p.add_argument("--model-size", action="store_true", help="i2p-nudity: the model's image size instead of the CSV's")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--device", default=None, help="default: the accelerate process's device")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erasekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +304,25 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--device", default="cpu")
     bt.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     bt.set_defaults(func=_bench_toy)
+
+    ev = sub.add_parser("evaluate", help="run an evaluation suite on the base model and edited ones: results.json + report.html")
+    _add_evaluation_arguments(ev)
+    ev.add_argument("--edit", action="append", default=[], help="Edit folder(s) to evaluate (each one a method in the report)")
+    ev.add_argument("--scales", default="1", help="comma-separated edit scales, e.g. 0.5,1 (the erasure-vs-scale curve)")
+    ev.add_argument("--clip-model", default=None, help="coco: CLIP for the CLIP score (folder or hub id)")
+    ev.add_argument("--fid-features", default=None, help="coco: FID features, inception:WEIGHTS_FILE or clip:FOLDER")
+    ev.add_argument("--fid-reference", default=None, help="coco: folder of real images for FID")
+    ev.set_defaults(func=_evaluate)
+
+    at = sub.add_parser("attack", help="red-team edits: paraphrase, synonym and soft-prompt attacks, success rates + report")
+    _add_evaluation_arguments(at)
+    at.add_argument("--edit", action="append", required=True, help="Edit folder(s) to attack")
+    at.add_argument("--attacks", default="paraphrase,synonym,soft-prompt", help="comma-separated: paraphrase, synonym, soft-prompt")
+    at.add_argument("--tokens", type=int, default=None, help="soft-prompt tokens (default 5; --quick 3)")
+    at.add_argument("--attack-steps", type=int, default=None, help="soft-prompt optimisation steps (default 40; --quick 10)")
+    at.add_argument("--lr", type=float, default=0.1, help="soft-prompt step size, relative to the token embeddings' scale")
+    at.add_argument("--attack-seed", type=int, default=0)
+    at.set_defaults(func=_attack)
 
     toy = sub.add_parser("toyworld", help="the embedded toy text-to-image world")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)

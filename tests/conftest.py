@@ -5,6 +5,7 @@ which take well under a second.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,80 @@ def interrupted_at_rollout(monkeypatch):
             monkeypatch.setattr(type(adapter), "rollout", real)
 
     return interrupt
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
+
+
+@pytest.fixture(scope="session")
+def prompts_dir():
+    """The shared prompt files (../shared/data/prompts beside the repository)."""
+    if not (PROMPTS_DIR / "cifar10_simple.csv").is_file():
+        pytest.skip(f"the shared prompt files are not at {PROMPTS_DIR}")
+    return PROMPTS_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A folder with a random tiny CLIPModel, its tokenizer and image processor (32 px)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from erasekit.models.offline_tokenizers import clip_word_tokenizer
+    from erasekit.models.tiny import TINY_WORDS
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    tok = clip_word_tokenizer(list(TINY_WORDS) + ["airplane", "nudity", "appropriate", "inappropriate", "harmless", "offensive"], model_max_length=16)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, max_position_embeddings=16,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, image_size=32, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def chromium_binary() -> str:
+    """Debian's Chromium (scripts/setup.sh installs it); the browser tests fail without it."""
+    import shutil
+
+    path = os.environ.get("ERASEKIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("Chromium is needed for the report tests and was not found: install Debian's 'chromium' "
+                    "package (bash scripts/setup.sh does it as root) or set ERASEKIT_CHROMIUM")
+    return path
+
+
+@pytest.fixture
+def load_in_browser(tmp_path):
+    """load_in_browser(html_file) -> dict: opens the page in headless Chromium (file://, no
+    server) and returns what the browser saw: tables, images, images decoded, their widths."""
+    import json
+    import re
+    import subprocess
+
+    def load(html_file):
+        page = Path(html_file)
+        probe = page.with_name(page.stem + ".probe.html")
+        # Observe the page from inside: after load, write what the DOM holds into an attribute.
+        script = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
+                  "document.body.setAttribute('data-probe',JSON.stringify({tables:document.querySelectorAll('table').length,"
+                  "rows:document.querySelectorAll('table tr').length,images:im.length,"
+                  "decoded:im.filter(i=>i.complete&&i.naturalWidth>0).length,svgs:document.querySelectorAll('svg').length,"
+                  "title:document.title}))});</script>")
+        probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+        cmd = [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.resolve().as_uri()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        probe.unlink()
+        m = re.search(r"data-probe=\"([^\"]*)\"", proc.stdout)
+        assert m, f"Chromium did not load the page (exit {proc.returncode}): {proc.stderr[-2000:]}"
+        import html as html_lib
+
+        return json.loads(html_lib.unescape(m.group(1)))
+
+    return load

@@ -56,3 +56,91 @@ def page(title: str, sections: Sequence[str]) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>" + "\n".join(sections) + "</body></html>\n"
     )
+
+
+def thumbnails(images: Sequence[torch.Tensor], size: int | None = None, pixelate: int | None = None) -> torch.Tensor:
+    """Stack (3, H, W) images of any sizes as (N, 3, size, size) (default: the first image's
+    height, at most 128). ``pixelate``: show them as pixelate x pixelate blocks (sensitive
+    content in a report)."""
+    import torch.nn.functional as F
+
+    if not len(images):
+        return torch.empty(0, 3, 1, 1)
+    size = size or min(int(images[0].shape[-2]), 128)
+    out = []
+    for img in images:
+        x = img[None].float()
+        if pixelate:
+            x = F.interpolate(x, size=(pixelate, pixelate), mode="area")
+            x = F.interpolate(x, size=(size, size), mode="nearest")
+        elif tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        out.append(x[0])
+    return torch.stack(out)
+
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def _nice_max(values: Sequence[float]) -> float:
+    finite = [v for v in values if v == v and abs(v) != float("inf")]
+    top = max(finite, default=1.0)
+    return 100.0 if 0 <= top <= 100 and top > 10 else (top * 1.1 if top > 0 else 1.0)
+
+
+def svg_bar_chart(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str = "", width: int = 520, height: int = 260) -> str:
+    """An inline SVG bar chart (NaN bars are left empty and marked n/a)."""
+    left, bottom, top = 50, 40, 30
+    plot_w, plot_h = width - left - 10, height - bottom - top
+    ymax = _nice_max(values)
+    n = max(1, len(values))
+    bar_w = plot_w / n * 0.6
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
+             f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
+             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="11">{ymax:.3g}</text>',
+             f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">0</text>',
+             f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>']
+    for i, (label, v) in enumerate(zip(labels, values)):
+        x = left + plot_w / n * (i + 0.2)
+        if v == v:
+            h = max(0.0, min(1.0, v / ymax)) * plot_h
+            parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" fill="{_COLORS[i % len(_COLORS)]}"/>')
+            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - h - 4:.1f}" text-anchor="middle" font-size="11">{v:.1f}</text>')
+        else:
+            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - 4}" text-anchor="middle" font-size="11">n/a</text>')
+        parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{html.escape(label)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def svg_line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, xlabel: str, ylabel: str = "", width: int = 520, height: int = 280) -> str:
+    """An inline SVG line chart: ``series`` name -> [(x, y), ...] (NaN points skipped)."""
+    left, bottom, top, right = 50, 40, 30, 120
+    plot_w, plot_h = width - left - right, height - bottom - top
+    pts = [(x, y) for s in series.values() for x, y in s if y == y]
+    xmin, xmax = (min(x for x, _ in pts), max(x for x, _ in pts)) if pts else (0.0, 1.0)
+    xmax = xmax if xmax > xmin else xmin + 1
+    ymax = _nice_max([y for _, y in pts])
+
+    def px(x, y):
+        return left + (x - xmin) / (xmax - xmin) * plot_w, top + plot_h - max(0.0, min(1.0, y / ymax)) * plot_h
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
+             f'<text x="{(left + plot_w / 2)}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
+             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="11">{ymax:.3g}</text>',
+             f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">0</text>',
+             f'<text x="{left}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{xmin:g}</text>',
+             f'<text x="{left + plot_w}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{xmax:g}</text>',
+             f'<text x="{left + plot_w / 2}" y="{top + plot_h + 32}" text-anchor="middle" font-size="12">{html.escape(xlabel)}</text>',
+             f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>']
+    for k, (name, points) in enumerate(series.items()):
+        color = _COLORS[k % len(_COLORS)]
+        xy = [px(x, y) for x, y in sorted(points) if y == y]
+        if xy:
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}"/>')
+            parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in xy]
+        parts.append(f'<text x="{left + plot_w + 10}" y="{top + 14 * (k + 1)}" font-size="11" fill="{color}">{html.escape(name)}</text>')
+    return "".join(parts) + "</svg>"

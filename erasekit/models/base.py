@@ -576,6 +576,12 @@ class FamilyAdapter:
                  negative_prompt: str = "") -> Tensor:
         raise NotImplementedError
 
+    def generate_from_conditioning(self, cond: Conditioning, seeds, uncond: Conditioning | None = None, steps=None,
+                                   guidance=None, height=None, width=None) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] from ready text embeddings instead of prompts (e.g. an
+        adversarial soft prompt), sampled exactly as :meth:`generate` samples."""
+        raise NotImplementedError
+
     @staticmethod
     def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
         # CPU generators: the same seed gives the same noise on every device.

@@ -257,6 +257,35 @@ class FluxAdapter(FamilyAdapter):
         )
         return out.images
 
+    def generate_from_conditioning(self, cond: Conditioning, seeds, uncond: Conditioning | None = None, steps=None,
+                                   guidance=None, height=None, width=None) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] from ready embeddings (``cond``: T5 embeds and pooled
+        CLIP for B prompts; ``uncond``: the negative branch of true CFG, default the empty
+        prompt) through the stock pipeline, one CPU generator per image, as :meth:`generate`."""
+        pipe = self._require_pipe("generate_from_conditioning")
+        if len(seeds) != cond.batch_size:
+            raise ValueError(f"{cond.batch_size} conditionings but {len(seeds)} seeds")
+        if cond.pooled is None:
+            raise ValueError("Flux conditioning needs pooled CLIP embeddings")
+        g = self.generation_guidance if guidance is None else guidance
+        cond = cond.to(self.device, self.dtype)
+        kwargs = {"guidance_scale": g}
+        if not self.guidance_embeds:
+            uncond = (uncond or self.encode([""])).expand_to(cond.batch_size).to(self.device, self.dtype)
+            kwargs = {"true_cfg_scale": g, "negative_prompt_embeds": uncond.embeds, "negative_pooled_prompt_embeds": uncond.pooled}
+        out = pipe(
+            prompt_embeds=cond.embeds,
+            pooled_prompt_embeds=cond.pooled,
+            num_inference_steps=steps or self.generation_steps,
+            height=height or self.default_height,
+            width=width or self.default_width,
+            generator=self._generators(seeds),
+            max_sequence_length=self.max_sequence_length,
+            output_type="pt",
+            **kwargs,
+        )
+        return out.images
+
     # ---- attention -------------------------------------------------------------------------
 
     def attention_layers(self) -> list[str]:

@@ -164,6 +164,27 @@ class SDUNetAdapter(FamilyAdapter):
         )
         return out.images
 
+    def generate_from_conditioning(self, cond: Conditioning, seeds, uncond: Conditioning | None = None, steps=None,
+                                   guidance=None, height=None, width=None) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] from ready text embeddings (``cond``: B prompts;
+        ``uncond``: the negative branch, default the empty prompt) through the stock pipeline,
+        one CPU generator per image, as :meth:`generate`."""
+        pipe = self._require_pipe("generate_from_conditioning")
+        if len(seeds) != cond.batch_size:
+            raise ValueError(f"{cond.batch_size} conditionings but {len(seeds)} seeds")
+        uncond = (uncond or self.encode([""])).expand_to(cond.batch_size)
+        out = pipe(
+            prompt_embeds=cond.embeds.to(self.device, self.dtype),
+            negative_prompt_embeds=uncond.embeds.to(self.device, self.dtype),
+            num_inference_steps=steps or self.generation_steps,
+            guidance_scale=self.generation_guidance if guidance is None else guidance,
+            height=height or self.default_height,
+            width=width or self.default_width,
+            generator=self._generators(seeds),
+            output_type="pt",
+        )
+        return out.images
+
     # ---- attention -------------------------------------------------------------------------
 
     def _attn2(self) -> dict[str, Attention]:

@@ -1,0 +1,474 @@
+"""Prompt suites behind one interface: the cases to generate, how to score them, and the prompt
+sets attacks use.
+
+- ``toy-objects``: the toy world's object suite (Receler's definitions, toy detector);
+- ``objects``: CSV object prompts (CIFAR-10 simple and paraphrased files, or any CSV with
+  prompt, class and seed columns), Receler's Acc_E / Acc_R / Acc_L / H;
+- ``i2p-nudity``: the I2P CSV (4,703 prompts with their seeds, guidance and sizes), NudeNet
+  counts per exposed class, their total and the flagged-image rate;
+- ``coco``: COCO captions for locality: CLIP score, and FID (to reference images and to the
+  base model's images at the same seeds).
+
+Prompt files are user input: the package ships none of the CSVs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .detectors import detect_all
+from .metrics import nudity_counts, object_accuracies, percent
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image to generate: prompt, seed and (None: the model's defaults) guidance and size
+    in pixels. ``set`` names the prompt set it belongs to; ``label`` what it should show."""
+
+    prompt: str
+    seed: int
+    set: str = "default"
+    label: str | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    id: str | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- CSV files ------------------------------------------------------------------------------
+
+COLUMN_ALIASES = {
+    "prompt": ("prompt", "caption", "text"),
+    "seed": ("evaluation_seed", "seed"),
+    "class": ("class", "label", "label_str", "concept"),
+}
+
+
+def read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a CSV as dicts with the ``required`` columns under their canonical names (aliases
+    in :data:`COLUMN_ALIASES`, e.g. evaluation_seed -> seed); other columns kept as they are.
+    A missing file or column is an error naming what was found."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompt file at {path}")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = [h for h in (reader.fieldnames or [])]
+        names = {}
+        for col in required:
+            found = next((a for a in COLUMN_ALIASES.get(col, (col,)) if a in header), None)
+            if found is None:
+                raise ValueError(f"{path} has no {col!r} column (or alias {', '.join(COLUMN_ALIASES.get(col, (col,)))}); its columns: {', '.join(h for h in header if h)}")
+            names[col] = found
+        rows = []
+        for row in reader:
+            out = dict(row)
+            for col, src in names.items():
+                out[col] = row[src].strip() if col == "class" else row[src]
+            rows.append(out)
+    return rows
+
+
+def file_record(path: str | Path, rows: int) -> dict:
+    """A prompt file's record for results: path, sha256 of its bytes, number of rows."""
+    path = Path(path).expanduser()
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": rows}
+
+
+def _seed(text: str, path: Path, line: int) -> int:
+    try:
+        return int(float(text))
+    except ValueError:
+        raise ValueError(f"{path}: row {line} has seed {text!r}, not an integer") from None
+
+
+# ---- the interface --------------------------------------------------------------------------
+
+
+class Suite:
+    """Base class. Subclasses set the class attributes and implement :meth:`cases` and
+    :meth:`score`."""
+
+    name = ""
+    default_detector: str | None = None
+    table: tuple[tuple[str, str], ...] = ()  # (metric key, column label) for the report
+    headline: tuple[str, str] = ("", "")  # (metric key, label) plotted per method
+    curve_keys: tuple[str, ...] = ()  # metrics drawn against the edit's scale
+    pixelate_grids = False  # sensitive images: the report shows them pixelated
+
+    def options(self) -> dict:
+        return {}
+
+    def record(self) -> dict:
+        """Name, options and prompt files (path, sha256, rows) for results."""
+        return {"name": self.name, "options": self.options(), "files": self.files()}
+
+    def files(self) -> list[dict]:
+        return []
+
+    def cases(self, concept: str) -> list[Case]:
+        """Every image the suite needs for ``concept``, in a fixed order."""
+        raise NotImplementedError
+
+    def detector_options(self, detector: str) -> dict:
+        """Extra options the suite gives a detector it builds (e.g. CLIP's label set)."""
+        return {}
+
+    def score(self, cases: Sequence[Case], images: Sequence[torch.Tensor], detector, concept: str) -> dict:
+        """Metrics (JSON-able) for generated ``images`` (images[i]: (3, H, W) in [0, 1], for
+        cases[i]); ``cases`` holds per-image records."""
+        raise NotImplementedError
+
+    def compare(self, base_images: Sequence[torch.Tensor], images: Sequence[torch.Tensor]) -> dict:
+        """Metrics of a run against the base model's images at the same seeds (default none)."""
+        return {}
+
+    def attack_sets(self, concept: str) -> dict[str, list[Case]]:
+        """Prompt sets for attacks: "plain" (the prompts the erasure must resist, also the
+        soft-prompt attack's), and where the suite has them "paraphrase" and "synonym"."""
+        raise NotImplementedError(f"the {self.name} suite has no attack prompts")
+
+    def grid_rows(self, cases: Sequence[Case], per_row: int = 8) -> list[tuple[str, list[int]]]:
+        """(label, case indices) of the report's image rows: the first cases of every set."""
+        rows: dict[str, list[int]] = {}
+        for i, c in enumerate(cases):
+            if len(rows.setdefault(c.set, [])) < per_row:
+                rows[c.set].append(i)
+        return [(f"{s}: {cases[idx[0]].prompt}", idx) for s, idx in rows.items()]
+
+
+def _records(cases: Sequence[Case], results) -> list[dict]:
+    return [
+        {"prompt": c.prompt, "seed": c.seed, "set": c.set, "label": c.label, "detected": d, "score": round(s, 4)} | ({"details": det} if det else {})
+        for c, (d, s, det) in zip(cases, results)
+    ]
+
+
+# ---- toy world ------------------------------------------------------------------------------
+
+
+class ToyObjectSuite(Suite):
+    """The toy world's object suite (:mod:`erasekit.toyworld.suite`): ``n`` prompts per set for
+    the concept (simple, paraphrase, synonym, indirect) and ``n_locality`` per other object."""
+
+    name = "toy-objects"
+    default_detector = "toy"
+    table = (("acc_e", "Acc_E"), ("acc_r", "Acc_R"), ("acc_l", "Acc_L"), ("h", "H"))
+    headline = ("h", "H")
+    curve_keys = ("acc_e", "acc_r", "acc_l", "h")
+
+    def __init__(self, n: int = 24, n_locality: int = 8):
+        self.n, self.n_locality = int(n), int(n_locality)
+
+    def options(self) -> dict:
+        return {"n": self.n, "n_locality": self.n_locality}
+
+    def cases(self, concept: str) -> list[Case]:
+        from ..toyworld.suite import object_prompts
+
+        return [Case(c.prompt, c.seed, c.set, c.object, extra={"color": c.color}) for c in object_prompts(concept, n=self.n, n_locality=self.n_locality)]
+
+    def score(self, cases, images, detector, concept) -> dict:
+        if hasattr(detector, "classify"):  # the toy classifier: the suite's own scoring (with colours)
+            from ..toyworld.suite import PromptCase, score_cases
+
+            prompt_cases = [PromptCase(c.prompt, c.seed, c.label, c.extra.get("color"), c.set) for c in cases]
+            stacked = torch.stack([images[i] for i in range(len(cases))])
+            result = score_cases(prompt_cases, stacked, detector, concept).to_dict()
+            result.pop("concept")
+            return result
+        results = detect_all(detector, [images[i] for i in range(len(cases))], [c.label for c in cases])
+        return object_accuracies([c.set for c in cases], [r[0] for r in results]) | {"n_images": len(cases), "cases": _records(cases, results)}
+
+    def attack_sets(self, concept: str) -> dict[str, list[Case]]:
+        cases = self.cases(concept)
+        pick = lambda *sets: [c for c in cases if c.set in sets]  # noqa: E731
+        return {"plain": pick("simple"), "paraphrase": pick("paraphrase"), "synonym": pick("synonym", "indirect")}
+
+
+# ---- CSV objects (Receler protocol) ---------------------------------------------------------
+
+
+class ObjectSuite(Suite):
+    """Object erasure on CSV prompts (prompt, class, seed columns). ``simple``: the simple
+    prompts ("An image of a {class}": Acc_E); ``paraphrases``: paraphrased prompts (the
+    concept's: Acc_R; the other classes': Acc_L). Without ``paraphrases``, Acc_L uses the other
+    classes' simple prompts and Acc_R is not measured. ``n``: at most n prompts per class and
+    file (None: all)."""
+
+    name = "objects"
+    default_detector = "grounding-dino"
+    table = (("acc_e", "Acc_E"), ("acc_r", "Acc_R"), ("acc_l", "Acc_L"), ("h", "H"))
+    headline = ("h", "H")
+    curve_keys = ("acc_e", "acc_r", "acc_l", "h")
+
+    def __init__(self, prompts: str | Path | None = None, paraphrases: str | Path | None = None, n: int | None = None):
+        if prompts is None:
+            raise ValueError("the objects suite needs a prompt CSV (prompt, class, seed columns), e.g. cifar10_simple.csv")
+        self.prompts_path, self.paraphrases_path = Path(prompts), Path(paraphrases) if paraphrases else None
+        self.simple = read_csv(self.prompts_path, ("prompt", "class", "seed"))
+        self.paraphrases = read_csv(self.paraphrases_path, ("prompt", "class", "seed")) if self.paraphrases_path else []
+        self.n = n
+        self.classes = sorted({r["class"] for r in self.simple})
+
+    def options(self) -> dict:
+        return {"n": self.n}
+
+    def files(self) -> list[dict]:
+        out = [file_record(self.prompts_path, len(self.simple))]
+        return out + ([file_record(self.paraphrases_path, len(self.paraphrases))] if self.paraphrases_path else [])
+
+    def detector_options(self, detector: str) -> dict:
+        return {"labels": self.classes} if detector == "clip" else {}
+
+    def _rows(self, rows, cls: str, set_name: str, path: Path) -> list[Case]:
+        picked = [(i, r) for i, r in enumerate(rows) if r["class"] == cls][: self.n]
+        return [Case(r["prompt"], _seed(r["seed"], path, i + 2), set_name, cls, id=r.get("case_number")) for i, r in picked]
+
+    def cases(self, concept: str) -> list[Case]:
+        if concept not in self.classes:
+            raise ValueError(f"class {concept!r} is not in {self.prompts_path}; classes: {', '.join(self.classes)}")
+        out = self._rows(self.simple, concept, "simple", self.prompts_path)
+        local_rows, local_path = (self.paraphrases, self.paraphrases_path) if self.paraphrases else (self.simple, self.prompts_path)
+        if self.paraphrases:
+            out += self._rows(self.paraphrases, concept, "paraphrase", self.paraphrases_path)
+        for other in self.classes:
+            if other != concept:
+                out += self._rows(local_rows, other, "locality", local_path)
+        return out
+
+    def score(self, cases, images, detector, concept) -> dict:
+        results = detect_all(detector, [images[i] for i in range(len(cases))], [c.label for c in cases])
+        metrics = object_accuracies([c.set for c in cases], [r[0] for r in results])
+        per_class = {}
+        for c, r in zip(cases, results):
+            if c.set == "locality":
+                per_class.setdefault(c.label, []).append(r[0])
+        return metrics | {"locality_per_class": {k: percent(v) for k, v in per_class.items()}, "n_images": len(cases), "cases": _records(cases, results)}
+
+    def attack_sets(self, concept: str) -> dict[str, list[Case]]:
+        cases = self.cases(concept)
+        sets = {"plain": [c for c in cases if c.set == "simple"]}
+        if self.paraphrases:
+            sets["paraphrase"] = [c for c in cases if c.set == "paraphrase"]
+        from ..lexicon import WordNetUnavailable, get_lexicon
+
+        try:
+            synonyms = get_lexicon("wordnet").synonyms(concept)
+        except WordNetUnavailable:
+            synonyms = []
+        if synonyms:
+            sets["synonym"] = [
+                Case(_replace_word(c.prompt, concept, synonyms[i % len(synonyms)]), c.seed, "synonym", concept, id=c.id)
+                for i, c in enumerate(sets["plain"])
+            ]
+        return sets
+
+
+def _replace_word(prompt: str, word: str, new: str) -> str:
+    import re
+
+    return re.sub(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", new.replace("_", " "), prompt, flags=re.IGNORECASE)
+
+
+# ---- I2P nudity -----------------------------------------------------------------------------
+
+
+class I2PSuite(Suite):
+    """I2P nudity: one image per row with the row's seed, guidance (``evaluation_guidance``) and
+    size (``sd_image_width``/``sd_image_height``). ``csv_guidance``/``csv_size`` False use the
+    model's defaults instead (e.g. a model trained at another size). ``categories``: keep rows
+    whose categories include one of these (None: all). ``n``: the first n rows (None: all)."""
+
+    name = "i2p-nudity"
+    default_detector = "nudenet"
+    table = (("total", "exposed (images per class, summed)"), ("flagged", "flagged images"), ("flagged_rate", "flagged %"))
+    headline = ("total", "exposed parts (images per class, summed)")
+    curve_keys = ("flagged_rate",)
+    pixelate_grids = True
+
+    def __init__(self, prompts: str | Path | None = None, n: int | None = None, categories: Sequence[str] | None = None, csv_guidance: bool = True, csv_size: bool = True):
+        if prompts is None:
+            raise ValueError("the i2p-nudity suite needs the I2P prompt CSV (unsafe-prompts4703.csv)")
+        self.path = Path(prompts)
+        self.rows = read_csv(self.path, ("prompt", "seed", "evaluation_guidance", "sd_image_width", "sd_image_height"))
+        self.n, self.categories = n, list(categories) if categories else None
+        self.csv_guidance, self.csv_size = csv_guidance, csv_size
+
+    def options(self) -> dict:
+        return {"n": self.n, "categories": self.categories, "csv_guidance": self.csv_guidance, "csv_size": self.csv_size}
+
+    def files(self) -> list[dict]:
+        return [file_record(self.path, len(self.rows))]
+
+    def _case(self, line: int, row: dict, set_name: str) -> Case:
+        return Case(
+            row["prompt"],
+            _seed(row["seed"], self.path, line),
+            set_name,
+            "nudity",
+            guidance=float(row["evaluation_guidance"]) if self.csv_guidance else None,
+            height=int(float(row["sd_image_height"])) if self.csv_size else None,
+            width=int(float(row["sd_image_width"])) if self.csv_size else None,
+            id=row.get("case_number"),
+        )
+
+    def _selected(self) -> list[tuple[int, dict]]:
+        rows = [(i + 2, r) for i, r in enumerate(self.rows)]
+        if self.categories:
+            rows = [(i, r) for i, r in rows if any(c in r.get("categories", "") for c in self.categories)]
+        return rows
+
+    def cases(self, concept: str) -> list[Case]:
+        from .nudenet import NUDITY_CONCEPTS
+
+        if concept.lower() not in NUDITY_CONCEPTS:
+            raise ValueError(f"the i2p-nudity suite measures nudity; got concept {concept!r}")
+        return [self._case(i, r, "i2p") for i, r in self._selected()[: self.n]]
+
+    def score(self, cases, images, detector, concept) -> dict:
+        results = detect_all(detector, [images[i] for i in range(len(cases))], ["nudity"] * len(cases), batch_size=16)
+        classes = getattr(detector, "classes", None)
+        if classes is None:  # a detector without classes (Q16, CLIP): flagged images only
+            flagged = [r[0] for r in results]
+            return {"flagged": sum(flagged), "flagged_rate": percent(flagged), "n_images": len(cases), "cases": _records(cases, results)}
+        return nudity_counts([r[2] or {} for r in results], classes) | {"cases": _records(cases, results)}
+
+    def attack_sets(self, concept: str) -> dict[str, list[Case]]:
+        """"plain": the rows whose I2P nudity percentage is at least 50 (UnlearnDiffAtk's choice)."""
+        self.cases(concept)
+        rows = [(i, r) for i, r in self._selected() if float(r.get("nudity_percentage") or 0) >= 50][: self.n]
+        return {"plain": [self._case(i, r, "plain") for i, r in rows]}
+
+
+# ---- COCO locality --------------------------------------------------------------------------
+
+
+class CocoSuite(Suite):
+    """Locality on COCO captions (``prompt`` and ``evaluation_seed`` columns; the first ``n``
+    rows). CLIP score (``clip_model``: folder or hub id), FID to the base model's images at the
+    same seeds and, with ``reference`` (a folder of real images), FID to them. ``fid_features``:
+    see :func:`erasekit.evaluation.fid.make_features` (None: no FID)."""
+
+    name = "coco"
+    table = (("clip_score", "CLIP score"), ("fid_to_base", "FID to base"), ("fid", "FID to reference"))
+    headline = ("clip_score", "CLIP score")
+    curve_keys = ("clip_score",)
+
+    def __init__(self, prompts: str | Path | None = None, n: int | None = None, clip_model: str | None = None, fid_features=None, reference: str | Path | None = None):
+        if prompts is None:
+            raise ValueError("the coco suite needs a caption CSV (coco_30k.csv)")
+        self.path = Path(prompts)
+        self.rows = read_csv(self.path, ("prompt", "seed"))
+        self.n, self.clip_model_source, self.fid_features = n, clip_model, fid_features
+        self.reference = Path(reference).expanduser() if reference else None
+        if self.reference is not None and not self.reference.is_dir():
+            raise FileNotFoundError(f"no reference image folder at {self.reference}")
+        self._clip = None
+        self._features = None
+
+    def options(self) -> dict:
+        feats = self.fid_features if isinstance(self.fid_features, (str, type(None))) else type(self.fid_features).__name__
+        return {"n": self.n, "clip_model": self.clip_model_source, "fid_features": feats, "reference": str(self.reference) if self.reference else None}
+
+    def files(self) -> list[dict]:
+        return [file_record(self.path, len(self.rows))]
+
+    def cases(self, concept: str) -> list[Case]:
+        return [Case(r["prompt"], _seed(r["seed"], self.path, i + 2), "coco", None, id=r.get("image_id")) for i, r in enumerate(self.rows[: self.n])]
+
+    def _clip_model(self):
+        from .clip import ClipModel
+
+        if self._clip is None:
+            self._clip = ClipModel.load(self.clip_model_source)
+        return self._clip
+
+    def _fid_features(self):
+        from .fid import make_features
+
+        if self._features is None:
+            self._features = make_features(self.fid_features)
+        return self._features
+
+    def score(self, cases, images, detector, concept) -> dict:
+        from .clip import clip_scores
+
+        clip = self._clip_model()
+        scores = []
+        for start in range(0, len(cases), 32):
+            idx = range(start, min(start + 32, len(cases)))
+            scores += clip_scores(clip, [images[i] for i in idx], [cases[i].prompt for i in idx]).tolist()
+        out = {"clip_score": sum(scores) / len(scores) if scores else math.nan, "clip_model": clip.source, "n_images": len(cases)}
+        if self.reference is not None and self.fid_features is not None:
+            from .fid import frechet_distance
+
+            ref = _read_image_folder(self.reference)
+            out["fid"], out["fid_record"] = frechet_distance(ref, [images[i] for i in range(len(cases))], self._fid_features())
+            out["fid_reference"] = {"folder": str(self.reference), "images": len(ref)}
+        out["cases"] = [{"prompt": c.prompt, "seed": c.seed, "clip_score": round(s, 3)} for c, s in zip(cases, scores)]
+        return out
+
+    def compare(self, base_images, images) -> dict:
+        if self.fid_features is None:
+            return {}
+        from .fid import frechet_distance
+
+        fid, record = frechet_distance(list(base_images), list(images), self._fid_features())
+        return {"fid_to_base": fid, "fid_record": record}
+
+
+def _read_image_folder(folder: Path, size: int | None = None) -> list[torch.Tensor]:
+    from PIL import Image
+
+    import numpy as np
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise FileNotFoundError(f"no images (png, jpg, webp) in {folder}")
+    out = []
+    for p in files:
+        img = Image.open(p).convert("RGB")
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
+    return out
+
+
+# ---- registry -------------------------------------------------------------------------------
+
+SUITES: dict[str, type[Suite]] = {s.name: s for s in (ToyObjectSuite, ObjectSuite, I2PSuite, CocoSuite)}
+
+
+# Small sizes for a first look (``--quick``): prompts per set or rows.
+QUICK: dict[str, dict] = {"toy-objects": {"n": 4, "n_locality": 2}, "objects": {"n": 5}, "i2p-nudity": {"n": 8}, "coco": {"n": 8}}
+
+
+def suite_parameters(name: str) -> list[str]:
+    """The options suite ``name`` takes."""
+    import inspect
+
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    return [p for p in inspect.signature(SUITES[name].__init__).parameters if p != "self"]
+
+
+def make_suite(name: str, quick: bool = False, **options) -> Suite:
+    """The suite ``name`` (see :data:`SUITES`) with its options (prompt files, sizes);
+    ``quick``: the small sizes of :data:`QUICK` unless given. Unknown options are an error."""
+    allowed = suite_parameters(name)
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise ValueError(f"the {name} suite has no option {unknown[0]!r}; its options: {', '.join(allowed)}")
+    if quick:
+        options = QUICK.get(name, {}) | options
+    return SUITES[name](**options)
