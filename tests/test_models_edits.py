@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from erasekit.models import FamilyAdapter, adapter_for
+from erasekit.models import FamilyAdapter, adapter_for, frozen
 from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
@@ -128,3 +128,13 @@ def test_registered_switch(fresh):
         assert on.enabled
     with pytest.raises(TypeError):
         fresh.register_switch(object())
+
+
+def test_frozen_restores_each_flag_even_on_error():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    b.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError):
+        with frozen(a, b, "not a module"):
+            assert not any(p.requires_grad for p in [*a.parameters(), *b.parameters()])
+            raise RuntimeError
+    assert [p.requires_grad for p in [*a.parameters(), *b.parameters()]] == [True, True, True, False]

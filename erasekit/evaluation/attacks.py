@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..files import atomic_write_bytes, atomic_write_text
-from ..models.base import Conditioning
+from ..models.base import Conditioning, frozen
 from .detectors import describe, detect_all
 from .evaluate import generate_runs, json_safe, resolve_detector, resolve_edits, resolve_suite, write_json
 from .records import edit_record, library_versions, model_record
@@ -52,21 +51,6 @@ class SoftPromptConfig:
     lr: float = 0.1
     noise_samples: int = 2
     seed: int = 0
-
-
-@contextmanager
-def frozen(*modules):
-    """Every parameter of ``modules`` without requires_grad inside the block (restored after):
-    gradients flow to the soft prompt only."""
-    params = [p for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 class SoftPrompt:
@@ -149,7 +133,7 @@ def soft_prompt_attack(adapter, case: Case, target: torch.Tensor, config: SoftPr
     target_latents = x0
     x0 = x0.expand(config.noise_samples, *x0.shape[1:])
     losses = []
-    with frozen(*[m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]):
+    with frozen(*pipe.components.values()):
         before = probe_loss()
         for _ in range(config.steps):
             t = adapter.sample_timesteps(config.noise_samples, generator=g)

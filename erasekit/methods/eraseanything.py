@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from ..edits import WEIGHTS_FILE, Edit
 from ..lexicon import TIERS, Lexicon, ListLexicon, WordNetUnavailable, get_lexicon
 from ..models import adapter_for
-from ..models.base import Conditioning
+from ..models.base import Conditioning, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 
 NAME = "eraseanything"
@@ -566,47 +566,43 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
     else:
         trainer.latents = trainer.generate_preserve_latents()
 
-    denoiser_grad = [(p, p.requires_grad) for p in adapter.denoiser.parameters()]
-    for p, _ in denoiser_grad:
-        p.requires_grad_(False)
-    handle = attach_lora(adapter, initial, f"erasekit_training_{id(trainer)}", config.alpha / config.rank, trainable=True)
-    history = []
-    t0 = time.time()
-    try:
-        params = handle.parameters()
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        if tensors is not None:
-            load_optimizer_tensors(opt, tensors, "opt")
-            g.set_state(tensors["generator_state"])
-        bar = tqdm(range(start, iterations), desc=f"eraseanything '{concept}'", disable=not progress,
-                   initial=start, total=iterations)
-        for it in bar:
-            if config.gradient_surgery:
-                lower, log_l = trainer.lower()
-                g_lower = _flat_grad(lower, params)
-                upper, log_u = trainer.upper()
-                g_upper = _flat_grad(upper, params)
-                flat = pcgrad(g_lower, g_upper)
-                record = {"level": "both", **log_l, **log_u,
-                          "conflict": bool(torch.dot(g_lower, g_upper) < 0)}
-            else:
-                level = "lower" if it % 2 == 0 else "upper"
-                loss, logs = trainer.lower() if level == "lower" else trainer.upper()
-                flat = _flat_grad(loss, params)
-                record = {"level": level, **logs}
-            _set_grad(params, flat)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            history.append({"iteration": it + 1, **record})
-            done = it + 1
-            if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == iterations):
-                state = {f"lora.{k}": v for k, v in handle.state(prefix).items()} | optimizer_tensors(opt, "opt")
-                save_checkpoint(checkpoint_dir, done, state | {"generator_state": g.get_state(), "preserve_latents": trainer.latents}, meta)
-        weights = handle.state(prefix)
-    finally:
-        handle.remove()
-        for p, flag in denoiser_grad:
-            p.requires_grad_(flag)
+    with frozen(adapter.denoiser):  # only the edit trains
+        handle = attach_lora(adapter, initial, f"erasekit_training_{id(trainer)}", config.alpha / config.rank, trainable=True)
+        history = []
+        t0 = time.time()
+        try:
+            params = handle.parameters()
+            opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            if tensors is not None:
+                load_optimizer_tensors(opt, tensors, "opt")
+                g.set_state(tensors["generator_state"])
+            bar = tqdm(range(start, iterations), desc=f"eraseanything '{concept}'", disable=not progress,
+                       initial=start, total=iterations)
+            for it in bar:
+                if config.gradient_surgery:
+                    lower, log_l = trainer.lower()
+                    g_lower = _flat_grad(lower, params)
+                    upper, log_u = trainer.upper()
+                    g_upper = _flat_grad(upper, params)
+                    flat = pcgrad(g_lower, g_upper)
+                    record = {"level": "both", **log_l, **log_u,
+                              "conflict": bool(torch.dot(g_lower, g_upper) < 0)}
+                else:
+                    level = "lower" if it % 2 == 0 else "upper"
+                    loss, logs = trainer.lower() if level == "lower" else trainer.upper()
+                    flat = _flat_grad(loss, params)
+                    record = {"level": level, **logs}
+                _set_grad(params, flat)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                history.append({"iteration": it + 1, **record})
+                done = it + 1
+                if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == iterations):
+                    state = {f"lora.{k}": v for k, v in handle.state(prefix).items()} | optimizer_tensors(opt, "opt")
+                    save_checkpoint(checkpoint_dir, done, state | {"generator_state": g.get_state(), "preserve_latents": trainer.latents}, meta)
+            weights = handle.state(prefix)
+        finally:
+            handle.remove()
 
     # Fold alpha / rank into B: the file then loads with any LoRA loader at alpha = rank.
     scaling = config.alpha / config.rank

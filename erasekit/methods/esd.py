@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..edits import Edit
-from ..models import Conditioning, adapter_for
+from ..models import Conditioning, adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from .weight_edits import PREFIX, attach_deltas, attached_parameters, export_merged  # noqa: F401 (re-exported)
 
@@ -149,51 +149,47 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
     steps = config.rollout_steps or adapter.default_steps
     g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
 
-    denoiser_grad = [(p, p.requires_grad) for p in adapter.denoiser.parameters()]
     teacher = FrozenTeacher(params)
     switch = adapter.register_switch(teacher)
     history = []
     t0 = time.time()
-    try:
-        for p, _ in denoiser_grad:
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(list(params.values()), lr=config.lr)
-        start = 0
-        settings = {"config": asdict(config)}
-        loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
-        if loaded is not None:
-            start, tensors = loaded
-            with torch.no_grad():
-                for n, t in teacher.student.items():
-                    t.copy_(tensors[f"student.{n}"])
-            load_optimizer_tensors(opt, tensors, "opt")
-            g.set_state(tensors["generator_state"])
+    with frozen(adapter.denoiser):  # only the edit trains
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(list(params.values()), lr=config.lr)
+            start = 0
+            settings = {"config": asdict(config)}
+            loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
+            if loaded is not None:
+                start, tensors = loaded
+                with torch.no_grad():
+                    for n, t in teacher.student.items():
+                        t.copy_(tensors[f"student.{n}"])
+                load_optimizer_tensors(opt, tensors, "opt")
+                g.set_state(tensors["generator_state"])
 
-        for it in tqdm(range(start, config.iterations), desc=f"esd '{concept}'", disable=not progress, initial=start, total=config.iterations):
-            t_enc = int(torch.randint(0, steps, (1,), generator=g))
-            x_t, t = adapter.rollout(cond, uncond, t_enc, num_steps=steps, guidance=config.rollout_guidance, generator=g)
-            with torch.no_grad(), adapter.edits_disabled():  # the frozen teacher
-                both = adapter.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
-            e_uncond, e_cond = both.chunk(2)
-            target = esd_target(e_cond, e_uncond, config.eta, config.target_base)
-            pred = adapter.predict(x_t, t, cond)
-            loss = F.mse_loss(pred.float(), target.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.append(loss.item())
-            done = it + 1
-            if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-                state = {f"student.{n}": t for n, t in teacher.student.items()}
-                save_checkpoint(checkpoint_dir, done, state | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}, settings)
-        deltas = teacher.deltas()
-    finally:
-        teacher.restore()
-        switch.remove()
-        for p, flag in denoiser_grad:
-            p.requires_grad_(flag)
+            for it in tqdm(range(start, config.iterations), desc=f"esd '{concept}'", disable=not progress, initial=start, total=config.iterations):
+                t_enc = int(torch.randint(0, steps, (1,), generator=g))
+                x_t, t = adapter.rollout(cond, uncond, t_enc, num_steps=steps, guidance=config.rollout_guidance, generator=g)
+                with torch.no_grad(), adapter.edits_disabled():  # the frozen teacher
+                    both = adapter.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+                e_uncond, e_cond = both.chunk(2)
+                target = esd_target(e_cond, e_uncond, config.eta, config.target_base)
+                pred = adapter.predict(x_t, t, cond)
+                loss = F.mse_loss(pred.float(), target.float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                history.append(loss.item())
+                done = it + 1
+                if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
+                    state = {f"student.{n}": t for n, t in teacher.student.items()}
+                    save_checkpoint(checkpoint_dir, done, state | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}, settings)
+            deltas = teacher.deltas()
+        finally:
+            teacher.restore()
+            switch.remove()
 
     return Edit(
         method=NAME,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..edits import Edit
-from ..models import adapter_for
+from ..models import adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 
 NAME = "receler"
@@ -249,58 +249,51 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     steps = config.rollout_steps or adapter.default_steps
     mid_layers = adapter.middle_resolution_layers()
     attachment = _attach_erasers(adapter, erasers, "training", 1.0)
-    denoiser_grad = [(p, p.requires_grad) for p in adapter.denoiser.parameters()]
-    for p, _ in denoiser_grad:
-        p.requires_grad_(False)
     history = []
     t0 = time.time()
-    try:
-        for it in tqdm(range(start, config.iterations), desc=f"receler '{concept}'", disable=not progress, initial=start, total=config.iterations):
-            t_enc = int(torch.randint(0, steps, (1,), generator=g))
-            x_t, t = adapter.rollout(cond, uncond, t_enc, num_steps=steps, guidance=config.rollout_guidance, generator=g)
-            with torch.no_grad(), adapter.edits_disabled():
-                e_uncond = adapter.predict(x_t, t, uncond)
-                with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
-                    e_cond = adapter.predict(x_t, t, cond)
-                mask = concept_mask([probe.last(l) for l in mid_layers], probe.resolution(mid_layers[0]), config.reg_threshold)
-            target = e_uncond - config.eta * (e_cond - e_uncond)
+    with frozen(adapter.denoiser):  # only the edit trains
+        try:
+            for it in tqdm(range(start, config.iterations), desc=f"receler '{concept}'", disable=not progress, initial=start, total=config.iterations):
+                t_enc = int(torch.randint(0, steps, (1,), generator=g))
+                x_t, t = adapter.rollout(cond, uncond, t_enc, num_steps=steps, guidance=config.rollout_guidance, generator=g)
+                with torch.no_grad(), adapter.edits_disabled():
+                    e_uncond = adapter.predict(x_t, t, uncond)
+                    with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
+                        e_cond = adapter.predict(x_t, t, cond)
+                    mask = concept_mask([probe.last(l) for l in mid_layers], probe.resolution(mid_layers[0]), config.reg_threshold)
+                target = e_uncond - config.eta * (e_cond - e_uncond)
 
-            student_cond = cond
-            if adv is not None:
-                for p in params:
-                    p.requires_grad_(False)
-                for _ in range(config.adv_steps):
-                    attack = adapter.predict(x_t, t, cond.with_tokens(adv_pos, adv))
-                    adv_loss = F.mse_loss(attack.float(), e_cond.float())
-                    adv_opt.zero_grad(set_to_none=True)
-                    adv_loss.backward()
-                    adv_opt.step()
-                for p in params:
-                    p.requires_grad_(True)
-                student_cond = cond.with_tokens(adv_pos, adv.detach())
-
-            with _recording(adapter) as outputs:
-                pred = adapter.predict(x_t, t, student_cond)
-            erase_loss = F.mse_loss(pred.float(), target.float())
-            loss = erase_loss
-            reg = torch.zeros(())
-            if config.reg_weight:
-                reg = localization_loss(outputs, mask)
-                loss = loss + config.reg_weight * reg
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.append({"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item()})
-            done = it + 1
-            if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-                state = eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
+                student_cond = cond
                 if adv is not None:
-                    state |= {"adv": adv} | optimizer_tensors(adv_opt, "adv_opt")
-                save_checkpoint(checkpoint_dir, done, state, settings)
-    finally:
-        attachment.remove()
-        for p, flag in denoiser_grad:
-            p.requires_grad_(flag)
+                    with frozen(*erasers.values()):  # the adversary trains the soft prompt only
+                        for _ in range(config.adv_steps):
+                            attack = adapter.predict(x_t, t, cond.with_tokens(adv_pos, adv))
+                            adv_loss = F.mse_loss(attack.float(), e_cond.float())
+                            adv_opt.zero_grad(set_to_none=True)
+                            adv_loss.backward()
+                            adv_opt.step()
+                    student_cond = cond.with_tokens(adv_pos, adv.detach())
+
+                with _recording(adapter) as outputs:
+                    pred = adapter.predict(x_t, t, student_cond)
+                erase_loss = F.mse_loss(pred.float(), target.float())
+                loss = erase_loss
+                reg = torch.zeros(())
+                if config.reg_weight:
+                    reg = localization_loss(outputs, mask)
+                    loss = loss + config.reg_weight * reg
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                history.append({"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item()})
+                done = it + 1
+                if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
+                    state = eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
+                    if adv is not None:
+                        state |= {"adv": adv} | optimizer_tensors(adv_opt, "adv_opt")
+                    save_checkpoint(checkpoint_dir, done, state, settings)
+        finally:
+            attachment.remove()
 
     tensors = {k: v.cpu() for k, v in eraser_tensors(erasers).items()}
     if adv is not None:

@@ -6,6 +6,7 @@ from .base import (
     Conditioning,
     FamilyAdapter,
     UnsupportedPipelineError,
+    frozen,
 )
 from .flux import FluxAdapter
 from .loading import adapter_for, load_pipeline, write_defaults
@@ -20,6 +21,7 @@ __all__ = [
     "SDUNetAdapter",
     "UnsupportedPipelineError",
     "adapter_for",
+    "frozen",
     "load_pipeline",
     "write_defaults",
 ]

@@ -141,6 +141,21 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """No parameter of ``modules`` requires grad inside the block; each one's flag is restored
+    after it (also on error). Non-module arguments are ignored."""
+    params = [p for m in modules if isinstance(m, nn.Module) for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def find_token_spans(tokenizer, prompt: str, phrase: str, max_length: int) -> list[list[int]]:
     """Every contiguous run of ``phrase``'s token ids inside ``prompt``'s ids.
 
@@ -581,6 +596,19 @@ class FamilyAdapter:
         """Images (B, 3, H, W) in [0, 1] from ready text embeddings instead of prompts (e.g. an
         adversarial soft prompt), sampled exactly as :meth:`generate` samples."""
         raise NotImplementedError
+
+    def _sample(self, pipe, seeds: Sequence[int], steps=None, height=None, width=None, **inputs) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] from the stock ``pipe`` called with ``inputs`` (prompts or
+        embeddings, guidance) at this adapter's sampling defaults, one CPU generator per image."""
+        out = pipe(
+            num_inference_steps=steps or self.generation_steps,
+            height=height or self.default_height,
+            width=width or self.default_width,
+            generator=self._generators(seeds),
+            output_type="pt",
+            **inputs,
+        )
+        return out.images
 
     @staticmethod
     def _generators(seeds: Sequence[int]) -> list[torch.Generator]:

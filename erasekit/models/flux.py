@@ -245,17 +245,7 @@ class FluxAdapter(FamilyAdapter):
         g = self.generation_guidance if guidance is None else guidance
         kwargs = {"guidance_scale": g} if self.guidance_embeds else {
             "true_cfg_scale": g, "negative_prompt": [negative_prompt] * len(prompts)}
-        out = pipe(
-            prompt=prompts,
-            num_inference_steps=steps or self.generation_steps,
-            height=height or self.default_height,
-            width=width or self.default_width,
-            generator=self._generators(seeds),
-            max_sequence_length=self.max_sequence_length,
-            output_type="pt",
-            **kwargs,
-        )
-        return out.images
+        return self._sample(pipe, seeds, steps, height, width, prompt=prompts, max_sequence_length=self.max_sequence_length, **kwargs)
 
     def generate_from_conditioning(self, cond: Conditioning, seeds, uncond: Conditioning | None = None, steps=None,
                                    guidance=None, height=None, width=None) -> Tensor:
@@ -273,18 +263,13 @@ class FluxAdapter(FamilyAdapter):
         if not self.guidance_embeds:
             uncond = (uncond or self.encode([""])).expand_to(cond.batch_size).to(self.device, self.dtype)
             kwargs = {"true_cfg_scale": g, "negative_prompt_embeds": uncond.embeds, "negative_pooled_prompt_embeds": uncond.pooled}
-        out = pipe(
+        return self._sample(
+            pipe, seeds, steps, height, width,
             prompt_embeds=cond.embeds,
             pooled_prompt_embeds=cond.pooled,
-            num_inference_steps=steps or self.generation_steps,
-            height=height or self.default_height,
-            width=width or self.default_width,
-            generator=self._generators(seeds),
             max_sequence_length=self.max_sequence_length,
-            output_type="pt",
             **kwargs,
         )
-        return out.images
 
     # ---- attention -------------------------------------------------------------------------
 

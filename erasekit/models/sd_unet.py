@@ -152,17 +152,12 @@ class SDUNetAdapter(FamilyAdapter):
         prompts = list(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        out = pipe(
+        return self._sample(
+            pipe, seeds, steps, height, width,
             prompt=prompts,
             negative_prompt=[negative_prompt] * len(prompts),
-            num_inference_steps=steps or self.generation_steps,
             guidance_scale=self.generation_guidance if guidance is None else guidance,
-            height=height or self.default_height,
-            width=width or self.default_width,
-            generator=self._generators(seeds),
-            output_type="pt",
         )
-        return out.images
 
     def generate_from_conditioning(self, cond: Conditioning, seeds, uncond: Conditioning | None = None, steps=None,
                                    guidance=None, height=None, width=None) -> Tensor:
@@ -173,17 +168,12 @@ class SDUNetAdapter(FamilyAdapter):
         if len(seeds) != cond.batch_size:
             raise ValueError(f"{cond.batch_size} conditionings but {len(seeds)} seeds")
         uncond = (uncond or self.encode([""])).expand_to(cond.batch_size)
-        out = pipe(
+        return self._sample(
+            pipe, seeds, steps, height, width,
             prompt_embeds=cond.embeds.to(self.device, self.dtype),
             negative_prompt_embeds=uncond.embeds.to(self.device, self.dtype),
-            num_inference_steps=steps or self.generation_steps,
             guidance_scale=self.generation_guidance if guidance is None else guidance,
-            height=height or self.default_height,
-            width=width or self.default_width,
-            generator=self._generators(seeds),
-            output_type="pt",
         )
-        return out.images
 
     # ---- attention -------------------------------------------------------------------------
 
