@@ -236,7 +236,7 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "Means over concepts; H is the harmonic mean of (100 - Acc_E, 100 - Acc_R, Acc_L) of the mean "
-        "accuracies. fit s: wall seconds of `erase` per concept (mean); fit peak MiB: the largest growth of "
+        "accuracies. fit s: wall seconds of `erase` per concept (mean; its CPU seconds are in bench.json); fit peak MiB: the largest growth of "
         + ("allocated CUDA memory" if kind == "cuda-allocated" else "the process's resident memory")
         + " during `erase` (max over concepts); suite s: seconds to generate and score the suite's images "
         "with the edit applied (mean).",
@@ -254,6 +254,10 @@ def markdown(result: dict) -> str:
             f" | {_cell(r['h'])} | {_cell(r.get('fit_seconds'))} | {_cell(r.get('fit_peak_mb'), '{:.0f}')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+class RestoreError(RuntimeError):
+    """Removing an edit did not give the base pipeline back."""
 
 
 def run_bench(
@@ -398,10 +402,6 @@ def run_bench(
     return result
 
 
-class RestoreError(RuntimeError):
-    """Removing an edit did not give the base pipeline back."""
-
-
 def _run_row(pipe, concept, method, config, detector, n, n_locality, device, progress) -> dict:
     """The figures of one row: the suite (and, for a method, its training) on ``pipe``."""
     row: dict = {}
@@ -410,7 +410,7 @@ def _run_row(pipe, concept, method, config, detector, n, n_locality, device, pro
         name = variant_method(method)[0]
         with PeakMemory(device) as mem, Stopwatch(device) as clock:  # the memory set-up is not timed
             edit = erase(pipe, concept, name, config, progress=progress)
-        row |= {"fit_seconds": round(clock.seconds, 3), "fit_peak_mb": round(mem.increase_mb, 1),
+        row |= {"fit_seconds": round(clock.seconds, 3), "fit_cpu_seconds": round(clock.cpu_seconds, 3), "fit_peak_mb": round(mem.increase_mb, 1),
                 "fit_peak_total_mb": round(mem.peak_mb, 1), "memory_kind": mem.kind,
                 "hyperparameters": edit.hyperparameters, "train_metrics": edit.metrics}
         apply(pipe, edit)

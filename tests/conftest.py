@@ -78,16 +78,14 @@ def make_inputs():
     return make
 
 
-@pytest.fixture
-def interrupted_at_rollout(monkeypatch):
-    """``with interrupted_at_rollout(adapter, n): fit(...)`` raises KeyboardInterrupt at the n-th
-    rollout (one per training iteration), as a user's Ctrl-C would; the real rollout is back
-    after the block."""
+def _interrupt_at_call(monkeypatch, owner: type, name: str, n: int):
+    """A context in which the n-th call of ``owner.name`` raises KeyboardInterrupt, as a user's
+    Ctrl-C would; the real method is back after the block."""
     from contextlib import contextmanager
 
     @contextmanager
-    def interrupt(adapter, n: int):
-        real = type(adapter).rollout
+    def interrupt():
+        real = getattr(owner, name)
         calls = {"n": 0}
 
         def dying(self, *args, **kwargs):
@@ -96,14 +94,30 @@ def interrupted_at_rollout(monkeypatch):
                 raise KeyboardInterrupt
             return real(self, *args, **kwargs)
 
-        monkeypatch.setattr(type(adapter), "rollout", dying)
+        monkeypatch.setattr(owner, name, dying)
         try:
             with pytest.raises(KeyboardInterrupt):
                 yield
         finally:
-            monkeypatch.setattr(type(adapter), "rollout", real)
+            monkeypatch.setattr(owner, name, real)
 
-    return interrupt
+    return interrupt()
+
+
+@pytest.fixture
+def interrupted_at_rollout(monkeypatch):
+    """``with interrupted_at_rollout(adapter, n): fit(...)`` raises KeyboardInterrupt at the n-th
+    rollout (one per training iteration with fresh rollouts)."""
+    return lambda adapter, n: _interrupt_at_call(monkeypatch, type(adapter), "rollout", n)
+
+
+@pytest.fixture
+def interrupted_at_draw(monkeypatch):
+    """``with interrupted_at_draw(n): fit(...)`` raises KeyboardInterrupt at the n-th x_t draw of
+    any rollout source (one per iteration for Receler and ESD, whatever the source's mode)."""
+    from erasekit.methods.rollouts import XtSource
+
+    return lambda n: _interrupt_at_call(monkeypatch, XtSource, "draw", n)
 
 
 # ---- evaluation ------------------------------------------------------------------------------

@@ -5,31 +5,8 @@ from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 from erasekit.models import FamilyAdapter
 from erasekit.models.flux import FluxAdapter
+from erasekit.models.real_configs import CLIP_L_TEXT, FLUX1_DEV_TRANSFORMER, FLUX1_VAE, SD14_UNET, SD14_VAE, T5_XXL
 from erasekit.models.sd_unet import SDUNetAdapter
-
-SD14_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
-FLUX1_DEV_TRANSFORMER = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": [16, 56, 56],
-}
 
 
 def test_sd14_unet_structure():
@@ -69,3 +46,17 @@ def test_flux1_dev_transformer_structure():
     qk = [p for p in text_proj if p.name.endswith(("add_q_proj", "add_k_proj"))]
     assert 2 * len(qk) == 76
     assert sum(8 * (p.in_features + p.width) for p in qk) == 1_867_776
+
+
+def test_released_text_encoders_and_autoencoders():
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    with torch.device("meta"):
+        assert count(CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))) == 123_060_480
+        assert count(T5EncoderModel(T5Config(**T5_XXL))) == 4_762_310_656
+        assert count(AutoencoderKL(**SD14_VAE)) == 83_653_863
+        assert count(AutoencoderKL(**FLUX1_VAE)) == 83_819_683

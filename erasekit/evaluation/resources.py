@@ -112,11 +112,13 @@ class PeakMemory:
 
 
 class Stopwatch:
-    """Context manager: wall seconds in ``seconds`` (CUDA work is waited for at both ends)."""
+    """Context manager: wall seconds in ``seconds`` (CUDA work is waited for at both ends) and
+    the process's CPU seconds (all threads, user + system) in ``cpu_seconds``: on a shared
+    machine the latter is what the work itself cost."""
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -124,9 +126,10 @@ class Stopwatch:
 
     def __enter__(self) -> "Stopwatch":
         self._sync()
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
         self._sync()
         self.seconds = time.perf_counter() - self._t0
+        self.cpu_seconds = time.process_time() - self._c0

@@ -12,7 +12,8 @@ Lower level (erasure), on even steps: ``esd_weight * L_esd + attn_weight * L_att
   The training prompt (one of ``prompts``) has its words shuffled (p = ``shuffle_prob``; the
   keyword moves as one unit) and then its keyword swapped for a synonym (p = ``synonym_prob``);
   the keyword's token indices are computed AFTER both rewrites. x_t comes from an ESD partial
-  rollout with the EDITED model. ``L_esd = || v'(x_t, c) - [v(x_t, a) - eta (v(x_t, c) -
+  rollout with the EDITED model (or a pool of them: ``rollout_source``, see :mod:`.rollouts`;
+  the L_rsc features draw from their own source). ``L_esd = || v'(x_t, c) - [v(x_t, a) - eta (v(x_t, c) -
   v(x_t, a))] ||^2`` in the model's own prediction space (Flux: velocity; SD: epsilon or v),
   with the teacher terms from the FROZEN model (LoRA disabled) and ``a`` the anchor prompt
   (``anchor_prompt``, default "": ESD's unconditional anchor; the release uses a neutral prompt
@@ -67,6 +68,7 @@ from ..lexicon import TIERS, Lexicon, ListLexicon, WordNetUnavailable, get_lexic
 from ..models import adapter_for
 from ..models.base import Conditioning, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .rollouts import rollout_metrics, source_from_config
 
 NAME = "eraseanything"
 LORA_WEIGHT_NAME = WEIGHTS_FILE  # pipe.load_lora_weights(edit_folder, weight_name=LORA_WEIGHT_NAME)
@@ -110,6 +112,9 @@ class EraseAnythingConfig:
     gradient_surgery: bool = False
     rollout_steps: int | None = None  # N of the ESD partial rollout (None: the family default)
     rollout_guidance: float | None = None
+    rollout_source: str = "fresh"  # x_t: "fresh" rollout per draw (release) or "pool" (methods.rollouts)
+    rollout_pool: int = 2  # pool: trajectories kept
+    rollout_refresh: int = 7  # pool: the oldest trajectory is replaced every this many draws (0: never)
     resolution: int | None = None  # training images (px); None: the model's default (paper: 512)
     checkpoint_every: int = 50
     seed: int = 0
@@ -446,6 +451,9 @@ class _Trainer:
         n = config.preserve_images
         self.preserve_prompts = [config.preserve_prompt.format(concept=irrelevant[i % len(irrelevant)]) for i in range(n)]
         self.latents: torch.Tensor | None = None
+        # x_t of the erasure loss (t_enc over all N steps) and of the L_rsc features (high noise).
+        self.sources = [source_from_config(adapter, config, self.steps, high, name, **self.size())
+                        for high, name in ((self.steps, "rollout"), (config.rsc_steps, "rsc_rollout"))]
 
     def _layers(self) -> list[str]:
         spec = self.config.attn_layers
@@ -482,9 +490,7 @@ class _Trainer:
         prompt, word = rewrite_prompt(prompt, self.concept, self.synonyms, self.g, c.shuffle_prob, c.synonym_prob)
         idx = a.token_indices(prompt, word)  # AFTER shuffle and swap
         cond = self.cond(prompt)
-        t_enc = self.randint(self.steps)
-        x_t, t = a.rollout(cond, self.empty, t_enc, num_steps=self.steps, guidance=c.rollout_guidance,
-                           generator=self.g, **self.size())
+        x_t, t = self.sources[0].draw(cond, self.empty, self.g)
         target = negative_guidance_target(a, x_t, t, cond, self.anchor, c.eta)
         with a.probe(layers=self.layers, token_indices=idx) as probe:
             pred = a.predict(x_t, t, cond)
@@ -517,10 +523,8 @@ class _Trainer:
     def rsc(self) -> torch.Tensor:
         a, c = self.adapter, self.config
         syn = self.synonyms[self.randint(len(self.synonyms))]
-        t_enc = self.randint(c.rsc_steps)
         cond = self.cond(self.rsc_prompt)
-        x_t, t = a.rollout(cond, self.empty, t_enc, num_steps=self.steps, guidance=c.rollout_guidance,
-                           generator=self.g, **self.size())
+        x_t, t = self.sources[1].draw(cond, self.empty, self.g)
         f_un = self.feature(x_t, t, cond, self.rsc_idx)  # edited model, with gradient
         syn_prompt = c.preserve_prompt.format(concept=syn)
         with torch.no_grad(), a.edits_disabled():  # frozen
@@ -576,6 +580,8 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
             if tensors is not None:
                 load_optimizer_tensors(opt, tensors, "opt")
                 g.set_state(tensors["generator_state"])
+                for xt_source in trainer.sources:
+                    xt_source.load_state_tensors(tensors)
             bar = tqdm(range(start, iterations), desc=f"eraseanything '{concept}'", disable=not progress,
                        initial=start, total=iterations)
             for it in bar:
@@ -599,7 +605,10 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
                 done = it + 1
                 if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == iterations):
                     state = {f"lora.{k}": v for k, v in handle.state(prefix).items()} | optimizer_tensors(opt, "opt")
-                    save_checkpoint(checkpoint_dir, done, state | {"generator_state": g.get_state(), "preserve_latents": trainer.latents}, meta)
+                    state |= {"generator_state": g.get_state(), "preserve_latents": trainer.latents}
+                    for xt_source in trainer.sources:
+                        state |= xt_source.state_tensors()
+                    save_checkpoint(checkpoint_dir, done, state, meta)
             weights = handle.state(prefix)
         finally:
             handle.remove()
@@ -631,5 +640,6 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
             "final_attn_loss": last["lower"].get("attn"),
             "final_fm_loss": last["upper"].get("fm"),
             "final_rsc_loss": last["upper"].get("rsc"),
+            **rollout_metrics(*trainer.sources),
         },
     )

@@ -6,7 +6,8 @@ and "Baselines".
   "cross_attn": SD every attn2; Flux the text-stream projections of the joint attention).
   ESD-u (``group="esd-u"``): every other Linear / Conv2d layer ("non_cross_attn").
 - Each iteration: x_t from a partial rollout of the EDITED model (CFG on the concept prompt,
-  ``t_enc ~ U[0, N)`` of N steps); the teacher terms e_c = eps(x_t, c, t) and e_u = eps(x_t, "", t)
+  ``t_enc ~ U[0, N)`` of N steps; ``rollout_source="pool"`` reuses a pool of such rollouts, see
+  :mod:`.rollouts`); the teacher terms e_c = eps(x_t, c, t) and e_u = eps(x_t, "", t)
   come from the FROZEN model; loss ``|| eps'(x_t, c, t) - target ||^2``.
 - Target. The release's train script writes ``target = e_c - eta * (e_c - e_u)`` with eta 2
   (``target_base="concept"``, the default). That is ALGORITHMS' building block
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..models import Conditioning, adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .rollouts import rollout_metrics, source_from_config
 from .weight_edits import PREFIX, attach_deltas, attached_parameters, export_merged  # noqa: F401 (re-exported)
 
 NAME = "esd"
@@ -63,6 +65,9 @@ class ESDConfig:
     uncond_prompt: str = ""  # the unconditional prompt of e_u
     rollout_steps: int | None = None  # N (None: the family's default, 50 DDIM / 28 Euler)
     rollout_guidance: float | None = None  # (None: 3 for SD, 3.5 for Flux)
+    rollout_source: str = "fresh"  # x_t: "fresh" rollout per draw (release) or "pool" (methods.rollouts)
+    rollout_pool: int = 2  # pool: trajectories kept
+    rollout_refresh: int = 7  # pool: the oldest trajectory is replaced every this many draws (0: never)
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -147,6 +152,7 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
     cond = adapter.encode([prompt])
     uncond = adapter.encode([config.uncond_prompt])
     steps = config.rollout_steps or adapter.default_steps
+    source = source_from_config(adapter, config, steps)
     g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
 
     teacher = FrozenTeacher(params)
@@ -168,10 +174,10 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
                         t.copy_(tensors[f"student.{n}"])
                 load_optimizer_tensors(opt, tensors, "opt")
                 g.set_state(tensors["generator_state"])
+                source.load_state_tensors(tensors)
 
             for it in tqdm(range(start, config.iterations), desc=f"esd '{concept}'", disable=not progress, initial=start, total=config.iterations):
-                t_enc = int(torch.randint(0, steps, (1,), generator=g))
-                x_t, t = adapter.rollout(cond, uncond, t_enc, num_steps=steps, guidance=config.rollout_guidance, generator=g)
+                x_t, t = source.draw(cond, uncond, g)
                 with torch.no_grad(), adapter.edits_disabled():  # the frozen teacher
                     both = adapter.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
                 e_uncond, e_cond = both.chunk(2)
@@ -185,7 +191,8 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
                 done = it + 1
                 if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
                     state = {f"student.{n}": t for n, t in teacher.student.items()}
-                    save_checkpoint(checkpoint_dir, done, state | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}, settings)
+                    state |= optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()} | source.state_tensors()
+                    save_checkpoint(checkpoint_dir, done, state, settings)
             deltas = teacher.deltas()
         finally:
             teacher.restore()
@@ -198,7 +205,8 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors={PREFIX + n: d for n, d in deltas.items()},
         hyperparameters=asdict(config) | {"rollout_steps": steps, "parameters": sum(p.numel() for p in params.values())},
-        metrics={"train_seconds": round(time.time() - t0, 2), "final_loss": history[-1] if history else None},
+        metrics={"train_seconds": round(time.time() - t0, 2), "final_loss": history[-1] if history else None}
+        | rollout_metrics(source),
     )
 
 

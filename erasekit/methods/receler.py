@@ -9,6 +9,9 @@ Several concepts' edits applied together average their erasers' outputs (paper).
 Unlike the authors' release, the adversarial soft prompt is written into the conditioning
 OUT OF PLACE (``Conditioning.with_tokens``), so the denoiser really sees it and the eraser's
 gradient flows through the adversarial conditioning.
+
+x_t of every iteration comes from the config's rollout source (:mod:`.rollouts`): a fresh ESD
+partial rollout of the edited model (the paper's recipe) or a pool of them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..models import adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .rollouts import rollout_metrics, source_from_config
 
 NAME = "receler"
 
@@ -48,6 +52,9 @@ class RecelerConfig:
     prompt: str = "{concept}"  # the erased prompt c
     rollout_steps: int | None = None  # N of the ESD partial rollout (None: the family's default)
     rollout_guidance: float | None = None
+    rollout_source: str = "fresh"  # x_t: "fresh" rollout per draw (release) or "pool" (methods.rollouts)
+    rollout_pool: int = 2  # pool: trajectories kept
+    rollout_refresh: int = 7  # pool: the oldest trajectory is replaced every this many draws (0: never)
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -232,6 +239,8 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
         adv = nn.Parameter(cond.embeds[0, adv_pos].detach().clone().float())
         adv_opt = torch.optim.Adam([adv], lr=config.adv_lr, weight_decay=config.adv_weight_decay)
 
+    steps = config.rollout_steps or adapter.default_steps
+    source = source_from_config(adapter, config, steps)
     start = 0
     settings = {"config": asdict(config)}
     loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
@@ -245,8 +254,8 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
                 adv.copy_(tensors["adv"])
             load_optimizer_tensors(adv_opt, tensors, "adv_opt")
         g.set_state(tensors["generator_state"])
+        source.load_state_tensors(tensors)
 
-    steps = config.rollout_steps or adapter.default_steps
     mid_layers = adapter.middle_resolution_layers()
     attachment = _attach_erasers(adapter, erasers, "training", 1.0)
     history = []
@@ -254,8 +263,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     with frozen(adapter.denoiser):  # only the edit trains
         try:
             for it in tqdm(range(start, config.iterations), desc=f"receler '{concept}'", disable=not progress, initial=start, total=config.iterations):
-                t_enc = int(torch.randint(0, steps, (1,), generator=g))
-                x_t, t = adapter.rollout(cond, uncond, t_enc, num_steps=steps, guidance=config.rollout_guidance, generator=g)
+                x_t, t = source.draw(cond, uncond, g)
                 with torch.no_grad(), adapter.edits_disabled():
                     e_uncond = adapter.predict(x_t, t, uncond)
                     with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
@@ -289,6 +297,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
                 done = it + 1
                 if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
                     state = eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
+                    state |= source.state_tensors()
                     if adv is not None:
                         state |= {"adv": adv} | optimizer_tensors(adv_opt, "adv_opt")
                     save_checkpoint(checkpoint_dir, done, state, settings)
@@ -305,7 +314,8 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors,
         hyperparameters=asdict(config) | {"adv_positions": adv_pos, "rollout_steps": steps},
-        metrics={"train_seconds": round(time.time() - t0, 2), "final_erase_loss": history[-1]["erase"] if history else None},
+        metrics={"train_seconds": round(time.time() - t0, 2), "final_erase_loss": history[-1]["erase"] if history else None}
+        | rollout_metrics(source),
     )
 
 

@@ -544,21 +544,48 @@ class FamilyAdapter:
         carried between rollouts). Returns (x_t, t): x_t in native layout and t (B,) the
         training timestep x_t sits at (= the sampler's timesteps[t_enc]).
         """
+        x = t = None
+        for x, t in self._rollout_states(cond, uncond, t_enc, num_steps, guidance, generator,
+                                         height, width, latents):
+            pass
+        return x, t.expand(x.shape[0]).to(self.device)
+
+    def rollout_trajectory(self, cond: Conditioning, uncond: Conditioning | None, stop: int,
+                           num_steps: int | None = None, guidance: float | None = None,
+                           generator=None, height: int | None = None, width: int | None = None,
+                           latents: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Every state of one partial rollout, no grad: what :meth:`rollout` returns for each
+        t_enc in [0, stop], from one noise draw and ``stop`` guided sampler steps.
+
+        Returns (xs, ts): xs (stop + 1, B, *latent) with ``xs[k]`` = ``rollout(..., t_enc=k)[0]``
+        for the same noise (bit for bit), and ts (stop + 1,) the sampler's timesteps[0..stop].
+        """
+        xs, ts = [], []
+        for x, t in self._rollout_states(cond, uncond, stop, num_steps, guidance, generator,
+                                         height, width, latents):
+            xs.append(x)
+            ts.append(t)
+        return torch.stack(xs), torch.stack(ts).to(self.device)
+
+    def _rollout_states(self, cond, uncond, stop, num_steps, guidance, generator, height, width,
+                        latents) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yields (x after k sampler steps, timesteps[k]) for k = 0..stop (the ESD rollout)."""
         num_steps = int(num_steps or self.default_steps)
-        if not 0 <= t_enc < num_steps:
-            raise ValueError(f"t_enc must be in [0, {num_steps}), got {t_enc}")
+        if not 0 <= stop < num_steps:
+            raise ValueError(f"t_enc must be in [0, {num_steps}), got {stop}")
         guidance = self.default_guidance if guidance is None else guidance
         if latents is None:
             latents = self.sample_noise(cond.batch_size, height, width, generator)
         b = latents.shape[0]
         sampler = self._make_sampler(num_steps, latents)
         x = latents.to(self.device, self.dtype) * getattr(sampler, "init_noise_sigma", 1.0)
-        with torch.no_grad():
-            for t in sampler.timesteps[:t_enc]:
+        for t in sampler.timesteps[:stop]:
+            yield x, t
+            with torch.no_grad():  # not around the yield: the caller's grad mode stays its own
                 model_in = sampler.scale_model_input(x, t) if hasattr(sampler, "scale_model_input") else x
                 out = self.guided_predict(model_in, t.expand(b), cond, uncond, guidance)
                 x = sampler.step(out, t, x, return_dict=False)[0]
-        return x, sampler.timesteps[t_enc].expand(b).to(self.device)
+        yield x, sampler.timesteps[stop]
 
     def sample_timesteps(self, batch: int, generator=None) -> Tensor:
         raise NotImplementedError
