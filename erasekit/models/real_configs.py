@@ -31,18 +31,17 @@ CLIP_L_TEXT = {
     "hidden_act": "quick_gelu",
     "projection_dim": 768,
 }
-SD14_VAE = {
+# The KL autoencoder body shared by SD 1.x and FLUX.1 (they differ in latent channels and scaling).
+_KL_VAE_BODY = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
     "block_out_channels": [128, 256, 512, 512],
     "layers_per_block": 2,
-    "latent_channels": 4,
     "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
 }
+SD14_VAE = _KL_VAE_BODY | {"latent_channels": 4, "sample_size": 512, "scaling_factor": 0.18215}
 # DDIM with SD 1.x's noise schedule (the pipeline ships PNDM with these betas).
 SD14_SCHEDULER = {
     "beta_start": 0.00085,
@@ -77,15 +76,8 @@ T5_XXL = {
     "relative_attention_num_buckets": 32,
     "is_encoder_decoder": False,
 }
-FLUX1_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
+FLUX1_VAE = _KL_VAE_BODY | {
     "latent_channels": 16,
-    "norm_num_groups": 32,
     "sample_size": 1024,
     "scaling_factor": 0.3611,
     "shift_factor": 0.1159,
