@@ -68,7 +68,7 @@ from ..lexicon import TIERS, Lexicon, ListLexicon, WordNetUnavailable, get_lexic
 from ..models import adapter_for
 from ..models.base import Conditioning, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
-from .rollouts import rollout_metrics, source_from_config
+from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 
 NAME = "eraseanything"
 LORA_WEIGHT_NAME = WEIGHTS_FILE  # pipe.load_lora_weights(edit_folder, weight_name=LORA_WEIGHT_NAME)
@@ -76,7 +76,7 @@ NUDITY_WORDS = ("nudity", "nude", "naked", "nakedness")
 
 
 @dataclass
-class EraseAnythingConfig:
+class EraseAnythingConfig(RolloutSettings):
     """Hyper-parameters; the defaults are the paper's / the release's.
 
     Lists are comma-separated strings (so that ``--set key=value`` works); ``prompts`` is
@@ -110,11 +110,6 @@ class EraseAnythingConfig:
     rsc_steps: int = 3  # high noise: x_t after t_enc ~ U[0, rsc_steps) of the rollout's steps
     attn_layers: str = "auto"  # auto: the adapter's keyword_layers() (Flux: last dual-stream block)
     gradient_surgery: bool = False
-    rollout_steps: int | None = None  # N of the ESD partial rollout (None: the family default)
-    rollout_guidance: float | None = None
-    rollout_source: str = "fresh"  # x_t: "fresh" rollout per draw (release) or "pool" (methods.rollouts)
-    rollout_pool: int = 2  # pool: trajectories kept
-    rollout_refresh: int = 7  # pool: the oldest trajectory is replaced every this many draws (0: never)
     resolution: int | None = None  # training images (px); None: the model's default (paper: 512)
     checkpoint_every: int = 50
     seed: int = 0

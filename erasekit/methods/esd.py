@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..models import Conditioning, adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
-from .rollouts import rollout_metrics, source_from_config
+from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 from .weight_edits import PREFIX, attach_deltas, attached_parameters, export_merged  # noqa: F401 (re-exported)
 
 NAME = "esd"
@@ -52,7 +52,7 @@ RELEASE_DEFAULTS = {
 
 
 @dataclass
-class ESDConfig:
+class ESDConfig(RolloutSettings):
     """Hyper-parameters; the defaults are the authors' release (``iterations`` / ``lr`` None:
     the release's value for the model family, see RELEASE_DEFAULTS)."""
 
@@ -63,11 +63,6 @@ class ESDConfig:
     target_base: str = "concept"  # "concept": e_c - eta (e_c - e_u) (release); "uncond": e_u - eta (e_c - e_u)
     prompt: str = "{concept}"  # the erased prompt c
     uncond_prompt: str = ""  # the unconditional prompt of e_u
-    rollout_steps: int | None = None  # N (None: the family's default, 50 DDIM / 28 Euler)
-    rollout_guidance: float | None = None  # (None: 3 for SD, 3.5 for Flux)
-    rollout_source: str = "fresh"  # x_t: "fresh" rollout per draw (release) or "pool" (methods.rollouts)
-    rollout_pool: int = 2  # pool: trajectories kept
-    rollout_refresh: int = 7  # pool: the oldest trajectory is replaced every this many draws (0: never)
     checkpoint_every: int = 100
     seed: int = 0
 

@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..models import adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
-from .rollouts import rollout_metrics, source_from_config
+from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 
 NAME = "receler"
 
 
 @dataclass
-class RecelerConfig:
+class RecelerConfig(RolloutSettings):
     """Hyper-parameters; the defaults are the paper's."""
 
     iterations: int = 500
@@ -50,11 +50,6 @@ class RecelerConfig:
     adv_lr: float = 0.1
     adv_weight_decay: float = 0.1
     prompt: str = "{concept}"  # the erased prompt c
-    rollout_steps: int | None = None  # N of the ESD partial rollout (None: the family's default)
-    rollout_guidance: float | None = None
-    rollout_source: str = "fresh"  # x_t: "fresh" rollout per draw (release) or "pool" (methods.rollouts)
-    rollout_pool: int = 2  # pool: trajectories kept
-    rollout_refresh: int = 7  # pool: the oldest trajectory is replaced every this many draws (0: never)
     checkpoint_every: int = 100
     seed: int = 0
 

@@ -43,11 +43,24 @@ a resumed run draws exactly what an uninterrupted one would.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 SOURCES = ("fresh", "pool")
+
+
+@dataclass
+class RolloutSettings:
+    """The config fields that choose a method's x_t source; the configs of the methods that
+    train on ESD's target (Receler, ESD, EraseAnything) inherit them."""
+
+    rollout_steps: int | None = None  # N of the ESD partial rollout (None: the family's default, 50 DDIM / 28 Euler)
+    rollout_guidance: float | None = None  # guidance of the rollouts (None: the family's default)
+    rollout_source: str = "fresh"  # x_t: "fresh" rollout per draw (release) or "pool"
+    rollout_pool: int = 2  # pool: trajectories kept
+    rollout_refresh: int = 7  # pool: the oldest trajectory is replaced every this many draws (0: never)
 
 
 class XtSource:
@@ -144,7 +157,7 @@ class XtSource:
             self.timesteps = tensors[f"{self.name}.timesteps"].to(self.adapter.device)
 
 
-def source_from_config(adapter, config, num_steps: int, high: int | None = None, name: str = "rollout",
+def source_from_config(adapter, config: RolloutSettings, num_steps: int, high: int | None = None, name: str = "rollout",
                        height: int | None = None, width: int | None = None) -> XtSource:
     """The source a method config's ``rollout_*`` fields describe (see the module docstring)."""
     return XtSource(adapter, config.rollout_source, num_steps, high, config.rollout_guidance,
