@@ -451,7 +451,14 @@ def flux_estimates(size: int = 512) -> list[dict]:
     states (16 B per parameter), ESD's group trained in place in bf16 (student copy, gradient
     and two Adam states: 8 B per parameter; the frozen original is the model's own tensor);
     activations for one backward pass through every block: 34 * L * d bytes per block (bf16,
-    fused attention; Korthikanti et al. 2022), L = image tokens + 512 text tokens, d = 3072."""
+    fused attention; Korthikanti et al. 2022), L = image tokens + 512 text tokens, d = 3072.
+
+    Two more totals for the training methods, with erasekit's memory features
+    (:mod:`erasekit.methods.memory`): "released" without the text encoders' weights (encoded
+    once, parked on the CPU); "released + checkpointing" with activations of 2 * L * d bytes
+    (the block's input) per checkpointed block, plus one block's full activations while it is
+    recomputed, plus the full activations of the blocks probed with gradient (EraseAnything:
+    its keyword layer)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -472,6 +479,7 @@ def flux_estimates(size: int = 512) -> list[dict]:
     tokens = (size // 16) ** 2 + 512
     act_gb = 34 * tokens * d * blocks / GIB
     infer_gb = 34 * tokens * d / GIB  # inference keeps about one block's activations alive
+    text_gb = 2 * (counts["text_encoder_2 (T5-XXL)"] + counts["text_encoder (CLIP-L)"]) / GIB
     rows = []
     for name, method, over, per_param in (
         ("receler", "receler", {}, 16),
@@ -487,9 +495,13 @@ def flux_estimates(size: int = 512) -> list[dict]:
         train_gb = n * per_param / GIB
         acts = act_gb if name in TRAINING else infer_gb
         iters = recipe_iterations(method, cfg, "flux") if name in TRAINING else 0
-        rows.append(_row("FLUX.1-dev", name, trained_params=n, iterations=iters, memory_how="estimated",
-                         estimate_gb={"weights_bf16": weights_gb, "trained_states": train_gb, "activations": acts,
-                                      "total": weights_gb + train_gb + acts}))
+        est = {"weights_bf16": weights_gb, "trained_states": train_gb, "activations": acts, "total": weights_gb + train_gb + acts}
+        if name in TRAINING:
+            probed = len(adapter.keyword_layers()) if name == "eraseanything" else 0
+            ckpt_acts = (2 * tokens * d * (blocks - probed) + 34 * tokens * d * (1 + probed)) / GIB
+            est |= {"total_released": est["total"] - text_gb,
+                    "total_released_checkpointing": weights_gb - text_gb + train_gb + ckpt_acts}
+        rows.append(_row("FLUX.1-dev", name, trained_params=n, iterations=iters, memory_how="estimated", estimate_gb=est))
     return [{"counts": counts, "size": size, "tokens": tokens}, *rows]
 
 
@@ -519,12 +531,14 @@ def markdown(rows: list[dict], flux: list[dict] | None, header: str) -> str:
         counts = ", ".join(f"{k} {v:,}" for k, v in info["counts"].items())
         lines += ["", f"FLUX.1-dev, no GPU: parameter counts (meta device, exact): {counts}. Memory per method at "
                   f"{info['size']} px, batch 1 ({info['tokens']} tokens), all **estimated**:", "",
-                  "| model | method | trained params | recipe iterations | weights bf16 GiB | trained states GiB | activations GiB | total GiB | how |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | method | trained params | recipe iterations | weights bf16 GiB | trained states GiB | activations GiB "
+                  "| total GiB | text encoders released | released + checkpointing | how |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in frows:
             e = r["estimate_gb"]
             lines.append(f"| {r['model']} | {r['method']} | {r['trained_params']:,} | {r['iterations'] or '-'} | {e['weights_bf16']:.1f} "
-                         f"| {e['trained_states']:.2f} | {e['activations']:.1f} | {e['total']:.1f} | estimated |")
+                         f"| {e['trained_states']:.2f} | {e['activations']:.1f} | {e['total']:.1f} | {_f(e.get('total_released'), '{:.1f}')} "
+                         f"| {_f(e.get('total_released_checkpointing'), '{:.1f}')} | estimated |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,9 @@ def _toyworld_train(args: argparse.Namespace) -> int:
         vae=args.vae,
         threads=args.threads,
         train_text_encoders=args.text_encoders == "train",
+        canonical_steps=args.canonical_steps,
+        canonical_share=args.canonical_share,
+        snapshot_every=args.snapshot_every,
     )
     path = train(cfg)
     print(f"saved {cfg.family} to {path}")
@@ -133,8 +136,11 @@ def _erase(args: argparse.Namespace) -> int:
     from .methods import erase, make_config
     from .models import load_pipeline
 
+    import torch
+
     config = make_config(args.method, args.preset, _parse_sets(args.set))
-    pipe = load_pipeline(_model_source(args.model))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(_model_source(args.model), dtype=getattr(torch, args.dtype), device=device)
     edit = erase(pipe, args.concept, args.method, config, checkpoint_dir=args.checkpoint_dir)
     edit.base_model = args.model
     edit.save(args.out)
@@ -268,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--preset", default="paper", help="paper (the paper's hyper-parameters) or fast (toy world)")
     er.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. --set iterations=100")
     er.add_argument("--checkpoint-dir", default=None, help="save checkpoints here and resume from them")
+    er.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    er.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="weights of the pipeline (bfloat16 for FLUX.1 on one GPU); trained tensors stay float32")
     er.set_defaults(func=_erase)
 
     gen = sub.add_parser("generate", help="generate images, optionally with edits applied")
@@ -338,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--vae", default=None, help="reuse the autoencoder in this folder instead of training one")
     tr.add_argument("--text-encoders", choices=("train", "freeze"), default="train",
                     help="train the text encoders with the denoiser (default) or keep them frozen at random init")
+    tr.add_argument("--canonical-steps", type=int, default=0,
+                    help="caption curriculum: the first N steps use only canonical captions (one word order)")
+    tr.add_argument("--canonical-share", type=float, default=0.0,
+                    help="share of canonical captions after the curriculum's first stage (0-1)")
+    tr.add_argument("--snapshot-every", type=int, default=1000, help="save a -snapshot folder every N steps (0: never)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     tr.set_defaults(func=_toyworld_train)
     return parser

@@ -11,7 +11,9 @@ matches.
 Lower level (erasure), on even steps: ``esd_weight * L_esd + attn_weight * L_attn``.
   The training prompt (one of ``prompts``) has its words shuffled (p = ``shuffle_prob``; the
   keyword moves as one unit) and then its keyword swapped for a synonym (p = ``synonym_prob``);
-  the keyword's token indices are computed AFTER both rewrites. x_t comes from an ESD partial
+  the keyword's token indices are computed AFTER both rewrites. The rewritten prompts of the
+  whole run are drawn before training and encoded once, so the text encoders can be released
+  (``release_text_encoders``, :mod:`.memory`). x_t comes from an ESD partial
   rollout with the EDITED model (or a pool of them: ``rollout_source``, see :mod:`.rollouts`;
   the L_rsc features draw from their own source). ``L_esd = || v'(x_t, c) - [v(x_t, a) - eta (v(x_t, c) -
   v(x_t, a))] ||^2`` in the model's own prediction space (Flux: velocity; SD: epsilon or v),
@@ -68,6 +70,7 @@ from ..lexicon import TIERS, Lexicon, ListLexicon, WordNetUnavailable, get_lexic
 from ..models import adapter_for
 from ..models.base import Conditioning, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .memory import MemorySettings, training_memory
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 
 NAME = "eraseanything"
@@ -76,7 +79,7 @@ NUDITY_WORDS = ("nudity", "nude", "naked", "nakedness")
 
 
 @dataclass
-class EraseAnythingConfig(RolloutSettings):
+class EraseAnythingConfig(RolloutSettings, MemorySettings):
     """Hyper-parameters; the defaults are the paper's / the release's.
 
     Lists are comma-separated strings (so that ``--set key=value`` works); ``prompts`` is
@@ -423,7 +426,7 @@ def concept_words(config: EraseAnythingConfig, pipe, concept: str) -> tuple[list
 class _Trainer:
     """One EraseAnything run: state shared by the two levels."""
 
-    def __init__(self, adapter, concept: str, config: EraseAnythingConfig, synonyms, irrelevant, g):
+    def __init__(self, adapter, concept: str, config: EraseAnythingConfig, synonyms, irrelevant, g, iterations: int):
         self.adapter, self.concept, self.config = adapter, concept, config
         self.synonyms, self.irrelevant, self.g = synonyms, irrelevant, g
         self.templates = _split(config.prompts, "|")
@@ -446,6 +449,15 @@ class _Trainer:
         n = config.preserve_images
         self.preserve_prompts = [config.preserve_prompt.format(concept=irrelevant[i % len(irrelevant)]) for i in range(n)]
         self.latents: torch.Tensor | None = None
+        # The lower level's prompts for the whole run, drawn up front (from g, before anything
+        # else) so that every text embedding exists before training and the text encoders can
+        # be released; token indices computed AFTER shuffle and swap.
+        n_lower = iterations if config.gradient_surgery else (iterations + 1) // 2
+        self.plan = []
+        for _ in range(n_lower):
+            prompt = self.templates[self.randint(len(self.templates))].format(concept=concept)
+            prompt, word = rewrite_prompt(prompt, concept, synonyms, g, config.shuffle_prob, config.synonym_prob)
+            self.plan.append((prompt, adapter.token_indices(prompt, word)))
         # x_t of the erasure loss (t_enc over all N steps) and of the L_rsc features (high noise).
         self.sources = [source_from_config(adapter, config, self.steps, high, name, **self.size())
                         for high, name in ((self.steps, "rollout"), (config.rsc_steps, "rsc_rollout"))]
@@ -457,11 +469,19 @@ class _Trainer:
         return self.adapter.keyword_layers()
 
     def cond(self, prompt: str) -> Conditioning:
+        """The prompt's embeddings on the model's device (kept on the CPU between uses)."""
         if prompt not in self._conds:
-            if len(self._conds) > 512:
-                self._conds.clear()
-            self._conds[prompt] = self.adapter.encode([prompt])
-        return self._conds[prompt]
+            self._conds[prompt] = self.adapter.encode([prompt]).to("cpu")
+        return self._conds[prompt].to(self.adapter.device)
+
+    def encode_all(self) -> None:
+        """Encode every prompt of the run (before the text encoders are released)."""
+        c = self.config
+        words = list(self.synonyms) + [w for w in self.irrelevant[: c.rsc_irrelevant]]
+        prompts = [p for p, _ in self.plan] + self.preserve_prompts + [self.rsc_prompt]
+        prompts += [c.preserve_prompt.format(concept=w) for w in words]
+        for prompt in dict.fromkeys(prompts):
+            self.cond(prompt)
 
     def randint(self, n: int) -> int:
         return int(torch.randint(0, n, (1,), generator=self.g))
@@ -479,11 +499,10 @@ class _Trainer:
             return a.encode_images(images * 2 - 1).detach()
 
     # -- the two levels --
-    def lower(self) -> tuple[torch.Tensor, dict]:
+    def lower(self, call: int) -> tuple[torch.Tensor, dict]:
+        """The erasure level at its ``call``-th use (indexes the prompt plan)."""
         a, c = self.adapter, self.config
-        prompt = self.templates[self.randint(len(self.templates))].format(concept=self.concept)
-        prompt, word = rewrite_prompt(prompt, self.concept, self.synonyms, self.g, c.shuffle_prob, c.synonym_prob)
-        idx = a.token_indices(prompt, word)  # AFTER shuffle and swap
+        prompt, idx = self.plan[call]
         cond = self.cond(prompt)
         x_t, t = self.sources[0].draw(cond, self.empty, self.g)
         target = negative_guidance_target(a, x_t, t, cond, self.anchor, c.eta)
@@ -552,7 +571,7 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
     iterations = config.resolved_iterations(concept)
     synonyms, irrelevant, source = concept_words(config, pipe, concept)
     g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
-    trainer = _Trainer(adapter, concept, config, synonyms, irrelevant, g)
+    trainer = _Trainer(adapter, concept, config, synonyms, irrelevant, g, iterations)
     prefix = lora_prefix(adapter)
     meta = {"config": asdict(config), "concept": concept, "synonyms": synonyms, "irrelevant": irrelevant}
 
@@ -564,8 +583,9 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
         trainer.latents = tensors["preserve_latents"].to(adapter.device, adapter.dtype)
     else:
         trainer.latents = trainer.generate_preserve_latents()
+    trainer.encode_all()
 
-    with frozen(adapter.denoiser):  # only the edit trains
+    with frozen(adapter.denoiser), training_memory(adapter, config, probed=trainer.layers):  # only the edit trains
         handle = attach_lora(adapter, initial, f"erasekit_training_{id(trainer)}", config.alpha / config.rank, trainable=True)
         history = []
         t0 = time.time()
@@ -581,7 +601,7 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
                        initial=start, total=iterations)
             for it in bar:
                 if config.gradient_surgery:
-                    lower, log_l = trainer.lower()
+                    lower, log_l = trainer.lower(it)
                     g_lower = _flat_grad(lower, params)
                     upper, log_u = trainer.upper()
                     g_upper = _flat_grad(upper, params)
@@ -590,7 +610,7 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
                               "conflict": bool(torch.dot(g_lower, g_upper) < 0)}
                 else:
                     level = "lower" if it % 2 == 0 else "upper"
-                    loss, logs = trainer.lower() if level == "lower" else trainer.upper()
+                    loss, logs = trainer.lower(it // 2) if level == "lower" else trainer.upper()
                     flat = _flat_grad(loss, params)
                     record = {"level": level, **logs}
                 _set_grad(params, flat)

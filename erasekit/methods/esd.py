@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..models import Conditioning, adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .memory import MemorySettings, training_memory
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 from .weight_edits import PREFIX, attach_deltas, attached_parameters, export_merged  # noqa: F401 (re-exported)
 
@@ -52,7 +53,7 @@ RELEASE_DEFAULTS = {
 
 
 @dataclass
-class ESDConfig(RolloutSettings):
+class ESDConfig(RolloutSettings, MemorySettings):
     """Hyper-parameters; the defaults are the authors' release (``iterations`` / ``lr`` None:
     the release's value for the model family, see RELEASE_DEFAULTS)."""
 
@@ -154,7 +155,7 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
     switch = adapter.register_switch(teacher)
     history = []
     t0 = time.time()
-    with frozen(adapter.denoiser):  # only the edit trains
+    with frozen(adapter.denoiser), training_memory(adapter, config):  # only the edit trains
         try:
             for p in params.values():
                 p.requires_grad_(True)

@@ -30,13 +30,14 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..models import adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .memory import MemorySettings, training_memory
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 
 NAME = "receler"
 
 
 @dataclass
-class RecelerConfig(RolloutSettings):
+class RecelerConfig(RolloutSettings, MemorySettings):
     """Hyper-parameters; the defaults are the paper's."""
 
     iterations: int = 500
@@ -64,7 +65,8 @@ class RecelerConfig(RolloutSettings):
 
 
 class Eraser(nn.Module):
-    """E(h) = W_up GELU(W_down h + b_down) + b_up on (..., width) features; zero at init."""
+    """E(h) = W_up GELU(W_down h + b_down) + b_up on (..., width) features; zero at init.
+    Computed in the eraser's own dtype, returned in h's (float32 erasers on a bf16 model)."""
 
     def __init__(self, width: int, rank: int = 128):
         super().__init__()
@@ -74,7 +76,7 @@ class Eraser(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(F.gelu(self.down(h)))
+        return self.up(F.gelu(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
 
 
 def _key(point_name: str) -> str:
@@ -255,7 +257,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     attachment = _attach_erasers(adapter, erasers, "training", 1.0)
     history = []
     t0 = time.time()
-    with frozen(adapter.denoiser):  # only the edit trains
+    with frozen(adapter.denoiser), training_memory(adapter, config):  # only the edit trains
         try:
             for it in tqdm(range(start, config.iterations), desc=f"receler '{concept}'", disable=not progress, initial=start, total=config.iterations):
                 x_t, t = source.draw(cond, uncond, g)

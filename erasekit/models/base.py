@@ -502,6 +502,77 @@ class FamilyAdapter:
         """Flattened :meth:`token_spans`."""
         return [i for span in self.token_spans(prompt, phrase) for i in span]
 
+    # ---- memory ----------------------------------------------------------------------------
+
+    def text_encoders(self) -> list[nn.Module]:
+        """The pipeline's text encoder modules (SD: CLIP; Flux: CLIP and T5)."""
+        raise NotImplementedError
+
+    def _text_device(self) -> torch.device:
+        """Where the text encoders run; :meth:`encode` raises while they are released."""
+        if self.__dict__.get("_text_released"):
+            raise RuntimeError(
+                "the text encoders are released (text_encoders_released): encode every prompt "
+                "before entering, or set release_text_encoders=False"
+            )
+        return next(self.main_text_encoder()[1].parameters()).device
+
+    @contextmanager
+    def text_encoders_released(self, park: str | torch.device = "cpu") -> Iterator[None]:
+        """Train without the text encoders in accelerator memory: inside, they are parked on
+        ``park`` and :meth:`encode` raises, so a method encodes every prompt it needs BEFORE
+        entering. They go back to their devices on exit. FLUX.1-dev's T5-XXL alone holds
+        9.5 GB in bf16; on a CPU-only run parking is a no-op but the encode guard still holds."""
+        encoders = self.text_encoders()
+        homes = [next(m.parameters()).device for m in encoders]
+        for m in encoders:
+            m.to(park)
+        if any(h.type == "cuda" for h in homes) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        was = self.__dict__.get("_text_released", False)
+        self._text_released = True
+        try:
+            yield
+        finally:
+            self._text_released = was
+            for m, home in zip(encoders, homes):
+                m.to(home)
+
+    def checkpoint_units(self) -> list[str]:
+        """Names of the denoiser blocks :meth:`gradient_checkpointing` can recompute."""
+        raise NotImplementedError
+
+    @contextmanager
+    def gradient_checkpointing(self, keep: Sequence[str] = ()) -> Iterator[None]:
+        """Inside, every denoiser block of :meth:`checkpoint_units` that holds none of the layers
+        in ``keep`` stores only its inputs in forward and recomputes its activations in
+        backward (``torch.utils.checkpoint``, non-reentrant): peak memory of one block's
+        activations instead of all of them, for about one more forward pass of compute.
+        Blocks with a layer in ``keep`` run as usual: pass the layers a method probes with
+        gradient, whose recorded maps must come from the one forward pass. The edits' state
+        (:meth:`edits_disabled`) must be the same at backward as at forward."""
+        from torch.utils.checkpoint import checkpoint
+
+        den = self.denoiser
+        units = [u for u in self.checkpoint_units() if not any(k == u or k.startswith(u + ".") for k in keep)]
+        wrapped = []
+        for name in units:
+            module = den.get_submodule(name)
+            inner = module.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                return _inner(*args, **kwargs)
+
+            module.forward = forward
+            wrapped.append(module)
+        try:
+            yield
+        finally:
+            for module in wrapped:
+                module.__dict__.pop("forward", None)
+
     # ---- denoising -------------------------------------------------------------------------
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple:

@@ -111,10 +111,18 @@ class FluxAdapter(FamilyAdapter):
         pipe = self._require_pipe("encode")
         with torch.no_grad():
             embeds, pooled, _ = pipe.encode_prompt(
-                prompt=list(prompts), prompt_2=None, device=self.device,
+                prompt=list(prompts), prompt_2=None, device=self._text_device(),
                 max_sequence_length=self.max_sequence_length,
             )
-        return Conditioning(embeds, pooled)
+        return Conditioning(embeds.to(self.device), pooled.to(self.device))
+
+    def text_encoders(self) -> list[nn.Module]:
+        pipe = self._require_pipe("text_encoders")
+        return [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None]
+
+    def checkpoint_units(self) -> list[str]:
+        """Every dual-stream then single-stream block (the attention layer names)."""
+        return self.attention_layers()
 
     def _main_tokenizer(self):
         return self._require_pipe("token_spans").tokenizer_2, self.max_sequence_length

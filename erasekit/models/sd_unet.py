@@ -66,8 +66,17 @@ class SDUNetAdapter(FamilyAdapter):
         computed by the pipeline's own ``encode_prompt``."""
         pipe = self._require_pipe("encode")
         with torch.no_grad():
-            embeds, _ = pipe.encode_prompt(list(prompts), self.device, 1, False)
-        return Conditioning(embeds, None)
+            embeds, _ = pipe.encode_prompt(list(prompts), self._text_device(), 1, False)
+        return Conditioning(embeds.to(self.device), None)
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [self._require_pipe("text_encoders").text_encoder]
+
+    def checkpoint_units(self) -> list[str]:
+        """down_blocks.{i}, mid_block, up_blocks.{i}."""
+        d = self.denoiser
+        return ([f"down_blocks.{i}" for i in range(len(d.down_blocks))] + (["mid_block"] if d.mid_block is not None else [])
+                + [f"up_blocks.{i}" for i in range(len(d.up_blocks))])
 
     def _main_tokenizer(self):
         tok = self._require_pipe("token_spans").tokenizer

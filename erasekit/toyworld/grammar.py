@@ -70,6 +70,8 @@ HELDOUT_TEMPLATES: tuple[str, ...] = (
     "on a {bg} background there is {a} {color} {obj}",
 )
 SIMPLE_TEMPLATE = "an image of {a} {obj}"
+# One fixed word order with every attribute in it: the captions of the curriculum's first stage.
+CANONICAL_TEMPLATE = "{a} {color} {obj} on a {bg} background"
 
 
 def article(word: str) -> str:
@@ -143,3 +145,10 @@ def training_caption(scene: Scene, rng: random.Random) -> str:
         obj = rng.choice(concept.indirect)
     tex = rng.choice(TEXTURES[scene.texture])
     return fill(rng.choice(TRAIN_TEMPLATES), obj, scene.color, tex, scene.background)
+
+
+def canonical_caption(scene: Scene) -> str:
+    """The scene in the canonical template, the object by its own name: the same word order
+    every time, so a small denoiser first learns where the object word is."""
+    assert scene.object is not None
+    return fill(CANONICAL_TEMPLATE, scene.object, scene.color, scene.texture, scene.background)

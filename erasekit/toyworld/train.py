@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..files import atomic_folder
 from ..models.loading import write_defaults
 from .architectures import TEXT_LENGTH, build_vae, flux_components, sd_components
-from .grammar import Scene, sample_scene, training_caption
+from .grammar import Scene, canonical_caption, sample_scene, training_caption
 from .render import IMAGE_SIZE, render_batch
 
 SAMPLING_DEFAULTS = {
@@ -56,6 +56,12 @@ class TrainConfig:
     train_text_encoders: bool = True
     threads: int | None = None
     snapshot_every: int = 1000
+    # Caption curriculum: the first ``canonical_steps`` steps see only canonical captions (one
+    # word order, the object's own name); afterwards a ``canonical_share`` of captions stay
+    # canonical and the rest come from the full grammar. Without it the SD-style UNet, which has
+    # no pooled text path, learns colours but never reads the object word.
+    canonical_steps: int = 0
+    canonical_share: float = 0.0
 
 
 def render_dataset(size: int, seed: int) -> tuple[list[Scene], torch.Tensor]:
@@ -97,6 +103,15 @@ def train_vae(images: torch.Tensor, cfg: TrainConfig) -> AutoencoderKL:
 def encode_dataset(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """Posterior means of ``images``: (N, 4, 16, 16), unscaled."""
     return torch.cat([vae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
+
+
+def _caption(scene: Scene, step: int, cfg: TrainConfig, rng: random.Random) -> str:
+    """The training caption of ``scene`` at ``step``: empty (dropout), canonical or from the grammar."""
+    if rng.random() < cfg.caption_dropout:
+        return ""
+    if step < cfg.canonical_steps or (cfg.canonical_share and rng.random() < cfg.canonical_share):
+        return canonical_caption(scene)
+    return training_caption(scene, rng)
 
 
 def _sd_loss(pipe: StableDiffusionPipeline, x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
@@ -209,7 +224,7 @@ def train(cfg: TrainConfig) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
-        captions = ["" if rng.random() < cfg.caption_dropout else training_caption(scenes[i], rng) for i in idx.tolist()]
+        captions = [_caption(scenes[i], step, cfg, rng) for i in idx.tolist()]
         loss = loss_fn(pipe, latents[idx], captions, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
