@@ -32,3 +32,28 @@ def test_sd_text_encoder_trained_or_frozen(tmp_path, tiny_vae, mode):
     record = json.loads((a / "training.json").read_text())
     assert record["config"]["train_text_encoders"] == mode
     assert record["steps_done"] == 2
+
+
+def test_caption_curriculum_canonical_first_then_the_grammar():
+    import random
+
+    from erasekit.toyworld.grammar import Scene, canonical_caption
+    from erasekit.toyworld.train import _caption
+
+    scene = Scene("heart", "red", "striped", "gray")
+    assert canonical_caption(scene) == "a red heart on a gray background"
+    cfg = TrainConfig(family="sd", out="unused", canonical_steps=10, caption_dropout=0.0)
+    rng = random.Random(0)
+    assert {_caption(scene, step, cfg, rng) for step in range(10) for _ in range(20)} == {canonical_caption(scene)}
+    later = [_caption(scene, 10, cfg, rng) for _ in range(200)]
+    assert sum(c == canonical_caption(scene) for c in later) < 20  # the full grammar (a few canonical by chance)
+    shared = TrainConfig(family="sd", out="unused", canonical_steps=10, canonical_share=0.5, caption_dropout=0.0)
+    share = sum(_caption(scene, 50, shared, rng) == canonical_caption(scene) for _ in range(400)) / 400
+    assert 0.4 < share < 0.65
+    # without a curriculum the caption stream is the grammar's, draw for draw
+    plain, a, b = TrainConfig(family="sd", out="unused"), random.Random(3), random.Random(3)
+    from erasekit.toyworld.grammar import training_caption
+
+    for step in range(50):
+        expected = "" if b.random() < plain.caption_dropout else training_caption(scene, b)
+        assert _caption(scene, step, plain, a) == expected
