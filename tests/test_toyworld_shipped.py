@@ -40,14 +40,7 @@ def test_shipped_pipeline_loads_both_ways_and_generates(family):
     assert out.shape == (1, 3, 32, 32)
 
 
-SD_BELOW_TARGET = pytest.mark.xfail(
-    strict=True,
-    reason="the shipped SD toy pipeline draws colours but not yet reliable shapes (below the "
-    "toy-world quality target; see benchmarks/RESULTS.md): retrain, then drop this mark",
-)
-
-
-@pytest.mark.parametrize("family", [pytest.param("sd", marks=SD_BELOW_TARGET), "flux"])
+@pytest.mark.parametrize("family", ["sd", "flux"])
 def test_shipped_pipeline_draws_the_prompted_object(family):
     import erasekit
     from erasekit.toyworld.detector import ToyDetector
