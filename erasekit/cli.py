@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the toy world end to end: samples and the erasure suite, as an HTML page")
     demo.add_argument("--out", default="erasekit-demo", help="output folder (index.html, results.json)")
-    demo.add_argument("--concept", default="circle", help="toy-world object to evaluate")
+    demo.add_argument("--concept", default="triangle", help="toy-world object to evaluate")
     demo.add_argument("--n", type=int, default=12, help="prompts per suite set")
     demo.add_argument("--method", default="uce", help="erasure method to show, or 'none' for the unedited models")
     demo.add_argument("--preset", default="paper", help="the method's preset (e.g. fast for the training methods)")

@@ -56,7 +56,7 @@ def _set_rows(suite, images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
 
 def run_demo(
     out: str | Path = "erasekit-demo",
-    concept: str = "circle",
+    concept: str = "triangle",
     n: int = 12,
     method: str | None = "uce",
     preset: str = "paper",
