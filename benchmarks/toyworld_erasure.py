@@ -2,9 +2,12 @@
 
 For each toy pipeline and concept: the unedited model, then each variant trained from scratch,
 applied, measured with the object-erasure suite, and removed. Receler's ablation rows follow
-the paper (eraser only, + regulariser, + adversarial prompts, all).
+the paper (eraser only, + regulariser, + adversarial prompts, all); EraseAnything's drop one part
+at a time (no attention loss, no reverse self-contrastive loss, no shuffling) and replace the
+alternation of the two levels by gradient surgery.
 
     python benchmarks/toyworld_erasure.py --family sd --concept circle --variants all,eraser-only
+    python benchmarks/toyworld_erasure.py --method eraseanything --n 12 --threads 1
 """
 
 from __future__ import annotations
@@ -27,10 +30,19 @@ from erasekit.toyworld.detector import ToyDetector
 from erasekit.toyworld.suite import run_object_suite
 
 VARIANTS = {
-    "eraser-only": {"reg_weight": "0", "adv_tokens": "0"},
-    "+reg": {"adv_tokens": "0"},
-    "+adv": {"reg_weight": "0"},
-    "all": {},
+    "receler": {
+        "eraser-only": {"reg_weight": "0", "adv_tokens": "0"},
+        "+reg": {"adv_tokens": "0"},
+        "+adv": {"reg_weight": "0"},
+        "all": {},
+    },
+    "eraseanything": {
+        "all": {},
+        "no-attn": {"attn_weight": "0"},
+        "no-rsc": {"rsc_weight": "0"},
+        "no-shuffle": {"shuffle_prob": "0"},
+        "gradient-surgery": {"gradient_surgery": "true"},
+    },
 }
 
 
@@ -38,16 +50,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", action="append", default=None, help="sd and/or flux (default both)")
     ap.add_argument("--concept", action="append", default=None, help="default: circle, triangle, heart")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None, help="comma-separated (default: every variant of the method)")
     ap.add_argument("--method", default="receler")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--n", type=int, default=24, help="prompts per suite set")
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = VARIANTS.get(args.method, {"default": {}})
     families = args.family or ["sd", "flux"]
     concepts = args.concept or ["circle", "triangle", "heart"]
-    variants = args.variants.split(",")
+    variants = args.variants.split(",") if args.variants else list(table)
+    unknown = [v for v in variants if v not in table]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown} for {args.method}; known: {list(table)}")
     extra = dict(s.split("=", 1) for s in args.set)
     detector = ToyDetector.load()
     rows = []
@@ -57,7 +76,7 @@ def main() -> None:
             base, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
             rows.append(dict(family=family, concept=concept, variant="base", acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h, per_set=base.per_set, seconds=0.0))
             for variant in variants:
-                config = make_config(args.method, args.preset, VARIANTS[variant] | extra)
+                config = make_config(args.method, args.preset, table[variant] | extra)
                 t0 = time.time()
                 edit = erase(pipe, concept, args.method, config, progress=False)
                 seconds = time.time() - t0
