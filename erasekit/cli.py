@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="erasekit-demo", help="output folder (index.html, results.json)")
     demo.add_argument("--concept", default="triangle", help="toy-world object to evaluate")
     demo.add_argument("--n", type=int, default=12, help="prompts per suite set")
-    demo.add_argument("--method", default="uce", help="erasure method to show, or 'none' for the unedited models")
-    demo.add_argument("--preset", default="paper", help="the method's preset (e.g. fast for the training methods)")
+    demo.add_argument("--method", default="esd-u", help="erasure method or bench row to show (esd-u, receler, uce, ...), or 'none' for the unedited models")
+    demo.add_argument("--preset", default="fast", help="the method's preset (fast: the toy-world one; paper)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting of the method")
     demo.set_defaults(func=_demo)
 

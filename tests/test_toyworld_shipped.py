@@ -86,9 +86,10 @@ def test_detector_rejects_unknown_concepts():
 def test_demo_writes_page_and_results(tmp_path):
     from erasekit.cli import main
 
-    assert main(["demo", "--out", str(tmp_path), "--n", "2"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--n", "2", "--set", "iterations=3"]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    assert set(result["families"]) == {"sd", "flux"} and result["method"] == "uce"
+    assert set(result["families"]) == {"sd", "flux"} and result["method"] == "esd-u"
+    assert all(e["edit"]["hyperparameters"]["group"] == "esd-u" for e in result["families"].values())
     for entry in result["families"].values():
         for r in (entry["base"], entry["edited"]):
             assert 0 <= r["h"] <= 100 and r["detector"] == "toyworld-classifier"
