@@ -29,6 +29,10 @@ How each figure is obtained (the table's "how" columns):
   they equal wall seconds.
 
     python benchmarks/scale.py --size 64 --threads 1 --json scale.json
+    python benchmarks/scale.py --skip-sd --gradient-checkpointing --json scale-gpu.json   # on a GPU: FLUX.1-dev in bf16
+
+Training runs use the methods' memory settings (:mod:`erasekit.methods.memory`): text encoders
+released by default; ``--gradient-checkpointing`` turns checkpointing on for every training run.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ IRRELEVANT = "dog,tree,house,boat,bird,chair,cup,flower"
 WORDS = ("a an the photo image picture of " + CONCEPT + " " + SYNONYMS.replace(",", " ") + " " + IRRELEVANT.replace(",", " ")).split()
 GIB = 1024**3
 TRAINING = ("receler", "eraseanything", "esd-x", "esd-u")
+TRAINING_SETTINGS: dict[str, str] = {}  # settings every timed training run gets (--gradient-checkpointing)
 
 
 # ---- the models ----------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def timed_fit(pipe, method: str, overrides: dict[str, str], rollout_cap: int, de
     instrumented (rollouts cut to ``rollout_cap`` sampler steps)."""
     adapter = adapter_for(pipe)
     module = method_module(method)
-    config = make_config(method, "paper", overrides)
+    config = make_config(method, "paper", TRAINING_SETTINGS | overrides)
     stamps: list[float] = []
     rollouts: list[tuple[float, float, int, int]] = []  # (start, seconds, requested t_enc, steps run)
     real_rollout = adapter.rollout
@@ -553,10 +558,13 @@ def main() -> None:
     ap.add_argument("--flux-size", type=int, default=512)
     ap.add_argument("--flux-layers", default=None, help="dual,single,t5 layer counts (a small stand-in to check the GPU path)")
     ap.add_argument("--skip-sd", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="train with gradient_checkpointing=true (erasekit.methods.memory)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gradient_checkpointing:
+        TRAINING_SETTINGS["gradient_checkpointing"] = "true"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     start = time.time()
     rows: list[dict] = []
