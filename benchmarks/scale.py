@@ -72,7 +72,6 @@ IRRELEVANT = "dog,tree,house,boat,bird,chair,cup,flower"
 WORDS = ("a an the photo image picture of " + CONCEPT + " " + SYNONYMS.replace(",", " ") + " " + IRRELEVANT.replace(",", " ")).split()
 GIB = 1024**3
 TRAINING = ("receler", "eraseanything", "esd-x", "esd-u")
-TRAINING_SETTINGS: dict[str, str] = {}  # settings every timed training run gets (--gradient-checkpointing)
 
 
 # ---- the models ----------------------------------------------------------------------------
@@ -213,7 +212,7 @@ def timed_fit(pipe, method: str, overrides: dict[str, str], rollout_cap: int, de
     instrumented (rollouts cut to ``rollout_cap`` sampler steps)."""
     adapter = adapter_for(pipe)
     module = method_module(method)
-    config = make_config(method, "paper", TRAINING_SETTINGS | overrides)
+    config = make_config(method, "paper", overrides)
     stamps: list[float] = []
     rollouts: list[tuple[float, float, int, int]] = []  # (start, seconds, requested t_enc, steps run)
     real_rollout = adapter.rollout
@@ -316,6 +315,11 @@ def _row(model, method, **kw) -> dict:
     return {"model": model, "method": method} | kw
 
 
+def memory_overrides(args) -> dict[str, str]:
+    """Settings every timed training run gets from the command line (erasekit.methods.memory)."""
+    return {"gradient_checkpointing": "true"} if args.gradient_checkpointing else {}
+
+
 def measure_training(pipe, label: str, args, device) -> list[dict]:
     """Rows for esd-x, receler and eraseanything on ``pipe``, before :func:`derive`."""
     adapter = adapter_for(pipe)
@@ -326,7 +330,7 @@ def measure_training(pipe, label: str, args, device) -> list[dict]:
     def run(method, overrides, iterations):
         release_free_memory()
         print(f"  {label} {method} {overrides} ...", flush=True)
-        return timed_fit(pipe, method, overrides | {"iterations": str(iterations)}, cap, device)
+        return timed_fit(pipe, method, overrides | memory_overrides(args) | {"iterations": str(iterations)}, cap, device)
 
     # ESD-x
     cfg = make_config("esd", "paper", {"group": "esd-x"})
@@ -563,8 +567,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.gradient_checkpointing:
-        TRAINING_SETTINGS["gradient_checkpointing"] = "true"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     start = time.time()
     rows: list[dict] = []
@@ -576,7 +578,7 @@ def main() -> None:
         first = cfg_pass_seconds(adapter, args.reps, device)
         training = measure_training(pipe, label, args, device)
         if args.measure_esd_u:
-            f = timed_fit(pipe, "esd", {"group": "esd-u", "iterations": str(1 + args.iters)}, args.rollout_cap, device)
+            f = timed_fit(pipe, "esd", {"group": "esd-u", "iterations": str(1 + args.iters)} | memory_overrides(args), args.rollout_cap, device)
             train = statistics.mean(i - r for i, r in zip(f.iteration_s[1:], f.rollout_s[1:]))
             training.append(_iteration_row(label, "esd-u", adapter, "esd", make_config("esd", "paper", {"group": "esd-u"}), f, train))
         others = [measure_uce(pipe, label, device)] + [measure_inference(pipe, label, m, args.reps, device) for m in ("keyword_zeroing", "sld")]

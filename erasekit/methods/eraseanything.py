@@ -477,7 +477,7 @@ class _Trainer:
     def encode_all(self) -> None:
         """Encode every prompt of the run (before the text encoders are released)."""
         c = self.config
-        words = list(self.synonyms) + [w for w in self.irrelevant[: c.rsc_irrelevant]]
+        words = list(self.synonyms) + list(self.irrelevant[: c.rsc_irrelevant])
         prompts = [p for p, _ in self.plan] + self.preserve_prompts + [self.rsc_prompt]
         prompts += [c.preserve_prompt.format(concept=w) for w in words]
         for prompt in dict.fromkeys(prompts):
