@@ -2,7 +2,9 @@
 
 For each toy pipeline and concept: the unedited model, then each variant trained from scratch,
 applied, measured with the object-erasure suite, and removed. Receler's ablation rows follow
-the paper (eraser only, + regulariser, + adversarial prompts, all); EraseAnything's drop one part
+the paper (eraser only, + regulariser, + adversarial prompts, all), then all + our extensions
+(a preservation term that keeps the erasers silent on the other objects' prompts; the erase loss
+on the clean prompt beside the adversarial one); EraseAnything's drop one part
 at a time (no attention loss, no reverse self-contrastive loss, no shuffling) and replace the
 alternation of the two levels by gradient surgery.
 
@@ -35,6 +37,8 @@ VARIANTS = {
         "+reg": {"adv_tokens": "0"},
         "+adv": {"reg_weight": "0"},
         "all": {},
+        "all+preserve": {"preserve_weight": "0.1"},  # our extensions, not paper rows
+        "all+clean": {"adv_clean_erase": "true"},
     },
     "eraseanything": {
         "all": {},

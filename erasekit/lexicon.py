@@ -445,3 +445,27 @@ def get_lexicon(name: str) -> Lexicon:
     if name == "toyworld":
         return ToyWorldLexicon()
     raise ValueError(f"unknown lexicon {name!r}; known: wordnet, toyworld (or a ListLexicon)")
+
+
+def is_toy_pipeline(pipe) -> bool:
+    """Whether ``pipe`` was loaded from the toy world's shipped weights."""
+    try:
+        from .toyworld import weights_dir
+
+        source = Path(str(getattr(pipe, "name_or_path", "") or "")).resolve()
+        return bool(str(source)) and source.is_relative_to(weights_dir().resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def lexicon_for(name: str, pipe, concept: str) -> Lexicon:
+    """The lexicon a method uses for ``concept`` on ``pipe``: ``name`` is "auto" (the toy
+    world's grammar for its own pipelines and objects, else WordNet), "wordnet", "toyworld" or
+    "none" (empty lists)."""
+    if name == "auto":
+        from .toyworld.grammar import OBJECT_NAMES
+
+        name = "toyworld" if concept in OBJECT_NAMES and is_toy_pipeline(pipe) else "wordnet"
+    if name == "none":
+        return ListLexicon()
+    return get_lexicon(name)

@@ -8,6 +8,7 @@ from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 import erasekit
+from erasekit import lexicon
 from erasekit.edits import apply, load_edit, remove
 from erasekit.methods import eraseanything as ea
 from erasekit.methods import make_config
@@ -418,8 +419,8 @@ def test_words_come_from_the_chosen_lexicon(sd_pipe, monkeypatch):
     syn, ir, source = ea.concept_words(_cfg(), sd_pipe, "car")  # both lists given: no lexicon needed
     assert source == "config"
     # auto: the toy world's grammar for its own pipelines, WordNet elsewhere
-    monkeypatch.setattr(ea, "get_lexicon", lambda name: name)
-    assert ea.choose_lexicon(EraseAnythingConfig(), sd_pipe, "circle") == "wordnet"
-    monkeypatch.setattr(ea, "_is_toy_pipeline", lambda pipe: True)
-    assert ea.choose_lexicon(EraseAnythingConfig(), sd_pipe, "circle") == "toyworld"
-    assert ea.choose_lexicon(EraseAnythingConfig(), sd_pipe, "car") == "wordnet"
+    monkeypatch.setattr(lexicon, "get_lexicon", lambda name: name)
+    assert lexicon.lexicon_for("auto", sd_pipe, "circle") == "wordnet"
+    monkeypatch.setattr(lexicon, "is_toy_pipeline", lambda pipe: True)
+    assert lexicon.lexicon_for("auto", sd_pipe, "circle") == "toyworld"
+    assert lexicon.lexicon_for("auto", sd_pipe, "car") == "wordnet"

@@ -170,3 +170,45 @@ def test_load_edit_errors(tmp_path):
     (tmp_path / "edit.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt edit"):
         load_edit(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_preservation_silences_the_erasers_on_kept_concepts(family):
+    """The extension's term is the only difference between the two runs; it must make the
+    erasers act less on the kept concept's prompt than on the erased one's."""
+    cfg = dict(TINY, prompt="a photo of a {concept}", adv_tokens=0, iterations=6, lr=3e-2)
+
+    def eraser_energy(edit, prompt):
+        pipe = BUILDERS[family]()
+        adapter = adapter_for(pipe)
+        x, t, cond = _inputs(adapter, prompt=prompt)
+        apply(pipe, edit)
+        with receler._recording(adapter) as outs:
+            adapter.predict(x, t, cond)
+        return receler.preservation_loss(outs).item()
+
+    plain = fit(BUILDERS[family](), "car", RecelerConfig(**cfg), progress=False)
+    kept = fit(BUILDERS[family](), "car", RecelerConfig(**cfg, preserve_weight=1e4, preserve="dog"), progress=False)
+    assert plain.hyperparameters["preserved_concepts"] == [] and kept.hyperparameters["preserved_concepts"] == ["dog"]
+    assert eraser_energy(kept, "a photo of a dog") < 0.1 * eraser_energy(plain, "a photo of a dog")
+    assert eraser_energy(kept, "a photo of a car") > 0
+
+
+def test_preserved_concepts_come_from_the_config_or_the_lexicon(sd_pipe):
+    cfg = RecelerConfig(preserve_weight=1.0, lexicon="toyworld")
+    assert receler.preserved_concepts(cfg, sd_pipe, "circle") == ["square", "triangle", "star", "heart", "cross"]
+    assert receler.preserved_concepts(RecelerConfig(preserve_weight=1.0, preserve="dog, circle"), sd_pipe, "circle") == ["dog"]
+    assert receler.preserved_concepts(RecelerConfig(), sd_pipe, "circle") == []  # weight 0: off
+    with pytest.raises(ValueError, match="preserve="):
+        receler.preserved_concepts(RecelerConfig(preserve_weight=1.0, preserve="circle"), sd_pipe, "circle")
+
+
+def test_clean_erase_loss_joins_the_adversarial_one_only_with_a_soft_prompt():
+    cfg = dict(TINY, prompt="a photo of a {concept}", iterations=2)
+    adv = fit(tiny_sd_pipeline(), "car", RecelerConfig(**cfg), progress=False)
+    both = fit(tiny_sd_pipeline(), "car", RecelerConfig(**cfg, adv_clean_erase=True), progress=False)
+    assert any(not torch.equal(adv.tensors[k], both.tensors[k]) for k in adv.tensors if k.startswith("erasers."))
+    plain = dict(cfg, adv_tokens=0)
+    off = fit(tiny_sd_pipeline(), "car", RecelerConfig(**plain), progress=False)
+    flag = fit(tiny_sd_pipeline(), "car", RecelerConfig(**plain, adv_clean_erase=True), progress=False)
+    assert all(torch.equal(off.tensors[k], flag.tensors[k]) for k in off.tensors)

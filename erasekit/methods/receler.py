@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..edits import Edit
+from ..lexicon import WordNetUnavailable, lexicon_for
 from ..models import adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from .memory import MemorySettings, training_memory
@@ -50,7 +51,18 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     adv_steps: int = 50
     adv_lr: float = 0.1
     adv_weight_decay: float = 0.1
+    # Our extension (off in the paper preset): the eraser step also fits the erase target on the
+    # clean prompt, not only on the adversarial one, averaging the two losses.
+    adv_clean_erase: bool = False
     prompt: str = "{concept}"  # the erased prompt c
+    # Preservation (our extension, not in the paper; 0 switches it off): each iteration the
+    # erasers' outputs on the prompt of one concept to keep (drawn from ``preserve``, else from
+    # the lexicon's ``preserve_tiers``) are pushed to zero, so that they act on the concept alone.
+    preserve_weight: float = 0.0
+    preserve: str = ""  # comma-separated concepts to keep; empty: from the lexicon
+    preserve_count: int = 5
+    preserve_tiers: str = "close"
+    lexicon: str = "auto"  # auto (toy world for its pipelines, else WordNet), wordnet, toyworld
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -206,6 +218,29 @@ def localization_loss(outputs: list[torch.Tensor], mask: torch.Tensor) -> torch.
     return torch.stack(losses).mean()
 
 
+def preserved_concepts(config: RecelerConfig, pipe, concept: str) -> list[str]:
+    """The concepts whose prompts the erasers must leave alone (empty when preservation is off):
+    ``config.preserve`` if given, else ``preserve_count`` of the lexicon's irrelevant concepts."""
+    if not config.preserve_weight:
+        return []
+    words = [w.strip() for w in config.preserve.split(",") if w.strip()]
+    if not words:
+        tiers = [t.strip() for t in config.preserve_tiers.split(",") if t.strip()]
+        try:
+            words = lexicon_for(config.lexicon, pipe, concept).irrelevant_mixed(concept, tiers, config.preserve_count)
+        except WordNetUnavailable as err:
+            raise ValueError(f"no concepts to preserve for {concept!r}: {err}. Give them with preserve='word, word, ...'") from err
+    words = [w for w in words if w.lower() != concept.lower()]
+    if not words:
+        raise ValueError(f"no concepts to preserve for {concept!r}; give them with preserve='word, word, ...'")
+    return words
+
+
+def preservation_loss(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over eraser outputs o (B, tokens, C) of mean(o^2): zero when the erasers are silent."""
+    return torch.stack([o.float().pow(2).mean() for o in outputs]).mean()
+
+
 # ---- training --------------------------------------------------------------------------------
 
 
@@ -229,6 +264,8 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
 
     cond = adapter.encode([prompt])
     uncond = adapter.encode([""])
+    kept = preserved_concepts(config, pipe, concept)
+    kept_conds = [adapter.encode([config.prompt.format(concept=w)]) for w in kept]
     length = cond.embeds.shape[1]
     adv_pos = list(range(concept_idx[-1] + 1, min(length, concept_idx[-1] + 1 + config.adv_tokens)))
     adv = adv_opt = None
@@ -282,15 +319,25 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
                 with _recording(adapter) as outputs:
                     pred = adapter.predict(x_t, t, student_cond)
                 erase_loss = F.mse_loss(pred.float(), target.float())
+                if config.adv_clean_erase and student_cond is not cond:
+                    clean = adapter.predict(x_t, t, cond)
+                    erase_loss = 0.5 * (erase_loss + F.mse_loss(clean.float(), target.float()))
                 loss = erase_loss
                 reg = torch.zeros(())
                 if config.reg_weight:
                     reg = localization_loss(outputs, mask)
                     loss = loss + config.reg_weight * reg
+                keep = torch.zeros(())
+                if kept_conds:
+                    other = kept_conds[int(torch.randint(len(kept_conds), (1,), generator=g))]
+                    with _recording(adapter) as outputs:
+                        adapter.predict(x_t, t, other)
+                    keep = preservation_loss(outputs)
+                    loss = loss + config.preserve_weight * keep
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                history.append({"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item()})
+                history.append({"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item(), "preserve": keep.item()})
                 done = it + 1
                 if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
                     state = eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
@@ -310,7 +357,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
         family=adapter.family,
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors,
-        hyperparameters=asdict(config) | {"adv_positions": adv_pos, "rollout_steps": steps},
+        hyperparameters=asdict(config) | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},
         metrics={"train_seconds": round(time.time() - t0, 2), "final_erase_loss": history[-1]["erase"] if history else None}
         | rollout_metrics(source),
     )
