@@ -47,8 +47,8 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "sld": ("sld", {}),
 }
 DEFAULT_METHODS = tuple(VARIANTS)
-# Kept for comparability with earlier tables; the SD toy pipeline draws the circle on only about
-# half of its simple prompts (benchmarks/RESULTS.md), which its base row shows.
+# Both toy pipelines draw these three on every simple prompt; the Flux one draws the star on only
+# about half (benchmarks/RESULTS.md, quality table).
 DEFAULT_CONCEPTS = ("circle", "triangle", "heart")
 DEFAULT_MODELS = ("toy:sd", "toy:flux")
 BASE = "base"

@@ -64,6 +64,7 @@ def _bench_toy(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .bench import run_bench
+    from .methods import split_list
 
     if args.threads:
         import torch
@@ -84,11 +85,11 @@ def _bench_toy(args: argparse.Namespace) -> int:
         if not dot or not method or not setting:
             raise SystemExit(f"bench --set expects method.key=value (e.g. receler.iterations=50), got {key!r}")
         overrides.setdefault(method, {})[setting] = value
-    optional = {"methods": _split_list(args.methods)} if args.methods else {}
+    optional = {"methods": split_list(args.methods)} if args.methods else {}
     result = run_bench(
-        models=_split_list(args.models),
+        models=split_list(args.models),
         **optional,
-        concepts=_split_list(args.concepts) if args.concepts else None,
+        concepts=split_list(args.concepts) if args.concepts else None,
         preset=args.preset,
         overrides=overrides,
         n=args.n,
@@ -107,10 +108,6 @@ def _bench_toy(args: argparse.Namespace) -> int:
         print(f"{result['skipped']} rows were already in {args.out} and were not run again")
     print(f"wrote {args.out}/{MD_FILE} and {args.out}/bench.json")
     return 1 if result["errors"] else 0
-
-
-def _split_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _model_source(spec: str) -> str:

@@ -390,7 +390,7 @@ def test_presets_registry_and_cli_settings():
     assert paper.resolved_iterations("nudity") == 200 and paper.resolved_iterations("car") == 300
     fast = make_config("eraseanything", "fast", {"iterations": "3", "gradient_surgery": "true", "synonyms": "auto, automobile"})
     assert fast.iterations == 3 and fast.gradient_surgery is True and fast.lexicon == "toyworld"
-    assert ea._split(fast.synonyms) == ["auto", "automobile"]
+    assert erasekit.methods.split_list(fast.synonyms) == ["auto", "automobile"]
 
 
 def test_cli_erase_with_eraseanything(tmp_path):

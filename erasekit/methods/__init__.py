@@ -48,6 +48,11 @@ def make_config(method: str, preset: str = "paper", overrides: dict[str, str] | 
     return dataclasses.replace(config, **changes)
 
 
+def split_list(text: str, sep: str = ",") -> list[str]:
+    """The parts of a list-valued text setting, stripped, empty ones dropped: "a, b," -> ["a", "b"]."""
+    return [part.strip() for part in text.split(sep) if part.strip()]
+
+
 def _parse_value(text: str, current):
     """``text`` as the setting's type: bool, the string itself for a text setting, else
     None / int / float / the string (for settings whose default is None)."""

@@ -69,6 +69,7 @@ from ..edits import WEIGHTS_FILE, Edit
 from ..lexicon import TIERS, WordNetUnavailable, lexicon_for
 from ..models import adapter_for
 from ..models.base import Conditioning, frozen
+from . import split_list
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from .memory import MemorySettings, training_memory
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
@@ -144,10 +145,6 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
 PRESETS = {"paper": EraseAnythingConfig, "fast": EraseAnythingConfig.fast}
 
 
-def _split(text: str, sep: str = ",") -> list[str]:
-    return [w.strip() for w in text.split(sep) if w.strip()]
-
-
 # ---- the LoRA ------------------------------------------------------------------------------
 
 
@@ -163,7 +160,7 @@ def lora_prefix(adapter) -> str:
 
 def lora_targets(adapter, targets: str | Sequence[str] = EraseAnythingConfig.targets):
     """The "text_proj" attachment points whose last name part is one of ``targets``."""
-    wanted = set(_split(targets) if isinstance(targets, str) else targets)
+    wanted = set(split_list(targets) if isinstance(targets, str) else targets)
     points = [p for p in adapter.attachment_points("text_proj") if p.name.rsplit(".", 1)[-1] in wanted]
     if not points:
         raise ValueError(f"no text projection of this model is named one of {sorted(wanted)}")
@@ -372,11 +369,11 @@ def concept_words(config: EraseAnythingConfig, pipe, concept: str) -> tuple[list
     """(synonyms, irrelevant concepts, where they came from). ``config.synonyms`` /
     ``config.irrelevant`` replace the lexicon's lists; the lexicon is only asked for what
     they do not give."""
-    synonyms, irrelevant = _split(config.synonyms), _split(config.irrelevant)
+    synonyms, irrelevant = split_list(config.synonyms), split_list(config.irrelevant)
     n_ir = max(config.preserve_images, config.rsc_irrelevant)
     source = "config"
     if not synonyms or not irrelevant:
-        tiers = _split(config.irrelevant_tiers)
+        tiers = split_list(config.irrelevant_tiers)
         bad = [t for t in tiers if t not in TIERS]
         if bad or not tiers:
             raise ValueError(f"irrelevant_tiers must name tiers among {TIERS}, got {config.irrelevant_tiers!r}")
@@ -410,7 +407,7 @@ class _Trainer:
     def __init__(self, adapter, concept: str, config: EraseAnythingConfig, synonyms, irrelevant, g, iterations: int):
         self.adapter, self.concept, self.config = adapter, concept, config
         self.synonyms, self.irrelevant, self.g = synonyms, irrelevant, g
-        self.templates = _split(config.prompts, "|")
+        self.templates = split_list(config.prompts, "|")
         if not self.templates:
             raise ValueError("prompts must hold at least one template with {concept}")
         for tpl in self.templates:
@@ -446,7 +443,7 @@ class _Trainer:
     def _layers(self) -> list[str]:
         spec = self.config.attn_layers
         if spec != "auto":
-            return _split(spec)
+            return split_list(spec)
         return self.adapter.keyword_layers()
 
     def cond(self, prompt: str) -> Conditioning:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..lexicon import WordNetUnavailable, lexicon_for
 from ..models import adapter_for, frozen
+from . import split_list
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from .memory import MemorySettings, training_memory
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
@@ -227,9 +228,9 @@ def preserved_concepts(config: RecelerConfig, pipe, concept: str) -> list[str]:
     ``config.preserve`` if given, else ``preserve_count`` of the lexicon's irrelevant concepts."""
     if not config.preserve_weight:
         return []
-    words = [w.strip() for w in config.preserve.split(",") if w.strip()]
+    words = split_list(config.preserve)
     if not words:
-        tiers = [t.strip() for t in config.preserve_tiers.split(",") if t.strip()]
+        tiers = split_list(config.preserve_tiers)
         try:
             words = lexicon_for(config.lexicon, pipe, concept).irrelevant_mixed(concept, tiers, config.preserve_count)
         except WordNetUnavailable as err:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..edits import Edit
 from ..models import adapter_for
+from . import split_list
 from .weight_edits import PREFIX, attach_deltas, export_merged  # noqa: F401 (re-exported)
 
 NAME = "uce"
@@ -55,10 +56,6 @@ class UCEConfig:
     def fast(cls, **overrides) -> "UCEConfig":
         """The toy-world preset: UCE is already fast; the same settings."""
         return cls(**overrides)
-
-
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(";") if part.strip()]
 
 
 def _last_token(adapter, prompt: str, phrase: str) -> int:
@@ -102,12 +99,12 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
     config = config or UCEConfig()
     adapter = adapter_for(pipe)
     t0 = time.time()
-    concepts = _split(concept)
+    concepts = split_list(concept, ";")
     if not concepts:
         raise ValueError("no concept to erase")
-    templates = _split(config.templates) or ["{concept}"]
+    templates = split_list(config.templates, ";") or ["{concept}"]
     erase = [(tpl.format(concept=c), c) for c in concepts for tpl in templates]
-    preserve = _split(config.preserve)
+    preserve = split_list(config.preserve, ";")
     prompts = [p for p, _ in erase] + [config.guide] + preserve
     positions = [_last_token(adapter, p, c) for p, c in erase]  # ValueError if absent
     positions += [_last_token(adapter, config.guide, config.guide)] + [_last_token(adapter, p, p) for p in preserve]
