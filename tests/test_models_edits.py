@@ -73,6 +73,39 @@ def test_output_edit_and_edits_disabled(fresh, make_inputs):
     torch.testing.assert_close(_predict(fresh, inputs), base, rtol=0, atol=0)
 
 
+def test_extra_attention_outputs_are_edited_on_the_image_tokens_only(fresh, make_inputs):
+    extra = fresh.attachment_points("attn_out_extra")
+    if fresh.family == "sd":
+        assert extra == []  # every attn2 is an "attn_out" point already
+        return
+    modules = dict(fresh.denoiser.named_modules())
+    assert [p.name for p in extra] == [f"single_transformer_blocks.{i}.attn" for i in range(len(fresh.denoiser.single_transformer_blocks))]
+    assert all(modules[p.name] is p.module for p in extra)
+    inputs = make_inputs(fresh)
+    base = _predict(fresh, inputs)
+    n_image = inputs[0].shape[1]
+    text_part = {}
+    seen = []
+    # A hook registered before the edit's sees the attention output unchanged, to compare with.
+    probe = extra[0].module.register_forward_hook(lambda m, a, out: text_part.update(before=out.clone()))
+
+    def shift(h):
+        seen.append(h.shape)
+        return h + 0.5
+
+    handle = fresh.add_output_edit(extra[0], shift)
+    after = extra[0].module.register_forward_hook(lambda m, a, out: text_part.update(after=out.clone()))
+    edited = _predict(fresh, inputs)
+    assert seen == [(1, n_image, extra[0].width)]
+    n_text = text_part["before"].shape[1] - n_image
+    assert torch.equal(text_part["after"][:, :n_text], text_part["before"][:, :n_text])
+    torch.testing.assert_close(text_part["after"][:, n_text:], text_part["before"][:, n_text:] + 0.5)
+    assert (edited - base).abs().max() > 1e-4
+    for h in (handle, probe, after):
+        h.remove()
+    torch.testing.assert_close(_predict(fresh, inputs), base, rtol=0, atol=0)
+
+
 def test_text_proj_edit(fresh, make_inputs):
     inputs = make_inputs(fresh)
     base = _predict(fresh, inputs)

@@ -44,8 +44,9 @@ def test_flux1_dev_gets_one_eraser_per_dual_stream_block():
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER)
         erasers = build_erasers(FamilyAdapter.for_denoiser(transformer), rank=128)
-    assert len(erasers) == 19
-    assert all(e.down.in_features == 3072 for e in erasers.values())
+        extra = build_erasers(FamilyAdapter.for_denoiser(transformer), rank=128, extra=True)
+    assert len(erasers) == 19 and len(extra) == 19 + 38  # with the single-stream blocks
+    assert all(e.down.in_features == 3072 for e in extra.values())
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
@@ -112,6 +113,28 @@ def test_fit_apply_remove_save_load(family, tmp_path):
     remove(pipe, loaded)
     with pytest.raises(ValueError, match="not applied"):
         remove(pipe, loaded)
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_extra_erasers_on_the_single_stream_blocks(family, tmp_path):
+    pipe = BUILDERS[family]()
+    adapter = adapter_for(pipe)
+    plain = set(build_erasers(adapter, rank=8))
+    names = set(build_erasers(adapter, rank=8, extra=True))
+    singles = {f"single_transformer_blocks.{i}.attn" for i in range(len(getattr(adapter.denoiser, "single_transformer_blocks", [])))}
+    assert names == plain | singles and (family == "sd") == (not singles)
+    edit = fit(pipe, "car", RecelerConfig(prompt="a photo of a {concept}", extra_erasers=True, **TINY), progress=False)
+    stored = {k[len("erasers.") : -len(".down.weight")] for k in edit.tensors if k.endswith(".down.weight")}
+    assert stored == names
+    if singles:  # the single-stream erasers were trained, not left at zero
+        assert all(edit.tensors[f"erasers.{n}.up.weight"].abs().sum() > 0 for n in singles)
+    x, t, cond = _inputs(adapter, prompt="a photo of a car")
+    base = adapter.predict(x, t, cond)
+    edit.save(tmp_path / "edit")
+    apply(pipe, load_edit(tmp_path / "edit"))
+    assert not torch.allclose(adapter.predict(x, t, cond), base)
+    remove(pipe, edit)
+    assert torch.equal(adapter.predict(x, t, cond), base)
 
 
 def test_several_edits_average_their_erasers(sd_pipe):

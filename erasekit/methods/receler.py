@@ -55,6 +55,9 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     # Our extension (off in the paper preset): the eraser step also fits the erase target on the
     # clean prompt, not only on the adversarial one, averaging the two losses.
     adv_clean_erase: bool = False
+    # Our extension (off in both presets): erasers on the adapter's "attn_out_extra" points too
+    # (Flux: the image part of every single-stream block's attention; SD: there are none).
+    extra_erasers: bool = False
     prompt: str = "{concept}"  # the erased prompt c
     # Preservation (our extension, not in the paper; 0 switches it off): each iteration the
     # erasers' outputs on the prompt of one concept to keep (drawn from ``preserve``, else from
@@ -111,9 +114,16 @@ def _eraser_state(tensors: dict[str, torch.Tensor], point_name: str) -> dict[str
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def build_erasers(adapter, rank: int) -> dict[str, Eraser]:
-    """One zero-initialised eraser per "attn_out" attachment point: point name -> Eraser."""
-    return {p.name: Eraser(p.width, rank) for p in adapter.attachment_points("attn_out")}
+def eraser_points(adapter, extra: bool = False) -> list:
+    """Where erasers go: the adapter's "attn_out" points, and its "attn_out_extra" ones with
+    ``extra`` (Flux: the single-stream blocks too; SD: nothing more)."""
+    kinds = ("attn_out", "attn_out_extra") if extra else ("attn_out",)
+    return [p for kind in kinds for p in adapter.attachment_points(kind)]
+
+
+def build_erasers(adapter, rank: int, extra: bool = False) -> dict[str, Eraser]:
+    """One zero-initialised eraser per point of :func:`eraser_points`: point name -> Eraser."""
+    return {p.name: Eraser(p.width, rank) for p in eraser_points(adapter, extra)}
 
 
 class _Bank:
@@ -155,7 +165,7 @@ class _Attachment:
 
 
 def _attach_erasers(adapter, erasers: dict[str, Eraser], edit_id: str, scale: float) -> _Attachment:
-    points = {p.name: p for p in adapter.attachment_points("attn_out")}
+    points = {p.name: p for p in eraser_points(adapter, extra=True)}
     unknown = set(erasers) - set(points)
     if unknown:
         raise ValueError(f"the edit has erasers for points this model lacks: {sorted(unknown)[:3]} ...")
@@ -262,7 +272,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     concept_idx = adapter.token_indices(prompt, concept)  # ValueError if the concept is absent
     device = adapter.device
     torch.manual_seed(config.seed)
-    erasers = {n: e.to(device) for n, e in build_erasers(adapter, config.rank).items()}
+    erasers = {n: e.to(device) for n, e in build_erasers(adapter, config.rank, config.extra_erasers).items()}
     params = [p for e in erasers.values() for p in e.parameters()]
     opt = torch.optim.Adam(params, lr=config.lr)
     g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g

@@ -20,7 +20,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from .base import AttachmentPoint, AttentionProbe, Conditioning, FamilyAdapter, linear_dims, record_attention
+from .base import AttachmentPoint, AttentionProbe, Conditioning, FamilyAdapter, _Handle, linear_dims, record_attention
 
 
 class FluxAdapter(FamilyAdapter):
@@ -354,6 +354,12 @@ class FluxAdapter(FamilyAdapter):
 
     def _attachment_points(self, kind: str) -> list[AttachmentPoint]:
         points = []
+        if kind == "attn_out_extra":
+            # The single-stream attention has no output projection; its output (B, L + N, C) is
+            # the joint sequence, of which output edits see the image part (add_output_edit).
+            for i, block in enumerate(self.denoiser.single_transformer_blocks):
+                points.append(AttachmentPoint(f"single_transformer_blocks.{i}.attn", block.attn, linear_dims(block.attn.to_v)[1]))
+            return points
         for i, block in enumerate(self.denoiser.transformer_blocks):
             attn, name = block.attn, f"transformer_blocks.{i}.attn"
             if kind == "attn_out":
@@ -364,6 +370,26 @@ class FluxAdapter(FamilyAdapter):
                     fan_in, fan_out = linear_dims(module)
                     points.append(AttachmentPoint(f"{name}.{proj}", module, fan_out, fan_in, role=proj[4]))
         return points
+
+    def add_output_edit(self, point: AttachmentPoint, fn):
+        """As the base; on a single-stream block's attention, fn sees the image tokens
+        (B, N, C) only: the text length is read from the block's inputs at each forward."""
+        if not point.name.startswith("single_transformer_blocks."):
+            return super().add_output_edit(point, fn)
+        block = self.denoiser.get_submodule(point.name.rsplit(".", 1)[0])
+        seen: dict[str, int] = {}
+
+        def read_text_len(_module, args, kwargs):
+            text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            seen["text_len"] = text.shape[1]
+
+        def image_part(h: Tensor) -> Tensor:
+            n = seen["text_len"]
+            return torch.cat([h[:, :n], fn(h[:, n:])], dim=1)
+
+        pre = block.register_forward_pre_hook(read_text_len, with_kwargs=True)
+        post = super().add_output_edit(point, image_part)
+        return _Handle(lambda: (post.remove(), pre.remove()))
 
     def _is_cross_attn_layer(self, name: str) -> bool:
         # The text stream of the dual-stream joint attention: its Q/K/V and output projections.

@@ -270,6 +270,8 @@ class SDUNetAdapter(FamilyAdapter):
 
     def _attachment_points(self, kind: str) -> list[AttachmentPoint]:
         points = []
+        if kind == "attn_out_extra":  # every attn2 is already an "attn_out" point
+            return points
         for name, attn in self._attn2().items():
             if kind == "attn_out":
                 points.append(AttachmentPoint(name, attn, linear_dims(attn.to_out[0])[1]))
