@@ -271,6 +271,26 @@ def test_stock_load_lora_weights_gives_the_same_images_as_apply(family, trained,
     assert (from_apply - base).abs().max() > 1e-3  # the edit does something
 
 
+def test_pooled_projection_target_trains_and_loads_with_the_stock_loader(tmp_path):
+    """Our extension: a LoRA on Flux's pooled-text projection beside the paper's targets."""
+    targets = "add_q_proj,add_k_proj,text_embedder.linear_1"
+    flux = adapter_for(tiny_flux_pipeline())
+    assert [p.role for p in flux.attachment_points("pooled_proj")] == ["pooled"]
+    names = [p.name for p in ea.lora_targets(flux, targets)]
+    assert names[-1] == "time_text_embed.text_embedder.linear_1" and len(names) == 5
+    with pytest.raises(ValueError, match="no text projection"):
+        ea.lora_targets(adapter_for(tiny_sd_pipeline()), "text_embedder.linear_1")  # SD has none
+    edit = fit(tiny_flux_pipeline(), "car", _cfg(lr=3e-2, targets=targets), progress=False)
+    assert edit.tensors["transformer.time_text_embed.text_embedder.linear_1.lora_B.weight"].abs().sum() > 0
+    edit.save(tmp_path / "edit")
+    seeds, prompts = [0], ["a photo of a car"]
+    stock = tiny_flux_pipeline()
+    stock.load_lora_weights(str(tmp_path / "edit"), weight_name=ea.LORA_WEIGHT_NAME)
+    ours = tiny_flux_pipeline()
+    apply(ours, load_edit(tmp_path / "edit"))
+    assert torch.equal(adapter_for(stock).generate(prompts, seeds), adapter_for(ours).generate(prompts, seeds))
+
+
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_apply_remove_scale_save_load(family, trained, tmp_path):
     edit = trained[family]

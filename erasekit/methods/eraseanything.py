@@ -92,7 +92,9 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
     weight_decay: float = 1e-5
     rank: int = 8
     alpha: float = 8.0
-    targets: str = "add_q_proj,add_k_proj,to_k,to_v"  # projections among the "text_proj" points
+    # Projections among the "text_proj" points (paper). Our extension, off in both presets:
+    # "text_embedder.linear_1", Flux's projection of the pooled CLIP embedding ("pooled_proj").
+    targets: str = "add_q_proj,add_k_proj,to_k,to_v"
     eta: float = 1.0  # negative-guidance factor
     esd_weight: float = 1.0
     attn_weight: float = 1e-3
@@ -159,9 +161,11 @@ def lora_prefix(adapter) -> str:
 
 
 def lora_targets(adapter, targets: str | Sequence[str] = EraseAnythingConfig.targets):
-    """The "text_proj" attachment points whose last name part is one of ``targets``."""
+    """The "text_proj" and "pooled_proj" attachment points whose name ends with one of
+    ``targets`` ("add_q_proj", or "text_embedder.linear_1" for Flux's pooled-text projection)."""
     wanted = set(split_list(targets) if isinstance(targets, str) else targets)
-    points = [p for p in adapter.attachment_points("text_proj") if p.name.rsplit(".", 1)[-1] in wanted]
+    points = [p for kind in ("text_proj", "pooled_proj") for p in adapter.attachment_points(kind)
+              if any(p.name == w or p.name.endswith("." + w) for w in wanted)]
     if not points:
         raise ValueError(f"no text projection of this model is named one of {sorted(wanted)}")
     return points

@@ -773,14 +773,15 @@ class FamilyAdapter:
 
     # ---- edits -----------------------------------------------------------------------------
 
-    ATTACHMENT_KINDS: ClassVar[tuple[str, ...]] = ("attn_out", "attn_out_extra", "text_proj")
+    ATTACHMENT_KINDS: ClassVar[tuple[str, ...]] = ("attn_out", "attn_out_extra", "text_proj", "pooled_proj")
 
     def attachment_points(self, kind: str) -> list[AttachmentPoint]:
         """Where methods attach. "attn_out": cross/joint-attention outputs (image stream);
         "attn_out_extra": further attention outputs that mix text into the image, left out of
         "attn_out" (Flux: the single-stream blocks, whose output edits see the image tokens only;
         SD: none); "text_proj": the Linears that read the text (SD attn2.to_k/to_v; Flux
-        add_q/k/v_proj)."""
+        add_q/k/v_proj); "pooled_proj": the Linears that read a pooled text embedding (Flux:
+        time_text_embed.text_embedder.linear_1, role "pooled"; SD: none)."""
         if kind not in self.ATTACHMENT_KINDS:
             raise ValueError(f"unknown attachment kind {kind!r}; known kinds: {list(self.ATTACHMENT_KINDS)}")
         return self._attachment_points(kind)

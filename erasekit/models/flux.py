@@ -360,6 +360,11 @@ class FluxAdapter(FamilyAdapter):
             for i, block in enumerate(self.denoiser.single_transformer_blocks):
                 points.append(AttachmentPoint(f"single_transformer_blocks.{i}.attn", block.attn, linear_dims(block.attn.to_v)[1]))
             return points
+        if kind == "pooled_proj":
+            name = "time_text_embed.text_embedder.linear_1"
+            module = self.denoiser.get_submodule(name)
+            fan_in, fan_out = linear_dims(module)
+            return [AttachmentPoint(name, module, fan_out, fan_in, role="pooled")]
         for i, block in enumerate(self.denoiser.transformer_blocks):
             attn, name = block.attn, f"transformer_blocks.{i}.attn"
             if kind == "attn_out":

@@ -270,7 +270,7 @@ class SDUNetAdapter(FamilyAdapter):
 
     def _attachment_points(self, kind: str) -> list[AttachmentPoint]:
         points = []
-        if kind == "attn_out_extra":  # every attn2 is already an "attn_out" point
+        if kind in ("attn_out_extra", "pooled_proj"):  # every attn2 is "attn_out"; no pooled text
             return points
         for name, attn in self._attn2().items():
             if kind == "attn_out":
