@@ -55,8 +55,8 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     # Our extension (off in the paper preset): the eraser step also fits the erase target on the
     # clean prompt, not only on the adversarial one, averaging the two losses.
     adv_clean_erase: bool = False
-    # Our extension (off in both presets): erasers on the adapter's "attn_out_extra" points too
-    # (Flux: the image part of every single-stream block's attention; SD: there are none).
+    # Our extension (off in the paper preset): erasers on the adapter's "attn_out_extra" points
+    # too (Flux: the image part of every single-stream block's attention; SD: there are none).
     extra_erasers: bool = False
     prompt: str = "{concept}"  # the erased prompt c
     # Preservation (our extension, not in the paper; 0 switches it off): each iteration the

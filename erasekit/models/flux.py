@@ -338,7 +338,7 @@ class FluxAdapter(FamilyAdapter):
         return record
 
     def _capture_forward_inputs(self, probe: AttentionProbe, args: tuple, kwargs: dict) -> None:
-        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        ehs = _text_argument(args, kwargs)
         if ehs is not None:
             probe.context["text_len"] = ehs.shape[1]
         probe.context["img_ids"] = kwargs.get("img_ids")
@@ -385,7 +385,7 @@ class FluxAdapter(FamilyAdapter):
         seen: dict[str, int] = {}
 
         def read_text_len(_module, args, kwargs):
-            text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            text = _text_argument(args, kwargs)
             seen["text_len"] = text.shape[1]
 
         def image_part(h: Tensor) -> Tensor:
@@ -399,6 +399,12 @@ class FluxAdapter(FamilyAdapter):
     def _is_cross_attn_layer(self, name: str) -> bool:
         # The text stream of the dual-stream joint attention: its Q/K/V and output projections.
         return re.match(r"transformer_blocks\.\d+\.attn\.(add_[qkv]_proj|to_add_out|to_added_qkv)(\.|$)", name) is not None
+
+
+def _text_argument(args: tuple, kwargs: dict) -> Tensor | None:
+    """``encoder_hidden_states`` of a call of the transformer or of one of its blocks (both take
+    it as the second positional argument or by keyword)."""
+    return kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
 
 
 def _mask_rows(mask: Tensor | None, text_len: int) -> Tensor | None:
