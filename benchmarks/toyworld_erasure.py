@@ -8,8 +8,14 @@ on the clean prompt beside the adversarial one); EraseAnything's drop one part
 at a time (no attention loss, no reverse self-contrastive loss, no shuffling) and replace the
 alternation of the two levels by gradient surgery.
 
+The suite's prompts and sampling seeds are fixed; ``--seeds`` trains each variant once per
+training seed (the config's ``seed``: initialisation, rollouts, prompt draws) and reports the
+means over concepts and seeds, with the H of each seed beside them, so that a difference
+between two variants can be told from the spread between training runs.
+
     python benchmarks/toyworld_erasure.py --family sd --concept circle --variants all,eraser-only
     python benchmarks/toyworld_erasure.py --method eraseanything --n 12 --threads 1
+    python benchmarks/toyworld_erasure.py --family flux --variants all --seeds 0,1,2 --n 12 --threads 1
 """
 
 from __future__ import annotations
@@ -50,6 +56,16 @@ VARIANTS = {
 }
 
 
+def _means(rows: list[dict]) -> dict[str, float]:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("acc_e", "acc_r", "acc_l")}
+
+
+def _mean_h(rows: list[dict]) -> float:
+    """H of the mean accuracies of ``rows`` (the bench's convention: H of the means)."""
+    m = _means(rows)
+    return harmonic_h(m["acc_e"], m["acc_r"], m["acc_l"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", action="append", default=None, help="sd and/or flux (default both)")
@@ -59,6 +75,7 @@ def main() -> None:
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--n", type=int, default=24, help="prompts per suite set")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -72,37 +89,43 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown} for {args.method}; known: {list(table)}")
     extra = dict(s.split("=", 1) for s in args.set)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if "seed" in extra:
+        raise SystemExit("give training seeds with --seeds, not --set seed=...")
     detector = ToyDetector.load()
     rows = []
     for family in families:
         pipe = load_pipeline(pipeline_path(family))
         for concept in concepts:
             base, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
-            rows.append(dict(family=family, concept=concept, variant="base", acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h, per_set=base.per_set, seconds=0.0))
+            rows.append(dict(family=family, concept=concept, variant="base", seed=None, acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h, per_set=base.per_set, seconds=0.0))
             for variant in variants:
-                config = make_config(args.method, args.preset, table[variant] | extra)
-                t0 = time.time()
-                edit = erase(pipe, concept, args.method, config, progress=False)
-                seconds = time.time() - t0
-                apply(pipe, edit)
-                res, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
-                remove(pipe, edit)
-                rows.append(dict(family=family, concept=concept, variant=variant, acc_e=res.acc_e, acc_r=res.acc_r, acc_l=res.acc_l, h=res.h, per_set=res.per_set, seconds=seconds))
-                print(f"{family} {concept} {variant}: Acc_E {res.acc_e:.1f} Acc_R {res.acc_r:.1f} Acc_L {res.acc_l:.1f} H {res.h:.1f} ({seconds:.0f} s)", flush=True)
+                for seed in seeds:
+                    config = make_config(args.method, args.preset, table[variant] | extra | {"seed": str(seed)})
+                    t0 = time.time()
+                    edit = erase(pipe, concept, args.method, config, progress=False)
+                    seconds = time.time() - t0
+                    apply(pipe, edit)
+                    res, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
+                    remove(pipe, edit)
+                    rows.append(dict(family=family, concept=concept, variant=variant, seed=seed, acc_e=res.acc_e, acc_r=res.acc_r, acc_l=res.acc_l, h=res.h, per_set=res.per_set, seconds=seconds))
+                    print(f"{family} {concept} {variant} seed {seed}: Acc_E {res.acc_e:.1f} Acc_R {res.acc_r:.1f} Acc_L {res.acc_l:.1f} H {res.h:.1f} ({seconds:.0f} s)", flush=True)
     print(f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · method {args.method}, preset {args.preset} · `python benchmarks/toyworld_erasure.py {' '.join(sys.argv[1:])}`\n")
-    print("| family | concept | variant | Acc_E | Acc_R | Acc_L | H | paraphrase | synonym | indirect | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| family | concept | variant | seed | Acc_E | Acc_R | Acc_L | H | paraphrase | synonym | indirect | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["per_set"]
-        print(f"| {r['family']} | {r['concept']} | {r['variant']} | {r['acc_e']:.1f} | {r['acc_r']:.1f} | {r['acc_l']:.1f} | {r['h']:.1f} | {p['paraphrase']:.1f} | {p['synonym']:.1f} | {p['indirect']:.1f} | {r['seconds']:.0f} |")
-    print("\nmeans over concepts:\n")
-    print("| family | variant | Acc_E | Acc_R | Acc_L | H |")
-    print("|---|---|---|---|---|---|")
+        seed = "-" if r["seed"] is None else r["seed"]
+        print(f"| {r['family']} | {r['concept']} | {r['variant']} | {seed} | {r['acc_e']:.1f} | {r['acc_r']:.1f} | {r['acc_l']:.1f} | {r['h']:.1f} | {p['paraphrase']:.1f} | {p['synonym']:.1f} | {p['indirect']:.1f} | {r['seconds']:.0f} |")
+    print(f"\nmeans over concepts and seeds ({', '.join(map(str, seeds))}); H of each seed's means over concepts:\n")
+    print("| family | variant | Acc_E | Acc_R | Acc_L | H | H by seed |")
+    print("|---|---|---|---|---|---|---|")
     for family in families:
         for variant in ["base"] + variants:
             sel = [r for r in rows if r["family"] == family and r["variant"] == variant]
-            m = {k: sum(r[k] for r in sel) / len(sel) for k in ("acc_e", "acc_r", "acc_l")}
-            print(f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {harmonic_h(m['acc_e'], m['acc_r'], m['acc_l']):.1f} |")
+            by_seed = " / ".join(f"{_mean_h([r for r in sel if r['seed'] == s]):.1f}" for s in seeds) if variant != "base" else "-"
+            m = _means(sel)
+            print(f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {_mean_h(sel):.1f} | {by_seed} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -175,6 +175,22 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, interrupted_
         assert torch.equal(full.tensors[k], resumed.tensors[k]), k
 
 
+def test_resume_restores_the_preservation_rollouts_too(tmp_path, interrupted_at_draw):
+    """With preservation on, the kept concept's x_t has its own source (here a pool): its state
+    goes into the checkpoint, so a resumed run still ends with the same weights."""
+    cfg = RecelerConfig(prompt="a photo of a {concept}", **TINY, preserve_weight=1.0, preserve="dog, cat",
+                        rollout_source="pool", rollout_pool=2, rollout_refresh=1)
+    full = fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    assert full.metrics["rollout_draws"] == 2 * cfg.iterations  # one erase and one kept draw per iteration
+
+    pipe = tiny_sd_pipeline()
+    with interrupted_at_draw(7):  # the first draw of iteration 4 of 4: after the checkpoint at 2
+        fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    for k in full.tensors:
+        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+
+
 def test_concept_missing_from_prompt_is_an_error(sd_pipe):
     with pytest.raises(ValueError, match="car"):
         fit(sd_pipe, "car", RecelerConfig(prompt="a photo of a dog", **TINY), progress=False)

@@ -62,6 +62,8 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     # Preservation (our extension, not in the paper; 0 switches it off): each iteration the
     # erasers' outputs on the prompt of one concept to keep (drawn from ``preserve``, else from
     # the lexicon's ``preserve_tiers``) are pushed to zero, so that they act on the concept alone.
+    # The x_t of that term is a rollout of the kept concept's own prompt (its own rollout source),
+    # so the erasers learn silence on features of what is kept, not on the erased concept's.
     preserve_weight: float = 0.0
     preserve: str = ""  # comma-separated concepts to keep; empty: from the lexicon
     preserve_count: int = 5
@@ -293,6 +295,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
 
     steps = config.rollout_steps or adapter.default_steps
     source = source_from_config(adapter, config, steps)
+    keep_source = source_from_config(adapter, config, steps, name="preserve_rollout") if kept_conds else None
     start = 0
     settings = {"config": asdict(config)}
     loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
@@ -307,6 +310,8 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
             load_optimizer_tensors(adv_opt, tensors, "adv_opt")
         g.set_state(tensors["generator_state"])
         source.load_state_tensors(tensors)
+        if keep_source is not None:
+            keep_source.load_state_tensors(tensors)
 
     mid_layers = adapter.middle_resolution_layers()
     attachment = _attach_erasers(adapter, erasers, "training", 1.0)
@@ -348,8 +353,9 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
                 keep = torch.zeros(())
                 if kept_conds:
                     other = kept_conds[int(torch.randint(len(kept_conds), (1,), generator=g))]
+                    x_k, t_k = keep_source.draw(other, uncond, g)
                     with _recording(adapter) as outputs:
-                        adapter.predict(x_t, t, other)
+                        adapter.predict(x_k, t_k, other)
                     keep = preservation_loss(outputs)
                     loss = loss + config.preserve_weight * keep
                 opt.zero_grad(set_to_none=True)
@@ -360,6 +366,8 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
                 if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
                     state = eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
                     state |= source.state_tensors()
+                    if keep_source is not None:
+                        state |= keep_source.state_tensors()
                     if adv is not None:
                         state |= {"adv": adv} | optimizer_tensors(adv_opt, "adv_opt")
                     save_checkpoint(checkpoint_dir, done, state, settings)
@@ -377,7 +385,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
         tensors=tensors,
         hyperparameters=asdict(config) | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},
         metrics={"train_seconds": round(time.time() - t0, 2), "final_erase_loss": history[-1]["erase"] if history else None}
-        | rollout_metrics(source),
+        | rollout_metrics(*[s for s in (source, keep_source) if s is not None]),
     )
 
 
