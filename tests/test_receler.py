@@ -251,3 +251,17 @@ def test_clean_erase_loss_joins_the_adversarial_one_only_with_a_soft_prompt():
     off = fit(tiny_sd_pipeline(), "car", RecelerConfig(**plain), progress=False)
     flag = fit(tiny_sd_pipeline(), "car", RecelerConfig(**plain, adv_clean_erase=True), progress=False)
     assert all(torch.equal(off.tensors[k], flag.tensors[k]) for k in off.tensors)
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_the_erase_target_is_anchored_on_anchor_prompt(family):
+    """With eta 0 the target is the frozen model's prediction on the anchor. Anchored on the
+    erased prompt itself, the target equals the zero-initialised student's prediction: the loss
+    is 0 and the erasers never move. Anchored on "" (paper), they do."""
+    cfg = dict(TINY, prompt="a photo of a {concept}", adv_tokens=0, eta=0.0)
+    same = fit(BUILDERS[family](), "car", RecelerConfig(**cfg, anchor_prompt="a photo of a car"), progress=False)
+    plain = fit(BUILDERS[family](), "car", RecelerConfig(**cfg), progress=False)
+    ups = lambda edit: [v for k, v in edit.tensors.items() if k.endswith(".up.weight")]
+    assert same.metrics["final_erase_loss"] == 0.0
+    assert all(torch.count_nonzero(u) == 0 for u in ups(same))
+    assert plain.metrics["final_erase_loss"] > 0 and any(torch.count_nonzero(u) > 0 for u in ups(plain))

@@ -59,6 +59,9 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     # too (Flux: the image part of every single-stream block's attention; SD: there are none).
     extra_erasers: bool = False
     prompt: str = "{concept}"  # the erased prompt c
+    # The erase target's anchor a: e(a) - eta * (e(c) - e(a)). "" is ESD's unconditional anchor
+    # (paper). Rollouts keep the empty prompt as their unconditional branch.
+    anchor_prompt: str = ""
     # Preservation (our extension, not in the paper; 0 switches it off): each iteration the
     # erasers' outputs on the prompt of one concept to keep (drawn from ``preserve``, else from
     # the lexicon's ``preserve_tiers``) are pushed to zero, so that they act on the concept alone.
@@ -284,6 +287,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
 
     cond = adapter.encode([prompt])
     uncond = adapter.encode([""])
+    anchor = uncond if config.anchor_prompt == "" else adapter.encode([config.anchor_prompt])
     kept = preserved_concepts(config, pipe, concept)
     kept_conds = [adapter.encode([config.prompt.format(concept=w)]) for w in kept]
     length = cond.embeds.shape[1]
@@ -322,11 +326,11 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
             for it in tqdm(range(start, config.iterations), desc=f"receler '{concept}'", disable=not progress, initial=start, total=config.iterations):
                 x_t, t = source.draw(cond, uncond, g)
                 with torch.no_grad(), adapter.edits_disabled():
-                    e_uncond = adapter.predict(x_t, t, uncond)
+                    e_anchor = adapter.predict(x_t, t, anchor)
                     with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
                         e_cond = adapter.predict(x_t, t, cond)
                     mask = concept_mask([probe.last(l) for l in mid_layers], probe.resolution(mid_layers[0]), config.reg_threshold)
-                target = e_uncond - config.eta * (e_cond - e_uncond)
+                target = e_anchor - config.eta * (e_cond - e_anchor)
 
                 student_cond = cond
                 if adv is not None:
