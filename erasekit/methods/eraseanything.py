@@ -122,16 +122,17 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
 
     @classmethod
     def fast(cls, **overrides) -> EraseAnythingConfig:
-        """The toy-world preset: fewer steps and images, the toy world's lexicon and grammar,
-        a stronger negative guidance and a weaker reverse self-contrastive term. On both toy
-        pipelines (circle, triangle, heart; 12 prompts per set) H was 67.4 on Flux at eta 3
-        against 51.0 at eta 1 (one training seed). Over three training seeds at eta 3, L_rsc at
-        the paper's weight 0.1 gave H 78.3 on SD and 64.4 on Flux, at 0.01 84.7 and 68.5, and
-        off 83.4 and 71.3: at 0.1 it pushes the concept's attention map away from its synonym's
-        with a gradient scaled by 1 / tau, and on one SD seed stopped the triangle's erasure
-        altogether (benchmarks/RESULTS.md)."""
+        """The toy-world preset: shorter rollouts, fewer images, the toy world's lexicon and
+        grammar, a stronger negative guidance and a weaker reverse self-contrastive term. On
+        both toy pipelines (circle, triangle, heart; 12 prompts per set) H was 67.4 on Flux at
+        eta 3 against 51.0 at eta 1 (one training seed). Over three training seeds at eta 3 and
+        120 iterations, L_rsc at the paper's weight 0.1 gave H 78.3 on SD and 64.4 on Flux, at
+        0.01 84.7 and 68.5, and off 83.4 and 71.3: at 0.1 it pushes the concept's attention map
+        away from its synonym's with a gradient scaled by 1 / tau, and on one SD seed stopped
+        the triangle's erasure altogether. At 0.01, 240 iterations (within the release's
+        200-300) gave 88.1 on SD and 76.3 on Flux (benchmarks/RESULTS.md)."""
         base = dict(
-            iterations=120,
+            iterations=240,
             eta=3.0,
             rsc_weight=0.01,
             lexicon="toyworld",
