@@ -299,7 +299,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
 
     steps = config.rollout_steps or adapter.default_steps
     source = source_from_config(adapter, config, steps)
-    keep_source = source_from_config(adapter, config, steps, name="preserve_rollout") if kept_conds else None
+    keep_source = source_from_config(adapter, config, steps, name="preserve_rollout")  # drawn from only with preservation
     start = 0
     settings = {"config": asdict(config)}
     loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
@@ -314,8 +314,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
             load_optimizer_tensors(adv_opt, tensors, "adv_opt")
         g.set_state(tensors["generator_state"])
         source.load_state_tensors(tensors)
-        if keep_source is not None:
-            keep_source.load_state_tensors(tensors)
+        keep_source.load_state_tensors(tensors)
 
     mid_layers = adapter.middle_resolution_layers()
     attachment = _attach_erasers(adapter, erasers, "training", 1.0)
@@ -369,9 +368,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
                 done = it + 1
                 if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
                     state = eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
-                    state |= source.state_tensors()
-                    if keep_source is not None:
-                        state |= keep_source.state_tensors()
+                    state |= source.state_tensors() | keep_source.state_tensors()
                     if adv is not None:
                         state |= {"adv": adv} | optimizer_tensors(adv_opt, "adv_opt")
                     save_checkpoint(checkpoint_dir, done, state, settings)
@@ -389,7 +386,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
         tensors=tensors,
         hyperparameters=asdict(config) | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},
         metrics={"train_seconds": round(time.time() - t0, 2), "final_erase_loss": history[-1]["erase"] if history else None}
-        | rollout_metrics(*[s for s in (source, keep_source) if s is not None]),
+        | rollout_metrics(source, keep_source),
     )
 
 
