@@ -22,7 +22,7 @@ from statistics import mean
 import torch
 
 from erasekit.edits import apply, remove
-from erasekit.evaluation.metrics import harmonic_h
+from erasekit.evaluation.metrics import pooled_accuracies
 from erasekit.methods import erase, make_config
 from erasekit.models import load_pipeline
 from erasekit.toyworld import pipeline_path
@@ -93,8 +93,7 @@ def main() -> None:
         fresh_calls = mean(r["calls"] for r in rows if r["recipe"] == recipe and r["source"] == "fresh")
         for source in sources:
             sel = [r for r in rows if r["recipe"] == recipe and r["source"] == source]
-            m = {k: mean(r[k] for r in sel) for k in ("calls", "seconds", "acc_e", "acc_r", "acc_l")}
-            m["h"] = harmonic_h(m["acc_e"], m["acc_r"], m["acc_l"])  # from the averaged accuracies
+            m = {k: mean(r[k] for r in sel) for k in ("calls", "seconds")} | pooled_accuracies(sel)
             print(f"| {recipe} | {source} | {len(sel)} | {m['calls']:.0f} | {fresh_calls / m['calls']:.2f}x | {m['seconds']:.0f} | "
                   f"{m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} |")
     if args.json:

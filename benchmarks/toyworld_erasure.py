@@ -30,7 +30,7 @@ from datetime import date
 import torch
 
 from erasekit.edits import apply, remove
-from erasekit.evaluation.metrics import harmonic_h
+from erasekit.evaluation.metrics import pooled_accuracies
 from erasekit.methods import erase, make_config
 from erasekit.models import load_pipeline
 from erasekit.toyworld import pipeline_path
@@ -54,16 +54,6 @@ VARIANTS = {
         "gradient-surgery": {"gradient_surgery": "true"},
     },
 }
-
-
-def _means(rows: list[dict]) -> dict[str, float]:
-    return {k: sum(r[k] for r in rows) / len(rows) for k in ("acc_e", "acc_r", "acc_l")}
-
-
-def _mean_h(rows: list[dict]) -> float:
-    """H of the mean accuracies of ``rows`` (the bench's convention: H of the means)."""
-    m = _means(rows)
-    return harmonic_h(m["acc_e"], m["acc_r"], m["acc_l"])
 
 
 def main() -> None:
@@ -123,9 +113,9 @@ def main() -> None:
     for family in families:
         for variant in ["base"] + variants:
             sel = [r for r in rows if r["family"] == family and r["variant"] == variant]
-            by_seed = " / ".join(f"{_mean_h([r for r in sel if r['seed'] == s]):.1f}" for s in seeds) if variant != "base" else "-"
-            m = _means(sel)
-            print(f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {_mean_h(sel):.1f} | {by_seed} |")
+            by_seed = " / ".join(f"{pooled_accuracies([r for r in sel if r['seed'] == s])['h']:.1f}" for s in seeds) if variant != "base" else "-"
+            m = pooled_accuracies(sel)
+            print(f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} | {by_seed} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .edits import apply, remove
-from .evaluation.metrics import harmonic_h
+from .evaluation.metrics import pooled_accuracies
 from .evaluation.resources import PeakMemory, Stopwatch
 from .methods import METHODS, erase, make_config
 from .toyworld.grammar import object_by_name
@@ -191,7 +191,7 @@ def mean_rows(rows: Sequence[dict], models: Sequence[str], methods: Sequence[str
             sel = [r for r in rows if r["model"] == model and r["method"] == method and "error" not in r]
             if not sel:
                 continue
-            m = {k: sum(r[k] for r in sel) / len(sel) for k in ("acc_e", "acc_r", "acc_l", "suite_seconds")}
+            m = pooled_accuracies(sel)
             fit = [r["fit_seconds"] for r in sel if r.get("fit_seconds") is not None]
             mem = [r["fit_peak_mb"] for r in sel if r.get("fit_peak_mb") is not None]
             out.append({
@@ -200,7 +200,7 @@ def mean_rows(rows: Sequence[dict], models: Sequence[str], methods: Sequence[str
                 "method": method,
                 "concepts": [r["concept"] for r in sel],
                 **m,
-                "h": harmonic_h(m["acc_e"], m["acc_r"], m["acc_l"]),
+                "suite_seconds": sum(r["suite_seconds"] for r in sel) / len(sel),
                 "fit_seconds": sum(fit) / len(fit) if fit else None,
                 "fit_peak_mb": max(mem) if mem else None,
                 "memory_kind": sel[0].get("memory_kind"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erasekit.evaluation.fid import frechet_distance, make_features
-from erasekit.evaluation.metrics import harmonic_h, nudity_counts, object_accuracies
+from erasekit.evaluation.metrics import harmonic_h, nudity_counts, object_accuracies, pooled_accuracies
 
 
 def test_object_accuracies_follow_receler():
@@ -19,6 +19,14 @@ def test_object_accuracies_follow_receler():
     assert m["per_set"]["synonym"] == 0.0
     assert math.isnan(object_accuracies(["simple"], [True])["h"])  # a set not run: no H
     assert harmonic_h(100, 0, 100) == 0.0
+
+
+def test_pooled_accuracies_take_h_of_the_averaged_accuracies():
+    rows = [dict(acc_e=0.0, acc_r=0.0, acc_l=100.0, h=100.0), dict(acc_e=100.0, acc_r=50.0, acc_l=50.0, h=0.0)]
+    m = pooled_accuracies(rows)
+    assert (m["acc_e"], m["acc_r"], m["acc_l"]) == (50.0, 25.0, 75.0)
+    assert m["h"] == pytest.approx(harmonic_h(50.0, 25.0, 75.0))  # not the mean of the rows' H (50)
+    assert m["h"] == pytest.approx(3 / (1 / 50 + 1 / 75 + 1 / 75))
 
 
 def test_nudity_counts_images_per_class_and_total():

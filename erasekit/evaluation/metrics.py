@@ -19,6 +19,13 @@ def harmonic_h(acc_e: float, acc_r: float, acc_l: float) -> float:
     return 3.0 / sum(1.0 / t for t in terms)
 
 
+def pooled_accuracies(rows: Sequence[dict]) -> dict[str, float]:
+    """Acc_E / Acc_R / Acc_L averaged over ``rows`` (dicts with those keys, e.g. concepts or
+    training runs) and H of the averaged accuracies, as the Receler protocol reports a mean."""
+    m = {k: sum(r[k] for r in rows) / len(rows) for k in ("acc_e", "acc_r", "acc_l")}
+    return m | {"h": harmonic_h(m["acc_e"], m["acc_r"], m["acc_l"])}
+
+
 def percent(hits: Sequence[bool]) -> float:
     """% of True in ``hits``; NaN for an empty set (it was not run)."""
     return 100.0 * sum(bool(h) for h in hits) / len(hits) if len(hits) else math.nan
