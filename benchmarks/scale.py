@@ -297,7 +297,10 @@ def recipe_iterations(method: str, config, family: str) -> int:
 def trained_parameters(adapter, method: str, config) -> int:
     """Parameters the method trains (or, for UCE, rewrites) on this model."""
     if method == "receler":
-        return sum(2 * config.rank * p.width + config.rank + p.width for p in adapter.attachment_points("attn_out"))
+        from erasekit.methods.receler import eraser_points
+
+        points = eraser_points(adapter, config.extra_erasers)
+        return sum(2 * config.rank * p.width + config.rank + p.width for p in points)
     if method == "eraseanything":
         from erasekit.methods.eraseanything import lora_shapes
 
