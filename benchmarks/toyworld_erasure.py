@@ -30,12 +30,13 @@ from datetime import date
 import torch
 
 from erasekit.edits import apply, remove
+from erasekit.evaluation.generation import generate_images
 from erasekit.evaluation.metrics import pooled_accuracies
 from erasekit.methods import erase, make_config
-from erasekit.models import load_pipeline
+from erasekit.models import adapter_for, load_pipeline
 from erasekit.toyworld import pipeline_path
 from erasekit.toyworld.detector import ToyDetector
-from erasekit.toyworld.suite import run_object_suite
+from erasekit.toyworld.suite import object_prompts, run_object_suite
 
 VARIANTS = {
     "receler": {
@@ -54,6 +55,15 @@ VARIANTS = {
         "gradient-surgery": {"gradient_surgery": "true"},
     },
 }
+
+
+def anchor_rate(pipe, concept: str, anchor: str, detector, n: int) -> float:
+    """% of the unedited model's images from the erase target's anchor prompt (the simple set's
+    ``n`` seeds) in which ``concept`` is detected. An erasure that steers the concept's prompt
+    towards the anchor's output cannot be expected to bring Acc_E much below this rate."""
+    seeds = [c.seed for c in object_prompts(concept, n=n, n_locality=0) if c.set == "simple"]
+    images = generate_images(adapter_for(pipe), [anchor] * len(seeds), seeds, progress=False)
+    return 100.0 * detector.detect(images, concept).rate
 
 
 def main() -> None:
@@ -83,12 +93,15 @@ def main() -> None:
     if "seed" in extra:
         raise SystemExit("give training seeds with --seeds, not --set seed=...")
     detector = ToyDetector.load()
+    anchor = getattr(make_config(args.method, args.preset, extra), "anchor_prompt", "")
     rows = []
     for family in families:
         pipe = load_pipeline(pipeline_path(family))
         for concept in concepts:
             base, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
             rows.append(dict(family=family, concept=concept, variant="base", seed=None, acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h, per_set=base.per_set, seconds=0.0))
+            rows[-1]["anchor"] = anchor
+            rows[-1]["anchor_rate"] = anchor_rate(pipe, concept, anchor, detector, args.n)
             for variant in variants:
                 for seed in seeds:
                     config = make_config(args.method, args.preset, table[variant] | extra | {"seed": str(seed)})
@@ -116,6 +129,12 @@ def main() -> None:
             by_seed = " / ".join(f"{pooled_accuracies([r for r in sel if r['seed'] == s])['h']:.1f}" for s in seeds) if variant != "base" else "-"
             m = pooled_accuracies(sel)
             print(f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} | {by_seed} |")
+    print(f"\nthe unedited model's images from the anchor prompt {anchor!r} (simple set's seeds) showing the concept:\n")
+    print("| family | concept | % |")
+    print("|---|---|---|")
+    for r in rows:
+        if r["variant"] == "base":
+            print(f"| {r['family']} | {r['concept']} | {r['anchor_rate']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
