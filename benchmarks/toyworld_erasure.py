@@ -57,20 +57,24 @@ VARIANTS = {
 }
 
 
-def anchor_rate(pipe, concept: str, anchor: str, detector, n: int) -> float:
-    """% of the unedited model's images from the erase target's anchor prompt (the simple set's
-    ``n`` seeds) in which ``concept`` is detected. An erasure that steers the concept's prompt
-    towards the anchor's output cannot be expected to bring Acc_E much below this rate."""
+def anchor_rates(pipe, concept: str, anchor: str, detector, n: int) -> tuple[float, float]:
+    """Two references from the unedited model, on the simple set's ``n`` seeds: the % of images
+    from the erase target's anchor prompt in which ``concept`` is detected (what an edit that
+    only makes the model ignore the concept's words leaves), and the same with the concept as
+    the negative prompt (guidance away from the concept at sampling time: what an edit that
+    reached the negative-guidance target would leave)."""
     seeds = [c.seed for c in object_prompts(concept, n=n, n_locality=0) if c.set == "simple"]
-    images = generate_images(adapter_for(pipe), [anchor] * len(seeds), seeds, progress=False)
-    return 100.0 * detector.detect(images, concept).rate
+    adapter = adapter_for(pipe)
+    plain = generate_images(adapter, [anchor] * len(seeds), seeds, progress=False)
+    away = adapter.generate([anchor] * len(seeds), seeds, negative_prompt=concept)
+    return 100.0 * detector.detect(plain, concept).rate, 100.0 * detector.detect(away, concept).rate
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", action="append", default=None, help="sd and/or flux (default both)")
     ap.add_argument("--concept", action="append", default=None, help="default: circle, triangle, heart")
-    ap.add_argument("--variants", default=None, help="comma-separated (default: every variant of the method)")
+    ap.add_argument("--variants", default=None, help="comma-separated (default: every variant of the method; base: the unedited model only)")
     ap.add_argument("--method", default="receler")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -85,6 +89,7 @@ def main() -> None:
     families = args.family or ["sd", "flux"]
     concepts = args.concept or ["circle", "triangle", "heart"]
     variants = args.variants.split(",") if args.variants else list(table)
+    variants = [v for v in variants if v != "base"]  # the unedited rows are always there
     unknown = [v for v in variants if v not in table]
     if unknown:
         raise SystemExit(f"unknown variants {unknown} for {args.method}; known: {list(table)}")
@@ -101,7 +106,7 @@ def main() -> None:
             base, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
             rows.append(dict(family=family, concept=concept, variant="base", seed=None, acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h, per_set=base.per_set, seconds=0.0))
             rows[-1]["anchor"] = anchor
-            rows[-1]["anchor_rate"] = anchor_rate(pipe, concept, anchor, detector, args.n)
+            rows[-1]["anchor_rate"], rows[-1]["negative_prompt_rate"] = anchor_rates(pipe, concept, anchor, detector, args.n)
             for variant in variants:
                 for seed in seeds:
                     config = make_config(args.method, args.preset, table[variant] | extra | {"seed": str(seed)})
@@ -129,12 +134,13 @@ def main() -> None:
             by_seed = " / ".join(f"{pooled_accuracies([r for r in sel if r['seed'] == s])['h']:.1f}" for s in seeds) if variant != "base" else "-"
             m = pooled_accuracies(sel)
             print(f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} | {by_seed} |")
-    print(f"\nthe unedited model's images from the anchor prompt {anchor!r} (simple set's seeds) showing the concept:\n")
-    print("| family | concept | % |")
-    print("|---|---|---|")
+    print(f"\n% of the unedited model's images from the anchor prompt {anchor!r} (simple set's seeds) showing the concept,"
+          " plain and with the concept as negative prompt:\n")
+    print("| family | concept | anchor | anchor, concept as negative prompt |")
+    print("|---|---|---|---|")
     for r in rows:
         if r["variant"] == "base":
-            print(f"| {r['family']} | {r['concept']} | {r['anchor_rate']:.1f} |")
+            print(f"| {r['family']} | {r['concept']} | {r['anchor_rate']:.1f} | {r['negative_prompt_rate']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
