@@ -64,9 +64,9 @@ def anchor_rates(pipe, concept: str, anchor: str, detector, n: int) -> tuple[flo
     the negative prompt (guidance away from the concept at sampling time: what an edit that
     reached the negative-guidance target would leave)."""
     seeds = [c.seed for c in object_prompts(concept, n=n, n_locality=0) if c.set == "simple"]
-    adapter = adapter_for(pipe)
-    plain = generate_images(adapter, [anchor] * len(seeds), seeds, progress=False)
-    away = adapter.generate([anchor] * len(seeds), seeds, negative_prompt=concept)
+    adapter, prompts = adapter_for(pipe), [anchor] * len(seeds)
+    plain = generate_images(adapter, prompts, seeds, progress=False)
+    away = generate_images(adapter, prompts, seeds, progress=False, negative_prompt=concept)
     return 100.0 * detector.detect(plain, concept).rate, 100.0 * detector.detect(away, concept).rate
 
 
@@ -104,9 +104,9 @@ def main() -> None:
         pipe = load_pipeline(pipeline_path(family))
         for concept in concepts:
             base, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
-            rows.append(dict(family=family, concept=concept, variant="base", seed=None, acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h, per_set=base.per_set, seconds=0.0))
-            rows[-1]["anchor"] = anchor
-            rows[-1]["anchor_rate"], rows[-1]["negative_prompt_rate"] = anchor_rates(pipe, concept, anchor, detector, args.n)
+            rates = anchor_rates(pipe, concept, anchor, detector, args.n)
+            rows.append(dict(family=family, concept=concept, variant="base", seed=None, acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h, per_set=base.per_set, seconds=0.0,
+                             anchor=anchor, anchor_rate=rates[0], negative_prompt_rate=rates[1]))
             for variant in variants:
                 for seed in seeds:
                     config = make_config(args.method, args.preset, table[variant] | extra | {"seed": str(seed)})
