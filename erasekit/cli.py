@@ -130,17 +130,19 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def _erase(args: argparse.Namespace) -> int:
+    from .edits import check_edit_output
     from .methods import erase, make_config
     from .models import load_pipeline
 
     import torch
 
+    check_edit_output(args.out, overwrite=args.overwrite)  # before any training
     config = make_config(args.method, args.preset, _parse_sets(args.set))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(_model_source(args.model), dtype=getattr(torch, args.dtype), device=device)
     edit = erase(pipe, args.concept, args.method, config, checkpoint_dir=args.checkpoint_dir)
     edit.base_model = args.model
-    edit.save(args.out)
+    edit.save(args.out, overwrite=args.overwrite)
     print(f"saved {args.method} edit for '{args.concept}' to {args.out} ({edit.metrics.get('train_seconds')} s of training)")
     return 0
 
@@ -267,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--method", default="receler")
     er.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
     er.add_argument("--concept", required=True)
-    er.add_argument("--out", required=True, help="Edit folder to write")
+    er.add_argument("--out", required=True, help="Edit folder to write (new or empty; an earlier edit folder with --overwrite)")
+    er.add_argument("--overwrite", action="store_true", help="replace the edit folder --out if it already holds an edit")
     er.add_argument("--preset", default="paper", help="paper (the paper's hyper-parameters) or fast (toy world)")
     er.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. --set iterations=100")
     er.add_argument("--checkpoint-dir", default=None, help="save checkpoints here and resume from them")
@@ -360,7 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in results as the command that made them
-    return args.func(args)
+    from .files import OutputRefused
+
+    try:
+        return args.func(args)
+    except OutputRefused as err:
+        print(f"erasekit {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_folder
+from .files import atomic_folder, check_output_folder
 
 WEIGHTS_FILE = "edit.safetensors"
 META_FILE = "edit.json"
@@ -59,12 +59,29 @@ class Edit:
             "tensors": {k: list(v.shape) for k, v in self.tensors.items()},
         }
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the edit to ``folder`` atomically (a temporary folder renamed into place)."""
-        with atomic_folder(folder) as tmp:
+    def save(self, folder: str | Path, overwrite: bool = True) -> Path:
+        """Write the edit to ``folder`` atomically (a temporary folder renamed into place).
+
+        ``folder`` may be missing or empty; an earlier edit folder there is replaced only with
+        ``overwrite``; any other folder or file is refused (:class:`erasekit.files.OutputRefused`)
+        and left as it was.
+        """
+        with atomic_folder(folder, replaceable=is_edit_folder, overwrite=overwrite) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(tmp / WEIGHTS_FILE))
             (tmp / META_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n")
         return Path(folder)
+
+
+def is_edit_folder(folder: str | Path) -> bool:
+    """True if ``folder`` holds exactly an edit's two files (``edit.json``, ``edit.safetensors``)."""
+    folder = Path(folder)
+    return folder.is_dir() and sorted(p.name for p in folder.iterdir()) == sorted([META_FILE, WEIGHTS_FILE])
+
+
+def check_edit_output(folder: str | Path, overwrite: bool = False) -> None:
+    """Refuse ``folder`` as the place to save an edit before any training: it must be missing,
+    empty, or (with ``overwrite``) an earlier edit folder. Raises :class:`erasekit.files.OutputRefused`."""
+    check_output_folder(folder, replaceable=is_edit_folder, overwrite=overwrite, what="edit folder")
 
 
 def load_edit(folder: str | Path) -> Edit:

@@ -221,7 +221,7 @@ def _lf_copy(source: Path, cache: Path) -> Path:
                 return target
         except (OSError, json.JSONDecodeError):
             pass
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, replaceable=lambda folder: (folder / stamp.name).is_file()) as tmp:
         for p in files:
             # NLTK seeks to byte offsets written in the files: they count one byte per newline.
             (tmp / p.name).write_bytes(p.read_bytes().replace(b"\r\n", b"\n"))

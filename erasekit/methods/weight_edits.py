@@ -153,7 +153,7 @@ def export_merged(pipe, edit: Edit, path: str | Path, scale: float = 1.0) -> Pat
             param = params[name]
             restore.append((param, param.data))
             param.data = merged(param.data, [(delta, float(scale))])
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, replaceable=lambda folder: (folder / "erasekit_edit.json").is_file()) as tmp:
             adapter.denoiser.save_pretrained(tmp, safe_serialization=True)
             meta = edit.metadata() | {"merged_scale": float(scale)}
             (Path(tmp) / "erasekit_edit.json").write_text(json.dumps(meta, indent=2) + "\n")

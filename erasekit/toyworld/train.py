@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxPipeline, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from ..files import atomic_folder
+from ..files import atomic_folder, check_output_folder
 from ..models.loading import write_defaults
 from .architectures import TEXT_LENGTH, build_vae, flux_components, sd_components
 from .grammar import Scene, canonical_caption, sample_scene, training_caption
@@ -158,9 +158,14 @@ def _assemble(family: str, vae: AutoencoderKL, latents: torch.Tensor, seed: int)
     return FluxPipeline(**flux_components() | {"vae": vae})
 
 
+def _is_training_output(folder: Path) -> bool:
+    """A folder this trainer wrote (its ``training.json``): the only kind ``--out`` may replace."""
+    return (folder / "training.json").is_file()
+
+
 def _save_pipeline(pipe, out: Path, record: dict, family: str) -> None:
     """Write the pipeline folder atomically: a temporary folder renamed into place."""
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, replaceable=_is_training_output) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         defaults = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, **SAMPLING_DEFAULTS[family]}
         if family == "flux":
@@ -177,6 +182,7 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     start = time.time()
     out = Path(cfg.out)
+    check_output_folder(out, replaceable=_is_training_output, overwrite=True)  # before an hour of training
     record = {
         "command": "erasekit toyworld train " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["toyworld", "train"] else None,
         "config": asdict(cfg),
@@ -195,7 +201,7 @@ def train(cfg: TrainConfig) -> Path:
         vae = train_vae(images, cfg)
     if cfg.family == "vae":
         record["seconds"] = round(time.time() - start, 1)
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, replaceable=_is_training_output) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
             (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         return out
@@ -256,6 +262,6 @@ def train(cfg: TrainConfig) -> Path:
                 for m in trained:
                     m.train()
     snapshot = out.with_name(out.name + "-snapshot")
-    if snapshot.exists():
+    if snapshot.is_dir() and _is_training_output(snapshot):
         shutil.rmtree(snapshot)
     return out
