@@ -29,6 +29,7 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 
+from erasekit.edits.lora import attach_lora
 from erasekit.evaluation.resources import PeakMemory
 from erasekit.methods import eraseanything as ea
 from erasekit.models import Conditioning, FamilyAdapter
@@ -50,7 +51,8 @@ def step_peak_mib(heads: int, dual: int, single: int, checkpointing: bool, size:
     transformer = build(heads, dual, single)
     adapter = FamilyAdapter.for_denoiser(transformer)
     adapter.default_height = adapter.default_width = size
-    handle = ea.attach_lora(adapter, ea.init_lora(adapter, 8, generator=torch.Generator().manual_seed(0)), "bench", trainable=True)
+    init = ea.init_lora(adapter, 8, generator=torch.Generator().manual_seed(0))
+    handle = attach_lora(adapter, init, "bench", trainable=True)
     g = torch.Generator().manual_seed(0)
     cond = Conditioning(torch.randn(1, text, 4096, generator=g), torch.randn(1, 768, generator=g))
     x = adapter.sample_noise(1, height=size, width=size, generator=g)

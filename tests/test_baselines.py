@@ -8,12 +8,12 @@ import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 from erasekit.edits import apply, load_edit, remove
+from erasekit.edits.weight_delta import export_merged
 from erasekit.methods import METHODS, make_config, method_module
 from erasekit.methods import esd, keyword_zeroing, sld, uce
 from erasekit.methods.esd import ESDConfig
 from erasekit.methods.sld import SLDConfig
 from erasekit.methods.uce import UCEConfig
-from erasekit.methods.weight_edits import export_merged
 from erasekit.models import FamilyAdapter, adapter_for
 from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
 
@@ -98,7 +98,7 @@ def test_edit_contract(method, family, tmp_path):
     remove(pipe, loaded)
     assert torch.equal(_out(adapter, x, t), base)
     assert all(torch.equal(p, state[n]) for n, p in adapter.denoiser.named_parameters())
-    assert not adapter._edit_state().switches  # nothing left registered
+    assert not adapter.edit_stack.switches  # nothing left registered
 
 
 def test_methods_are_registered_with_presets():
@@ -106,7 +106,7 @@ def test_methods_are_registered_with_presets():
         assert name in METHODS
         module = method_module(name)
         assert {"paper", "fast"} <= set(module.PRESETS)
-        assert callable(module.fit) and callable(module.attach)
+        assert callable(module.fit) and not hasattr(module, "attach")  # edits attach by kind
     assert make_config("esd", "paper").iterations is None  # the family's release value at fit time
     assert make_config("esd", "paper").resolved("sd").iterations == 200
     assert make_config("esd", "paper").resolved("sd").lr == 5e-5
@@ -171,7 +171,7 @@ def test_esd_resumes_to_the_same_weights(tmp_path, interrupted_at_rollout):
     with interrupted_at_rollout(adapter, 4):  # iteration 4 of 4: after the checkpoint at 2
         esd.fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     assert all(torch.equal(p, before[n]) for n, p in adapter.denoiser.named_parameters())
-    assert not adapter._edit_state().switches
+    assert not adapter.edit_stack.switches
     assert {n: p.requires_grad for n, p in adapter.denoiser.named_parameters()} == grads
     resumed = esd.fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     assert full.tensors.keys() == resumed.tensors.keys()
@@ -241,7 +241,7 @@ def test_weight_edits_stack_and_come_off_in_any_order():
         remove(pipe, car)
     remove(pipe, car)
     assert torch.equal(_out(adapter, x, t), base)
-    assert "_erasekit_weight_bank" not in adapter.denoiser.__dict__
+    assert "weight_delta" not in adapter.edit_stack.kinds
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 import erasekit
 from erasekit import lexicon
 from erasekit.edits import apply, load_edit, remove
+from erasekit.edits.lora import attach_lora
 from erasekit.methods import eraseanything as ea
 from erasekit.methods import make_config
 from erasekit.methods.eraseanything import EraseAnythingConfig, fit
@@ -68,7 +69,7 @@ def test_lora_on_the_real_flux1_dev_config_has_76_tensors_and_1867776_parameters
     assert {k.split(".")[-3] for k in shapes} == {"add_q_proj", "add_k_proj"}
     # Injected through peft with the full module names: nothing else is matched.
     with torch.device("meta"):
-        handle = ea.attach_lora(adapter, {k: torch.empty(s) for k, s in shapes.items()}, "meta")
+        handle = attach_lora(adapter, {k: torch.empty(s) for k, s in shapes.items()}, "meta")
     lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
     assert len(lora) == 76 and sum(p.numel() for p in lora.values()) == 1_867_776
     assert len(_layers(transformer)) == 38
@@ -93,7 +94,7 @@ def _layers(denoiser):
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_lora_wraps_exactly_the_target_projections(family):
     adapter = adapter_for(BUILDERS[family]())
-    handle = ea.attach_lora(adapter, _random_lora(adapter), "t")
+    handle = attach_lora(adapter, _random_lora(adapter), "t")
     names = [p.name for p in ea.lora_targets(adapter)]
     assert sorted(_layers(adapter.denoiser)) == sorted(names)
     suffixes = {n.rsplit(".", 1)[1] for n in names}
@@ -110,7 +111,7 @@ def test_gaussian_init_leaves_the_model_unchanged(family):
     a = torch.cat([v.flatten() for k, v in init.items() if "lora_A" in k])
     assert abs(a.std().item() - 1 / 8) < 0.01  # peft's "gaussian": A ~ N(0, 1/r), B = 0
     assert all(not v.any() for k, v in init.items() if "lora_B" in k)
-    handle = ea.attach_lora(adapter, init, "init")
+    handle = attach_lora(adapter, init, "init")
     assert torch.equal(_predict(adapter, inputs), base)
     handle.remove()
 
@@ -125,7 +126,7 @@ def test_negative_guidance_target_comes_from_the_base_model(family):
     x, t, cond = _inputs(adapter)
     anchor = adapter.encode([""])
     base = ea.negative_guidance_target(adapter, x, t, cond, anchor, 1.0)
-    handle = ea.attach_lora(adapter, _random_lora(adapter), "student", trainable=True)
+    handle = attach_lora(adapter, _random_lora(adapter), "student", trainable=True)
     with_lora = ea.negative_guidance_target(adapter, x, t, cond, anchor, 1.0)
     torch.testing.assert_close(with_lora, base, rtol=0, atol=1e-6)
     # The same computation with the LoRA left on differs: the switch is what makes it frozen.
@@ -390,7 +391,7 @@ def test_alpha_is_folded_into_the_saved_lora():
     apply(pipe, a)
     ours = _predict(adapter, inputs)
     remove(pipe, a)
-    handle = ea.attach_lora(adapter, {k: (v / 2 if "lora_B" in k else v) for k, v in a.tensors.items()}, "raw", scale=2.0)
+    handle = attach_lora(adapter, {k: (v / 2 if "lora_B" in k else v) for k, v in a.tensors.items()}, "raw", scale=2.0)
     torch.testing.assert_close(_predict(adapter, inputs), ours, rtol=1e-5, atol=1e-6)
     handle.remove()
     assert (ours - base).abs().max() > 1e-5

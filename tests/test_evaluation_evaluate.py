@@ -55,7 +55,7 @@ def test_edited_runs_differ_from_the_base_and_the_pipeline_is_restored(evaluated
     pipe, _ = pipe_and_edit
     again = adapter_for(pipe).generate([Case("an image of a circle", 0).prompt], [0])
     assert again.shape == (1, 3, 32, 32)  # the edit was removed: generation works unedited
-    assert not pipe.unet.__dict__.get("_erasekit_attached_edits")
+    assert not adapter_for(pipe).edit_stack.attached
 
 
 def test_evaluating_again_reuses_the_images(evaluated, pipe_and_edit):

@@ -6,6 +6,7 @@ from diffusers import UNet2DConditionModel
 
 import erasekit
 from erasekit.edits import apply, load_edit, remove
+from erasekit.edits.output_adapter import attach_modules, recording
 from erasekit.methods import receler
 from erasekit.methods.receler import RecelerConfig, build_erasers, fit
 from erasekit.models import FamilyAdapter, adapter_for
@@ -54,7 +55,7 @@ def test_zero_initialised_erasers_leave_outputs_unchanged(family):
     adapter = adapter_for(BUILDERS[family]())
     x, t, cond = _inputs(adapter)
     base = adapter.predict(x, t, cond)
-    handle = receler._attach_erasers(adapter, build_erasers(adapter, rank=8), "zero", 1.0)
+    handle = attach_modules(adapter, build_erasers(adapter, rank=8), "zero", 1.0)
     assert torch.equal(adapter.predict(x, t, cond), base)
     handle.remove()
 
@@ -66,7 +67,7 @@ def test_soft_prompt_reaches_the_student_and_carries_eraser_gradients(family):
     x, t, cond = _inputs(adapter, prompt="a red car")
     erasers = build_erasers(adapter, rank=8)
     _perturb(erasers)
-    handle = receler._attach_erasers(adapter, erasers, "train", 1.0)
+    handle = attach_modules(adapter, erasers, "train", 1.0)
     pos = [p + 1 for p in adapter.token_indices("a red car", "car")][:1] + [adapter.token_indices("a red car", "car")[-1] + 2]
     d = cond.embeds.shape[-1]
 
@@ -145,19 +146,19 @@ def test_several_edits_average_their_erasers(sd_pipe):
     e1 = build_erasers(adapter, 8)
     _perturb(e1, 1)
     zero = build_erasers(adapter, 8)  # zero-initialised: E(h) = 0
-    h = receler._attach_erasers(adapter, e1, "one", 1.0)
+    h = attach_modules(adapter, e1, "one", 1.0)
     alone = adapter.predict(x, t, cond)
-    h2 = receler._attach_erasers(adapter, copy.deepcopy(e1), "same", 1.0)
+    h2 = attach_modules(adapter, copy.deepcopy(e1), "same", 1.0)
     assert torch.allclose(adapter.predict(x, t, cond), alone, atol=1e-6)  # mean of equals
     h2.remove()
-    h2 = receler._attach_erasers(adapter, zero, "zero", 1.0)
+    h2 = attach_modules(adapter, zero, "zero", 1.0)
     averaged = adapter.predict(x, t, cond)  # (E1 + 0) / 2
     h.remove()
     h2.remove()
-    h = receler._attach_erasers(adapter, e1, "half", 0.5)
+    h = attach_modules(adapter, e1, "half", 0.5)
     assert torch.allclose(adapter.predict(x, t, cond), averaged, atol=1e-6)
     h.remove()
-    assert not sd_pipe.unet.__dict__.get("_erasekit_receler_banks")
+    assert "output_adapter" not in adapter.edit_stack.kinds
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, interrupted_at_rollout):
@@ -222,7 +223,7 @@ def test_preservation_silences_the_erasers_on_kept_concepts(family):
         adapter = adapter_for(pipe)
         x, t, cond = _inputs(adapter, prompt=prompt)
         apply(pipe, edit)
-        with receler._recording(adapter) as outs:
+        with recording(adapter) as outs:
             adapter.predict(x, t, cond)
         return receler.preservation_loss(outs).item()
 

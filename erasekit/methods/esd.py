@@ -13,12 +13,14 @@ and "Baselines".
   (``target_base="concept"``, the default). That is ALGORITHMS' building block
   ``e_u - eta' * (e_c - e_u)`` with eta' = eta - 1 = 1; ``target_base="uncond"`` uses the
   building block's form with ``eta`` as given.
-- Frozen teacher without a second model: the group's original tensors are kept aside and a
-  switch registered with ``adapter.register_switch`` swaps them in while
-  ``adapter.edits_disabled()`` is active. Teacher passes never overlap a student graph (they
-  run first, under no_grad), so swapping ``param.data`` is safe and costs no copy.
-- The Edit stores the group's weight deltas (``delta.<parameter>``, in the parameters' dtype);
-  see :mod:`.weight_edits` for attach / detach / :func:`export_merged`.
+- Frozen teacher without a second model: the group trains as live weight deltas
+  (:func:`erasekit.edits.weight_delta.train_deltas`): the original tensors are kept aside and
+  swapped in while ``adapter.edits_disabled()`` is active. Teacher passes never overlap a
+  student graph (they run first, under no_grad), so swapping ``param.data`` is safe and costs
+  no copy.
+- The Edit stores the group's weight deltas (``delta.<parameter>``, in the parameters' dtype), a
+  weight-delta edit: see :mod:`erasekit.edits.weight_delta` for attach / detach /
+  :func:`export_merged`.
 
 Departures from the release: the release rolls out the FROZEN model (ALGORITHMS asks for the
 edited one: we follow ALGORITHMS) and it samples with the pipeline's own scheduler state.
@@ -35,11 +37,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..edits import Edit
+from ..edits.weight_delta import NAME as WEIGHT_DELTA
+from ..edits.weight_delta import PREFIX, attached_parameters, export_merged, train_deltas  # noqa: F401 (re-exported)
 from ..models import Conditioning, adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from .memory import MemorySettings, training_memory
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
-from .weight_edits import PREFIX, attach_deltas, attached_parameters, export_merged  # noqa: F401 (re-exported)
 
 NAME = "esd"
 GROUPS = {"esd-x": "cross_attn", "esd-u": "non_cross_attn"}
@@ -79,42 +82,6 @@ class ESDConfig(RolloutSettings, MemorySettings):
         return ESDConfig(**(asdict(self) | {k: v for k, v in defaults.items() if getattr(self, k) is None}))
 
 
-class FrozenTeacher:
-    """Keeps the trained group's original tensors and swaps them in while disabled.
-
-    ``disable()`` (called by ``edits_disabled()``): every parameter shows its original tensor;
-    ``enable()``: back to the trained (student) tensor. ``restore()`` ends training with the
-    originals in place (the very tensor objects, so bit for bit).
-    """
-
-    def __init__(self, params: dict[str, torch.nn.Parameter]):
-        self.params = params
-        self.frozen = {n: p.data for n, p in params.items()}
-        self.student = {n: p.data.clone() for n, p in params.items()}
-        self.enabled = True
-        for n, p in params.items():
-            p.data = self.student[n]
-
-    def disable(self) -> None:
-        for n, p in self.params.items():
-            p.data = self.frozen[n]
-        self.enabled = False
-
-    def enable(self) -> None:
-        for n, p in self.params.items():
-            p.data = self.student[n]
-        self.enabled = True
-
-    def restore(self) -> None:
-        self.disable()
-
-    def deltas(self) -> dict[str, torch.Tensor]:
-        return {
-            n: (self.student[n].float() - self.frozen[n].float()).to(self.frozen[n].dtype).cpu()
-            for n in self.params
-        }
-
-
 def esd_target(e_cond: torch.Tensor, e_uncond: torch.Tensor, eta: float, target_base: str) -> torch.Tensor:
     """The negative-guidance target (see the module docstring)."""
     if target_base not in TARGET_BASES:
@@ -151,8 +118,7 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
     source = source_from_config(adapter, config, steps)
     g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
 
-    teacher = FrozenTeacher(params)
-    switch = adapter.register_switch(teacher)
+    teacher = train_deltas(adapter, params)
     history = []
     t0 = time.time()
     with frozen(adapter.denoiser), training_memory(adapter, config):  # only the edit trains
@@ -191,10 +157,10 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
                     save_checkpoint(checkpoint_dir, done, state, settings)
             deltas = teacher.deltas()
         finally:
-            teacher.restore()
-            switch.remove()
+            teacher.detach()
 
     return Edit(
+        kind=WEIGHT_DELTA,
         method=NAME,
         concepts=[concept],
         family=adapter.family,
@@ -204,11 +170,6 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
         metrics={"train_seconds": round(time.time() - t0, 2), "final_loss": history[-1] if history else None}
         | rollout_metrics(source),
     )
-
-
-def attach(adapter, edit: Edit, scale: float = 1.0):
-    """Add ``scale * delta`` to the trained parameters (see :func:`.weight_edits.attach_deltas`)."""
-    return attach_deltas(adapter, edit, scale)
 
 
 PRESETS = {"paper": ESDConfig, "fast": ESDConfig.fast}

@@ -4,7 +4,8 @@ adversarial soft prompts. Spec: shared design ALGORITHMS.md, section Receler.
 One eraser per attention-output attachment point of the family adapter (SD UNet: every attn2;
 Flux: the image-stream output of every dual-stream block):
 ``h <- h + E(h)``, ``E(h) = W_up GELU(W_down h + b_down) + b_up``, W_up and b_up zero-initialised.
-Several concepts' edits applied together average their erasers' outputs (paper).
+Several concepts' edits applied together average their erasers' outputs (paper). The erasers
+attach as an output-adapter edit (:mod:`erasekit.edits.output_adapter`), in training too.
 
 Unlike the authors' release, the adversarial soft prompt is written into the conditioning
 OUT OF PLACE (``Conditioning.with_tokens``), so the denoiser really sees it and the eraser's
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..edits import Edit
+from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
+from ..edits.output_adapter import Eraser, attach_modules, eraser_state, eraser_tensors, recording
 from ..lexicon import WordNetUnavailable, lexicon_for
 from ..models import adapter_for, frozen
 from . import split_list
@@ -92,36 +94,6 @@ class RecelerConfig(RolloutSettings, MemorySettings):
         return cls(**(base | overrides))
 
 
-class Eraser(nn.Module):
-    """E(h) = W_up GELU(W_down h + b_down) + b_up on (..., width) features; zero at init.
-    Computed in the eraser's own dtype, returned in h's (float32 erasers on a bf16 model)."""
-
-    def __init__(self, width: int, rank: int = 128):
-        super().__init__()
-        self.down = nn.Linear(width, rank)
-        self.up = nn.Linear(rank, width)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(F.gelu(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
-
-
-def _key(point_name: str) -> str:
-    return "erasers." + point_name
-
-
-def eraser_tensors(erasers: dict[str, "Eraser"]) -> dict[str, torch.Tensor]:
-    """Every eraser's weights as named tensors ``erasers.{point name}.{down|up}.{weight|bias}``."""
-    return {f"{_key(n)}.{k}": v.detach() for n, e in erasers.items() for k, v in e.state_dict().items()}
-
-
-def _eraser_state(tensors: dict[str, torch.Tensor], point_name: str) -> dict[str, torch.Tensor]:
-    """The state dict of the eraser at ``point_name`` out of :func:`eraser_tensors`' naming."""
-    prefix = _key(point_name) + "."
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def eraser_points(adapter, extra: bool = False) -> list:
     """Where erasers go: the adapter's "attn_out" points, and its "attn_out_extra" ones with
     ``extra`` (Flux: the single-stream blocks too; SD: nothing more)."""
@@ -132,90 +104,6 @@ def eraser_points(adapter, extra: bool = False) -> list:
 def build_erasers(adapter, rank: int, extra: bool = False) -> dict[str, Eraser]:
     """One zero-initialised eraser per point of :func:`eraser_points`: point name -> Eraser."""
     return {p.name: Eraser(p.width, rank) for p in eraser_points(adapter, extra)}
-
-
-class _Bank:
-    """The erasers attached at one point: output h -> h + mean_k(scale_k * E_k(h))."""
-
-    def __init__(self):
-        self.entries: dict[str, tuple[Eraser, float]] = {}
-        self.record: list[torch.Tensor] | None = None  # eraser outputs, while training
-        self.handle = None
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.entries:
-            return h
-        outs = [scale * eraser(h) for eraser, scale in self.entries.values()]
-        delta = outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
-        if self.record is not None:
-            self.record.append(delta)
-        return h + delta
-
-
-def _banks(adapter) -> dict[str, _Bank]:
-    return adapter.denoiser.__dict__.setdefault("_erasekit_receler_banks", {})
-
-
-class _Attachment:
-    def __init__(self, adapter, edit_id: str, points: list[str]):
-        self.adapter, self.edit_id, self.points = adapter, edit_id, points
-
-    def remove(self) -> None:
-        banks = _banks(self.adapter)
-        for name in self.points:
-            bank = banks.get(name)
-            if bank is None:
-                continue
-            bank.entries.pop(self.edit_id, None)
-            if not bank.entries:
-                bank.handle.remove()
-                del banks[name]
-
-
-def _attach_erasers(adapter, erasers: dict[str, Eraser], edit_id: str, scale: float) -> _Attachment:
-    points = {p.name: p for p in eraser_points(adapter, extra=True)}
-    unknown = set(erasers) - set(points)
-    if unknown:
-        raise ValueError(f"the edit has erasers for points this model lacks: {sorted(unknown)[:3]} ...")
-    banks = _banks(adapter)
-    for name, eraser in erasers.items():
-        bank = banks.get(name)
-        if bank is None:
-            bank = banks[name] = _Bank()
-            bank.handle = adapter.add_output_edit(points[name], bank)
-        bank.entries[edit_id] = (eraser, scale)
-    return _Attachment(adapter, edit_id, list(erasers))
-
-
-def erasers_from_edit(edit: Edit, device=None, dtype=None) -> dict[str, Eraser]:
-    """Rebuild the eraser modules stored in ``edit``."""
-    names = sorted({k[len("erasers.") : -len(".down.weight")] for k in edit.tensors if k.startswith("erasers.") and k.endswith(".down.weight")})
-    erasers = {}
-    for name in names:
-        down = edit.tensors[_key(name) + ".down.weight"]
-        eraser = Eraser(down.shape[1], down.shape[0])
-        eraser.load_state_dict(_eraser_state(edit.tensors, name))
-        erasers[name] = eraser.to(device=device, dtype=dtype).requires_grad_(False)
-    return erasers
-
-
-def attach(adapter, edit: Edit, scale: float = 1.0) -> _Attachment:
-    """Attach ``edit``'s erasers (both guidance branches see them: they act on every forward)."""
-    return _attach_erasers(adapter, erasers_from_edit(edit, adapter.device, adapter.dtype), edit.id, scale)
-
-
-@contextmanager
-def _recording(adapter):
-    """Collect the erasers' outputs (B, tokens, C) of every forward inside the context."""
-    outs: list[torch.Tensor] = []
-    banks = list(_banks(adapter).values())
-    for bank in banks:
-        bank.record = outs
-    try:
-        yield outs
-    finally:
-        for bank in banks:
-            bank.record = None
 
 
 def concept_mask(maps: list[torch.Tensor], resolution: tuple[int, int], threshold: float) -> torch.Tensor:
@@ -306,7 +194,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     if loaded is not None:
         start, tensors = loaded
         for n, e in erasers.items():
-            e.load_state_dict(_eraser_state(tensors, n))
+            e.load_state_dict(eraser_state(tensors, n))
         load_optimizer_tensors(opt, tensors, "opt")
         if adv is not None:
             with torch.no_grad():
@@ -317,7 +205,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
         keep_source.load_state_tensors(tensors)
 
     mid_layers = adapter.middle_resolution_layers()
-    attachment = _attach_erasers(adapter, erasers, "training", 1.0)
+    attachment = attach_modules(adapter, erasers, "training", 1.0)
     history = []
     t0 = time.time()
     with frozen(adapter.denoiser), training_memory(adapter, config):  # only the edit trains
@@ -342,7 +230,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
                             adv_opt.step()
                     student_cond = cond.with_tokens(adv_pos, adv.detach())
 
-                with _recording(adapter) as outputs:
+                with recording(adapter) as outputs:
                     pred = adapter.predict(x_t, t, student_cond)
                 erase_loss = F.mse_loss(pred.float(), target.float())
                 if config.adv_clean_erase and student_cond is not cond:
@@ -357,7 +245,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
                 if kept_conds:
                     other = kept_conds[int(torch.randint(len(kept_conds), (1,), generator=g))]
                     x_k, t_k = keep_source.draw(other, uncond, g)
-                    with _recording(adapter) as outputs:
+                    with recording(adapter) as outputs:
                         adapter.predict(x_k, t_k, other)
                     keep = preservation_loss(outputs)
                     loss = loss + config.preserve_weight * keep
@@ -379,6 +267,7 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     if adv is not None:
         tensors["adversarial_prompt"] = adv.detach().cpu()
     return Edit(
+        kind=OUTPUT_ADAPTER,
         method=NAME,
         concepts=[concept],
         family=adapter.family,

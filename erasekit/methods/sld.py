@@ -8,7 +8,8 @@ Per denoising step, with c / u / s the conditional, unconditional and safety-con
     g_s = mu * (s - u) + momentum_scale * m ;  m <- mom_beta * m + (1 - mom_beta) * g_s
     guided = u + w * ((c - u) - g_s)          (g_s only from step warmup_steps on)
 
-Mechanism: a forward hook on the denoiser (skipped while ``edits_disabled()`` is active)
+Mechanism (the inference hook "safe_guidance" of :mod:`erasekit.edits.inference_hook`; this
+module only produces the Edit): a forward hook on the denoiser (skipped while ``edits_disabled()`` is active)
 replaces the conditional prediction c by ``c - scale * g_s``: whatever the pipeline then does
 with it (``u + w (c' - u)``) is the SLD output, so it works through the stock pipeline call,
 adapter.generate, rollouts and guided_predict unchanged. It needs no knowledge of the family:
@@ -33,10 +34,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-from torch import Tensor
-
 from ..edits import Edit
+from ..edits.inference_hook import NAME as INFERENCE_HOOK
+from ..edits.inference_hook import sld_term  # noqa: F401 (re-exported)
 from ..models import adapter_for
 
 NAME = "sld"
@@ -77,102 +77,16 @@ def fit(pipe, concept: str, config: SLDConfig | None = None, checkpoint_dir=None
     config = config or SLDConfig()
     adapter = adapter_for(pipe)
     return Edit(
+        kind=INFERENCE_HOOK,
         method=NAME,
         concepts=[concept],
         family=adapter.family,
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors={},
-        hyperparameters=asdict(config) | {"safety_concept": config.safety_prompt.format(concept=concept)},
+        hyperparameters=asdict(config) | {"safety_concept": config.safety_prompt.format(concept=concept),
+                                          "hook": "safe_guidance"},
         metrics={"train_seconds": 0.0},
     )
-
-
-def sld_term(c: Tensor, u: Tensor, s: Tensor, momentum: Tensor, cfg: SLDConfig) -> tuple[Tensor, Tensor]:
-    """(g_s, new momentum) of the safe pipeline's equations 4, 6, 7 and 8."""
-    diff = c - s
-    mu = torch.clamp(diff.abs() * cfg.guidance_scale, max=1.0)
-    mu = torch.where(diff >= cfg.threshold, torch.zeros_like(mu), mu)
-    g_s = (s - u) * mu + cfg.momentum_scale * momentum
-    return g_s, cfg.mom_beta * momentum + (1 - cfg.mom_beta) * g_s
-
-
-def _sample(output):
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, tuple):
-        return output[0]
-    return output["sample"]
-
-
-def _with_sample(output, sample: Tensor):
-    if isinstance(output, Tensor):
-        return sample
-    if isinstance(output, tuple):
-        return (sample, *output[1:])
-    return type(output)(**{**dict(output), "sample": sample})
-
-
-class _SafeGuidance:
-    def __init__(self, adapter, config: SLDConfig, safety_concept: str, scale: float):
-        self.adapter, self.config, self.scale = adapter, config, float(scale)
-        self.safety = adapter.encode([safety_concept])
-        self.negative = adapter.encode([config.negative_prompt])
-        self.busy = False  # our own extra passes go through the hook too
-        self.momentum: Tensor | None = None
-        self.step = 0
-        self.last_t: float | None = None
-        self.handle = adapter.denoiser.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, _module, args, kwargs, output):
-        if self.busy or self.scale == 0 or not self.adapter.edits_enabled:
-            return None
-        adapter = self.adapter
-        latents, t, cond, guidance = adapter.call_inputs(args, kwargs)
-        out = _sample(output)
-        b, half = latents.shape[0], latents.shape[0] // 2
-        self.busy = True
-        try:
-            with torch.no_grad():
-                if b % 2 == 0 and torch.equal(latents[:half], latents[half:]) and torch.equal(t[:half], t[half:]):
-                    rows = torch.arange(half, b, device=out.device)
-                    u = out[:half].detach()
-                else:
-                    neg = self.negative.embeds[0].to(cond.embeds.device, cond.embeds.dtype)
-                    keep = [i for i, row in enumerate(cond.embeds) if row.shape != neg.shape or not torch.equal(row, neg)]
-                    if not keep:
-                        return None
-                    rows = torch.tensor(keep, device=out.device)
-                    u = adapter.predict(latents[rows], t[rows], self.negative, guidance)
-                s = adapter.predict(latents[rows], t[rows], self.safety, guidance)
-        finally:
-            self.busy = False
-        c = out[rows]
-        g_s = self._advance(c.detach(), u.to(c.dtype), s.to(c.dtype), float(t[rows].max()))
-        if g_s is None:
-            return None
-        return _with_sample(output, out.index_copy(0, rows, c - self.scale * g_s))
-
-    def _advance(self, c: Tensor, u: Tensor, s: Tensor, t: float) -> Tensor | None:
-        """One SLD step: update momentum; g_s once past warm-up, else None."""
-        if self.momentum is None or self.momentum.shape != c.shape or self.last_t is None or t >= self.last_t:
-            self.momentum, self.step = torch.zeros_like(c), 0
-        g_s, self.momentum = sld_term(c, u, s, self.momentum, self.config)
-        active = self.step >= self.config.warmup_steps
-        self.step += 1
-        self.last_t = t
-        return g_s if active else None
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
-def attach(adapter, edit: Edit, scale: float = 1.0) -> _SafeGuidance:
-    """Guide away from the edit's safety concept; ``scale`` multiplies the safety term
-    (0: the base model)."""
-    hp = edit.hyperparameters
-    fields = SLDConfig.__dataclass_fields__
-    config = SLDConfig(**{k: v for k, v in hp.items() if k in fields})
-    return _SafeGuidance(adapter, config, hp.get("safety_concept", edit.concepts[0]), scale)
 
 
 PRESETS = {

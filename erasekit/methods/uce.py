@@ -20,7 +20,8 @@ FLUX.1): the inputs are recorded during denoiser passes on the prompts, and thei
 sums are averaged over ``samples`` random (noise, timestep) draws; for SD every draw gives the
 same inputs. All inputs are recorded on the unedited projections. Projection biases are left
 alone and v_e excludes them (the release's ``module(emb)`` adds the bias to the target of a
-weight-only solve). The Edit stores the weight deltas W' - W; see :mod:`.weight_edits`.
+weight-only solve). The Edit stores the weight deltas W' - W: a weight-delta edit, see
+:mod:`erasekit.edits.weight_delta`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from ..edits import Edit
+from ..edits.weight_delta import NAME as WEIGHT_DELTA
+from ..edits.weight_delta import PREFIX, export_merged  # noqa: F401 (re-exported)
 from ..models import adapter_for
 from . import split_list
-from .weight_edits import PREFIX, attach_deltas, export_merged  # noqa: F401 (re-exported)
 
 NAME = "uce"
 
@@ -130,6 +132,7 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
         tensors[PREFIX + param_names[id(base.weight)]] = (new - w).to(base.weight.dtype).cpu()
 
     return Edit(
+        kind=WEIGHT_DELTA,
         method=NAME,
         concepts=concepts,
         family=adapter.family,
@@ -138,11 +141,6 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
         hyperparameters=asdict(config) | {"erase_prompts": [p for p, _ in erase], "token_positions": positions},
         metrics={"train_seconds": round(time.time() - t0, 2)},
     )
-
-
-def attach(adapter, edit: Edit, scale: float = 1.0):
-    """Add ``scale * (W' - W)`` to the projections (see :func:`.weight_edits.attach_deltas`)."""
-    return attach_deltas(adapter, edit, scale)
 
 
 PRESETS = {"paper": UCEConfig, "fast": UCEConfig.fast}

@@ -346,11 +346,26 @@ def _swap_processor(attn: nn.Module, new) -> Callable[[], None]:
 # --------------------------------------------------------------------------------------------
 
 
-class _EditState:
-    """The on/off state of a denoiser's edits. Lives on the denoiser module, so every adapter
-    over the same denoiser (adapter_for, for_denoiser) sees the same switch."""
+EDIT_STACK_KEY = "_erasekit_edits"  # the one attribute erasekit keeps on a denoiser
+
+
+class EditStack:
+    """Everything erasekit has attached to one denoiser, and the on/off switch of it all.
+
+    There is one per denoiser module, at ``denoiser.__dict__[EDIT_STACK_KEY]`` (read it with
+    :attr:`FamilyAdapter.edit_stack`), so every adapter over the same denoiser (adapter_for,
+    for_denoiser) sees the same edits and the same switch. It is a plain container: the edit
+    kinds of :mod:`erasekit.edits` fill it.
+
+    - ``attached``: edit id -> attachment (``erasekit.edits.apply`` / ``remove``);
+    - ``kinds``: edit-kind name -> that kind's shared state on this denoiser (e.g. the output
+      adapter's modules per point, the weight-delta bank); a kind deletes its entry when empty;
+    - ``depth``, ``switches``, ``undo``: :meth:`FamilyAdapter.edits_disabled`.
+    """
 
     def __init__(self):
+        self.attached: dict[str, Any] = {}
+        self.kinds: dict[str, Any] = {}
         self.depth = 0  # > 0 while edits_disabled() is active
         self.switches: list[Any] = []
         self.undo: list[Callable[[], None]] = []
@@ -811,18 +826,21 @@ class FamilyAdapter:
         """Whether the Linear/Conv2d layer ``name`` belongs to the "cross_attn" group."""
         raise NotImplementedError
 
-    def _edit_state(self) -> _EditState:
-        return self.denoiser.__dict__.setdefault("_erasekit_edit_state", _EditState())
+    @property
+    def edit_stack(self) -> EditStack:
+        """The denoiser's :class:`EditStack` (created on first use)."""
+        return self.denoiser.__dict__.setdefault(EDIT_STACK_KEY, EditStack())
 
     @property
     def edits_enabled(self) -> bool:
-        return self._edit_state().depth == 0
+        """False while :meth:`edits_disabled` is active."""
+        return self.edit_stack.depth == 0
 
     def add_output_edit(self, point: AttachmentPoint, fn: Callable[[Tensor], Tensor]):
         """Make the point's output h (image stream: element 0 when the module returns a tuple)
         become fn(h), e.g. h + E(h). Skipped while :meth:`edits_disabled` is active.
         Returns a handle with ``remove()``."""
-        state = self._edit_state()
+        state = self.edit_stack
 
         def hook(_module, _args, output):
             if state.depth:
@@ -838,7 +856,7 @@ class FamilyAdapter:
         attribute) that :meth:`edits_disabled` must switch off too. Returns a handle."""
         if not (callable(getattr(switch, "enable", None)) and callable(getattr(switch, "disable", None))):
             raise TypeError("a switch needs enable() and disable() methods")
-        switches = self._edit_state().switches
+        switches = self.edit_stack.switches
         switches.append(switch)
         return _Handle(lambda: switches.remove(switch) if switch in switches else None)
 
@@ -847,7 +865,7 @@ class FamilyAdapter:
         """Switch off every attached edit: output edits, peft LoRA layers on the denoiser and
         registered switches, for frozen-teacher passes without a model copy. Re-entrant; the
         previous state (including adapter requires_grad flags) is restored on exit."""
-        state = self._edit_state()
+        state = self.edit_stack
         if state.depth == 0:
             state.undo = self._disable_all(state)
         state.depth += 1
@@ -860,7 +878,7 @@ class FamilyAdapter:
                 for fn in reversed(undo):
                     fn()
 
-    def _disable_all(self, state: _EditState) -> list[Callable[[], None]]:
+    def _disable_all(self, state: EditStack) -> list[Callable[[], None]]:
         undo: list[Callable[[], None]] = []
         try:
             self._switch_off(state, undo)
@@ -870,7 +888,7 @@ class FamilyAdapter:
             raise
         return undo
 
-    def _switch_off(self, state: _EditState, undo: list[Callable[[], None]]) -> None:
+    def _switch_off(self, state: EditStack, undo: list[Callable[[], None]]) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer  # lazy: peft is slow to import
 
         for module in self.denoiser.modules():

@@ -1,10 +1,7 @@
-"""The Edit: what an erasure method produced, and how it attaches to a pipeline.
+"""The Edit artifact: what an erasure method produced, as a folder.
 
-An Edit is a folder: ``edit.safetensors`` (the trained tensors) and ``edit.json`` (method,
+An Edit is a folder: ``edit.safetensors`` (the tensors) and ``edit.json`` (kind, method,
 concepts, family, base model, hyper-parameters, package version, metrics). Never pickle.
-Each method module provides ``attach(adapter, edit, scale) -> handle`` (handle has
-``remove()``); :func:`apply` and :func:`remove` keep track of what is attached to which
-pipeline.
 """
 
 from __future__ import annotations
@@ -18,15 +15,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_folder, check_output_folder
+from ..files import atomic_folder, check_output_folder
 
 WEIGHTS_FILE = "edit.safetensors"
 META_FILE = "edit.json"
+# The kind of each method's edits, for edits saved before ``edit.json`` recorded the kind.
+LEGACY_KINDS = {
+    "receler": "output_adapter",
+    "eraseanything": "lora",
+    "esd": "weight_delta",
+    "uce": "weight_delta",
+    "sld": "inference_hook",
+    "keyword_zeroing": "inference_hook",
+}
+
+
+def legacy_kind(method: str) -> str:
+    """The kind of an edit of ``method`` saved without one ("" for a method not known here)."""
+    return LEGACY_KINDS.get(method, "")
 
 
 @dataclass
 class Edit:
-    """An erasure's result. ``tensors`` are named by the method (e.g. per attachment point)."""
+    """An erasure's result. ``kind`` names the edit kind that attaches it (see
+    :mod:`erasekit.edits`; empty: inferred from ``method``); ``tensors`` are named as that kind
+    reads them (e.g. per attachment point or per parameter)."""
 
     method: str
     concepts: list[str]
@@ -38,15 +51,19 @@ class Edit:
     version: str = ""
     created: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    kind: str = ""
 
     def __post_init__(self):
-        from . import __version__
+        from .. import __version__
 
         self.version = self.version or __version__
         self.created = self.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.kind = self.kind or legacy_kind(self.method)
 
     def metadata(self) -> dict:
+        """What ``edit.json`` holds (tensor shapes, not their values)."""
         return {
+            "kind": self.kind,
             "method": self.method,
             "concepts": self.concepts,
             "family": self.family,
@@ -85,7 +102,8 @@ def check_edit_output(folder: str | Path, overwrite: bool = False) -> None:
 
 
 def load_edit(folder: str | Path) -> Edit:
-    """Read an Edit saved with :meth:`Edit.save`; clear errors for a missing or corrupt one."""
+    """Read an Edit saved with :meth:`Edit.save`; clear errors for a missing or corrupt one.
+    An ``edit.json`` without ``kind`` (saved before kinds were recorded) gets its method's kind."""
     folder = Path(folder)
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
     if not meta_path.is_file() or not weights_path.is_file():
@@ -112,38 +130,5 @@ def load_edit(folder: str | Path) -> Edit:
         version=meta.get("erasekit_version", ""),
         created=meta.get("created", ""),
         id=meta.get("id") or uuid.uuid4().hex[:12],
+        kind=meta.get("kind") or legacy_kind(meta["method"]),
     )
-
-
-def _attached(adapter) -> dict:
-    return adapter.denoiser.__dict__.setdefault("_erasekit_attached_edits", {})
-
-
-def apply(pipe, edit: Edit, scale: float = 1.0) -> None:
-    """Attach ``edit`` to ``pipe`` (in place) with strength ``scale`` (1.0 = as trained).
-
-    Applying an edit that is already attached replaces it (e.g. to change the scale).
-    """
-    from .models import adapter_for
-
-    adapter = adapter_for(pipe)
-    if edit.family != adapter.family:
-        raise ValueError(f"edit {edit.method}/{edit.concepts} was made for family {edit.family!r}, the pipeline is {adapter.family!r}")
-    attached = _attached(adapter)
-    if edit.id in attached:
-        attached[edit.id].remove()  # forget it only once it is really off
-        del attached[edit.id]
-    from .methods import method_module
-
-    attached[edit.id] = method_module(edit.method).attach(adapter, edit, scale)
-
-
-def remove(pipe, edit: Edit) -> None:
-    """Detach ``edit`` from ``pipe``; the pipeline then generates as before it was applied."""
-    from .models import adapter_for
-
-    attached = _attached(adapter_for(pipe))
-    if edit.id not in attached:
-        raise ValueError(f"edit {edit.id} ({edit.method}, {edit.concepts}) is not applied to this pipeline")
-    attached[edit.id].remove()  # a remove that fails leaves the edit applied and known
-    del attached[edit.id]

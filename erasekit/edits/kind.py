@@ -1,0 +1,66 @@
+"""The contract every edit kind implements, and the registry :func:`erasekit.edits.apply` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from .artifact import Edit, legacy_kind
+
+
+class Attachment:
+    """An edit (or a method's live training tensors) attached to a denoiser.
+
+    ``detach()`` takes it off again; once the last attachment of a kind is off, the model is
+    the one before attaching, bit for bit. ``remove()`` is the same as ``detach()`` (torch hook
+    handles spell it that way). ``set_scale(s)`` changes the strength in place (0: no effect).
+    """
+
+    def detach(self) -> None:
+        """Take the edit off the model."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Same as :meth:`detach`."""
+        self.detach()
+
+    def set_scale(self, scale: float) -> None:
+        """Change the strength (1.0: as trained; 0: the model without this edit)."""
+        raise NotImplementedError
+
+
+class EditKind:
+    """One way an Edit changes a pipeline. Subclasses set ``name`` (what ``edit.json`` records
+    as ``kind``) and ``combine`` (how several attached edits of the kind add up), implement
+    :meth:`attach` and, when the kind can be folded into plain weights, :meth:`export_merged`."""
+
+    name: ClassVar[str] = ""
+    combine: ClassVar[str] = ""
+
+    def attach(self, adapter, edit: Edit, scale: float = 1.0) -> Attachment:
+        """Attach ``edit`` to ``adapter``'s model with strength ``scale``; returns the attachment."""
+        raise NotImplementedError
+
+    def export_merged(self, pipe, edit: Edit, path: str | Path, scale: float = 1.0) -> Path:
+        """Write the model with ``edit`` folded into its weights (kinds that can)."""
+        raise ValueError(f"a {self.name} edit ({edit.method}) cannot be merged into the model's weights")
+
+
+KINDS: dict[str, EditKind] = {}
+
+
+def register_kind(cls: type[EditKind]) -> type[EditKind]:
+    """Class decorator: make ``cls`` the kind named ``cls.name``."""
+    if not cls.name:
+        raise TypeError("an edit kind needs a name")
+    KINDS[cls.name] = cls()
+    return cls
+
+
+def kind_of(edit: Edit) -> EditKind:
+    """The kind of ``edit``: ``edit.kind``, or for edits saved before kinds were recorded, the
+    kind of its method. ValueError naming the known kinds otherwise."""
+    name = edit.kind or legacy_kind(edit.method)
+    if name not in KINDS:
+        raise ValueError(f"edit {edit.id} ({edit.method}) has unknown kind {name!r}; known kinds: {', '.join(KINDS)}")
+    return KINDS[name]
