@@ -25,8 +25,9 @@ attach live trainable tensors the same way (``output_adapter.attach_modules``,
 gets its method's kind), attaches it, and records the attachment in the denoiser's edit stack
 (``adapter.edit_stack``, :class:`erasekit.models.base.EditStack`: the one place that knows what
 is attached to a denoiser, shared with ``edits_disabled()``); :func:`remove` detaches it.
-Methods produce Edits and never attach them. This package imports :mod:`erasekit.models` (and
-torch, safetensors, peft lazily), never the methods, evaluation, bench, cli or toy world.
+Methods produce Edits and never attach them. This package imports torch and safetensors, and
+:mod:`erasekit.models` and peft lazily; never the methods, evaluation, bench, cli or toy world
+(layers: cli -> bench/evaluation -> methods -> edits -> models).
 """
 
 from __future__ import annotations
