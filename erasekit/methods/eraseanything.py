@@ -67,8 +67,7 @@ from tqdm.auto import tqdm
 
 from ..edits import WEIGHTS_FILE, Edit
 from ..lexicon import TIERS, WordNetUnavailable, lexicon_for
-from ..models import adapter_for
-from ..models.base import Conditioning, frozen
+from ..models import Conditioning, adapter_for, frozen
 from . import split_list
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from .memory import MemorySettings, training_memory

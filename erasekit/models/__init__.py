@@ -2,14 +2,14 @@
 
 from .base import (
     AttachmentPoint,
-    AttentionProbe,
-    Conditioning,
     FamilyAdapter,
     UnsupportedPipelineError,
     frozen,
 )
+from .conditioning import Conditioning, find_token_spans
 from .flux import FluxAdapter
 from .loading import adapter_for, load_pipeline, write_defaults
+from .probes import AttentionProbe
 from .sd_unet import SDUNetAdapter
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "SDUNetAdapter",
     "UnsupportedPipelineError",
     "adapter_for",
+    "find_token_spans",
     "frozen",
     "load_pipeline",
     "write_defaults",

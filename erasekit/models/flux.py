@@ -20,7 +20,9 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from .base import AttachmentPoint, AttentionProbe, Conditioning, FamilyAdapter, _Handle, linear_dims, record_attention
+from .base import AttachmentPoint, FamilyAdapter, _Handle, linear_dims
+from .conditioning import Conditioning
+from .probes import AttentionProbe, record_attention
 
 
 class FluxAdapter(FamilyAdapter):

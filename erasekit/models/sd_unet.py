@@ -15,7 +15,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from .base import AttachmentPoint, AttentionProbe, Conditioning, FamilyAdapter, linear_dims, record_attention
+from .base import AttachmentPoint, FamilyAdapter, linear_dims
+from .conditioning import Conditioning
+from .probes import AttentionProbe, record_attention
 
 
 class SDUNetAdapter(FamilyAdapter):
