@@ -7,10 +7,14 @@ from .base import (
     frozen,
 )
 from .conditioning import Conditioning, find_token_spans
-from .flux import FluxAdapter
-from .loading import adapter_for, load_pipeline, write_defaults
 from .probes import AttentionProbe
-from .sd_unet import SDUNetAdapter
+
+# The family modules: importing one registers its adapter class. Their order is the order in which
+# families are matched and listed in the unsupported-pipeline message.
+from .sd_unet import SDUNetAdapter  # isort: skip
+from .flux import FluxAdapter  # isort: skip
+
+from .loading import adapter_for, load_pipeline, write_defaults  # noqa: E402
 
 __all__ = [
     "AttachmentPoint",

@@ -116,10 +116,13 @@ class FamilyAdapter:
     """
 
     family: ClassVar[str] = ""
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()  # class names of the diffusers pipelines it drives
     denoiser_names: ClassVar[tuple[str, ...]] = ()  # class names of the denoisers it drives
+    supported: ClassVar[str] = ""  # what it supports, in words, for the unsupported-pipeline message
     prediction: str
     default_steps: int
     default_guidance: float
+    # Every subclass that names a family, in definition (import) order: the families erasekit supports.
     _registry: ClassVar[list[type[FamilyAdapter]]] = []
 
     def __init_subclass__(cls, **kwargs):
@@ -136,6 +139,25 @@ class FamilyAdapter:
         self._apply_defaults(defaults or {})
 
     # ---- construction --------------------------------------------------------------------
+
+    @staticmethod
+    def registered() -> list[type[FamilyAdapter]]:
+        """The adapter classes of every supported family, in the order they are matched."""
+        return list(FamilyAdapter._registry)
+
+    @classmethod
+    def pipeline_mismatch(cls, components: dict[str, str]) -> str | None:
+        """Why a pipeline whose class is one of :attr:`pipeline_classes` is not this family after
+        all (e.g. the wrong denoiser), judged from ``components`` (component name -> class name,
+        empty slots left out) before any weights load; None when this adapter drives it."""
+        raise NotImplementedError
+
+    @classmethod
+    def loading_kwargs(cls, components: dict[str, str | None], kwargs: dict) -> dict:
+        """The ``from_pretrained`` keyword arguments to load this family's pipeline with, from
+        the caller's ``kwargs`` and the pipeline's ``components`` (name -> class name, None for
+        an empty slot). Default: the caller's, unchanged."""
+        return kwargs
 
     @classmethod
     def matches_denoiser(cls, denoiser: nn.Module) -> bool:
