@@ -21,9 +21,8 @@ from diffusers import (
 )
 from transformers import CLIPTextModel
 
-from .builders import clip_text_encoder, kl_vae, t5_text_encoder
-
-from .offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
+from erasekit.toyworld.builders import clip_text_encoder, kl_vae, t5_text_encoder
+from erasekit.toyworld.offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 
 TINY_WORDS = (
     "a an the photo image picture painting of in on with and at red blue green yellow car "
