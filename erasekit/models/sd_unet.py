@@ -95,7 +95,8 @@ class SDUNetAdapter(FamilyAdapter):
     def checkpoint_units(self) -> list[str]:
         """down_blocks.{i}, mid_block, up_blocks.{i}."""
         d = self.denoiser
-        return ([f"down_blocks.{i}" for i in range(len(d.down_blocks))] + (["mid_block"] if d.mid_block is not None else [])
+        return ([f"down_blocks.{i}" for i in range(len(d.down_blocks))]
+                + (["mid_block"] if d.mid_block is not None else [])
                 + [f"up_blocks.{i}" for i in range(len(d.up_blocks))])
 
     def _main_tokenizer(self):
