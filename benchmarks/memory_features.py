@@ -33,7 +33,7 @@ from erasekit.edits.lora import attach_lora
 from erasekit.evaluation.resources import PeakMemory
 from erasekit.methods import eraseanything as ea
 from erasekit.models import Conditioning, FamilyAdapter
-from erasekit.models.real_configs import FLUX1_DEV_TRANSFORMER
+from real_configs import FLUX1_DEV_TRANSFORMER  # benchmarks/real_configs.py, beside this script
 
 MIB = 1024**2
 

@@ -55,7 +55,7 @@ from erasekit.edits import apply, remove
 from erasekit.evaluation.resources import PeakMemory, release_free_memory, rss_bytes
 from erasekit.methods import erase, make_config, method_module
 from erasekit.models import adapter_for
-from erasekit.models.real_configs import (
+from real_configs import (  # benchmarks/real_configs.py, beside this script
     CLIP_L_TEXT,
     FLUX1_DEV_TRANSFORMER,
     FLUX1_SCHEDULER,
@@ -93,7 +93,7 @@ def build_sd14(size: int, device: str = "cpu", dtype: torch.dtype = torch.float3
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from erasekit.models.offline_tokenizers import clip_word_tokenizer
+    from erasekit.toyworld.offline_tokenizers import clip_word_tokenizer
 
     torch.manual_seed(0)
     tok = clip_word_tokenizer(WORDS, model_max_length=77)
@@ -119,7 +119,7 @@ def build_flux1_dev(size: int, device: str, dtype: torch.dtype = torch.bfloat16,
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from erasekit.models.offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
+    from erasekit.toyworld.offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 
     torch.manual_seed(0)
     clip_tok = clip_word_tokenizer(WORDS, model_max_length=77)

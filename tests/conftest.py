@@ -1,17 +1,23 @@
-"""Shared fixtures: tiny random pipelines of each family, built once per session.
+"""Shared fixtures: tiny random pipelines of each family (tests/tiny_pipelines.py), built once per session.
 
 Tests that change a pipeline (edits, LoRA) build their own with the ``tiny_*`` builders,
 which take well under a second.
 """
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from erasekit.models import adapter_for
-from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
+
+# The released models' architectures (real_configs) are shared with the benchmark scripts and live
+# beside them; the tiny test pipelines (tiny_pipelines) live here, beside this file.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline  # noqa: E402
 
 # Tiny models on a shared 2-core machine: more than one intra-op thread makes each op
 # 100x slower whenever another process is busy. Override with ERASEKIT_TEST_THREADS.
@@ -138,8 +144,8 @@ def tiny_clip_dir(tmp_path_factory):
     """A folder with a random tiny CLIPModel, its tokenizer and image processor (32 px)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from erasekit.models.offline_tokenizers import clip_word_tokenizer
-    from erasekit.models.tiny import TINY_WORDS
+    from erasekit.toyworld.offline_tokenizers import clip_word_tokenizer
+    from tiny_pipelines import TINY_WORDS
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     tok = clip_word_tokenizer(list(TINY_WORDS) + ["airplane", "nudity", "appropriate", "inappropriate", "harmless", "offensive"], model_max_length=16)

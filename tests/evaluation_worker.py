@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from erasekit.evaluation.runner import generate_run  # noqa: E402
 from erasekit.evaluation.suites import Case  # noqa: E402
 from erasekit.models import adapter_for  # noqa: E402
-from erasekit.models.tiny import tiny_sd_pipeline  # noqa: E402
+from tiny_pipelines import tiny_sd_pipeline  # noqa: E402
 
 N_CASES = 10
 BATCH_SIZE = 2

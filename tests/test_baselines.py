@@ -15,7 +15,7 @@ from erasekit.methods.esd import ESDConfig
 from erasekit.methods.sld import SLDConfig
 from erasekit.methods.uce import UCEConfig
 from erasekit.models import FamilyAdapter, adapter_for
-from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
 

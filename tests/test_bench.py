@@ -9,7 +9,7 @@ import torch
 import erasekit.bench as bench
 from erasekit.cli import main
 from erasekit.models.loading import write_defaults
-from erasekit.models.tiny import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 from erasekit.toyworld.detector import HEADS
 
 FAST = {"esd": {"iterations": "1", "rollout_steps": "2"}, "uce": {"samples": "1"}}

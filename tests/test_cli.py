@@ -7,7 +7,7 @@ from PIL import Image
 
 from erasekit.cli import main
 from erasekit.models.loading import write_defaults
-from erasekit.models.tiny import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 
 
 @pytest.mark.parametrize("build", [tiny_sd_pipeline, tiny_flux_pipeline])

@@ -24,7 +24,7 @@ from erasekit.edits import (
     weight_delta,
 )
 from erasekit.models import adapter_for
-from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 PROMPT = "a photo of a car"

@@ -15,7 +15,7 @@ from erasekit.methods import eraseanything as ea
 from erasekit.methods import make_config
 from erasekit.methods.eraseanything import EraseAnythingConfig, fit
 from erasekit.models import Conditioning, FamilyAdapter, adapter_for
-from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
 
@@ -417,7 +417,7 @@ def test_presets_registry_and_cli_settings():
 def test_cli_erase_with_eraseanything(tmp_path):
     from erasekit.cli import main
     from erasekit.models.loading import write_defaults
-    from erasekit.models.tiny import TINY_DEFAULTS
+    from tiny_pipelines import TINY_DEFAULTS
 
     tiny_sd_pipeline().save_pretrained(tmp_path / "model")
     write_defaults(tmp_path / "model", TINY_DEFAULTS)

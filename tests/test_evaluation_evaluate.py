@@ -13,7 +13,7 @@ from erasekit.evaluation.suites import Case
 from erasekit.methods import uce
 from erasekit.methods.uce import UCEConfig
 from erasekit.models import adapter_for
-from erasekit.models.tiny import tiny_sd_pipeline
+from tiny_pipelines import tiny_sd_pipeline
 
 SMALL = {"n": 2, "n_locality": 1}  # 2 prompts per set, 1 per other object: 13 images per run
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from erasekit.methods import esd, receler
 from erasekit.methods import eraseanything as ea
 from erasekit.models import adapter_for
-from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 ROLL = dict(rollout_steps=3)
@@ -126,7 +126,7 @@ def test_cli_erase_in_bfloat16_with_checkpointing(tmp_path):
 
     from erasekit.cli import main
     from erasekit.models.loading import write_defaults
-    from erasekit.models.tiny import TINY_DEFAULTS
+    from tiny_pipelines import TINY_DEFAULTS
 
     tiny_flux_pipeline().save_pretrained(tmp_path / "model")
     write_defaults(tmp_path / "model", TINY_DEFAULTS)

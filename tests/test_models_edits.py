@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig
 
 from erasekit.models import FamilyAdapter, adapter_for, frozen
-from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 

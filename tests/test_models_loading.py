@@ -15,7 +15,7 @@ from erasekit.models import (
 )
 from erasekit.models.flux import FluxAdapter
 from erasekit.models.sd_unet import SDUNetAdapter
-from erasekit.models.tiny import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from erasekit.edits.output_adapter import attach_modules, recording
 from erasekit.methods import receler
 from erasekit.methods.receler import RecelerConfig, build_erasers, fit
 from erasekit.models import FamilyAdapter, adapter_for
-from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from erasekit.methods import eraseanything, esd, make_config, receler
 from erasekit.methods.rollouts import XtSource
 from erasekit.models import adapter_for
-from erasekit.models.tiny import tiny_flux_pipeline, tiny_sd_pipeline
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 FAMILIES = ["sd", "flux"]

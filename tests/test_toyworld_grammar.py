@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from erasekit.evaluation.metrics import harmonic_h
-from erasekit.models.offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
+from erasekit.toyworld.offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 from erasekit.toyworld.grammar import (
     BACKGROUNDS,
     COLORS,

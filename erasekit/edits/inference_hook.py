@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from ..models.conditioning import id_run_starts, phrase_ids
 from .artifact import Edit
 from .kind import Attachment, EditKind, register_kind
 
@@ -193,26 +194,26 @@ _REMEMBERED = 256  # embedding rows with the keyword that are remembered
 
 
 def keyword_id_runs(tokenizer, keywords: list[str], case_variants: bool = True) -> list[list[int]]:
-    """The token-id runs to look for: each keyword tokenized without special tokens."""
+    """The token-id runs to look for: each keyword tokenized without special tokens, as the
+    models' token spans tokenize a phrase (:func:`erasekit.models.conditioning.phrase_ids`)."""
     spellings = []
     for k in keywords:
         spellings += [k, k.lower(), k.capitalize(), k.upper()] if case_variants else [k]
     runs = []
     for s in dict.fromkeys(spellings):
-        ids = list(tokenizer(s, add_special_tokens=False)["input_ids"])
+        ids = phrase_ids(tokenizer, s)
         if ids and ids not in runs:
             runs.append(ids)
     return runs
 
 
 def find_runs(ids: list[int], runs: list[list[int]], special: set[int]) -> list[int]:
-    """Positions covered by any run in ``ids`` (runs never include special tokens)."""
+    """Sorted positions of ``ids`` covered by any occurrence of any run (overlapping occurrences
+    included; a run holding a special id never matches), found by the models' id-run search."""
     hit = set()
     for run in runs:
-        k = len(run)
-        for i in range(len(ids) - k + 1):
-            if ids[i : i + k] == run and not special.intersection(run):
-                hit.update(range(i, i + k))
+        for i in id_run_starts(ids, run, special):
+            hit.update(range(i, i + len(run)))
     return sorted(hit)
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..files import atomic_write_bytes, atomic_write_text
-from ..models.base import Conditioning, frozen
+from ..models import Conditioning, frozen
 from .detectors import describe, detect_all
 from .evaluate import generate_runs, json_safe, resolve_detector, resolve_edits, resolve_suite, write_json
 from .records import edit_record, library_versions, model_record

@@ -70,8 +70,7 @@ from ..edits import WEIGHTS_FILE, Edit
 from ..edits.lora import NAME as LORA
 from ..edits.lora import attach_lora, lora_prefix
 from ..lexicon import TIERS, WordNetUnavailable, lexicon_for
-from ..models import adapter_for
-from ..models.base import Conditioning, frozen
+from ..models import Conditioning, adapter_for, frozen
 from . import split_list
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from .memory import MemorySettings, training_memory

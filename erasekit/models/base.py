@@ -2,22 +2,26 @@
 
 A :class:`FamilyAdapter` wraps one diffusers pipeline and hides what differs between model
 families (latent layout, timestep units, text encoders, attention modules). Methods only ever
-talk to an adapter; they never branch on the family.
+talk to an adapter; they never branch on the family. Text conditioning and token spans live in
+:mod:`.conditioning`, attention probes in :mod:`.probes`, the memory features in :mod:`.memory`;
+the adapter's methods of the same names open them.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from . import memory
+from .conditioning import Conditioning, find_token_spans
+from .probes import AttentionProbe, probing
 
 # Keys an ``erasekit_defaults.json`` may hold (see :meth:`FamilyAdapter._apply_defaults`).
 DEFAULT_KEYS = (
@@ -36,81 +40,8 @@ class UnsupportedPipelineError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Conditioning and attachment points
+# Attachment points
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Conditioning:
-    """What the denoiser consumes for one batch of prompts. Tensors only, batch first.
-
-    ``embeds``: SD: CLIP last hidden state (B, L, D); Flux: T5 embeddings (B, L, D).
-    ``pooled``: Flux: pooled CLIP embedding (B, Dp); SD: None.
-    Positions along L are the token positions of the family's main tokenizer
-    (see :meth:`FamilyAdapter.token_spans`).
-    """
-
-    embeds: Tensor
-    pooled: Tensor | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.embeds.shape[0]
-
-    def with_tokens(self, positions: Sequence[int] | Tensor, values: Tensor) -> Conditioning:
-        """Return a NEW Conditioning with ``embeds[:, positions] = values``; self is untouched.
-
-        ``values``: (K, D) (shared by the batch) or (B, K, D), K = len(positions). The result is
-        differentiable w.r.t. ``values`` (built with an out-of-place ``index_copy``).
-        """
-        idx = torch.as_tensor(positions, dtype=torch.long, device=self.embeds.device).reshape(-1)
-        b, length, d = self.embeds.shape
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= length):
-            raise IndexError(f"token positions {idx.tolist()} out of range for {length} tokens")
-        if idx.unique().numel() != idx.numel():
-            raise ValueError(f"token positions must be distinct, got {idx.tolist()}")
-        if values.dim() == 2:
-            values = values.unsqueeze(0).expand(b, -1, -1)
-        if values.shape != (b, idx.numel(), d):
-            raise ValueError(
-                f"values must be ({idx.numel()}, {d}) or ({b}, {idx.numel()}, {d}), "
-                f"got {tuple(values.shape)}"
-            )
-        embeds = self.embeds.index_copy(1, idx, values.to(self.embeds.dtype))
-        return Conditioning(embeds, self.pooled)
-
-    def repeat(self, n: int) -> Conditioning:
-        """Tile the batch n times: (B, ...) -> (n*B, ...), like ``Tensor.repeat``."""
-        pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
-        return Conditioning(self.embeds.repeat(n, 1, 1), pooled)
-
-    def expand_to(self, batch: int) -> Conditioning:
-        """Broadcast a batch-1 conditioning to ``batch`` samples (no-op if already that size)."""
-        if self.batch_size == batch:
-            return self
-        if self.batch_size != 1:
-            raise ValueError(f"cannot expand a batch of {self.batch_size} to {batch}")
-        return self.repeat(batch)
-
-    @staticmethod
-    def cat(items: Sequence[Conditioning]) -> Conditioning:
-        """Concatenate along the batch dimension."""
-        pooled = [c.pooled for c in items]
-        if any(p is None for p in pooled) and not all(p is None for p in pooled):
-            raise ValueError("cannot concatenate conditionings with and without pooled embeddings")
-        return Conditioning(
-            torch.cat([c.embeds for c in items]),
-            None if pooled[0] is None else torch.cat(pooled),
-        )
-
-    def to(self, device=None, dtype=None) -> Conditioning:
-        """Move / cast both tensors."""
-        pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
-        return Conditioning(self.embeds.to(device=device, dtype=dtype), pooled)
-
-    def detach(self) -> Conditioning:
-        pooled = None if self.pooled is None else self.pooled.detach()
-        return Conditioning(self.embeds.detach(), pooled)
 
 
 @dataclass
@@ -136,11 +67,6 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return base.in_features, base.out_features
 
 
-# --------------------------------------------------------------------------------------------
-# Token search
-# --------------------------------------------------------------------------------------------
-
-
 @contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """No parameter of ``modules`` requires grad inside the block; each one's flag is restored
@@ -154,191 +80,6 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-
-
-def find_token_spans(tokenizer, prompt: str, phrase: str, max_length: int) -> list[list[int]]:
-    """Every contiguous run of ``phrase``'s token ids inside ``prompt``'s ids.
-
-    The prompt is tokenized exactly as the pipeline encodes it (special tokens, padding to
-    ``max_length``, truncation), so positions index the encoder output. The phrase is
-    tokenized without special tokens; all its sub-word pieces form one run. Special tokens
-    (BOS/EOS/pad) never match. A run must start and end on word boundaries of the prompt
-    text, so "a" does not match the last piece of "zebra". If the ids never occur (a
-    tokenizer that splits the phrase differently in context, e.g. "(car)" with
-    sentencepiece), a case-insensitive whole-word search in the text is mapped to tokens
-    through the offset mapping. Phrase absent or truncated away -> ValueError.
-    """
-    phrase_str = phrase.strip()
-    if not phrase_str:
-        raise ValueError(f"empty phrase for prompt {prompt!r}")
-    fast = bool(getattr(tokenizer, "is_fast", False))
-    enc = tokenizer(
-        prompt,
-        padding="max_length",
-        max_length=max_length,
-        truncation=True,
-        return_offsets_mapping=fast,
-    )
-    ids = list(enc["input_ids"])
-    offsets = [tuple(o) for o in enc["offset_mapping"]] if fast else None
-    special = set(tokenizer.all_special_ids)
-    target = list(tokenizer(phrase_str, add_special_tokens=False)["input_ids"])
-
-    def on_word_boundary(start: int, stop: int) -> bool:
-        if offsets is None:
-            return True
-        a, b = offsets[start][0], offsets[stop - 1][1]
-        left_ok = a == 0 or not prompt[a - 1].isalnum()
-        right_ok = b >= len(prompt) or not prompt[b].isalnum()
-        return left_ok and right_ok
-
-    spans: list[list[int]] = []
-    k = len(target)
-    i = 0
-    while k and i + k <= len(ids):
-        window = ids[i : i + k]
-        if window == target and not special.intersection(window) and on_word_boundary(i, i + k):
-            spans.append(list(range(i, i + k)))
-            i += k
-        else:
-            i += 1
-    if not spans and offsets is not None:
-        spans = _spans_from_text(prompt, phrase_str, ids, offsets, special)
-    if not spans:
-        raise ValueError(
-            f"phrase {phrase!r} not found in prompt {prompt!r} "
-            f"(absent, or cut off by truncation at {max_length} tokens)"
-        )
-    return spans
-
-
-def _spans_from_text(prompt, phrase, ids, offsets, special) -> list[list[int]]:
-    pattern = r"(?<![0-9A-Za-z])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![0-9A-Za-z])"
-    spans = []
-    for m in re.finditer(pattern, prompt, flags=re.IGNORECASE):
-        pos = [
-            j
-            for j, (a, b) in enumerate(offsets)
-            if ids[j] not in special and b > a and a < m.end() and b > m.start()
-        ]
-        # All of the phrase must survive truncation.
-        if pos and offsets[pos[-1]][1] >= m.end() and offsets[pos[0]][0] <= m.start():
-            spans.append(pos)
-    return spans
-
-
-# --------------------------------------------------------------------------------------------
-# Attention probes
-# --------------------------------------------------------------------------------------------
-
-
-class AttentionProbe:
-    """Attention maps recorded while a :meth:`FamilyAdapter.probe` context is open.
-
-    ``maps[layer]`` is a LIST with one tensor per forward call, in call order, each of shape
-    (B, heads, HW, n_cols) with HW the image tokens (row-major over the grid returned by
-    :meth:`resolution`) and n_cols the chosen text columns (``token_indices`` or all text
-    tokens). Values are softmax probabilities in float32, with gradients when grad is enabled.
-    SD cross-attention: the text tokens are all the keys, so a full row sums to 1.
-    Flux joint attention: the softmax runs over text AND image keys, so the stored text-column
-    mass is <= 1; with ``include_image_keys=True`` every image-key column is appended after the
-    text columns and the full row sums to 1.
-    Recorded maps keep their autograd graphs alive until :meth:`clear` or the probe is dropped.
-    With gradient checkpointing, the recomputation in backward records a second time.
-    """
-
-    def __init__(self, adapter, layers, token_indices, include_image_keys, max_chunk_elements):
-        self.adapter = adapter
-        self.layers = list(layers)
-        self.token_indices = None if token_indices is None else [int(i) for i in token_indices]
-        self.include_image_keys = include_image_keys
-        self.max_chunk_elements = max_chunk_elements
-        self.maps: dict[str, list[Tensor]] = {name: [] for name in self.layers}
-        self.context: dict[str, Any] = {}  # per-forward inputs the family needs (grid, text length)
-
-    def clear(self) -> None:
-        """Forget every recorded map (keeps the probe installed)."""
-        for name in self.maps:
-            self.maps[name] = []
-
-    def last(self, layer: str) -> Tensor:
-        """The map of the most recent call at ``layer``: (B, heads, HW, n_cols)."""
-        if not self.maps.get(layer):
-            raise KeyError(f"no attention recorded at {layer!r}")
-        return self.maps[layer][-1]
-
-    def resolution(self, layer: str) -> tuple[int, int]:
-        """(h, w) of the image-token grid at ``layer`` for the most recent forward call."""
-        return self.adapter._layer_resolution(self, layer)
-
-    def _columns(self, text_len: int, n_keys: int, device) -> Tensor:
-        text = torch.arange(text_len) if self.token_indices is None else torch.tensor(self.token_indices)
-        if self.token_indices is not None and (text.min() < 0 or text.max() >= text_len):
-            raise IndexError(f"token indices {self.token_indices} out of range for {text_len} text tokens")
-        if self.include_image_keys and n_keys > text_len:
-            text = torch.cat([text, torch.arange(text_len, n_keys)])
-        return text.to(device)
-
-
-def record_attention(probe: AttentionProbe, layer: str, q: Tensor, k: Tensor, text_len: int,
-                     mask: Tensor | None = None) -> None:
-    """Append softmax(q k^T / sqrt(d)) restricted to the probe's columns to ``probe.maps``.
-
-    q: (B, H, Q, D) image queries; k: (B, H, S, D) every key of the softmax, the first
-    ``text_len`` of which are the text tokens (SD: all of them; Flux: [text, image]).
-    ``mask``: optional bool (True = attend) or additive mask broadcastable to (B, H, Q, S).
-    Computed in float32 and chunked over heads so that at most ``probe.max_chunk_elements``
-    logits exist at once.
-    """
-    b, h, nq, d = q.shape
-    cols = probe._columns(text_len, k.shape[2], q.device)
-    step = max(1, probe.max_chunk_elements // max(1, b * nq * k.shape[2]))
-    scale = 1.0 / math.sqrt(d)  # what scaled_dot_product_attention uses by default
-    chunks = []
-    for h0 in range(0, h, step):
-        qs, ks = q[:, h0 : h0 + step].float(), k[:, h0 : h0 + step].float()
-        logits = qs @ ks.transpose(-1, -2) * scale
-        if mask is not None:
-            m = mask if mask.shape[1] == 1 else mask[:, h0 : h0 + step]
-            logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
-        chunks.append(logits.softmax(dim=-1).index_select(-1, cols))
-    probe.maps[layer].append(torch.cat(chunks, dim=1))
-
-
-class _RecordingProcessor:
-    """Wraps an attention processor: records maps from the inputs, then runs the original.
-
-    The output is the original processor's, untouched, so probing never changes the model.
-    """
-
-    def __init__(self, inner, record: Callable[..., None]):
-        self.inner = inner
-        self.record = record
-        # Attention.forward drops kwargs that processor.__call__ does not declare (it inspects
-        # the signature); expose the inner processor's signature so nothing extra is dropped.
-        proxy = lambda *a, **kw: type(self).__call__(self, *a, **kw)  # noqa: E731
-        proxy.__signature__ = inspect.signature(inner.__call__)
-        self.__dict__["__call__"] = proxy
-
-    def __call__(self, attn, hidden_states, *args, **kwargs):
-        self.record(attn, hidden_states, *args, **kwargs)
-        return self.inner(attn, hidden_states, *args, **kwargs)
-
-    def __getattr__(self, name):  # backend settings etc. live on the inner processor
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-def _swap_processor(attn: nn.Module, new) -> Callable[[], None]:
-    """Install ``new`` as ``attn.processor``; return a function that restores the original."""
-    old = attn.processor
-    if isinstance(old, nn.Module):
-        # Keep a module processor (and its weights) registered; shadow it in __dict__.
-        object.__setattr__(attn, "processor", new)
-        return lambda: attn.__dict__.pop("processor", None)
-    attn.processor = new
-    return lambda: setattr(attn, "processor", old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,10 +131,13 @@ class FamilyAdapter:
     """
 
     family: ClassVar[str] = ""
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()  # class names of the diffusers pipelines it drives
     denoiser_names: ClassVar[tuple[str, ...]] = ()  # class names of the denoisers it drives
+    supported: ClassVar[str] = ""  # what it supports, in words, for the unsupported-pipeline message
     prediction: str
     default_steps: int
     default_guidance: float
+    # Every subclass that names a family, in definition (import) order: the families erasekit supports.
     _registry: ClassVar[list[type[FamilyAdapter]]] = []
 
     def __init_subclass__(cls, **kwargs):
@@ -410,6 +154,25 @@ class FamilyAdapter:
         self._apply_defaults(defaults or {})
 
     # ---- construction --------------------------------------------------------------------
+
+    @staticmethod
+    def registered() -> list[type[FamilyAdapter]]:
+        """The adapter classes of every supported family, in the order they are matched."""
+        return list(FamilyAdapter._registry)
+
+    @classmethod
+    def pipeline_mismatch(cls, components: dict[str, str]) -> str | None:
+        """Why a pipeline whose class is one of :attr:`pipeline_classes` is not this family after
+        all (e.g. the wrong denoiser), judged from ``components`` (component name -> class name,
+        empty slots left out) before any weights load; None when this adapter drives it."""
+        raise NotImplementedError
+
+    @classmethod
+    def loading_kwargs(cls, components: dict[str, str | None], kwargs: dict) -> dict:
+        """The ``from_pretrained`` keyword arguments to load this family's pipeline with, from
+        the caller's ``kwargs`` and the pipeline's ``components`` (name -> class name, None for
+        an empty slot). Default: the caller's, unchanged."""
+        return kwargs
 
     @classmethod
     def matches_denoiser(cls, denoiser: nn.Module) -> bool:
@@ -525,40 +288,20 @@ class FamilyAdapter:
 
     def _text_device(self) -> torch.device:
         """Where the text encoders run; :meth:`encode` raises while they are released."""
-        if self.__dict__.get("_text_released"):
-            raise RuntimeError(
-                "the text encoders are released (text_encoders_released): encode every prompt "
-                "before entering, or set release_text_encoders=False"
-            )
-        return next(self.main_text_encoder()[1].parameters()).device
+        return memory.text_device(self)
 
-    @contextmanager
-    def text_encoders_released(self, park: str | torch.device = "cpu") -> Iterator[None]:
+    def text_encoders_released(self, park: str | torch.device = "cpu") -> AbstractContextManager[None]:
         """Train without the text encoders in accelerator memory: inside, they are parked on
         ``park`` and :meth:`encode` raises, so a method encodes every prompt it needs BEFORE
         entering. They go back to their devices on exit. FLUX.1-dev's T5-XXL alone holds
         9.5 GB in bf16; on a CPU-only run parking is a no-op but the encode guard still holds."""
-        encoders = self.text_encoders()
-        homes = [next(m.parameters()).device for m in encoders]
-        for m in encoders:
-            m.to(park)
-        if any(h.type == "cuda" for h in homes) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        was = self.__dict__.get("_text_released", False)
-        self._text_released = True
-        try:
-            yield
-        finally:
-            self._text_released = was
-            for m, home in zip(encoders, homes):
-                m.to(home)
+        return memory.text_encoders_released(self, park)
 
     def checkpoint_units(self) -> list[str]:
         """Names of the denoiser blocks :meth:`gradient_checkpointing` can recompute."""
         raise NotImplementedError
 
-    @contextmanager
-    def gradient_checkpointing(self, keep: Sequence[str] = ()) -> Iterator[None]:
+    def gradient_checkpointing(self, keep: Sequence[str] = ()) -> AbstractContextManager[None]:
         """Inside, every denoiser block of :meth:`checkpoint_units` that holds none of the layers
         in ``keep`` stores only its inputs in forward and recomputes its activations in
         backward (``torch.utils.checkpoint``, non-reentrant): peak memory of one block's
@@ -566,27 +309,7 @@ class FamilyAdapter:
         Blocks with a layer in ``keep`` run as usual: pass the layers a method probes with
         gradient, whose recorded maps must come from the one forward pass. The edits' state
         (:meth:`edits_disabled`) must be the same at backward as at forward."""
-        from torch.utils.checkpoint import checkpoint
-
-        den = self.denoiser
-        units = [u for u in self.checkpoint_units() if not any(k == u or k.startswith(u + ".") for k in keep)]
-        wrapped = []
-        for name in units:
-            module = den.get_submodule(name)
-            inner = module.forward
-
-            def forward(*args, _inner=inner, **kwargs):
-                if torch.is_grad_enabled():
-                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-                return _inner(*args, **kwargs)
-
-            module.forward = forward
-            wrapped.append(module)
-        try:
-            yield
-        finally:
-            for module in wrapped:
-                module.__dict__.pop("forward", None)
+        return memory.gradient_checkpointing(self, keep)
 
     # ---- denoising -------------------------------------------------------------------------
 
@@ -757,10 +480,9 @@ class FamilyAdapter:
     def _layer_resolution(self, probe: AttentionProbe, layer: str) -> tuple[int, int]:
         raise NotImplementedError
 
-    @contextmanager
     def probe(self, layers: list[str] | None = None, token_indices: list[int] | None = None,
               include_image_keys: bool = False,
-              max_chunk_elements: int = 1 << 26) -> Iterator[AttentionProbe]:
+              max_chunk_elements: int = 1 << 26) -> AbstractContextManager[AttentionProbe]:
         """Record attention of image queries over text keys while the context is open.
 
         ``layers``: names from :meth:`attention_layers` (default: all cross-attention / all
@@ -768,23 +490,7 @@ class FamilyAdapter:
         See :class:`AttentionProbe` for shapes. Outputs are unchanged (the stock processor
         computes them); the original processors are restored on exit, also on exceptions.
         """
-        layers = self._default_probe_layers() if layers is None else list(layers)
-        modules = self._probe_modules(layers)
-        probe = AttentionProbe(self, layers, token_indices, include_image_keys, max_chunk_elements)
-        restore: list[Callable[[], None]] = []
-        hook = self.denoiser.register_forward_pre_hook(
-            lambda _m, args, kwargs: self._capture_forward_inputs(probe, args, kwargs),
-            with_kwargs=True,
-        )
-        try:
-            for name, attn in modules.items():
-                wrapped = _RecordingProcessor(attn.processor, self._make_recorder(probe, name))
-                restore.append(_swap_processor(attn, wrapped))
-            yield probe
-        finally:
-            for undo in reversed(restore):
-                undo()
-            hook.remove()
+        return probing(self, layers, token_indices, include_image_keys, max_chunk_elements)
 
     # ---- edits -----------------------------------------------------------------------------
 

@@ -20,17 +20,29 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from .base import AttachmentPoint, AttentionProbe, Conditioning, FamilyAdapter, _Handle, linear_dims, record_attention
+from .base import AttachmentPoint, FamilyAdapter, _Handle, linear_dims
+from .conditioning import Conditioning
+from .probes import AttentionProbe, record_attention
 
 
 class FluxAdapter(FamilyAdapter):
     """Uniform surface over a FluxPipeline (guidance-distilled or not)."""
 
     family = "flux"
+    pipeline_classes = ("FluxPipeline",)
     denoiser_names = ("FluxTransformer2DModel",)
+    supported = "FluxPipeline (FLUX.1: FluxTransformer2DModel + CLIP + T5)"
+
+    @classmethod
+    def pipeline_mismatch(cls, components: dict[str, str]) -> str | None:
+        """None for a FluxTransformer2DModel with the T5 encoder (text_encoder_2) beside CLIP."""
+        if components.get("transformer") in cls.denoiser_names and "text_encoder_2" in components:
+            return None
+        return "it does not have the FLUX.1 components (transformer: FluxTransformer2DModel, text_encoder_2)"
 
     @classmethod
     def matches_denoiser(cls, denoiser: nn.Module) -> bool:
+        """Whether ``denoiser`` is a FluxTransformer2DModel."""
         return type(denoiser).__name__ in cls.denoiser_names
 
     def _setup(self) -> None:

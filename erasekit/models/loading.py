@@ -1,9 +1,12 @@
 """Loading pipelines and finding their adapter.
 
 ``load_pipeline`` reads the pipeline's ``model_index.json`` first and refuses unsupported
-families before any weights are read. Supported: ``StableDiffusionPipeline`` (SD 1.x/2.x) and
-``FluxPipeline`` (FLUX.1). A folder may also hold ``erasekit_defaults.json`` (a JSON dict with
-keys from :data:`erasekit.models.base.DEFAULT_KEYS`) that sets the adapter's defaults.
+families before any weights are read. The family is the registered adapter class
+(:meth:`FamilyAdapter.registered`) that names the pipeline's class in its ``pipeline_classes``
+and accepts its components (``pipeline_mismatch``). Supported: ``StableDiffusionPipeline``
+(SD 1.x/2.x) and ``FluxPipeline`` (FLUX.1). A folder may also hold ``erasekit_defaults.json``
+(a JSON dict with keys from :data:`erasekit.models.base.DEFAULT_KEYS`) that sets the adapter's
+defaults.
 """
 
 from __future__ import annotations
@@ -15,15 +18,8 @@ from pathlib import Path
 import torch
 
 from .base import DEFAULT_KEYS, FamilyAdapter, UnsupportedPipelineError
-from .flux import FluxAdapter
-from .sd_unet import SDUNetAdapter
 
 DEFAULTS_FILE = "erasekit_defaults.json"
-_ADAPTERS = {"sd": SDUNetAdapter, "flux": FluxAdapter}
-_SUPPORTED = (
-    "StableDiffusionPipeline (SD 1.x/2.x: UNet2DConditionModel + one CLIP text encoder) and "
-    "FluxPipeline (FLUX.1: FluxTransformer2DModel + CLIP + T5)"
-)
 
 
 def _components(index: dict) -> dict[str, str | None]:
@@ -37,33 +33,44 @@ def _components(index: dict) -> dict[str, str | None]:
 
 def family_from_index(index: dict) -> str:
     """"sd" or "flux" for a pipeline's model_index dict; UnsupportedPipelineError otherwise."""
-    cls = index.get("_class_name")
-    return _family(cls, _components(index))
+    return adapter_class_from_index(index).family
 
 
-def _family(cls: str | None, comps: dict[str, str | None]) -> str:
+def adapter_class_from_index(index: dict) -> type[FamilyAdapter]:
+    """The adapter class for a pipeline's model_index dict; UnsupportedPipelineError otherwise."""
+    return _adapter_class(index.get("_class_name"), _components(index))
+
+
+def _adapter_class(cls: str | None, comps: dict[str, str | None]) -> type[FamilyAdapter]:
+    """The registered adapter class that claims pipeline class ``cls`` and accepts its
+    components; UnsupportedPipelineError naming what was found, why, and what is supported."""
     present = {k: v for k, v in comps.items() if v is not None}
-    reason = ""
-    if cls == "StableDiffusionPipeline":
-        if present.get("unet") == "UNet2DConditionModel" and "text_encoder_2" not in present:
-            return "sd"
-        reason = "it does not have the SD 1.x/2.x components (unet: UNet2DConditionModel, no text_encoder_2)"
-    elif cls == "FluxPipeline":
-        if present.get("transformer") == "FluxTransformer2DModel" and "text_encoder_2" in present:
-            return "flux"
-        reason = (
-            "it does not have the FLUX.1 components (transformer: FluxTransformer2DModel, text_encoder_2)"
-        )
-    elif "text_encoder_2" in present and "unet" in present:
-        reason = "SDXL-style pipelines (two text encoders and a UNet) are not supported yet"
-    elif "text_encoder_3" in present or str(present.get("transformer", "")).startswith("SD3"):
-        reason = "SD3-style pipelines are not supported yet"
+    adapters = FamilyAdapter.registered()
+    claiming = [a for a in adapters if cls in a.pipeline_classes]
+    reason = None
+    for adapter_cls in claiming:
+        reason = adapter_cls.pipeline_mismatch(present)
+        if reason is None:
+            return adapter_cls
+    if not claiming:
+        reason = _unsupported_hint(present)
     found = ", ".join(f"{k}={v}" for k, v in sorted(present.items())) or "none"
+    names = [a.supported for a in adapters]
+    supported = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
     raise UnsupportedPipelineError(
         f"unsupported pipeline {cls or '<no _class_name>'} with components [{found}]"
         + (f": {reason}" if reason else "")
-        + f". erasekit supports {_SUPPORTED}."
+        + f". erasekit supports {supported}."
     )
+
+
+def _unsupported_hint(present: dict[str, str]) -> str | None:
+    """Which known family a pipeline that no adapter claims looks like, if any."""
+    if "text_encoder_2" in present and "unet" in present:
+        return "SDXL-style pipelines (two text encoders and a UNet) are not supported yet"
+    if "text_encoder_3" in present or str(present.get("transformer", "")).startswith("SD3"):
+        return "SD3-style pipelines are not supported yet"
+    return None
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -129,10 +136,8 @@ def load_pipeline(id_or_folder: str | os.PathLike, dtype: torch.dtype = torch.fl
     from diffusers import DiffusionPipeline
 
     index, defaults = read_model_index(id_or_folder)
-    family = family_from_index(index)
-    kwargs = dict(from_pretrained_kwargs)
-    if family == "sd" and _components(index).get("safety_checker") and "safety_checker" not in kwargs:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    adapter_cls = adapter_class_from_index(index)
+    kwargs = adapter_cls.loading_kwargs(_components(index), dict(from_pretrained_kwargs))
     source = os.path.expanduser(str(id_or_folder))
     pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **kwargs)
     pipe.to(device)
@@ -143,18 +148,21 @@ def load_pipeline(id_or_folder: str | os.PathLike, dtype: torch.dtype = torch.fl
 
 def detect_family(pipe) -> str:
     """"sd" or "flux" for a loaded pipeline; UnsupportedPipelineError naming what was found."""
+    return _adapter_class_for(pipe).family
+
+
+def _adapter_class_for(pipe) -> type[FamilyAdapter]:
+    """The adapter class for a loaded pipeline: its class (or the nearest base class an adapter
+    claims, so subclasses of a supported pipeline match) and its components, as
+    :func:`adapter_class_from_index` judges a model_index dict."""
     comps = {
         name: type(module).__name__ if module is not None else None
         for name, module in getattr(pipe, "components", {}).items()
     }
-    from diffusers import FluxPipeline, StableDiffusionPipeline
-
-    cls = type(pipe).__name__
-    if isinstance(pipe, StableDiffusionPipeline):
-        cls = "StableDiffusionPipeline"
-    elif isinstance(pipe, FluxPipeline):
-        cls = "FluxPipeline"
-    return _family(cls, comps)
+    claimed = {name for a in FamilyAdapter.registered() for name in a.pipeline_classes}
+    names = [c.__name__ for c in type(pipe).__mro__]
+    cls = next((n for n in names if n in claimed), type(pipe).__name__)
+    return _adapter_class(cls, comps)
 
 
 def adapter_for(pipe) -> FamilyAdapter:
@@ -163,6 +171,6 @@ def adapter_for(pipe) -> FamilyAdapter:
     cached = pipe.__dict__.get("_erasekit_adapter")
     if cached is not None:
         return cached
-    adapter = _ADAPTERS[detect_family(pipe)](pipe)
+    adapter = _adapter_class_for(pipe)(pipe)
     pipe._erasekit_adapter = adapter
     return adapter

@@ -15,17 +15,37 @@ from diffusers.models.attention_processor import Attention
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from .base import AttachmentPoint, AttentionProbe, Conditioning, FamilyAdapter, linear_dims, record_attention
+from .base import AttachmentPoint, FamilyAdapter, linear_dims
+from .conditioning import Conditioning
+from .probes import AttentionProbe, record_attention
 
 
 class SDUNetAdapter(FamilyAdapter):
     """Uniform surface over a StableDiffusionPipeline (epsilon and v_prediction models)."""
 
     family = "sd"
+    pipeline_classes = ("StableDiffusionPipeline",)
     denoiser_names = ("UNet2DConditionModel",)
+    supported = "StableDiffusionPipeline (SD 1.x/2.x: UNet2DConditionModel + one CLIP text encoder)"
+
+    @classmethod
+    def pipeline_mismatch(cls, components: dict[str, str]) -> str | None:
+        """None for a UNet2DConditionModel with one text encoder (SDXL's two are not SD 1.x/2.x)."""
+        if components.get("unet") in cls.denoiser_names and "text_encoder_2" not in components:
+            return None
+        return "it does not have the SD 1.x/2.x components (unet: UNet2DConditionModel, no text_encoder_2)"
+
+    @classmethod
+    def loading_kwargs(cls, components: dict[str, str | None], kwargs: dict) -> dict:
+        """Without the safety checker unless the caller passes ``safety_checker=``: it blacks out
+        the very images erasure is evaluated on."""
+        if components.get("safety_checker") and "safety_checker" not in kwargs:
+            return {**kwargs, "safety_checker": None, "requires_safety_checker": False}
+        return kwargs
 
     @classmethod
     def matches_denoiser(cls, denoiser: nn.Module) -> bool:
+        """Whether ``denoiser`` is a UNet2DConditionModel."""
         return type(denoiser).__name__ in cls.denoiser_names
 
     def _setup(self) -> None:
@@ -75,7 +95,8 @@ class SDUNetAdapter(FamilyAdapter):
     def checkpoint_units(self) -> list[str]:
         """down_blocks.{i}, mid_block, up_blocks.{i}."""
         d = self.denoiser
-        return ([f"down_blocks.{i}" for i in range(len(d.down_blocks))] + (["mid_block"] if d.mid_block is not None else [])
+        return ([f"down_blocks.{i}" for i in range(len(d.down_blocks))]
+                + (["mid_block"] if d.mid_block is not None else [])
                 + [f"up_blocks.{i}" for i in range(len(d.up_blocks))])
 
     def _main_tokenizer(self):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, UNet2DConditionModel
 
-from ..models.builders import clip_text_encoder, kl_vae, t5_text_encoder
-from ..models.offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
+from .builders import clip_text_encoder, kl_vae, t5_text_encoder
+from .offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 from .grammar import vocabulary
 from .render import IMAGE_SIZE
 

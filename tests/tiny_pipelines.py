@@ -21,9 +21,8 @@ from diffusers import (
 )
 from transformers import CLIPTextModel
 
-from .builders import clip_text_encoder, kl_vae, t5_text_encoder
-
-from .offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
+from erasekit.toyworld.builders import clip_text_encoder, kl_vae, t5_text_encoder
+from erasekit.toyworld.offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 
 TINY_WORDS = (
     "a an the photo image picture painting of in on with and at red blue green yellow car "
@@ -93,7 +92,8 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False) -> FluxPipe
         torch.manual_seed(seed)
         clip_tok = clip_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
         t5_tok = t5_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
-        t5 = t5_text_encoder(t5_tok, width=32, layers=2, ff=64, relative_attention_num_buckets=8, relative_attention_max_distance=TEXT_LEN)
+        t5 = t5_text_encoder(t5_tok, width=32, layers=2, ff=64, relative_attention_num_buckets=8,
+                             relative_attention_max_distance=TEXT_LEN)
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=16,
