@@ -33,6 +33,8 @@ from torch import Tensor
 
 from ..edits import Edit
 from ..models import adapter_for
+from .config import MethodConfig, setting
+from .registry import register_method
 
 NAME = "keyword_zeroing"
 _FINGERPRINT_DIMS = 8
@@ -40,9 +42,11 @@ _REMEMBERED = 256  # embedding rows with the keyword that are remembered
 
 
 @dataclass
-class KeywordZeroingConfig:
-    keywords: str = ""  # further keywords to zero besides the concept, separated by ";"
-    case_variants: bool = True  # also match lower / Capitalised / UPPER spellings
+class KeywordZeroingConfig(MethodConfig):
+    """Settings; nothing is trained."""
+
+    keywords: str = setting("", "further keywords to zero besides the concept", sep=";")
+    case_variants: bool = setting(True, "also match lower / Capitalised / UPPER spellings")
 
     @classmethod
     def fast(cls, **overrides) -> "KeywordZeroingConfig":
@@ -170,3 +174,4 @@ def attach(adapter, edit: Edit, scale: float = 1.0) -> _KeywordTracker:
 
 
 PRESETS = {"paper": KeywordZeroingConfig, "fast": KeywordZeroingConfig.fast}
+register_method(NAME, KeywordZeroingConfig, PRESETS, fit, attach)

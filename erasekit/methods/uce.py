@@ -34,23 +34,26 @@ import torch.nn.functional as F
 from ..edits import Edit
 from ..models import adapter_for
 from . import split_list
+from .config import MethodConfig, setting
+from .registry import register_method
 from .weight_edits import PREFIX, attach_deltas, export_merged  # noqa: F401 (re-exported)
 
 NAME = "uce"
 
 
 @dataclass
-class UCEConfig:
+class UCEConfig(MethodConfig):
     """Hyper-parameters; the defaults are the authors' release (uce_sd_erase.py)."""
 
-    guide: str = ""  # the concept the erased ones are mapped to ("" = nothing)
-    preserve: str = ""  # concepts to keep, separated by ";"
-    templates: str = "{concept}"  # erased prompts, separated by ";" (the release's expand_prompts adds e.g. "photo of {concept}")
-    erase_scale: float = 1.0
-    preserve_scale: float = 1.0
-    lamb: float = 0.5
-    samples: int = 4  # (noise, timestep) draws for inputs that depend on them (Flux)
-    seed: int = 0
+    guide: str = setting("", "the concept the erased ones are mapped to (empty: nothing)")
+    preserve: str = setting("", "concepts to keep", sep=";")
+    # The release's expand_prompts adds e.g. "photo of {concept}".
+    templates: str = setting("{concept}", "erased prompts", sep=";", template=True)
+    erase_scale: float = setting(1.0, "weight of the erase terms", low=0)
+    preserve_scale: float = setting(1.0, "weight of the preserve terms", low=0)
+    lamb: float = setting(0.5, "regulariser lambda that keeps W' near W (> 0: the solve stays invertible)", above=0)
+    samples: int = setting(4, "(noise, timestep) draws for inputs that depend on them (Flux)", low=1)
+    seed: int = setting(0, "seed of those draws", low=0)
 
     @classmethod
     def fast(cls, **overrides) -> "UCEConfig":
@@ -146,3 +149,4 @@ def attach(adapter, edit: Edit, scale: float = 1.0):
 
 
 PRESETS = {"paper": UCEConfig, "fast": UCEConfig.fast}
+register_method(NAME, UCEConfig, PRESETS, fit, attach)
