@@ -167,7 +167,7 @@ def erase(pipe, concept: str, method: str = "receler", config=None, checkpoint_d
     if config is None:
         config = cls.with_settings(cls(), fixed)
     if not isinstance(config, cls):
-        raise ConfigError(f"{method}: the config must be a {cls.__name__}, got a {type(config).__name__}")
+        raise ConfigError(f"{method}: the config must be of type {cls.__name__}, got {type(config).__name__}")
     config.validate()  # a config's fields may have been assigned since it was made
     for key, text in fixed.items():
         if getattr(config, key) != cls.parse_setting(key, text):
