@@ -32,7 +32,7 @@ from . import __version__
 from .edits import apply, remove
 from .evaluation.metrics import pooled_accuracies
 from .evaluation.resources import PeakMemory, Stopwatch
-from .methods import erase, make_config, method_rows, resolve_method
+from .methods import ConfigError, erase, make_config, method_rows, resolve_method
 from .toyworld.grammar import object_by_name
 from .toyworld.suite import object_prompts, run_object_suite
 
@@ -86,7 +86,7 @@ def method_configs(methods: Sequence[str], preset: str, overrides: Mapping[str, 
     planned = {m: variant_method(m)[0] for m in methods}
     unknown = [k for k in overrides if k not in planned and k not in planned.values()]
     if unknown:
-        raise ValueError(f"settings given for {unknown}, which the bench does not run ({', '.join(methods)})")
+        raise ConfigError(f"settings given for {unknown}, which the bench does not run ({', '.join(methods)})")
     configs = {}
     for name, method in planned.items():
         fixed = variant_method(name)[1]
