@@ -25,12 +25,13 @@ def test_erase_then_generate_with_the_edit(tmp_path, build):
 
 
 def test_unknown_method_and_setting_are_clear_errors(tmp_path, capsys):
-    assert main(["erase", "--method", "nope", "--model", str(tmp_path), "--concept", "car", "--out", str(tmp_path / "e")]) == 2
+    erase = ["erase", "--model", str(tmp_path), "--concept", "car", "--out", str(tmp_path / "e")]
+    assert main([*erase, "--method", "nope"]) == 2
     assert "unknown erasure method 'nope'" in capsys.readouterr().err
-    assert main(["erase", "--model", str(tmp_path), "--concept", "car", "--out", str(tmp_path / "e"), "--set", "depth=3"]) == 2
+    assert main([*erase, "--set", "depth=3"]) == 2
     assert "no setting 'depth'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no setting 'depth'"):  # --debug: raised, with its traceback
-        main(["--debug", "erase", "--model", str(tmp_path), "--concept", "car", "--out", str(tmp_path / "e"), "--set", "depth=3"])
+        main(["--debug", *erase, "--set", "depth=3"])
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

@@ -216,7 +216,8 @@ def test_variants_are_the_bench_rows():
 
 
 def test_unknown_method_and_preset():
-    with pytest.raises(ConfigError, match="unknown erasure method 'nope'; known: receler, eraseanything, esd, esd-x, esd-u"):
+    known = "known: receler, eraseanything, esd, esd-x, esd-u, uce, keyword_zeroing, sld"
+    with pytest.raises(ConfigError, match=f"unknown erasure method 'nope'; {known}"):
         make_config("nope")
     with pytest.raises(ConfigError, match="unknown preset 'huge' for sld; known: paper, medium, weak"):
         make_config("sld", "huge")
