@@ -32,20 +32,13 @@ from . import __version__
 from .edits import apply, remove
 from .evaluation.metrics import pooled_accuracies
 from .evaluation.resources import PeakMemory, Stopwatch
-from .methods import METHODS, erase, make_config
+from .methods import ConfigError, erase, make_config, method_rows, resolve_method
 from .toyworld.grammar import object_by_name
 from .toyworld.suite import object_prompts, run_object_suite
 
-# Row name -> (method, settings it fixes). ESD's two parameter groups are two rows.
-VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
-    "receler": ("receler", {}),
-    "eraseanything": ("eraseanything", {}),
-    "esd-x": ("esd", {"group": "esd-x"}),
-    "esd-u": ("esd", {"group": "esd-u"}),
-    "uce": ("uce", {}),
-    "keyword_zeroing": ("keyword_zeroing", {}),
-    "sld": ("sld", {}),
-}
+# Row name -> (method, settings it fixes), from the method registry: a method with variants is
+# one row per variant (ESD's two parameter groups: "esd-x", "esd-u").
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = method_rows()
 DEFAULT_METHODS = tuple(VARIANTS)
 # Both toy pipelines draw these three on every simple prompt; the Flux one draws the star on only
 # about half (benchmarks/RESULTS.md, quality table).
@@ -67,11 +60,8 @@ ROWS_FILE, JSON_FILE, MD_FILE = "rows.jsonl", "bench.json", "bench.md"
 
 def variant_method(name: str) -> tuple[str, dict[str, str]]:
     """(method, fixed settings) of a row name: a :data:`VARIANTS` key or any method name."""
-    if name in VARIANTS:
-        return VARIANTS[name]
-    if name in METHODS:
-        return name, {}
-    raise ValueError(f"unknown method {name!r}; known: {', '.join(dict.fromkeys([*VARIANTS, *METHODS]))}")
+    spec, fixed = resolve_method(name)
+    return spec.name, fixed
 
 
 def model_source(spec: str) -> tuple[str, str]:
@@ -96,7 +86,7 @@ def method_configs(methods: Sequence[str], preset: str, overrides: Mapping[str, 
     planned = {m: variant_method(m)[0] for m in methods}
     unknown = [k for k in overrides if k not in planned and k not in planned.values()]
     if unknown:
-        raise ValueError(f"settings given for {unknown}, which the bench does not run ({', '.join(methods)})")
+        raise ConfigError(f"settings given for {unknown}, which the bench does not run ({', '.join(methods)})")
     configs = {}
     for name, method in planned.items():
         fixed = variant_method(name)[1]

@@ -7,6 +7,8 @@ import os
 import shlex
 import sys
 
+from .errors import UserError
+
 
 def _toyworld_train(args: argparse.Namespace) -> int:
     if args.threads:
@@ -83,7 +85,7 @@ def _bench_toy(args: argparse.Namespace) -> int:
     for key, value in _parse_sets(args.set).items():
         method, dot, setting = key.partition(".")
         if not dot or not method or not setting:
-            raise SystemExit(f"bench --set expects method.key=value (e.g. receler.iterations=50), got {key!r}")
+            raise UserError(f"bench --set expects method.key=value (e.g. receler.iterations=50), got {key!r}")
         overrides.setdefault(method, {})[setting] = value
     optional = {"methods": split_list(args.methods)} if args.methods else {}
     result = run_bench(
@@ -123,7 +125,7 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise UserError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
@@ -131,13 +133,17 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
 
 def _erase(args: argparse.Namespace) -> int:
     from .edits import check_edit_output
-    from .methods import erase, make_config
+    from .methods import erase, make_config, method_help
+
+    if args.help_method:
+        print(method_help(args.help_method))
+        return 0
     from .models import load_pipeline
 
     import torch
 
     check_edit_output(args.out, overwrite=args.overwrite)  # before any training
-    config = make_config(args.method, args.preset, _parse_sets(args.set))
+    config = make_config(args.method, args.preset, _parse_sets(args.set))  # bad settings: refused before loading
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(_model_source(args.model), dtype=getattr(torch, args.dtype), device=device)
     edit = erase(pipe, args.concept, args.method, config, checkpoint_dir=args.checkpoint_dir)
@@ -261,15 +267,34 @@ def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: the accelerate process's device")
 
 
+def _require(parser: argparse.ArgumentParser, *names: str, unless: str):
+    """A check for main(): the options ``names`` are required unless option ``unless`` is given."""
+
+    def check(args: argparse.Namespace) -> None:
+        if getattr(args, unless.lstrip("-").replace("-", "_")) is None:
+            missing = [n for n in names if getattr(args, n.lstrip("-").replace("-", "_")) is None]
+            if missing:
+                parser.error(f"the following arguments are required: {', '.join(missing)} (unless {unless} is given)")
+
+    return check
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``erasekit`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="erasekit", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="raise user errors (bad settings, refused outputs) with their traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     er = sub.add_parser("erase", help="train an erasure and save it as an Edit folder")
-    er.add_argument("--method", default="receler")
-    er.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
-    er.add_argument("--concept", required=True)
-    er.add_argument("--out", required=True, help="Edit folder to write (new or empty; an earlier edit folder with --overwrite)")
+    er.add_argument("--method", default="receler",
+                    help="receler, eraseanything, esd (or esd-x / esd-u), uce, keyword_zeroing, sld")
+    er.add_argument("--help-method", metavar="NAME", default=None,
+                    help="print method NAME's settings (type, allowed values, value in each preset, help) and exit")
+    er.add_argument("--model", default=None, help="pipeline folder, hub id, or toy:sd / toy:flux (required)")
+    er.add_argument("--concept", default=None, help="the concept to erase (required)")
+    er.add_argument("--out", default=None,
+                    help="Edit folder to write (new or empty; an earlier edit folder with --overwrite) (required)")
     er.add_argument("--overwrite", action="store_true", help="replace the edit folder --out if it already holds an edit")
     er.add_argument("--preset", default="paper", help="paper (the paper's hyper-parameters) or fast (toy world)")
     er.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. --set iterations=100")
@@ -277,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     er.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="weights of the pipeline (bfloat16 for FLUX.1 on one GPU); trained tensors stay float32")
-    er.set_defaults(func=_erase)
+    er.set_defaults(func=_erase, check=_require(er, "--model", "--concept", "--out", unless="--help-method"))
 
     gen = sub.add_parser("generate", help="generate images, optionally with edits applied")
     gen.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
@@ -358,17 +383,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``erasekit`` command ``argv`` (default: the process's arguments); returns the exit status.
+
+    A user error (:class:`erasekit.errors.UserError`: a bad setting, a refused output folder) is
+    one line on stderr and status 2 (``--debug``: raised, with its traceback); any other
+    exception is a bug and propagates.
+    """
     # transformers warns on every import that torchvision is absent (PIL is used instead): noise here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in results as the command that made them
-    from .files import OutputRefused
-
+    if getattr(args, "check", None) is not None:
+        args.check(args)
     try:
         return args.func(args)
-    except OutputRefused as err:
-        print(f"erasekit {args.command}: error: {err}", file=sys.stderr)
+    except UserError as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split())  # one line
+        print(f"erasekit {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

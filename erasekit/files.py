@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -32,7 +34,7 @@ def _readable_tree(folder: Path) -> None:
         os.chmod(path, path.stat().st_mode | extra)
 
 
-class OutputRefused(FileExistsError):
+class OutputRefused(UserError, FileExistsError):
     """The output path holds something erasekit may not replace; the message says what to do."""
 
 

@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 TIERS: tuple[str, ...] = ("close", "mid", "far", "unrelated")
+# The names :func:`lexicon_for` takes (the methods' ``lexicon`` setting).
+LEXICONS: tuple[str, ...] = ("auto", "wordnet", "toyworld", "none")
 
 
 def _check_tier(tier: str) -> str:

@@ -75,3 +75,44 @@ def test_erase_overwrite_replaces_only_an_edit_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["E"]  # no temporary or old copy left
     for p in (tmp_path / "E").iterdir():
         assert p.stat().st_mode & 0o044 == 0o044  # readable by group and others, like any written file
+
+
+def _no_pipeline(*args, **kwargs):
+    raise AssertionError("the pipeline was loaded before the bad input was refused")
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--set", "erase_scale=nan"], ["uce", "erase_scale", "'nan'", "finite number"]),
+        (["--method", "receler", "--set", "eta=inf"], ["receler", "eta", "'inf'", "finite number"]),
+        (["--method", "receler", "--set", "iterations=0"], ["receler", "iterations", "got 0", ">= 1"]),
+        (["--method", "receler", "--set", "iterations=-5"], ["receler", "iterations", "got -5", ">= 1"]),
+        (["--method", "receler", "--set", "extra_erasers=ture"], ["receler", "extra_erasers", "'ture'", "true/false"]),
+        (["--method", "esd", "--set", "iterations=abc"], ["esd", "iterations", "'abc'", "integer"]),
+        (["--method", "esd", "--set", "iterations=2.5"], ["esd", "iterations", "'2.5'", "integer"]),
+        (["--method", "esd-u", "--set", "group=esd-x"], ["esd-u", "group", "fixed"]),
+        (["--set", "depth=3"], ["uce", "no setting 'depth'", "erase_scale", "lamb"]),
+        (["--set", "lamb"], ["--set expects key=value", "'lamb'"]),
+        (["--preset", "huge"], ["unknown preset 'huge'", "paper", "fast"]),
+        (["--method", "nope"], ["unknown erasure method 'nope'", "receler", "esd-u", "sld"]),
+    ],
+    ids=["nan", "inf", "iterations-0", "iterations-negative", "bool-typo", "int-abc", "int-2.5", "variant-conflict",
+         "unknown-key", "set-without-value", "unknown-preset", "unknown-method"],
+)
+def test_erase_bad_setting_refused_before_loading(tmp_path, monkeypatch, capsys, extra, words):
+    import erasekit.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", _no_pipeline)
+    (tmp_path / "notes.txt").write_text("t")
+    before = tree(tmp_path)
+    assert main([*ERASE, "--out", "E", *extra]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and captured.out == ""
+    assert err.startswith("erasekit erase: error: ")
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "E").exists()
+    assert tree(tmp_path) == before

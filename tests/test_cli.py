@@ -24,11 +24,14 @@ def test_erase_then_generate_with_the_edit(tmp_path, build):
     assert Image.open(out).size[0] > 0
 
 
-def test_unknown_method_and_setting_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown erasure method 'nope'"):
-        main(["erase", "--method", "nope", "--model", str(tmp_path), "--concept", "car", "--out", str(tmp_path / "e")])
-    with pytest.raises(ValueError, match="no setting 'depth'"):
-        main(["erase", "--model", str(tmp_path), "--concept", "car", "--out", str(tmp_path / "e"), "--set", "depth=3"])
+def test_unknown_method_and_setting_are_clear_errors(tmp_path, capsys):
+    erase = ["erase", "--model", str(tmp_path), "--concept", "car", "--out", str(tmp_path / "e")]
+    assert main([*erase, "--method", "nope"]) == 2
+    assert "unknown erasure method 'nope'" in capsys.readouterr().err
+    assert main([*erase, "--set", "depth=3"]) == 2
+    assert "no setting 'depth'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no setting 'depth'"):  # --debug: raised, with its traceback
+        main(["--debug", *erase, "--set", "depth=3"])
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

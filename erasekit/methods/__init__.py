@@ -1,51 +1,51 @@
-"""Erasure methods: one module each, a config dataclass plus ``fit(pipe, concept, config) -> Edit``
-and ``attach(adapter, edit, scale)``."""
+"""Erasure methods: one module each (receler, eraseanything, esd, uce, keyword_zeroing, sld).
+
+Architecture
+------------
+Registry (:mod:`.registry`). A method module defines a config class, ``PRESETS`` (preset name ->
+callable returning a config; every method has "paper" and "fast"), ``fit(pipe, concept, config,
+checkpoint_dir=None, progress=True) -> Edit`` (the Edit names its edit kind, which attaches it:
+:mod:`erasekit.edits`; a method never attaches its result), and ends with one registration line::
+
+    register_method(NAME, MyConfig, PRESETS, fit)
+
+``register_method`` may also give *variants*, other names for the method with settings fixed
+(ESD: ``variants={"esd-x": {"group": "esd-x"}, "esd-u": {"group": "esd-u"}}``); the bench's rows
+and every entry point that takes a method name accept them. Built-in methods are imported on
+first use of their name; :func:`method_names`, :func:`get_method`, :func:`resolve_method` look
+them up (an unknown name is a ``ConfigError`` listing the known ones).
+
+Config base (:mod:`.config`). Every config is a dataclass deriving from :class:`MethodConfig`;
+each field is declared with :func:`setting` (its help text and rules: ranges, choices, list
+items, templates) and typed by its annotation (int, float, bool, str, optionally ``| None``).
+``__post_init__`` checks every field (types, finite numbers, ranges, choices) and the class's
+cross-field :meth:`MethodConfig.check`; ``--set KEY=VALUE`` text is parsed strictly by
+:meth:`MethodConfig.parse_setting`. Every failure is one ``ConfigError`` (a ``UserError`` and a
+``ValueError``) with a one-line message naming the method, the field, the value and what is
+allowed, so the command line refuses bad settings before loading any model.
+
+Entry points: :func:`make_config` (preset + ``--set`` overrides), :func:`erase` (train and return
+the Edit), :func:`method_help` (the text of ``erasekit erase --help-method NAME``).
+"""
 
 from __future__ import annotations
 
-import importlib
-
-METHODS = (
-    "receler",
-    "eraseanything",
-    "esd",
-    "uce",
-    "keyword_zeroing",
-    "sld",
+from .config import ConfigError, MethodConfig, setting
+from .registry import (
+    BUILTIN_METHODS,
+    MethodSpec,
+    erase,
+    get_method,
+    make_config,
+    method_help,
+    method_module,
+    method_names,
+    method_rows,
+    register_method,
+    resolve_method,
 )
 
-
-def method_module(name: str):
-    """The module implementing method ``name``; ValueError listing the known ones otherwise."""
-    if name not in METHODS:
-        raise ValueError(f"unknown erasure method {name!r}; known: {', '.join(METHODS)}")
-    return importlib.import_module(f"{__name__}.{name}")
-
-
-def erase(pipe, concept: str, method: str = "receler", config=None, checkpoint_dir=None, progress: bool = True):
-    """Train ``method`` to remove ``concept`` from ``pipe``; returns the Edit (not applied).
-
-    ``config``: the method's config dataclass (default: the paper's hyper-parameters).
-    """
-    return method_module(method).fit(pipe, concept, config, checkpoint_dir=checkpoint_dir, progress=progress)
-
-
-def make_config(method: str, preset: str = "paper", overrides: dict[str, str] | None = None):
-    """The config of ``method`` from a named preset, with ``overrides`` (field -> text) parsed
-    to each field's type. Unknown presets or fields are errors naming the known ones."""
-    import dataclasses
-
-    module = method_module(method)
-    if preset not in module.PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for {method}; known: {', '.join(module.PRESETS)}")
-    config = module.PRESETS[preset]()
-    types = {f.name: f.type for f in dataclasses.fields(config)}
-    changes = {}
-    for key, text in (overrides or {}).items():
-        if key not in types:
-            raise ValueError(f"{method} has no setting {key!r}; settings: {', '.join(types)}")
-        changes[key] = _parse_value(text, getattr(config, key))
-    return dataclasses.replace(config, **changes)
+METHODS = BUILTIN_METHODS
 
 
 def split_list(text: str, sep: str = ",") -> list[str]:
@@ -53,18 +53,20 @@ def split_list(text: str, sep: str = ",") -> list[str]:
     return [part.strip() for part in text.split(sep) if part.strip()]
 
 
-def _parse_value(text: str, current):
-    """``text`` as the setting's type: bool, the string itself for a text setting, else
-    None / int / float / the string (for settings whose default is None)."""
-    if isinstance(current, bool):
-        return text.lower() in ("1", "true", "yes", "on")
-    if isinstance(current, str):
-        return text
-    if text.lower() == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+__all__ = [
+    "METHODS",
+    "ConfigError",
+    "MethodConfig",
+    "MethodSpec",
+    "erase",
+    "get_method",
+    "make_config",
+    "method_help",
+    "method_module",
+    "method_names",
+    "method_rows",
+    "register_method",
+    "resolve_method",
+    "setting",
+    "split_list",
+]

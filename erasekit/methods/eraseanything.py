@@ -69,11 +69,13 @@ from tqdm.auto import tqdm
 from ..edits import WEIGHTS_FILE, Edit
 from ..edits.lora import NAME as LORA
 from ..edits.lora import attach_lora, lora_prefix
-from ..lexicon import TIERS, WordNetUnavailable, lexicon_for
+from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
 from ..models import Conditioning, adapter_for, frozen
 from . import split_list
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .config import setting
 from .memory import MemorySettings, training_memory
+from .registry import register_method
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 
 NAME = "eraseanything"
@@ -89,38 +91,50 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
     "|"-separated templates with ``{concept}``.
     """
 
-    iterations: int | None = None  # None: the release's 200 for nudity, 300 otherwise
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    rank: int = 8
-    alpha: float = 8.0
+    iterations: int | None = setting(None, "training iterations (none: the release's 200 for nudity, 300 otherwise)",
+                                     low=1)
+    lr: float = setting(1e-3, "AdamW learning rate of the LoRA", above=0)
+    weight_decay: float = setting(1e-5, "AdamW weight decay", low=0)
+    rank: int = setting(8, "LoRA rank", low=1)
+    alpha: float = setting(8.0, "LoRA alpha (scaling alpha / rank)", above=0)
     # Projections among the "text_proj" points (paper). Our extension, off in both presets:
     # "text_embedder.linear_1", Flux's projection of the pooled CLIP embedding ("pooled_proj").
-    targets: str = "add_q_proj,add_k_proj,to_k,to_v"
-    eta: float = 1.0  # negative-guidance factor
-    esd_weight: float = 1.0
-    attn_weight: float = 1e-3
-    fm_weight: float = 0.1
-    rsc_weight: float = 0.1
-    tau: float = 0.07
-    prompts: str = "{concept}|a photo of {concept}|an image of {concept}|a picture of {concept}"
-    anchor_prompt: str = ""  # the release: a neutral prompt such as "a photo"
-    shuffle_prob: float = 0.9
-    synonym_prob: float = 0.5
-    lexicon: str = "auto"  # auto (toy world for its pipelines, else WordNet), wordnet, toyworld, none
-    synonyms: str = ""  # comma-separated: replaces the lexicon's synonyms
-    irrelevant: str = ""  # comma-separated: replaces the lexicon's irrelevant concepts
-    irrelevant_tiers: str = "close,mid,far"  # taken round-robin
-    preserve_images: int = 8  # 6-10 in the paper
-    preserve_prompt: str = "a photo of {concept}"  # also the prompt of the L_rsc features
-    preserve_steps: int | None = None  # sampler steps of those images (None: the family default)
-    rsc_irrelevant: int = 3  # K
-    rsc_steps: int = 3  # high noise: x_t after t_enc ~ U[0, rsc_steps) of the rollout's steps
-    attn_layers: str = "auto"  # auto: the adapter's keyword_layers() (Flux: last dual-stream block)
-    gradient_surgery: bool = False
-    resolution: int | None = None  # training images (px); None: the model's default (paper: 512)
-    checkpoint_every: int = 50
-    seed: int = 0
+    targets: str = setting("add_q_proj,add_k_proj,to_k,to_v", "projections the LoRA trains (name endings)",
+                           sep=",", nonempty=True)
+    eta: float = setting(1.0, "negative-guidance factor", low=0)
+    esd_weight: float = setting(1.0, "weight of L_esd (lower level)", low=0)
+    attn_weight: float = setting(1e-3, "weight of L_attn (lower level)", low=0)
+    fm_weight: float = setting(0.1, "weight of L_fm (upper level)", low=0)
+    rsc_weight: float = setting(0.1, "weight of L_rsc (upper level)", low=0)
+    tau: float = setting(0.07, "temperature of L_rsc", above=0)
+    prompts: str = setting("{concept}|a photo of {concept}|an image of {concept}|a picture of {concept}",
+                           "training prompt templates", sep="|", nonempty=True, template=True)
+    anchor_prompt: str = setting("", "the anchor a of L_esd (empty: ESD's unconditional; the release: e.g. 'a photo')")
+    shuffle_prob: float = setting(0.9, "probability that a training prompt's words are shuffled", low=0, high=1)
+    synonym_prob: float = setting(0.5, "probability that the keyword is swapped for a synonym", low=0, high=1)
+    lexicon: str = setting("auto", "auto (toy world for its pipelines, else WordNet), wordnet, toyworld or none",
+                           choices=LEXICONS)
+    synonyms: str = setting("", "replaces the lexicon's synonyms", sep=",")
+    irrelevant: str = setting("", "replaces the lexicon's irrelevant concepts", sep=",")
+    irrelevant_tiers: str = setting("close,mid,far", "lexicon tiers of the irrelevant concepts, taken round-robin",
+                                    sep=",", items=TIERS, nonempty=True)
+    preserve_images: int = setting(8, "images of irrelevant concepts for L_fm (6-10 in the paper)", low=1)
+    preserve_prompt: str = setting("a photo of {concept}", "prompt of those images, also of the L_rsc features",
+                                   template=True)
+    preserve_steps: int | None = setting(None, "sampler steps of those images (none: the family's default)", low=1)
+    rsc_irrelevant: int = setting(3, "K, the irrelevant concepts of L_rsc", low=0)
+    rsc_steps: int = setting(3, "high noise: x_t after t_enc ~ U[0, rsc_steps) of the rollout's steps", low=1)
+    attn_layers: str = setting("auto", "layers of L_attn (auto: the adapter's keyword layers; Flux: last dual block)",
+                               nonempty=True)
+    gradient_surgery: bool = setting(False, "compute both levels every step and combine them by PCGrad")
+    resolution: int | None = setting(None, "size of the training images in px (none: the model's; paper: 512)", low=8)
+    checkpoint_every: int = setting(50, "with a checkpoint folder: save every this many iterations", low=1)
+    seed: int = setting(0, "seed of the LoRA's init and of every random draw of training", low=0)
+
+    def check(self) -> None:
+        """rsc_steps counts steps of the rollout: at most rollout_steps when that is given."""
+        if self.rollout_steps is not None and self.rsc_steps > self.rollout_steps:
+            raise self.error("rsc_steps", self.rsc_steps, f"an integer in [1, rollout_steps = {self.rollout_steps}]")
 
     @classmethod
     def fast(cls, **overrides) -> EraseAnythingConfig:
@@ -281,9 +295,6 @@ def concept_words(config: EraseAnythingConfig, pipe, concept: str) -> tuple[list
     source = "config"
     if not synonyms or not irrelevant:
         tiers = split_list(config.irrelevant_tiers)
-        bad = [t for t in tiers if t not in TIERS]
-        if bad or not tiers:
-            raise ValueError(f"irrelevant_tiers must name tiers among {TIERS}, got {config.irrelevant_tiers!r}")
         try:
             lexicon = lexicon_for(config.lexicon, pipe, concept)
             source = lexicon.name
@@ -315,8 +326,6 @@ class _Trainer:
         self.adapter, self.concept, self.config = adapter, concept, config
         self.synonyms, self.irrelevant, self.g = synonyms, irrelevant, g
         self.templates = split_list(config.prompts, "|")
-        if not self.templates:
-            raise ValueError("prompts must hold at least one template with {concept}")
         for tpl in self.templates:
             adapter.token_indices(tpl.format(concept=concept), concept)  # ValueError if absent
         self.steps = int(config.rollout_steps or adapter.default_steps)
@@ -544,3 +553,6 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
             **rollout_metrics(*trainer.sources),
         },
     )
+
+
+register_method(NAME, EraseAnythingConfig, PRESETS, fit)

@@ -41,7 +41,9 @@ from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, attached_parameters, export_merged, train_deltas  # noqa: F401 (re-exported)
 from ..models import Conditioning, adapter_for, frozen
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .config import setting
 from .memory import MemorySettings, training_memory
+from .registry import register_method
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 
 NAME = "esd"
@@ -60,15 +62,17 @@ class ESDConfig(RolloutSettings, MemorySettings):
     """Hyper-parameters; the defaults are the authors' release (``iterations`` / ``lr`` None:
     the release's value for the model family, see RELEASE_DEFAULTS)."""
 
-    group: str = "esd-x"  # "esd-x" (cross-attention) or "esd-u" (everything else)
-    iterations: int | None = None
-    lr: float | None = None
-    eta: float = 2.0  # negative guidance
-    target_base: str = "concept"  # "concept": e_c - eta (e_c - e_u) (release); "uncond": e_u - eta (e_c - e_u)
-    prompt: str = "{concept}"  # the erased prompt c
-    uncond_prompt: str = ""  # the unconditional prompt of e_u
-    checkpoint_every: int = 100
-    seed: int = 0
+    group: str = setting("esd-x", "the trained parameter group: esd-x (cross-attention) or esd-u (everything else)",
+                         choices=tuple(GROUPS))
+    iterations: int | None = setting(None, "training iterations (none: the release's value for the family)", low=1)
+    lr: float | None = setting(None, "Adam learning rate (none: the release's value for the family)", above=0)
+    eta: float = setting(2.0, "negative guidance", low=0)
+    target_base: str = setting(
+        "concept", "concept: e_c - eta (e_c - e_u) (release); uncond: e_u - eta (e_c - e_u)", choices=TARGET_BASES)
+    prompt: str = setting("{concept}", "the erased prompt c", template=True)
+    uncond_prompt: str = setting("", "the unconditional prompt of e_u")
+    checkpoint_every: int = setting(100, "with a checkpoint folder: save every this many iterations", low=1)
+    seed: int = setting(0, "seed of every random draw of training", low=0)
 
     @classmethod
     def fast(cls, **overrides) -> "ESDConfig":
@@ -77,7 +81,7 @@ class ESDConfig(RolloutSettings, MemorySettings):
         return cls(**(base | overrides))
 
     def resolved(self, family: str) -> "ESDConfig":
-        """A copy with the family's release defaults filled in."""
+        """A copy with the family's release defaults filled in, checked again (``fit`` uses it)."""
         defaults = RELEASE_DEFAULTS.get(family, RELEASE_DEFAULTS["sd"])
         return ESDConfig(**(asdict(self) | {k: v for k, v in defaults.items() if getattr(self, k) is None}))
 
@@ -102,10 +106,6 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
     """
     adapter = adapter_for(pipe)
     config = (config or ESDConfig()).resolved(adapter.family)
-    if config.group not in GROUPS:
-        raise ValueError(f"unknown ESD group {config.group!r}; known: {', '.join(GROUPS)}")
-    if config.target_base not in TARGET_BASES:
-        raise ValueError(f"target_base must be one of {TARGET_BASES}, got {config.target_base!r}")
     prompt = config.prompt.format(concept=concept)
     params = adapter.parameter_group(GROUPS[config.group])
     busy = sorted(attached_parameters(adapter) & set(params))
@@ -173,3 +173,4 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
 
 
 PRESETS = {"paper": ESDConfig, "fast": ESDConfig.fast}
+register_method(NAME, ESDConfig, PRESETS, fit, variants={g: {"group": g} for g in GROUPS})

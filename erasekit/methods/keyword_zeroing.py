@@ -32,14 +32,18 @@ from ..edits import Edit
 from ..edits.inference_hook import NAME as INFERENCE_HOOK
 from ..edits.inference_hook import find_runs, keyword_id_runs  # noqa: F401 (re-exported)
 from ..models import adapter_for
+from .config import MethodConfig, setting
+from .registry import register_method
 
 NAME = "keyword_zeroing"
 
 
 @dataclass
-class KeywordZeroingConfig:
-    keywords: str = ""  # further keywords to zero besides the concept, separated by ";"
-    case_variants: bool = True  # also match lower / Capitalised / UPPER spellings
+class KeywordZeroingConfig(MethodConfig):
+    """Settings; nothing is trained."""
+
+    keywords: str = setting("", "further keywords to zero besides the concept", sep=";")
+    case_variants: bool = setting(True, "also match lower / Capitalised / UPPER spellings")
 
     @classmethod
     def fast(cls, **overrides) -> "KeywordZeroingConfig":
@@ -66,3 +70,4 @@ def fit(pipe, concept: str, config: KeywordZeroingConfig | None = None, checkpoi
 
 
 PRESETS = {"paper": KeywordZeroingConfig, "fast": KeywordZeroingConfig.fast}
+register_method(NAME, KeywordZeroingConfig, PRESETS, fit)

@@ -25,13 +25,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
+from .config import MethodConfig, setting
+
 
 @dataclass
-class MemorySettings:
+class MemorySettings(MethodConfig):
     """Config fields inherited by the training methods' configs."""
 
-    release_text_encoders: bool = True  # encode every prompt first, park the text encoders on the CPU
-    gradient_checkpointing: bool = False  # recompute unprobed denoiser blocks in backward
+    release_text_encoders: bool = setting(True, "encode every prompt first, park the text encoders on the CPU")
+    gradient_checkpointing: bool = setting(False, "recompute unprobed denoiser blocks in backward")
 
 
 @contextmanager

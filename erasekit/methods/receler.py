@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
 from ..edits.output_adapter import Eraser, attach_modules, eraser_state, eraser_tensors, recording
-from ..lexicon import WordNetUnavailable, lexicon_for
+from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
 from ..models import adapter_for, frozen
 from . import split_list
 from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from .config import setting
 from .memory import MemorySettings, training_memory
+from .registry import register_method
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 
 NAME = "receler"
@@ -44,38 +46,39 @@ NAME = "receler"
 class RecelerConfig(RolloutSettings, MemorySettings):
     """Hyper-parameters; the defaults are the paper's."""
 
-    iterations: int = 500
-    lr: float = 3e-4
-    rank: int = 128
-    eta: float = 1.0  # negative-guidance factor of the erase target
-    reg_weight: float = 0.1  # concept-localized regulariser; 0 switches it off
-    reg_threshold: float = 0.1  # mask = min-max normalised attention >= threshold
-    adv_tokens: int = 16  # soft embeddings written after the concept's tokens; 0 switches off
-    adv_steps: int = 50
-    adv_lr: float = 0.1
-    adv_weight_decay: float = 0.1
+    iterations: int = setting(500, "training iterations", low=1)
+    lr: float = setting(3e-4, "Adam learning rate of the erasers", above=0)
+    rank: int = setting(128, "hidden width of every eraser", low=1)
+    eta: float = setting(1.0, "negative-guidance factor of the erase target", low=0)
+    reg_weight: float = setting(0.1, "weight of the concept-localized regulariser; 0 switches it off", low=0)
+    reg_threshold: float = setting(0.1, "regulariser mask: min-max normalised attention >= threshold", low=0, high=1)
+    adv_tokens: int = setting(16, "soft embeddings written after the concept's tokens; 0 switches them off", low=0)
+    adv_steps: int = setting(50, "adversarial prompt steps per iteration", low=0)
+    adv_lr: float = setting(0.1, "Adam learning rate of the adversarial prompt", above=0)
+    adv_weight_decay: float = setting(0.1, "weight decay of the adversarial prompt", low=0)
     # Our extension (off in the paper preset): the eraser step also fits the erase target on the
     # clean prompt, not only on the adversarial one, averaging the two losses.
-    adv_clean_erase: bool = False
+    adv_clean_erase: bool = setting(False, "our extension: also fit the erase target on the clean prompt")
     # Our extension (off in the paper preset): erasers on the adapter's "attn_out_extra" points
     # too (Flux: the image part of every single-stream block's attention; SD: there are none).
-    extra_erasers: bool = False
-    prompt: str = "{concept}"  # the erased prompt c
+    extra_erasers: bool = setting(False, "our extension: erasers on the attn_out_extra points too (Flux)")
+    prompt: str = setting("{concept}", "the erased prompt c", template=True)
     # The erase target's anchor a: e(a) - eta * (e(c) - e(a)). "" is ESD's unconditional anchor
     # (paper). Rollouts keep the empty prompt as their unconditional branch.
-    anchor_prompt: str = ""
+    anchor_prompt: str = setting("", "the erase target's anchor a (empty: ESD's unconditional anchor, paper)")
     # Preservation (our extension, not in the paper; 0 switches it off): each iteration the
     # erasers' outputs on the prompt of one concept to keep (drawn from ``preserve``, else from
     # the lexicon's ``preserve_tiers``) are pushed to zero, so that they act on the concept alone.
     # The x_t of that term is a rollout of the kept concept's own prompt (its own rollout source),
     # so the erasers learn silence on features of what is kept, not on the erased concept's.
-    preserve_weight: float = 0.0
-    preserve: str = ""  # comma-separated concepts to keep; empty: from the lexicon
-    preserve_count: int = 5
-    preserve_tiers: str = "close"
-    lexicon: str = "auto"  # auto (toy world for its pipelines, else WordNet), wordnet, toyworld
-    checkpoint_every: int = 100
-    seed: int = 0
+    preserve_weight: float = setting(0.0, "our extension: weight of the preservation term; 0 switches it off", low=0)
+    preserve: str = setting("", "concepts to keep; empty: from the lexicon", sep=",")
+    preserve_count: int = setting(5, "concepts to keep taken from the lexicon", low=1)
+    preserve_tiers: str = setting("close", "lexicon tiers of the kept concepts", sep=",", items=TIERS, nonempty=True)
+    lexicon: str = setting("auto", "auto (toy world for its pipelines, else WordNet), wordnet, toyworld or none",
+                           choices=LEXICONS)
+    checkpoint_every: int = setting(100, "with a checkpoint folder: save every this many iterations", low=1)
+    seed: int = setting(0, "seed of the erasers' init and of every random draw of training", low=0)
 
     @classmethod
     def fast(cls, **overrides) -> "RecelerConfig":
@@ -280,3 +283,4 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
 
 
 PRESETS = {"paper": RecelerConfig, "fast": RecelerConfig.fast}
+register_method(NAME, RecelerConfig, PRESETS, fit)

@@ -48,19 +48,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import MethodConfig, setting
+
 SOURCES = ("fresh", "pool")
 
 
 @dataclass
-class RolloutSettings:
+class RolloutSettings(MethodConfig):
     """The config fields that choose a method's x_t source; the configs of the methods that
     train on ESD's target (Receler, ESD, EraseAnything) inherit them."""
 
-    rollout_steps: int | None = None  # N of the ESD partial rollout (None: the family's default, 50 DDIM / 28 Euler)
-    rollout_guidance: float | None = None  # guidance of the rollouts (None: the family's default)
-    rollout_source: str = "fresh"  # x_t: "fresh" rollout per draw (release) or "pool"
-    rollout_pool: int = 2  # pool: trajectories kept
-    rollout_refresh: int = 7  # pool: the oldest trajectory is replaced every this many draws (0: never)
+    rollout_steps: int | None = setting(
+        None, "N, the sampler steps of the ESD partial rollout (none: the family's, 50 DDIM / 28 Euler)", low=1)
+    rollout_guidance: float | None = setting(
+        None, "guidance scale of the rollouts (none: the family's default)", low=0)
+    rollout_source: str = setting(
+        "fresh", "x_t: a fresh rollout per draw (the release) or a pool of trajectories", choices=SOURCES)
+    rollout_pool: int = setting(2, "pool: trajectories kept", low=1)
+    rollout_refresh: int = setting(
+        7, "pool: the oldest trajectory is replaced every this many draws (0: never)", low=0)
 
 
 class XtSource:

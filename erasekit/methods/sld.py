@@ -38,21 +38,23 @@ from ..edits import Edit
 from ..edits.inference_hook import NAME as INFERENCE_HOOK
 from ..edits.inference_hook import sld_term  # noqa: F401 (re-exported)
 from ..models import adapter_for
+from .config import MethodConfig, setting
+from .registry import register_method
 
 NAME = "sld"
 
 
 @dataclass
-class SLDConfig:
+class SLDConfig(MethodConfig):
     """Hyper-parameters; the defaults are StableDiffusionPipelineSafe's (= SafetyConfig.MEDIUM)."""
 
-    safety_prompt: str = "{concept}"  # the safety concept s
-    negative_prompt: str = ""  # u for calls that are not CFG batches (and how u calls are recognised)
-    warmup_steps: int = 10
-    guidance_scale: float = 1000.0
-    threshold: float = 0.01
-    momentum_scale: float = 0.3
-    mom_beta: float = 0.4
+    safety_prompt: str = setting("{concept}", "the safety concept s", template=True)
+    negative_prompt: str = setting("", "u for calls that are not CFG batches (and how u calls are recognised)")
+    warmup_steps: int = setting(10, "sampler steps before the safety guidance starts", low=0)
+    guidance_scale: float = setting(1000.0, "sld_guidance_scale: mu = clamp(|c - s| * scale, max=1)", low=0)
+    threshold: float = setting(0.01, "sld_threshold: no guidance where c - s >= threshold", low=0)
+    momentum_scale: float = setting(0.3, "sld_momentum_scale: weight of the momentum in g_s", low=0)
+    mom_beta: float = setting(0.4, "sld_mom_beta: momentum decay", low=0, high=1)
 
     @classmethod
     def weak(cls, **overrides) -> "SLDConfig":
@@ -97,3 +99,4 @@ PRESETS = {
     "max": SLDConfig.maximum,
     "fast": SLDConfig.fast,
 }
+register_method(NAME, SLDConfig, PRESETS, fit)

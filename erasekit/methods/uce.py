@@ -37,22 +37,25 @@ from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, export_merged  # noqa: F401 (re-exported)
 from ..models import adapter_for
 from . import split_list
+from .config import MethodConfig, setting
+from .registry import register_method
 
 NAME = "uce"
 
 
 @dataclass
-class UCEConfig:
+class UCEConfig(MethodConfig):
     """Hyper-parameters; the defaults are the authors' release (uce_sd_erase.py)."""
 
-    guide: str = ""  # the concept the erased ones are mapped to ("" = nothing)
-    preserve: str = ""  # concepts to keep, separated by ";"
-    templates: str = "{concept}"  # erased prompts, separated by ";" (the release's expand_prompts adds e.g. "photo of {concept}")
-    erase_scale: float = 1.0
-    preserve_scale: float = 1.0
-    lamb: float = 0.5
-    samples: int = 4  # (noise, timestep) draws for inputs that depend on them (Flux)
-    seed: int = 0
+    guide: str = setting("", "the concept the erased ones are mapped to (empty: nothing)")
+    preserve: str = setting("", "concepts to keep", sep=";")
+    # The release's expand_prompts adds e.g. "photo of {concept}".
+    templates: str = setting("{concept}", "erased prompts", sep=";", template=True)
+    erase_scale: float = setting(1.0, "weight of the erase terms", low=0)
+    preserve_scale: float = setting(1.0, "weight of the preserve terms", low=0)
+    lamb: float = setting(0.5, "regulariser lambda that keeps W' near W (> 0: the solve stays invertible)", above=0)
+    samples: int = setting(4, "(noise, timestep) draws for inputs that depend on them (Flux)", low=1)
+    seed: int = setting(0, "seed of those draws", low=0)
 
     @classmethod
     def fast(cls, **overrides) -> "UCEConfig":
@@ -144,3 +147,4 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
 
 
 PRESETS = {"paper": UCEConfig, "fast": UCEConfig.fast}
+register_method(NAME, UCEConfig, PRESETS, fit)
