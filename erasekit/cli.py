@@ -43,7 +43,7 @@ def _toyworld_train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .toyworld.demo import run_demo
+    from .demo import run_demo
 
     method = None if args.method == "none" else args.method
     result = run_demo(args.out, concept=args.concept, n=args.n, method=method, preset=args.preset, overrides=_parse_sets(args.set))
@@ -110,15 +110,6 @@ def _bench_toy(args: argparse.Namespace) -> int:
     return 1 if result["errors"] else 0
 
 
-def _model_source(spec: str) -> str:
-    """A pipeline folder or hub id; ``toy:sd`` and ``toy:flux`` name the shipped toy pipelines."""
-    if spec.startswith("toy:"):
-        from .toyworld import pipeline_path
-
-        return str(pipeline_path(spec[4:]))
-    return spec
-
-
 def _parse_sets(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -139,7 +130,7 @@ def _erase(args: argparse.Namespace) -> int:
     check_edit_output(args.out, overwrite=args.overwrite)  # before any training
     config = make_config(args.method, args.preset, _parse_sets(args.set))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(_model_source(args.model), dtype=getattr(torch, args.dtype), device=device)
+    pipe = load_pipeline(args.model, dtype=getattr(torch, args.dtype), device=device)
     edit = erase(pipe, args.concept, args.method, config, checkpoint_dir=args.checkpoint_dir)
     edit.base_model = args.model
     edit.save(args.out, overwrite=args.overwrite)
@@ -153,7 +144,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .evaluation.report import image_grid
     from .models import adapter_for, load_pipeline
 
-    pipe = load_pipeline(_model_source(args.model))
+    pipe = load_pipeline(args.model)
     for folder in args.edit:
         apply(pipe, load_edit(folder), scale=args.scale)
     prompts = [p for p in args.prompt for _ in range(args.n)]
@@ -193,7 +184,7 @@ def _load_for_evaluation(args: argparse.Namespace):
 
     # Under `accelerate launch` every process takes its own device.
     device = args.device or process_state().device
-    return load_pipeline(_model_source(args.model), device=device)
+    return load_pipeline(args.model, device=device)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
