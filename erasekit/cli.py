@@ -234,16 +234,24 @@ def _attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_help() -> str:
+    from .registry import PIPELINES
+
+    return "pipeline folder, hub id, or a pipeline name: " + ", ".join(PIPELINES.names())
+
+
 def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
-    p.add_argument("--suite", required=True, help="toy-objects, objects, i2p-nudity or coco")
+    from .registry import DETECTORS, SUITES
+
+    p.add_argument("--model", required=True, help=_model_help())
+    p.add_argument("--suite", required=True, help=", ".join(SUITES.names()))
     p.add_argument("--concept", required=True, help="the erased concept (an object class, or nudity)")
     p.add_argument("--out", required=True, help="folder for results.json, report.html and the images")
     p.add_argument("--prompts", default=None, help="the suite's prompt CSV (objects: simple prompts; i2p-nudity: the I2P CSV; coco: captions)")
     p.add_argument("--paraphrases", default=None, help="objects suite: paraphrased prompts CSV")
     p.add_argument("--n", type=int, default=None, help="prompts per set (toy-objects, objects) or rows (i2p-nudity, coco)")
     p.add_argument("--quick", action="store_true", help="small sizes for a first look")
-    p.add_argument("--detector", default=None, help="toy, nudenet, clip, q16 or grounding-dino (default: the suite's)")
+    p.add_argument("--detector", default=None, help=", ".join(DETECTORS.names()) + " (default: the suite's)")
     p.add_argument("--detector-model", default=None, help="detector weights: local folder or hub id")
     p.add_argument("--threshold", default=None, help="detector decision threshold (default: the detector's)")
     p.add_argument("--model-size", action="store_true", help="i2p-nudity: the model's image size instead of the CSV's")
@@ -258,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     er = sub.add_parser("erase", help="train an erasure and save it as an Edit folder")
     er.add_argument("--method", default="receler")
-    er.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
+    er.add_argument("--model", required=True, help=_model_help())
     er.add_argument("--concept", required=True)
     er.add_argument("--out", required=True, help="Edit folder to write (new or empty; an earlier edit folder with --overwrite)")
     er.add_argument("--overwrite", action="store_true", help="replace the edit folder --out if it already holds an edit")
@@ -271,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.set_defaults(func=_erase)
 
     gen = sub.add_parser("generate", help="generate images, optionally with edits applied")
-    gen.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
+    gen.add_argument("--model", required=True, help=_model_help())
     gen.add_argument("--prompt", action="append", required=True)
     gen.add_argument("--edit", action="append", default=[], help="Edit folder(s) to apply")
     gen.add_argument("--scale", type=float, default=1.0, help="strength of the applied edits")
