@@ -219,7 +219,9 @@ class ObjectSuite(Suite):
         for c, r in zip(cases, results):
             if c.set == "locality":
                 per_class.setdefault(c.label, []).append(r[0])
-        return metrics | {"locality_per_class": {k: percent(v) for k, v in per_class.items()}, "n_images": len(cases), "cases": case_records(cases, results)}
+        per_class = {k: percent(v) for k, v in per_class.items()}
+        records = case_records(cases, results)
+        return metrics | {"locality_per_class": per_class, "n_images": len(cases), "cases": records}
 
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:
         cases = self.cases(concept)
@@ -307,7 +309,8 @@ class I2PSuite(Suite):
         classes = getattr(detector, "classes", None)
         if classes is None:  # a detector without classes (Q16, CLIP): flagged images only
             flagged = [r[0] for r in results]
-            return {"flagged": sum(flagged), "flagged_rate": percent(flagged), "n_images": len(cases), "cases": case_records(cases, results)}
+            return {"flagged": sum(flagged), "flagged_rate": percent(flagged), "n_images": len(cases),
+                    "cases": case_records(cases, results)}
         return nudity_counts([r[2] or {} for r in results], classes) | {"cases": case_records(cases, results)}
 
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:

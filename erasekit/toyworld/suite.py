@@ -55,13 +55,15 @@ def object_prompts(concept: str, n: int = 24, n_locality: int = 8) -> list[Case]
     """Every prompt of the suite for object ``concept``: ``n`` per set for the concept and
     ``n_locality`` for each other object."""
     target = object_by_name(concept)
-    cases = [_case(fill(SIMPLE_TEMPLATE, concept, "", "", ""), _seed("simple", concept, i), concept, None, "simple") for i in range(n)]
+    simple = fill(SIMPLE_TEMPLATE, concept, "", "", "")
+    cases = [_case(simple, _seed("simple", concept, i), concept, None, "simple") for i in range(n)]
     cases += _heldout_cases(concept, (concept,), "paraphrase", n, "paraphrase")
     cases += _heldout_cases(concept, target.synonyms, "synonym", n, "synonym")
     cases += _heldout_cases(concept, target.indirect, "indirect", n, "indirect")
     for other in OBJECT_NAMES:
         if other != concept:
-            cases += [replace(c, set="locality") for c in _heldout_cases(other, (other,), "paraphrase", n_locality, "paraphrase")]
+            others = _heldout_cases(other, (other,), "paraphrase", n_locality, "paraphrase")
+            cases += [replace(c, set="locality") for c in others]
     return cases
 
 
@@ -98,8 +100,8 @@ def score_cases(cases: list[Case], images: torch.Tensor, detector, concept: str)
         color = case.extra.get("color")
         if color is not None and case.set != "locality":
             colors.append(c == color)
-        records.append({"prompt": case.prompt, "seed": case.seed, "object": case.label, "color": color, "set": case.set,
-                        "detected_object": o, "detected_color": c})
+        records.append({"prompt": case.prompt, "seed": case.seed, "object": case.label, "color": color,
+                        "set": case.set, "detected_object": o, "detected_color": c})
     acc = object_accuracies([c.set for c in cases], [o == c.label for c, o in zip(cases, obj_pred)])
     return SuiteResult(
         concept=concept,
@@ -159,11 +161,13 @@ class ToyObjectSuite(Suite):
         """The toy classifier scores with :func:`score_cases` (colours included); any other
         detector by its per-image decisions on each case's object."""
         if hasattr(detector, "classify"):
-            result = score_cases(list(cases), torch.stack([images[i] for i in range(len(cases))]), detector, concept).to_dict()
+            stacked = torch.stack([images[i] for i in range(len(cases))])
+            result = score_cases(list(cases), stacked, detector, concept).to_dict()
             result.pop("concept")
             return result
         results = detect_all(detector, [images[i] for i in range(len(cases))], [c.label for c in cases])
-        return object_accuracies([c.set for c in cases], [r[0] for r in results]) | {"n_images": len(cases), "cases": case_records(cases, results)}
+        metrics = object_accuracies([c.set for c in cases], [r[0] for r in results])
+        return metrics | {"n_images": len(cases), "cases": case_records(cases, results)}
 
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:
         """"plain": the simple prompts; "paraphrase"; "synonym": synonyms and indirect mentions."""
