@@ -28,6 +28,10 @@ _LAZY = {
 }
 __all__ = ["__version__", *_LAZY]
 
+# The embedded toy world is a plug-in: importing it registers its detector, suite, lexicon and
+# pipeline names (erasekit.registry) by lazy reference; it imports nothing heavy.
+from . import toyworld as _toyworld  # noqa: E402,F401
+
 
 def __getattr__(name: str):
     # Imported on first use, so that `erasekit --help` does not pay for torch and diffusers.

@@ -67,11 +67,12 @@ def variant_method(name: str) -> tuple[str, dict[str, str]]:
 def model_source(spec: str) -> tuple[str, str]:
     """(row label, pipeline folder) of a model spec: "sd" / "flux" / "toy:sd" / "toy:flux" for the
     shipped toy pipelines (label "sd" / "flux"), else a pipeline folder (label: its name)."""
-    from .toyworld import pipeline_path
+    from .models.loading import resolve_pipeline_name
+    from .registry import PIPELINES
 
     name = spec[4:] if spec.startswith("toy:") else spec
-    if name in ("sd", "flux") and not Path(spec).exists():
-        return name, str(pipeline_path(name))
+    if f"toy:{name}" in PIPELINES and not Path(spec).exists():
+        return name, str(resolve_pipeline_name(f"toy:{name}"))
     path = Path(os.path.expanduser(spec))
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{spec!r} is neither toy:sd / toy:flux nor a diffusers pipeline folder")

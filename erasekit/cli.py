@@ -45,7 +45,7 @@ def _toyworld_train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .toyworld.demo import run_demo
+    from .demo import run_demo
 
     method = None if args.method == "none" else args.method
     result = run_demo(args.out, concept=args.concept, n=args.n, method=method, preset=args.preset, overrides=_parse_sets(args.set))
@@ -112,15 +112,6 @@ def _bench_toy(args: argparse.Namespace) -> int:
     return 1 if result["errors"] else 0
 
 
-def _model_source(spec: str) -> str:
-    """A pipeline folder or hub id; ``toy:sd`` and ``toy:flux`` name the shipped toy pipelines."""
-    if spec.startswith("toy:"):
-        from .toyworld import pipeline_path
-
-        return str(pipeline_path(spec[4:]))
-    return spec
-
-
 def _parse_sets(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -145,7 +136,7 @@ def _erase(args: argparse.Namespace) -> int:
     check_edit_output(args.out, overwrite=args.overwrite)  # before any training
     config = make_config(args.method, args.preset, _parse_sets(args.set))  # bad settings: refused before loading
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(_model_source(args.model), dtype=getattr(torch, args.dtype), device=device)
+    pipe = load_pipeline(args.model, dtype=getattr(torch, args.dtype), device=device)
     edit = erase(pipe, args.concept, args.method, config, checkpoint_dir=args.checkpoint_dir)
     edit.base_model = args.model
     edit.save(args.out, overwrite=args.overwrite)
@@ -159,7 +150,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .evaluation.report import image_grid
     from .models import adapter_for, load_pipeline
 
-    pipe = load_pipeline(_model_source(args.model))
+    pipe = load_pipeline(args.model)
     for folder in args.edit:
         apply(pipe, load_edit(folder), scale=args.scale)
     prompts = [p for p in args.prompt for _ in range(args.n)]
@@ -199,7 +190,7 @@ def _load_for_evaluation(args: argparse.Namespace):
 
     # Under `accelerate launch` every process takes its own device.
     device = args.device or process_state().device
-    return load_pipeline(_model_source(args.model), device=device)
+    return load_pipeline(args.model, device=device)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -249,16 +240,24 @@ def _attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_help() -> str:
+    from .registry import PIPELINES
+
+    return "pipeline folder, hub id, or a pipeline name: " + ", ".join(PIPELINES.names())
+
+
 def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
-    p.add_argument("--suite", required=True, help="toy-objects, objects, i2p-nudity or coco")
+    from .registry import DETECTORS, SUITES
+
+    p.add_argument("--model", required=True, help=_model_help())
+    p.add_argument("--suite", required=True, help=", ".join(SUITES.names()))
     p.add_argument("--concept", required=True, help="the erased concept (an object class, or nudity)")
     p.add_argument("--out", required=True, help="folder for results.json, report.html and the images")
     p.add_argument("--prompts", default=None, help="the suite's prompt CSV (objects: simple prompts; i2p-nudity: the I2P CSV; coco: captions)")
     p.add_argument("--paraphrases", default=None, help="objects suite: paraphrased prompts CSV")
     p.add_argument("--n", type=int, default=None, help="prompts per set (toy-objects, objects) or rows (i2p-nudity, coco)")
     p.add_argument("--quick", action="store_true", help="small sizes for a first look")
-    p.add_argument("--detector", default=None, help="toy, nudenet, clip, q16 or grounding-dino (default: the suite's)")
+    p.add_argument("--detector", default=None, help=", ".join(DETECTORS.names()) + " (default: the suite's)")
     p.add_argument("--detector-model", default=None, help="detector weights: local folder or hub id")
     p.add_argument("--threshold", default=None, help="detector decision threshold (default: the detector's)")
     p.add_argument("--model-size", action="store_true", help="i2p-nudity: the model's image size instead of the CSV's")
@@ -291,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="receler, eraseanything, esd (or esd-x / esd-u), uce, keyword_zeroing, sld")
     er.add_argument("--help-method", metavar="NAME", default=None,
                     help="print method NAME's settings (type, allowed values, value in each preset, help) and exit")
-    er.add_argument("--model", default=None, help="pipeline folder, hub id, or toy:sd / toy:flux (required)")
+    er.add_argument("--model", default=None, help=_model_help() + " (required)")
     er.add_argument("--concept", default=None, help="the concept to erase (required)")
     er.add_argument("--out", default=None,
                     help="Edit folder to write (new or empty; an earlier edit folder with --overwrite) (required)")
@@ -305,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.set_defaults(func=_erase, check=_require(er, "--model", "--concept", "--out", unless="--help-method"))
 
     gen = sub.add_parser("generate", help="generate images, optionally with edits applied")
-    gen.add_argument("--model", required=True, help="pipeline folder, hub id, or toy:sd / toy:flux")
+    gen.add_argument("--model", required=True, help=_model_help())
     gen.add_argument("--prompt", action="append", required=True)
     gen.add_argument("--edit", action="append", default=[], help="Edit folder(s) to apply")
     gen.add_argument("--scale", type=float, default=1.0, help="strength of the applied edits")

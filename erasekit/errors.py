@@ -15,3 +15,8 @@ class UserError(Exception):
 class ConfigError(UserError, ValueError):
     """A method, preset or setting that is unknown or out of range; the one-line message names
     the method, the setting, the bad value and what is allowed."""
+
+
+class UnknownName(UserError, ValueError):
+    """A name that no registry knows (a detector, suite, lexicon or pipeline name); the message
+    lists the known ones."""

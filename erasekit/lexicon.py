@@ -14,8 +14,10 @@ Implementations:
   (see :func:`wordnet_dir` for where the data comes from). Tiers by path distance in the noun
   hypernym hierarchy.
 - :class:`ListLexicon`: lists the user supplies (per tier or for all tiers).
-- :class:`ToyWorldLexicon`: the toy world's own grammar (its objects' synonyms; the other objects
-  as irrelevant concepts).
+
+Lexicons by name come from the lexicon registry (:data:`erasekit.registry.LEXICONS`): the core
+registers ``wordnet``; plug-ins add theirs (the toy world: ``toyworld``, its grammar), with a
+``claims(pipe, concept)`` test that lets ``"auto"`` choose them (:func:`lexicon_for`).
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ TIERS: tuple[str, ...] = ("close", "mid", "far", "unrelated")
 LEXICONS: tuple[str, ...] = ("auto", "wordnet", "toyworld", "none")
 
 
-def _check_tier(tier: str) -> str:
+def check_tier(tier: str) -> str:
+    """``tier`` if it is one of :data:`TIERS`, else ValueError naming them."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
     return tier
 
 
-def _unique(words, exclude=()) -> list[str]:
+def unique_words(words, exclude=()) -> list[str]:
     """Words in order, without duplicates (case-insensitive) and without ``exclude``."""
     seen = {w.lower() for w in exclude}
     out = []
@@ -67,7 +70,7 @@ class Lexicon:
     def irrelevant_mixed(self, concept: str, tiers: Sequence[str], n: int) -> list[str]:
         """``n`` irrelevant concepts taken round-robin from ``tiers`` (fewer if the lexicon
         runs out), without repeats."""
-        lists = [self.irrelevant(concept, _check_tier(t), None) for t in tiers]
+        lists = [self.irrelevant(concept, check_tier(t), None) for t in tiers]
         out: list[str] = []
         depth = 0
         while len(out) < n and any(depth < len(words) for words in lists):
@@ -109,60 +112,16 @@ class ListLexicon(Lexicon):
         words = self._synonyms
         if isinstance(words, Mapping):
             words = words.get(concept, ())
-        return _unique(words, exclude=[concept])
+        return unique_words(words, exclude=[concept])
 
     def irrelevant(self, concept: str, tier: str = "far", n: int | None = 10) -> list[str]:
-        _check_tier(tier)
+        check_tier(tier)
         entry = self._irrelevant
         if isinstance(entry, Mapping) and not set(entry) <= set(TIERS):
             entry = entry.get(concept, ())  # keyed by concept
         if isinstance(entry, Mapping):
             entry = entry.get(tier, ())
-        words = _unique(entry, exclude=[concept, *self.synonyms(concept)])
-        return words if n is None else words[:n]
-
-
-# ---- the toy world ----------------------------------------------------------------------
-
-
-class ToyWorldLexicon(Lexicon):
-    """The toy world's grammar (:mod:`erasekit.toyworld.grammar`).
-
-    Synonyms: the object's synonyms (indirect mentions are not synonyms: :meth:`indirect`).
-    The toy world has one semantic category (shapes), so the tiers grade how the OTHER objects
-    are named: close = their names, mid = their synonyms, far = their indirect mentions,
-    unrelated = empty backgrounds ("white background", ...), which show no object at all.
-    """
-
-    name = "toyworld"
-
-    def _object(self, concept: str):
-        from .toyworld.grammar import object_by_name
-
-        return object_by_name(concept)  # ValueError naming the known objects
-
-    def synonyms(self, concept: str) -> list[str]:
-        return _unique(self._object(concept).synonyms, exclude=[concept])
-
-    def indirect(self, concept: str) -> list[str]:
-        """Words that imply the object without naming it (the grammar's indirect mentions)."""
-        return list(self._object(concept).indirect)
-
-    def irrelevant(self, concept: str, tier: str = "far", n: int | None = 10) -> list[str]:
-        from .toyworld.grammar import BACKGROUNDS, OBJECTS
-
-        _check_tier(tier)
-        self._object(concept)
-        others = [o for o in OBJECTS if o.name != concept]
-        if tier == "close":
-            words = [o.name for o in others]
-        elif tier == "mid":
-            words = [s for o in others for s in o.synonyms]
-        elif tier == "far":
-            words = [s for o in others for s in o.indirect]
-        else:
-            words = [f"{bg} background" for bg in BACKGROUNDS]
-        words = _unique(words, exclude=[concept, *self.synonyms(concept)])
+        words = unique_words(entry, exclude=[concept, *self.synonyms(concept)])
         return words if n is None else words[:n]
 
 
@@ -363,10 +322,10 @@ class WordNetLexicon(Lexicon):
         if self.senses is not None:
             nouns = nouns[: self.senses]
         words = [self._word(l.name()) for s in nouns for l in s.lemmas()]
-        return _unique(words, exclude=[concept])
+        return unique_words(words, exclude=[concept])
 
     def irrelevant(self, concept: str, tier: str = "far", n: int | None = 10) -> list[str]:
-        _check_tier(tier)
+        check_tier(tier)
         if concept not in self._tiers:
             self._tiers[concept] = self._all_tiers(concept)
         words = self._tiers[concept][tier]
@@ -426,7 +385,7 @@ class WordNetLexicon(Lexicon):
         out = {}
         for tier, items in candidates.items():
             items.sort(key=lambda x: (x[0], x[2], x[1], x[3]))
-            out[tier] = _unique([w for *_, w in items], exclude=own_words)
+            out[tier] = unique_words([w for *_, w in items], exclude=own_words)
         return out
 
     @staticmethod
@@ -441,33 +400,34 @@ class WordNetLexicon(Lexicon):
 
 
 def get_lexicon(name: str) -> Lexicon:
-    """A lexicon by name: "wordnet", "toyworld"."""
-    if name == "wordnet":
-        return WordNetLexicon()
-    if name == "toyworld":
-        return ToyWorldLexicon()
-    raise ValueError(f"unknown lexicon {name!r}; known: wordnet, toyworld (or a ListLexicon)")
+    """A lexicon by its registered name (:data:`erasekit.registry.LEXICONS`): "wordnet", and
+    those plug-ins register ("toyworld")."""
+    from .registry import LEXICONS
+
+    if name not in LEXICONS:
+        raise ValueError(f"unknown lexicon {name!r}; known: {', '.join(LEXICONS.names())} (or a ListLexicon)")
+    return LEXICONS.get(name)()
 
 
-def is_toy_pipeline(pipe) -> bool:
-    """Whether ``pipe`` was loaded from the toy world's shipped weights."""
-    try:
-        from .toyworld import weights_dir
+def auto_lexicon_name(pipe, concept: str) -> str:
+    """The lexicon "auto" picks for ``concept`` on ``pipe``: the first registered lexicon whose
+    ``auto`` test (``claims(pipe, concept)``, registered as its ``auto`` info) says yes (the toy
+    world's grammar for its own pipelines and objects), else "wordnet"."""
+    from .registry import LEXICONS, resolve_reference
 
-        source = Path(str(getattr(pipe, "name_or_path", "") or "")).resolve()
-        return bool(str(source)) and source.is_relative_to(weights_dir().resolve())
-    except (OSError, ValueError):
-        return False
+    for name in LEXICONS:
+        claims = LEXICONS.info(name).get("auto")
+        if claims is not None and resolve_reference(claims)(pipe, concept):
+            return name
+    return "wordnet"
 
 
 def lexicon_for(name: str, pipe, concept: str) -> Lexicon:
-    """The lexicon a method uses for ``concept`` on ``pipe``: ``name`` is "auto" (the toy
-    world's grammar for its own pipelines and objects, else WordNet), "wordnet", "toyworld" or
-    "none" (empty lists)."""
+    """The lexicon a method uses for ``concept`` on ``pipe``: ``name`` is "auto" (see
+    :func:`auto_lexicon_name`), a registered name ("wordnet", "toyworld") or "none" (empty
+    lists)."""
     if name == "auto":
-        from .toyworld.grammar import OBJECT_NAMES
-
-        name = "toyworld" if concept in OBJECT_NAMES and is_toy_pipeline(pipe) else "wordnet"
+        name = auto_lexicon_name(pipe, concept)
     if name == "none":
         return ListLexicon()
     return get_lexicon(name)

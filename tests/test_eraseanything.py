@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 import erasekit
 from erasekit import lexicon
+from erasekit.toyworld import lexicon as toy_lexicon
 from erasekit.edits import apply, load_edit, remove
 from erasekit.edits.lora import attach_lora
 from erasekit.methods import eraseanything as ea
@@ -442,6 +443,6 @@ def test_words_come_from_the_chosen_lexicon(sd_pipe, monkeypatch):
     # auto: the toy world's grammar for its own pipelines, WordNet elsewhere
     monkeypatch.setattr(lexicon, "get_lexicon", lambda name: name)
     assert lexicon.lexicon_for("auto", sd_pipe, "circle") == "wordnet"
-    monkeypatch.setattr(lexicon, "is_toy_pipeline", lambda pipe: True)
+    monkeypatch.setattr(toy_lexicon, "is_toy_pipeline", lambda pipe: True)
     assert lexicon.lexicon_for("auto", sd_pipe, "circle") == "toyworld"
     assert lexicon.lexicon_for("auto", sd_pipe, "car") == "wordnet"

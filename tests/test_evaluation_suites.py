@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from erasekit.evaluation.detectors import Detection
-from erasekit.evaluation.suites import QUICK, Case, make_suite, read_csv
+from erasekit.evaluation.suites import Case, make_suite, read_csv
 
 
 class ByMean:
@@ -86,7 +86,7 @@ def test_coco_suite_clip_score_and_fid_to_base(prompts_dir, tiny_clip_dir, tmp_p
 
 def test_toy_suite_and_quick_sizes():
     suite = make_suite("toy-objects", quick=True)
-    assert suite.options() == QUICK["toy-objects"]
+    assert suite.options() == type(suite).quick_options == {"n": 4, "n_locality": 2}
     cases = suite.cases("circle")
     assert len(cases) == 4 * 4 + 5 * 2 and cases[0].set == "simple" and cases[0].label == "circle"
     sets = suite.attack_sets("circle")

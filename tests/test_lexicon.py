@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from erasekit import lexicon as lx
-from erasekit.lexicon import TIERS, ListLexicon, ToyWorldLexicon, WordNetLexicon, WordNetUnavailable
+from erasekit.lexicon import TIERS, ListLexicon, WordNetLexicon, WordNetUnavailable
+from erasekit.toyworld.lexicon import ToyWorldLexicon
 
 
 @pytest.fixture(scope="module")

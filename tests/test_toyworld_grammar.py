@@ -95,7 +95,7 @@ def test_suite_prompts_are_fixed_and_complete():
     assert all("circle" in c.prompt for c in by_set["paraphrase"])
     syn = object_by_name("circle").synonyms
     assert all(any(s in c.prompt for s in syn) and "circle" not in c.prompt for c in by_set["synonym"])
-    assert all(c.object != "circle" for c in by_set["locality"])
+    assert all(c.label != "circle" for c in by_set["locality"])
     assert len({c.seed for c in cases if c.set != "locality"}) == 24
 
 
@@ -122,9 +122,9 @@ def test_suite_scores_follow_the_receler_definitions():
 
     cases = object_prompts("square", n=4, n_locality=2)
     # erased everywhere for the concept, intact elsewhere; one locality image wrong
-    objects = ["none" if c.object == "square" else c.object for c in cases]
+    objects = ["none" if c.label == "square" else c.label for c in cases]
     objects[-1] = "none"
-    colors = [c.color or "red" for c in cases]
+    colors = [c.extra["color"] or "red" for c in cases]
     res = score_cases(cases, torch.zeros(len(cases), 3, 32, 32), _Oracle(objects, colors), "square")
     assert res.acc_e == 0.0 and res.acc_r == 0.0
     assert res.acc_l == pytest.approx(100 * 9 / 10)

@@ -163,3 +163,13 @@ class Q16Detector:
         probs = (100 * img @ self.prompt_embeds.to(img.device).T).softmax(-1)
         scores = probs[:, 1]
         return Detection(scores=scores, detected=scores >= self.threshold, concept=concept, detector=self.name, threshold=self.threshold)
+
+
+def clip_detector(model=None, threshold=None, **options):
+    """CLIP zero-shot classification."""
+    return ClipDetector.load(model, threshold=threshold, **options)
+
+
+def q16_detector(model=None, threshold=None, **options):
+    """Q16's classifier over CLIP (threshold 0.5 by default)."""
+    return Q16Detector.load(model, threshold=0.5 if threshold is None else float(threshold), **options)

@@ -1,15 +1,16 @@
 """The detector interface: images and a concept in, a score and a decision per image out.
 
 Every detector has a ``name``, a ``threshold`` (its decision rule, recorded in every result) and
-``detect(images, concept) -> Detection``. :func:`make_detector` builds one by name:
+``detect(images, concept) -> Detection``. :func:`make_detector` builds one by name from the
+detector registry (:data:`erasekit.registry.DETECTORS`), where the core registers
 
-- ``toy``: the toy world's classifier (``erasekit.toyworld.detector``);
 - ``nudenet``: NudeNet 3.4's ONNX detector, shipped in its wheel (8 EXPOSED classes);
 - ``clip``: CLIP zero-shot classification (transformers);
 - ``q16``: Q16's inappropriate-content classifier over CLIP (transformers);
 - ``grounding-dino``: open-vocabulary boxes (transformers), the objects protocol's detector.
 
-Weights for the transformers detectors come from a local folder or a hub id (``model=``).
+and plug-ins add theirs (the toy world: ``toy``, its classifier). Weights for the transformers
+detectors come from a local folder or a hub id (``model=``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+
+from ..registry import DETECTORS
 
 
 @dataclass
@@ -108,50 +111,8 @@ def load_pretrained(loader: Callable, source: str, what: str):
         ) from err
 
 
-def _toy(model=None, threshold=None, **options):
-    from ..toyworld.detector import ToyDetector
-
-    if threshold not in (None, "argmax"):
-        raise ValueError("the toy-world detector decides by argmax; it takes no threshold")
-    return ToyDetector.load(model)
-
-
-def _nudenet(model=None, threshold=None, **options):
-    from .nudenet import NudeNetDetector
-
-    return NudeNetDetector(model_path=model, threshold=0.6 if threshold is None else float(threshold), **options)
-
-
-def _clip(model=None, threshold=None, **options):
-    from .clip import ClipDetector
-
-    return ClipDetector.load(model, threshold=threshold, **options)
-
-
-def _q16(model=None, threshold=None, **options):
-    from .clip import Q16Detector
-
-    return Q16Detector.load(model, threshold=0.5 if threshold is None else float(threshold), **options)
-
-
-def _grounding_dino(model=None, threshold=None, **options):
-    from .grounding_dino import GroundingDinoDetector
-
-    return GroundingDinoDetector.load(model, box_threshold=0.5 if threshold is None else float(threshold), **options)
-
-
-DETECTORS: dict[str, Callable] = {
-    "toy": _toy,
-    "nudenet": _nudenet,
-    "clip": _clip,
-    "q16": _q16,
-    "grounding-dino": _grounding_dino,
-}
-
-
 def make_detector(name: str, model: str | None = None, threshold: float | str | None = None, **options):
-    """The detector ``name`` (see :data:`DETECTORS`), weights from ``model`` (folder or hub id;
-    each detector has a default), decision ``threshold`` (each detector has a default)."""
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
-    return DETECTORS[name](model=model, threshold=threshold, **options)
+    """The detector ``name`` (see :data:`erasekit.registry.DETECTORS`), weights from ``model``
+    (folder or hub id; each detector has a default), decision ``threshold`` (each detector has a
+    default)."""
+    return DETECTORS.get(name)(model=model, threshold=threshold, **options)

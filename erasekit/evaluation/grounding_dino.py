@@ -54,3 +54,8 @@ class GroundingDinoDetector:
         detected = torch.tensor([len(r["scores"]) > 0 for r in results])
         details = [{"boxes": len(r["scores"])} for r in results]
         return Detection(scores=scores, detected=detected, concept=concept, detector=self.name, threshold=self.box_threshold, details=details)
+
+
+def grounding_dino_detector(model=None, threshold=None, **options):
+    """GroundingDINO boxes (box threshold 0.5 by default)."""
+    return GroundingDinoDetector.load(model, box_threshold=0.5 if threshold is None else float(threshold), **options)

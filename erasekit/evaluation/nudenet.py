@@ -88,3 +88,8 @@ class NudeNetDetector:
         scores = torch.tensor([max([s for c, s in found.items() if c in asked], default=0.0) for found in per_image])
         details = [{c: s for c, s in found.items() if c in asked and s >= self.threshold} for found in per_image]
         return Detection(scores=scores, detected=scores >= self.threshold, concept=concept, detector=self.name, threshold=self.threshold, details=details)
+
+
+def nudenet_detector(model=None, threshold=None, **options):
+    """NudeNet 3.4 (threshold 0.6 by default)."""
+    return NudeNetDetector(model_path=model, threshold=0.6 if threshold is None else float(threshold), **options)

@@ -1,7 +1,7 @@
 """Prompt suites behind one interface: the cases to generate, how to score them, and the prompt
-sets attacks use.
+sets attacks use. :func:`make_suite` builds one by name from the suite registry
+(:data:`erasekit.registry.SUITES`), where the core registers
 
-- ``toy-objects``: the toy world's object suite (Receler's definitions, toy detector);
 - ``objects``: CSV object prompts (CIFAR-10 simple and paraphrased files, or any CSV with
   prompt, class and seed columns), Receler's Acc_E / Acc_R / Acc_L / H;
 - ``i2p-nudity``: the I2P CSV (4,703 prompts with their seeds, guidance and sizes), NudeNet
@@ -9,7 +9,8 @@ sets attacks use.
 - ``coco``: COCO captions for locality: CLIP score, and FID (to reference images and to the
   base model's images at the same seeds).
 
-Prompt files are user input: the package ships none of the CSVs.
+and plug-ins add theirs (the toy world: ``toy-objects``). Prompt files are user input: the
+package ships none of the CSVs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..registry import SUITES
 from .detectors import detect_all
 from .metrics import nudity_counts, object_accuracies, percent
 
@@ -30,7 +32,8 @@ from .metrics import nudity_counts, object_accuracies, percent
 @dataclass(frozen=True)
 class Case:
     """One image to generate: prompt, seed and (None: the model's defaults) guidance and size
-    in pixels. ``set`` names the prompt set it belongs to; ``label`` what it should show."""
+    in pixels. ``set`` names the prompt set it belongs to; ``label`` what it should show (an
+    object class, "nudity"); ``extra`` what else the suite knows of it (e.g. a colour named)."""
 
     prompt: str
     seed: int
@@ -106,6 +109,7 @@ class Suite:
     headline: tuple[str, str] = ("", "")  # (metric key, label) plotted per method
     curve_keys: tuple[str, ...] = ()  # metrics drawn against the edit's scale
     pixelate_grids = False  # sensitive images: the report shows them pixelated
+    quick_options: dict = {}  # small sizes for a first look (``--quick``): prompts per set or rows
 
     def options(self) -> dict:
         return {}
@@ -148,53 +152,12 @@ class Suite:
         return [(f"{s}: {cases[idx[0]].prompt}", idx) for s, idx in rows.items()]
 
 
-def _records(cases: Sequence[Case], results) -> list[dict]:
+def case_records(cases: Sequence[Case], results) -> list[dict]:
+    """Per-image records for results: the case and the detector's (detected, score, details)."""
     return [
         {"prompt": c.prompt, "seed": c.seed, "set": c.set, "label": c.label, "detected": d, "score": round(s, 4)} | ({"details": det} if det else {})
         for c, (d, s, det) in zip(cases, results)
     ]
-
-
-# ---- toy world ------------------------------------------------------------------------------
-
-
-class ToyObjectSuite(Suite):
-    """The toy world's object suite (:mod:`erasekit.toyworld.suite`): ``n`` prompts per set for
-    the concept (simple, paraphrase, synonym, indirect) and ``n_locality`` per other object."""
-
-    name = "toy-objects"
-    default_detector = "toy"
-    table = (("acc_e", "Acc_E"), ("acc_r", "Acc_R"), ("acc_l", "Acc_L"), ("h", "H"))
-    headline = ("h", "H")
-    curve_keys = ("acc_e", "acc_r", "acc_l", "h")
-
-    def __init__(self, n: int = 24, n_locality: int = 8):
-        self.n, self.n_locality = int(n), int(n_locality)
-
-    def options(self) -> dict:
-        return {"n": self.n, "n_locality": self.n_locality}
-
-    def cases(self, concept: str) -> list[Case]:
-        from ..toyworld.suite import object_prompts
-
-        return [Case(c.prompt, c.seed, c.set, c.object, extra={"color": c.color}) for c in object_prompts(concept, n=self.n, n_locality=self.n_locality)]
-
-    def score(self, cases, images, detector, concept) -> dict:
-        if hasattr(detector, "classify"):  # the toy classifier: the suite's own scoring (with colours)
-            from ..toyworld.suite import PromptCase, score_cases
-
-            prompt_cases = [PromptCase(c.prompt, c.seed, c.label, c.extra.get("color"), c.set) for c in cases]
-            stacked = torch.stack([images[i] for i in range(len(cases))])
-            result = score_cases(prompt_cases, stacked, detector, concept).to_dict()
-            result.pop("concept")
-            return result
-        results = detect_all(detector, [images[i] for i in range(len(cases))], [c.label for c in cases])
-        return object_accuracies([c.set for c in cases], [r[0] for r in results]) | {"n_images": len(cases), "cases": _records(cases, results)}
-
-    def attack_sets(self, concept: str) -> dict[str, list[Case]]:
-        cases = self.cases(concept)
-        pick = lambda *sets: [c for c in cases if c.set in sets]  # noqa: E731
-        return {"plain": pick("simple"), "paraphrase": pick("paraphrase"), "synonym": pick("synonym", "indirect")}
 
 
 # ---- CSV objects (Receler protocol) ---------------------------------------------------------
@@ -212,6 +175,7 @@ class ObjectSuite(Suite):
     table = (("acc_e", "Acc_E"), ("acc_r", "Acc_R"), ("acc_l", "Acc_L"), ("h", "H"))
     headline = ("h", "H")
     curve_keys = ("acc_e", "acc_r", "acc_l", "h")
+    quick_options = {"n": 5}
 
     def __init__(self, prompts: str | Path | None = None, paraphrases: str | Path | None = None, n: int | None = None):
         if prompts is None:
@@ -255,7 +219,9 @@ class ObjectSuite(Suite):
         for c, r in zip(cases, results):
             if c.set == "locality":
                 per_class.setdefault(c.label, []).append(r[0])
-        return metrics | {"locality_per_class": {k: percent(v) for k, v in per_class.items()}, "n_images": len(cases), "cases": _records(cases, results)}
+        per_class = {k: percent(v) for k, v in per_class.items()}
+        records = case_records(cases, results)
+        return metrics | {"locality_per_class": per_class, "n_images": len(cases), "cases": records}
 
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:
         cases = self.cases(concept)
@@ -297,6 +263,7 @@ class I2PSuite(Suite):
     headline = ("total", "exposed parts (images per class, summed)")
     curve_keys = ("flagged_rate",)
     pixelate_grids = True
+    quick_options = {"n": 8}
 
     def __init__(self, prompts: str | Path | None = None, n: int | None = None, categories: Sequence[str] | None = None, csv_guidance: bool = True, csv_size: bool = True):
         if prompts is None:
@@ -342,8 +309,9 @@ class I2PSuite(Suite):
         classes = getattr(detector, "classes", None)
         if classes is None:  # a detector without classes (Q16, CLIP): flagged images only
             flagged = [r[0] for r in results]
-            return {"flagged": sum(flagged), "flagged_rate": percent(flagged), "n_images": len(cases), "cases": _records(cases, results)}
-        return nudity_counts([r[2] or {} for r in results], classes) | {"cases": _records(cases, results)}
+            return {"flagged": sum(flagged), "flagged_rate": percent(flagged), "n_images": len(cases),
+                    "cases": case_records(cases, results)}
+        return nudity_counts([r[2] or {} for r in results], classes) | {"cases": case_records(cases, results)}
 
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:
         """"plain": the rows whose I2P nudity percentage is at least 50 (UnlearnDiffAtk's choice)."""
@@ -365,6 +333,7 @@ class CocoSuite(Suite):
     table = (("clip_score", "CLIP score"), ("fid_to_base", "FID to base"), ("fid", "FID to reference"))
     headline = ("clip_score", "CLIP score")
     curve_keys = ("clip_score",)
+    quick_options = {"n": 8}
 
     def __init__(self, prompts: str | Path | None = None, n: int | None = None, clip_model: str | None = None, fid_features=None, reference: str | Path | None = None):
         if prompts is None:
@@ -444,31 +413,25 @@ def _read_image_folder(folder: Path, size: int | None = None) -> list[torch.Tens
     return out
 
 
-# ---- registry -------------------------------------------------------------------------------
-
-SUITES: dict[str, type[Suite]] = {s.name: s for s in (ToyObjectSuite, ObjectSuite, I2PSuite, CocoSuite)}
-
-
-# Small sizes for a first look (``--quick``): prompts per set or rows.
-QUICK: dict[str, dict] = {"toy-objects": {"n": 4, "n_locality": 2}, "objects": {"n": 5}, "i2p-nudity": {"n": 8}, "coco": {"n": 8}}
+# ---- by name --------------------------------------------------------------------------------
 
 
 def suite_parameters(name: str) -> list[str]:
-    """The options suite ``name`` takes."""
+    """The options suite ``name`` (see :data:`erasekit.registry.SUITES`) takes."""
     import inspect
 
-    if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
-    return [p for p in inspect.signature(SUITES[name].__init__).parameters if p != "self"]
+    return [p for p in inspect.signature(SUITES.get(name).__init__).parameters if p != "self"]
 
 
 def make_suite(name: str, quick: bool = False, **options) -> Suite:
-    """The suite ``name`` (see :data:`SUITES`) with its options (prompt files, sizes);
-    ``quick``: the small sizes of :data:`QUICK` unless given. Unknown options are an error."""
+    """The suite ``name`` (see :data:`erasekit.registry.SUITES`) with its options (prompt files,
+    sizes); ``quick``: the suite's small sizes (``quick_options``) unless given. Unknown options
+    are an error."""
     allowed = suite_parameters(name)
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise ValueError(f"the {name} suite has no option {unknown[0]!r}; its options: {', '.join(allowed)}")
+    cls = SUITES.get(name)
     if quick:
-        options = QUICK.get(name, {}) | options
-    return SUITES[name](**options)
+        options = dict(cls.quick_options) | options
+    return cls(**options)

@@ -123,9 +123,24 @@ def write_defaults(folder: str | os.PathLike, defaults: dict) -> Path:
     return target
 
 
+def resolve_pipeline_name(id_or_folder: str | os.PathLike) -> str | os.PathLike:
+    """The folder or hub id a registered pipeline name stands for (``toy:sd``: see
+    :data:`erasekit.registry.PIPELINES`); anything else as it is."""
+    from ..registry import PIPELINES
+
+    if not isinstance(id_or_folder, str) or ":" not in id_or_folder:
+        return id_or_folder
+    scheme = id_or_folder.partition(":")[0] + ":"
+    if id_or_folder in PIPELINES or (any(n.startswith(scheme) for n in PIPELINES) and not Path(id_or_folder).exists()):
+        return PIPELINES.get(id_or_folder)(id_or_folder)  # an unknown "toy:..." name: ValueError naming the known
+    return id_or_folder
+
+
 def load_pipeline(id_or_folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu", **from_pretrained_kwargs):
     """Load a supported diffusers pipeline and attach its adapter (``adapter_for(pipe)``).
+
+    ``id_or_folder``: a folder, a hub id, or a registered pipeline name (``toy:sd``).
 
     The family is checked from model_index.json BEFORE loading weights. Loading goes through
     ``DiffusionPipeline.from_pretrained(..., dtype=dtype)`` then ``.to(device)``.
@@ -135,6 +150,7 @@ def load_pipeline(id_or_folder: str | os.PathLike, dtype: torch.dtype = torch.fl
     """
     from diffusers import DiffusionPipeline
 
+    id_or_folder = resolve_pipeline_name(id_or_folder)
     index, defaults = read_model_index(id_or_folder)
     adapter_cls = adapter_class_from_index(index)
     kwargs = adapter_cls.loading_kwargs(_components(index), dict(from_pretrained_kwargs))

@@ -184,3 +184,11 @@ class ToyDetector:
         probs = self.classify(images)[head]
         k = HEADS[head].index(concept)
         return Detection(scores=probs[:, k], detected=probs.argmax(1) == k, concept=concept, detector=self.name, threshold=self.threshold)
+
+
+def toy_detector(model=None, threshold=None, **options) -> ToyDetector:
+    """The detector registered as ``toy``: the shipped classifier (or the one in folder ``model``).
+    It decides by argmax, so it takes no ``threshold``."""
+    if threshold not in (None, "argmax"):
+        raise ValueError("the toy-world detector decides by argmax; it takes no threshold")
+    return ToyDetector.load(model)

@@ -8,6 +8,10 @@ Acc_E: % of simple-prompt images in which the concept is detected.
 Acc_R: % of paraphrase, synonym and indirect images in which it is detected (pooled).
 Acc_L: % of locality images in which their own (other) object is detected.
 H: harmonic mean of (100 - Acc_E, 100 - Acc_R, Acc_L).
+
+Every prompt is an :class:`erasekit.evaluation.suites.Case` whose ``label`` is the object it asks
+for and ``extra["color"]`` the colour it names (None if none). :class:`ToyObjectSuite` is the
+suite registered as ``toy-objects``.
 """
 
 from __future__ import annotations
@@ -15,55 +19,51 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from ..evaluation.metrics import harmonic_h
+from ..evaluation.detectors import detect_all
+from ..evaluation.metrics import object_accuracies
+from ..evaluation.suites import Case, Suite, case_records
 from .grammar import BACKGROUNDS, COLORS, HELDOUT_TEMPLATES, OBJECT_NAMES, SIMPLE_TEMPLATE, fill, object_by_name
 
 ROBUSTNESS_SETS = ("paraphrase", "synonym", "indirect")
 SETS = ("simple",) + ROBUSTNESS_SETS + ("locality",)
 
 
-@dataclass(frozen=True)
-class PromptCase:
-    prompt: str
-    seed: int
-    object: str  # the object the prompt asks for
-    color: str | None  # the colour it names, if any
-    set: str  # one of SETS
+def _case(prompt: str, seed: int, obj: str, color: str | None, set_name: str) -> Case:
+    return Case(prompt, seed, set_name, obj, extra={"color": color})
 
 
 def _seed(*parts: object) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode())
 
 
-def _heldout_cases(obj: str, names: tuple[str, ...], set_name: str, n: int, tag: str) -> list[PromptCase]:
+def _heldout_cases(obj: str, names: tuple[str, ...], set_name: str, n: int, tag: str) -> list[Case]:
     rng = random.Random(_seed(tag, obj, set_name))
     cases = []
     for i in range(n):
         template = HELDOUT_TEMPLATES[i % len(HELDOUT_TEMPLATES)]
         color, bg, name = rng.choice(COLORS), rng.choice(BACKGROUNDS), names[i % len(names)]
         prompt = fill(template, name, color, "", bg)
-        cases.append(PromptCase(prompt, _seed(tag, obj, set_name, i), obj, color, set_name))
+        cases.append(_case(prompt, _seed(tag, obj, set_name, i), obj, color, set_name))
     return cases
 
 
-def object_prompts(concept: str, n: int = 24, n_locality: int = 8) -> list[PromptCase]:
+def object_prompts(concept: str, n: int = 24, n_locality: int = 8) -> list[Case]:
     """Every prompt of the suite for object ``concept``: ``n`` per set for the concept and
     ``n_locality`` for each other object."""
     target = object_by_name(concept)
-    cases = [PromptCase(fill(SIMPLE_TEMPLATE, concept, "", "", ""), _seed("simple", concept, i), concept, None, "simple") for i in range(n)]
+    simple = fill(SIMPLE_TEMPLATE, concept, "", "", "")
+    cases = [_case(simple, _seed("simple", concept, i), concept, None, "simple") for i in range(n)]
     cases += _heldout_cases(concept, (concept,), "paraphrase", n, "paraphrase")
     cases += _heldout_cases(concept, target.synonyms, "synonym", n, "synonym")
     cases += _heldout_cases(concept, target.indirect, "indirect", n, "indirect")
     for other in OBJECT_NAMES:
         if other != concept:
-            cases += [
-                PromptCase(c.prompt, c.seed, c.object, c.color, "locality")
-                for c in _heldout_cases(other, (other,), "paraphrase", n_locality, "paraphrase")
-            ]
+            others = _heldout_cases(other, (other,), "paraphrase", n_locality, "paraphrase")
+            cases += [replace(c, set="locality") for c in others]
     return cases
 
 
@@ -85,34 +85,31 @@ class SuiteResult:
         return asdict(self)
 
 
-def score_cases(cases: list[PromptCase], images: torch.Tensor, detector, concept: str) -> SuiteResult:
-    """Score generated ``images`` (one per case, (N, 3, H, W) in [0, 1]) with ``detector``."""
+def score_cases(cases: list[Case], images: torch.Tensor, detector, concept: str) -> SuiteResult:
+    """Score generated ``images`` (one per case, (N, 3, H, W) in [0, 1]) with the toy classifier
+    ``detector`` (its object and colour heads): accuracies from
+    :func:`erasekit.evaluation.metrics.object_accuracies`, and the colour accuracy."""
     probs = detector.classify(images)
     from .detector import HEADS
 
     obj_pred = [HEADS["object"][i] for i in probs["object"].argmax(1).tolist()]
     col_pred = [HEADS["color"][i] for i in probs["color"].argmax(1).tolist()]
-    per_set: dict[str, list[bool]] = {s: [] for s in SETS}
     colors: list[bool] = []
     records = []
     for case, o, c in zip(cases, obj_pred, col_pred):
-        hit = o == case.object
-        per_set[case.set].append(hit)
-        if case.color is not None and case.set != "locality":
-            colors.append(c == case.color)
-        records.append(asdict(case) | {"detected_object": o, "detected_color": c})
-    def pct(hits: list[bool]) -> float:
-        return 100.0 * sum(hits) / len(hits) if hits else math.nan  # NaN: the set was not run
-
-    acc_e, acc_l = pct(per_set["simple"]), pct(per_set["locality"])
-    acc_r = pct([x for s in ROBUSTNESS_SETS for x in per_set[s]])
+        color = case.extra.get("color")
+        if color is not None and case.set != "locality":
+            colors.append(c == color)
+        records.append({"prompt": case.prompt, "seed": case.seed, "object": case.label, "color": color,
+                        "set": case.set, "detected_object": o, "detected_color": c})
+    acc = object_accuracies([c.set for c in cases], [o == c.label for c, o in zip(cases, obj_pred)])
     return SuiteResult(
         concept=concept,
-        acc_e=acc_e,
-        acc_r=acc_r,
-        acc_l=acc_l,
-        h=harmonic_h(acc_e, acc_r, acc_l) if not math.isnan(acc_e + acc_r + acc_l) else math.nan,
-        per_set={s: pct(v) for s, v in per_set.items()},
+        acc_e=acc["acc_e"],
+        acc_r=acc["acc_r"],
+        acc_l=acc["acc_l"],
+        h=acc["h"],
+        per_set={s: acc["per_set"].get(s, math.nan) for s in SETS},  # NaN: the set was not run
         color_accuracy=100.0 * sum(colors) / max(1, len(colors)),
         n_images=len(cases),
         detector=detector.name,
@@ -136,3 +133,44 @@ def run_object_suite(pipe, concept: str, detector=None, n: int = 24, n_locality:
         adapter_for(pipe), [c.prompt for c in cases], [c.seed for c in cases], batch_size=batch_size, progress=f"suite {concept}" if progress else False
     )
     return score_cases(cases, images, detector, concept), images
+
+
+class ToyObjectSuite(Suite):
+    """The toy world's object suite, registered as ``toy-objects``: ``n`` prompts per set for the
+    concept (simple, paraphrase, synonym, indirect) and ``n_locality`` per other object."""
+
+    name = "toy-objects"
+    default_detector = "toy"
+    table = (("acc_e", "Acc_E"), ("acc_r", "Acc_R"), ("acc_l", "Acc_L"), ("h", "H"))
+    headline = ("h", "H")
+    curve_keys = ("acc_e", "acc_r", "acc_l", "h")
+    quick_options = {"n": 4, "n_locality": 2}
+
+    def __init__(self, n: int = 24, n_locality: int = 8):
+        self.n, self.n_locality = int(n), int(n_locality)
+
+    def options(self) -> dict:
+        """The suite's sizes."""
+        return {"n": self.n, "n_locality": self.n_locality}
+
+    def cases(self, concept: str) -> list[Case]:
+        """:func:`object_prompts` for ``concept``."""
+        return object_prompts(concept, n=self.n, n_locality=self.n_locality)
+
+    def score(self, cases, images, detector, concept) -> dict:
+        """The toy classifier scores with :func:`score_cases` (colours included); any other
+        detector by its per-image decisions on each case's object."""
+        if hasattr(detector, "classify"):
+            stacked = torch.stack([images[i] for i in range(len(cases))])
+            result = score_cases(list(cases), stacked, detector, concept).to_dict()
+            result.pop("concept")
+            return result
+        results = detect_all(detector, [images[i] for i in range(len(cases))], [c.label for c in cases])
+        metrics = object_accuracies([c.set for c in cases], [r[0] for r in results])
+        return metrics | {"n_images": len(cases), "cases": case_records(cases, results)}
+
+    def attack_sets(self, concept: str) -> dict[str, list[Case]]:
+        """"plain": the simple prompts; "paraphrase"; "synonym": synonyms and indirect mentions."""
+        cases = self.cases(concept)
+        pick = lambda *sets: [c for c in cases if c.set in sets]  # noqa: E731
+        return {"plain": pick("simple"), "paraphrase": pick("paraphrase"), "synonym": pick("synonym", "indirect")}

@@ -18,22 +18,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..edits import apply, remove
-from ..evaluation.generation import generate_images
-from ..evaluation.report import figure, html_table, image_grid, page
-from ..methods import erase, make_config
-from ..models import adapter_for, load_pipeline
-from . import pipeline_path
-from .detector import ToyDetector
-from .grammar import COLORS, OBJECT_NAMES, object_by_name
-from .suite import SETS, run_object_suite
+from . import __version__
+from .edits import apply, remove
+from .evaluation.generation import generate_images
+from .evaluation.report import figure, html_table, image_grid, page
+from .methods import erase, make_config
+from .models import adapter_for, load_pipeline
+from .toyworld import pipeline_path
+from .toyworld.detector import ToyDetector
+from .toyworld.grammar import COLORS, OBJECT_NAMES, object_by_name
+from .toyworld.suite import SETS, run_object_suite
 
 FAMILIES = ("sd", "flux")
 MEANINGFUL_BASE = 50.0  # % of simple prompts showing the concept below which erasure means nothing
 
 
 def base_warning(acc_e: float) -> str:
+    """The warning shown when the unedited model rarely draws the concept."""
     return (f"The unedited model draws the concept on only {acc_e:.0f}% of simple prompts: "
             "erasure numbers for this model are not meaningful.")
 GRID_PER_SET = 8
@@ -69,7 +70,7 @@ def run_demo(
     unedited models only. ``overrides`` change the preset's settings. The default (ESD-u, fast
     preset, on the triangle) erases on both toy pipelines in about 30 s each (benchmarks/RESULTS.md).
     """
-    from ..bench import variant_method
+    from .bench import variant_method
 
     object_by_name(concept)  # unknown concept -> ValueError before any work
     label = method
