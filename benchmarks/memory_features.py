@@ -28,12 +28,12 @@ from datetime import date
 
 import torch
 import torch.nn.functional as F
+from real_configs import FLUX1_DEV_TRANSFORMER  # benchmarks/real_configs.py, beside this script
 
 from erasekit.edits.lora import attach_lora
 from erasekit.evaluation.resources import PeakMemory
 from erasekit.methods import eraseanything as ea
 from erasekit.models import Conditioning, FamilyAdapter
-from real_configs import FLUX1_DEV_TRANSFORMER  # benchmarks/real_configs.py, beside this script
 
 MIB = 1024**2
 
@@ -69,8 +69,16 @@ def step_peak_mib(heads: int, dual: int, single: int, checkpointing: bool, size:
             del pred, loss, probe
         seconds = time.perf_counter() - t0
     handle.remove()
-    return {"heads": heads, "width": heads * 128, "dual": dual, "single": single, "checkpointing": checkpointing,
-            "tokens": tokens, "peak_increase_mib": round(mem.increase_mb, 1), "seconds": round(seconds, 1)}
+    return {
+        "heads": heads,
+        "width": heads * 128,
+        "dual": dual,
+        "single": single,
+        "checkpointing": checkpointing,
+        "tokens": tokens,
+        "peak_increase_mib": round(mem.increase_mb, 1),
+        "seconds": round(seconds, 1),
+    }
 
 
 def main() -> None:
@@ -93,20 +101,31 @@ def main() -> None:
         for ckpt in (False, True):
             rows.append(step_peak_mib(args.heads, dual, single, ckpt))
             print(json.dumps(rows[-1]), flush=True)
-    header = (f"{date.today()} · {platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
-              f"· torch {torch.__version__} · float32 · `python benchmarks/memory_features.py {' '.join(sys.argv[1:])}` "
-              f"· {time.time() - start:.0f} s wall")
-    lines = [header, "", "| width | dual + single blocks | tokens | checkpointing | peak +MiB (measured) | s / step |", "|---|---|---|---|---|---|"]
+    header = (
+        f"{date.today()} · {platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
+        f"· torch {torch.__version__} · float32 · `python benchmarks/memory_features.py {' '.join(sys.argv[1:])}` "
+        f"· {time.time() - start:.0f} s wall"
+    )
+    lines = [
+        header,
+        "",
+        "| width | dual + single blocks | tokens | checkpointing | peak +MiB (measured) | s / step |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['width']} | {r['dual']} + {r['single']} | {r['tokens']} | {'yes' if r['checkpointing'] else 'no'} "
-                     f"| {r['peak_increase_mib']:.0f} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['width']} | {r['dual']} + {r['single']} | {r['tokens']} | {'yes' if r['checkpointing'] else 'no'} "
+            f"| {r['peak_increase_mib']:.0f} | {r['seconds']:.1f} |"
+        )
     if len(rows) == 4:
         a, b = rows[0], rows[2]
         blocks = (b["dual"] + b["single"]) - (a["dual"] + a["single"])
         for ckpt, (lo, hi) in (("no", (rows[0], rows[2])), ("yes", (rows[1], rows[3]))):
             per_block = (hi["peak_increase_mib"] - lo["peak_increase_mib"]) * MIB / blocks
             coeff = per_block / (a["tokens"] * a["width"])
-            lines.append(f"\nCheckpointing {ckpt}: {per_block / MIB:.1f} MiB per added block = {coeff:.1f} bytes per token-channel (float32).")
+            lines.append(
+                f"\nCheckpointing {ckpt}: {per_block / MIB:.1f} MiB per added block = {coeff:.1f} bytes per token-channel (float32)."
+            )
     text = "\n".join(lines)
     print("\n" + text)
     if args.json:

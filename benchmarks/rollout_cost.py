@@ -55,14 +55,31 @@ def main() -> None:
     sources = {"fresh": {"rollout_source": "fresh"}}
     for spec in args.pools.split(","):
         size, refresh = spec.strip().split("x")
-        sources[f"pool {size}x{refresh}"] = {"rollout_source": "pool", "rollout_pool": size, "rollout_refresh": refresh}
+        sources[f"pool {size}x{refresh}"] = {
+            "rollout_source": "pool",
+            "rollout_pool": size,
+            "rollout_refresh": refresh,
+        }
     detector = ToyDetector.load()
     pipe = load_pipeline(pipeline_path(args.family))
     rows = []
     for concept in concepts:
         base, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
-        rows.append(dict(concept=concept, recipe="base", source="-", seed="-", calls=0, draws=0, seconds=0.0,
-                         acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h))
+        rows.append(
+            dict(
+                concept=concept,
+                recipe="base",
+                source="-",
+                seed="-",
+                calls=0,
+                draws=0,
+                seconds=0.0,
+                acc_e=base.acc_e,
+                acc_r=base.acc_r,
+                acc_l=base.acc_l,
+                h=base.h,
+            )
+        )
         for recipe in args.recipes.split(","):
             method, settings = RECIPES[recipe]
             for seed in seeds:
@@ -74,18 +91,35 @@ def main() -> None:
                     apply(pipe, edit)
                     res, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
                     remove(pipe, edit)
-                    row = dict(concept=concept, recipe=recipe, source=source, seed=seed,
-                               calls=edit.metrics["rollout_denoiser_calls"], draws=edit.metrics["rollout_draws"],
-                               seconds=seconds, acc_e=res.acc_e, acc_r=res.acc_r, acc_l=res.acc_l, h=res.h)
+                    row = dict(
+                        concept=concept,
+                        recipe=recipe,
+                        source=source,
+                        seed=seed,
+                        calls=edit.metrics["rollout_denoiser_calls"],
+                        draws=edit.metrics["rollout_draws"],
+                        seconds=seconds,
+                        acc_e=res.acc_e,
+                        acc_r=res.acc_r,
+                        acc_l=res.acc_l,
+                        h=res.h,
+                    )
                     rows.append(row)
-                    print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    print(f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} thread(s) · {args.family} toy pipeline, "
-          f"preset fast, n={args.n} · `python benchmarks/rollout_cost.py {' '.join(sys.argv[1:])}`\n")
+                    print(
+                        " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                        flush=True,
+                    )
+    print(
+        f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} thread(s) · {args.family} toy pipeline, "
+        f"preset fast, n={args.n} · `python benchmarks/rollout_cost.py {' '.join(sys.argv[1:])}`\n"
+    )
     print("| concept | recipe | source | seed | rollout denoiser calls | fit s | Acc_E | Acc_R | Acc_L | H |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concept']} | {r['recipe']} | {r['source']} | {r['seed']} | {r['calls']} | {r['seconds']:.0f} | "
-              f"{r['acc_e']:.1f} | {r['acc_r']:.1f} | {r['acc_l']:.1f} | {r['h']:.1f} |")
+        print(
+            f"| {r['concept']} | {r['recipe']} | {r['source']} | {r['seed']} | {r['calls']} | {r['seconds']:.0f} | "
+            f"{r['acc_e']:.1f} | {r['acc_r']:.1f} | {r['acc_l']:.1f} | {r['h']:.1f} |"
+        )
     print("\nmeans over concepts and seeds (H of the mean accuracies; fresh / source: ratio of rollout calls):\n")
     print("| recipe | source | runs | rollout calls | fresh / source | fit s | Acc_E | Acc_R | Acc_L | H |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -94,8 +128,10 @@ def main() -> None:
         for source in sources:
             sel = [r for r in rows if r["recipe"] == recipe and r["source"] == source]
             m = {k: mean(r[k] for r in sel) for k in ("calls", "seconds")} | pooled_accuracies(sel)
-            print(f"| {recipe} | {source} | {len(sel)} | {m['calls']:.0f} | {fresh_calls / m['calls']:.2f}x | {m['seconds']:.0f} | "
-                  f"{m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} |")
+            print(
+                f"| {recipe} | {source} | {len(sel)} | {m['calls']:.0f} | {fresh_calls / m['calls']:.2f}x | {m['seconds']:.0f} | "
+                f"{m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

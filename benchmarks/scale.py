@@ -50,11 +50,6 @@ import time
 from datetime import date
 
 import torch
-
-from erasekit.edits import apply, remove
-from erasekit.evaluation.resources import PeakMemory, release_free_memory, rss_bytes
-from erasekit.methods import erase, make_config, method_module
-from erasekit.models import adapter_for
 from real_configs import (  # benchmarks/real_configs.py, beside this script
     CLIP_L_TEXT,
     FLUX1_DEV_TRANSFORMER,
@@ -66,10 +61,22 @@ from real_configs import (  # benchmarks/real_configs.py, beside this script
     T5_XXL,
 )
 
+from erasekit.edits import apply, remove
+from erasekit.evaluation.resources import PeakMemory, release_free_memory, rss_bytes
+from erasekit.methods import erase, make_config, method_module
+from erasekit.models import adapter_for
+
 CONCEPT = "car"
 SYNONYMS = "automobile,motorcar"
 IRRELEVANT = "dog,tree,house,boat,bird,chair,cup,flower"
-WORDS = ("a an the photo image picture of " + CONCEPT + " " + SYNONYMS.replace(",", " ") + " " + IRRELEVANT.replace(",", " ")).split()
+WORDS = (
+    "a an the photo image picture of "
+    + CONCEPT
+    + " "
+    + SYNONYMS.replace(",", " ")
+    + " "
+    + IRRELEVANT.replace(",", " ")
+).split()
 GIB = 1024**3
 TRAINING = ("receler", "eraseanything", "esd-x", "esd-u")
 
@@ -112,7 +119,9 @@ def build_sd14(size: int, device: str = "cpu", dtype: torch.dtype = torch.float3
     return _finish(pipe, size)
 
 
-def build_flux1_dev(size: int, device: str, dtype: torch.dtype = torch.bfloat16, layers: tuple[int, int, int] | None = None):
+def build_flux1_dev(
+    size: int, device: str, dtype: torch.dtype = torch.bfloat16, layers: tuple[int, int, int] | None = None
+):
     """FluxPipeline with FLUX.1-dev's transformer, T5-XXL, CLIP and VAE, random weights, made
     directly in ``dtype`` on ``device``. ``layers`` (dual, single, T5) shrinks the stacks (and
     the text to 32 tokens), to check this code path on a small machine."""
@@ -128,14 +137,20 @@ def build_flux1_dev(size: int, device: str, dtype: torch.dtype = torch.bfloat16,
     if layers:
         transformer_cfg |= {"num_layers": layers[0], "num_single_layers": layers[1]}
         t5_cfg["num_layers"] = layers[2]
-    ids = {"bos_token_id": clip_tok.bos_token_id, "eos_token_id": clip_tok.eos_token_id, "pad_token_id": clip_tok.pad_token_id}
+    ids = {
+        "bos_token_id": clip_tok.bos_token_id,
+        "eos_token_id": clip_tok.eos_token_id,
+        "pad_token_id": clip_tok.pad_token_id,
+    }
     with torch.device(device), _default_dtype(dtype):
         pipe = FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_SCHEDULER),
             vae=AutoencoderKL(**FLUX1_VAE),
             text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, **ids)),
             tokenizer=clip_tok,
-            text_encoder_2=T5EncoderModel(T5Config(**t5_cfg, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id)),
+            text_encoder_2=T5EncoderModel(
+                T5Config(**t5_cfg, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id)
+            ),
             tokenizer_2=t5_tok,
             transformer=FluxTransformer2DModel(**transformer_cfg),
         )
@@ -154,7 +169,9 @@ def _finish(pipe, size: int, **defaults):
 
 def component_parameters(pipe) -> dict[str, int]:
     """Parameters per pipeline component."""
-    return {n: sum(p.numel() for p in m.parameters()) for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    return {
+        n: sum(p.numel() for p in m.parameters()) for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+    }
 
 
 # ---- timing --------------------------------------------------------------------------------
@@ -242,8 +259,17 @@ def timed_fit(pipe, method: str, overrides: dict[str, str], rollout_cap: int, de
         rollout_s.append(sum(r[1] for r in inside))
         t_encs.append(sum(r[2] for r in inside))
     per_step = [r[1] / r[3] for r in rollouts if r[3]]
-    return FitTiming(stamps[0] - t0 if stamps else total, iteration_s, rollout_s, t_encs,
-                     statistics.mean(per_step) if per_step else None, mem.increase_mb, mem.peak_mb, mem.kind, total)
+    return FitTiming(
+        stamps[0] - t0 if stamps else total,
+        iteration_s,
+        rollout_s,
+        t_encs,
+        statistics.mean(per_step) if per_step else None,
+        mem.increase_mb,
+        mem.peak_mb,
+        mem.kind,
+        total,
+    )
 
 
 def cfg_pass_seconds(adapter, reps: int, device) -> float:
@@ -333,7 +359,9 @@ def measure_training(pipe, label: str, args, device) -> list[dict]:
     def run(method, overrides, iterations):
         release_free_memory()
         print(f"  {label} {method} {overrides} ...", flush=True)
-        return timed_fit(pipe, method, overrides | memory_overrides(args) | {"iterations": str(iterations)}, cap, device)
+        return timed_fit(
+            pipe, method, overrides | memory_overrides(args) | {"iterations": str(iterations)}, cap, device
+        )
 
     # ESD-x
     cfg = make_config("esd", "paper", {"group": "esd-x"})
@@ -349,36 +377,71 @@ def measure_training(pipe, label: str, args, device) -> list[dict]:
     t3 = f3.iteration_s[0] - f3.rollout_s[0]
     adv_step = max(0.0, (t3 - t1) / 2)
     train = t1 + (cfg.adv_steps - 1) * adv_step
-    rows.append(_iteration_row(label, "receler", adapter, "receler", cfg, f1, train,
-                               extra={"adv_step_s": adv_step, "iteration_adv1_s": t1, "iteration_adv3_s": t3,
-                                      "peak_increase_adv3_mb": f3.peak_increase_mb}))
+    rows.append(
+        _iteration_row(
+            label,
+            "receler",
+            adapter,
+            "receler",
+            cfg,
+            f1,
+            train,
+            extra={
+                "adv_step_s": adv_step,
+                "iteration_adv1_s": t1,
+                "iteration_adv3_s": t3,
+                "peak_increase_adv3_mb": f3.peak_increase_mb,
+            },
+        )
+    )
 
     # EraseAnything: alternating levels; an even number of timed iterations covers both.
     cfg = make_config("eraseanything", "paper", ea_words)
     n_timed = timed + timed % 2
     f = run("eraseanything", ea_words | {"preserve_images": "1", "preserve_steps": "1"}, warm + n_timed)
     train = statistics.mean(i - r for i, r in zip(f.iteration_s[warm:], f.rollout_s[warm:]))
-    passes = cfg.preserve_images * (cfg.preserve_steps or adapter.generation_steps)  # the preserve images, batch 1 each
+    passes = cfg.preserve_images * (
+        cfg.preserve_steps or adapter.generation_steps
+    )  # the preserve images, batch 1 each
     rows.append(_iteration_row(label, "eraseanything", adapter, "eraseanything", cfg, f, train, setup_passes=passes))
     return rows
 
 
-def _iteration_row(label, name, adapter, method, cfg, f: FitTiming, train_s: float,
-                   setup_passes: int | None = None, extra: dict | None = None) -> dict:
+def _iteration_row(
+    label,
+    name,
+    adapter,
+    method,
+    cfg,
+    f: FitTiming,
+    train_s: float,
+    setup_passes: int | None = None,
+    extra: dict | None = None,
+) -> dict:
     """A training method's row; :func:`derive` completes it. ``setup_passes``: the recipe's
     set-up costs that many guidance passes (estimated) instead of the measured set-up."""
     return _row(
-        label, name,
+        label,
+        name,
         trained_params=trained_parameters(adapter, method, cfg),
         s_per_iteration_how="derived",
         iterations=recipe_iterations(method, cfg, adapter.family),
         total_how="derived" if setup_passes is None else "estimated",
-        peak_increase_mb=f.peak_increase_mb, peak_total_mb=f.peak_total_mb, memory_how="measured",
+        peak_increase_mb=f.peak_increase_mb,
+        peak_total_mb=f.peak_total_mb,
+        memory_how="measured",
         memory_kind=f.memory_kind,
-        detail={"train_step_s": train_s, "expected_rollout_steps": expected_rollout_steps(method, cfg, adapter),
-                "setup_measured_s": f.setup_s, "setup_passes": setup_passes, "timed_iterations_s": f.iteration_s,
-                "rollout_s": f.rollout_s, "requested_t_enc": f.requested_t_enc, "rollout_step_s": f.rollout_step_s}
-               | (extra or {}),
+        detail={
+            "train_step_s": train_s,
+            "expected_rollout_steps": expected_rollout_steps(method, cfg, adapter),
+            "setup_measured_s": f.setup_s,
+            "setup_passes": setup_passes,
+            "timed_iterations_s": f.iteration_s,
+            "rollout_s": f.rollout_s,
+            "requested_t_enc": f.requested_t_enc,
+            "rollout_step_s": f.rollout_step_s,
+        }
+        | (extra or {}),
     )
 
 
@@ -402,9 +465,20 @@ def measure_uce(pipe, label: str, device) -> dict:
         t0 = _now(device)
         erase(pipe, CONCEPT, "uce", cfg, progress=False)
         s = _now(device) - t0
-    return _row(label, "uce", trained_params=trained_parameters(adapter, "uce", cfg), s_per_iteration=None,
-                s_per_iteration_how="closed form", iterations=0, total_s=s, total_how="measured",
-                peak_increase_mb=mem.increase_mb, peak_total_mb=mem.peak_mb, memory_how="measured", memory_kind=mem.kind)
+    return _row(
+        label,
+        "uce",
+        trained_params=trained_parameters(adapter, "uce", cfg),
+        s_per_iteration=None,
+        s_per_iteration_how="closed form",
+        iterations=0,
+        total_s=s,
+        total_how="measured",
+        peak_increase_mb=mem.increase_mb,
+        peak_total_mb=mem.peak_mb,
+        memory_how="measured",
+        memory_kind=mem.kind,
+    )
 
 
 def measure_inference(pipe, label: str, method: str, reps: int, device) -> dict:
@@ -424,11 +498,24 @@ def measure_inference(pipe, label: str, method: str, reps: int, device) -> dict:
             remove(pipe, edit)
     base_cfg_s, s = min(base), min(edited)
     steps = adapter.generation_steps
-    return _row(label, method, trained_params=0, s_per_iteration=None, s_per_iteration_how="no training",
-                iterations=0, total_s=0.0, total_how="no training",
-                step_overhead_s=s - base_cfg_s, image_overhead_s=steps * (s - base_cfg_s), inference_steps=steps,
-                peak_increase_mb=mem.increase_mb, peak_total_mb=mem.peak_mb, memory_how="measured", memory_kind=mem.kind,
-                detail={"cfg_pass_with_edit_s": s, "cfg_pass_base_s": base_cfg_s})
+    return _row(
+        label,
+        method,
+        trained_params=0,
+        s_per_iteration=None,
+        s_per_iteration_how="no training",
+        iterations=0,
+        total_s=0.0,
+        total_how="no training",
+        step_overhead_s=s - base_cfg_s,
+        image_overhead_s=steps * (s - base_cfg_s),
+        inference_steps=steps,
+        peak_increase_mb=mem.increase_mb,
+        peak_total_mb=mem.peak_mb,
+        memory_how="measured",
+        memory_kind=mem.kind,
+        detail={"cfg_pass_with_edit_s": s, "cfg_pass_base_s": base_cfg_s},
+    )
 
 
 def esd_u_estimate(pipe, label: str, esd_x: dict, cfg_s: float, device) -> dict:
@@ -443,14 +530,29 @@ def esd_u_estimate(pipe, label: str, esd_x: dict, cfg_s: float, device) -> dict:
     adam = adam_seconds_per_parameter(device) * n
     per_it = esd_x["s_per_iteration"] + cfg_s / 2 + adam
     iters = recipe_iterations("esd", cfg, adapter.family)
-    base_mb = (rss_bytes() or 0) / 2**20 if torch.device(device).type == "cpu" else torch.cuda.memory_allocated() / 2**20
+    base_mb = (
+        (rss_bytes() or 0) / 2**20 if torch.device(device).type == "cpu" else torch.cuda.memory_allocated() / 2**20
+    )
     states = 4 * size  # bytes per trained parameter: student copy, gradient, exp_avg, exp_avg_sq
-    activations = max(0.0, esd_x["peak_increase_mb"] - esd_x["trained_params"] * states / 2**20)  # ESD-x's, less its own states
+    activations = max(
+        0.0, esd_x["peak_increase_mb"] - esd_x["trained_params"] * states / 2**20
+    )  # ESD-x's, less its own states
     increase = n * states / 2**20 + activations
-    return _row(label, "esd-u", trained_params=n, s_per_iteration=per_it, s_per_iteration_how="estimated",
-                iterations=iters, total_s=iters * per_it, total_how="estimated",
-                peak_increase_mb=increase, peak_total_mb=base_mb + increase, memory_how="estimated",
-                memory_kind=esd_x["memory_kind"], detail={"adam_step_s": adam})
+    return _row(
+        label,
+        "esd-u",
+        trained_params=n,
+        s_per_iteration=per_it,
+        s_per_iteration_how="estimated",
+        iterations=iters,
+        total_s=iters * per_it,
+        total_how="estimated",
+        peak_increase_mb=increase,
+        peak_total_mb=base_mb + increase,
+        memory_how="estimated",
+        memory_kind=esd_x["memory_kind"],
+        detail={"adam_step_s": adam},
+    )
 
 
 # ---- FLUX.1-dev without a GPU: counts and estimates -------------------------------------------
@@ -507,13 +609,22 @@ def flux_estimates(size: int = 512) -> list[dict]:
         train_gb = n * per_param / GIB
         acts = act_gb if name in TRAINING else infer_gb
         iters = recipe_iterations(method, cfg, "flux") if name in TRAINING else 0
-        est = {"weights_bf16": weights_gb, "trained_states": train_gb, "activations": acts, "total": weights_gb + train_gb + acts}
+        est = {
+            "weights_bf16": weights_gb,
+            "trained_states": train_gb,
+            "activations": acts,
+            "total": weights_gb + train_gb + acts,
+        }
         if name in TRAINING:
             probed = len(adapter.keyword_layers()) if name == "eraseanything" else 0
             ckpt_acts = (2 * tokens * d * (blocks - probed) + 34 * tokens * d * (1 + probed)) / GIB
-            est |= {"total_released": est["total"] - text_gb,
-                    "total_released_checkpointing": weights_gb - text_gb + train_gb + ckpt_acts}
-        rows.append(_row("FLUX.1-dev", name, trained_params=n, iterations=iters, memory_how="estimated", estimate_gb=est))
+            est |= {
+                "total_released": est["total"] - text_gb,
+                "total_released_checkpointing": weights_gb - text_gb + train_gb + ckpt_acts,
+            }
+        rows.append(
+            _row("FLUX.1-dev", name, trained_params=n, iterations=iters, memory_how="estimated", estimate_gb=est)
+        )
     return [{"counts": counts, "size": size, "tokens": tokens}, *rows]
 
 
@@ -525,14 +636,23 @@ def _f(v, fmt="{:.2f}"):
 
 
 def markdown(rows: list[dict], flux: list[dict] | None, header: str) -> str:
-    lines = [header, "", "| model | method | trained params | s / iteration | how | recipe iterations | recipe total | how | "
-             "extra s / step (/ image) | peak +GiB (total GiB) | how |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| model | method | trained params | s / iteration | how | recipe iterations | recipe total | how | "
+        "extra s / step (/ image) | peak +GiB (total GiB) | how |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         overhead = "-"
         if "step_overhead_s" in r:
             overhead = f"{r['step_overhead_s']:+.2f} ({r['image_overhead_s']:+.0f} s / {r['inference_steps']} steps)"
         total = r["total_s"]
-        total_txt = "-" if r["total_how"] == "no training" else (f"{total / 3600:.1f} h" if total >= 3600 else f"{total:.0f} s")
+        total_txt = (
+            "-"
+            if r["total_how"] == "no training"
+            else (f"{total / 3600:.1f} h" if total >= 3600 else f"{total:.0f} s")
+        )
         lines.append(
             f"| {r['model']} | {r['method']} | {r['trained_params']:,} | {_f(r['s_per_iteration'])} | {r['s_per_iteration_how']} "
             f"| {r['iterations'] or '-'} | {total_txt} | {r['total_how']} | {overhead} "
@@ -541,16 +661,22 @@ def markdown(rows: list[dict], flux: list[dict] | None, header: str) -> str:
     if flux:
         info, frows = flux[0], flux[1:]
         counts = ", ".join(f"{k} {v:,}" for k, v in info["counts"].items())
-        lines += ["", f"FLUX.1-dev, no GPU: parameter counts (meta device, exact): {counts}. Memory per method at "
-                  f"{info['size']} px, batch 1 ({info['tokens']} tokens), all **estimated**:", "",
-                  "| model | method | trained params | recipe iterations | weights bf16 GiB | trained states GiB | activations GiB "
-                  "| total GiB | text encoders released | released + checkpointing | how |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"FLUX.1-dev, no GPU: parameter counts (meta device, exact): {counts}. Memory per method at "
+            f"{info['size']} px, batch 1 ({info['tokens']} tokens), all **estimated**:",
+            "",
+            "| model | method | trained params | recipe iterations | weights bf16 GiB | trained states GiB | activations GiB "
+            "| total GiB | text encoders released | released + checkpointing | how |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in frows:
             e = r["estimate_gb"]
-            lines.append(f"| {r['model']} | {r['method']} | {r['trained_params']:,} | {r['iterations'] or '-'} | {e['weights_bf16']:.1f} "
-                         f"| {e['trained_states']:.2f} | {e['activations']:.1f} | {e['total']:.1f} | {_f(e.get('total_released'), '{:.1f}')} "
-                         f"| {_f(e.get('total_released_checkpointing'), '{:.1f}')} | estimated |")
+            lines.append(
+                f"| {r['model']} | {r['method']} | {r['trained_params']:,} | {r['iterations'] or '-'} | {e['weights_bf16']:.1f} "
+                f"| {e['trained_states']:.2f} | {e['activations']:.1f} | {e['total']:.1f} | {_f(e.get('total_released'), '{:.1f}')} "
+                f"| {_f(e.get('total_released_checkpointing'), '{:.1f}')} | estimated |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -561,11 +687,21 @@ def main() -> None:
     ap.add_argument("--rollout-cap", type=int, default=1, help="sampler steps a rollout really runs while timing")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions of a guidance pass (the fastest counts)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--measure-esd-u", action="store_true", help="train ESD-u for real (needs about 4x the UNet's size in free memory)")
+    ap.add_argument(
+        "--measure-esd-u",
+        action="store_true",
+        help="train ESD-u for real (needs about 4x the UNet's size in free memory)",
+    )
     ap.add_argument("--flux-size", type=int, default=512)
-    ap.add_argument("--flux-layers", default=None, help="dual,single,t5 layer counts (a small stand-in to check the GPU path)")
+    ap.add_argument(
+        "--flux-layers", default=None, help="dual,single,t5 layer counts (a small stand-in to check the GPU path)"
+    )
     ap.add_argument("--skip-sd", action="store_true")
-    ap.add_argument("--gradient-checkpointing", action="store_true", help="train with gradient_checkpointing=true (erasekit.methods.memory)")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="train with gradient_checkpointing=true (erasekit.methods.memory)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -581,10 +717,22 @@ def main() -> None:
         first = cfg_pass_seconds(adapter, args.reps, device)
         training = measure_training(pipe, label, args, device)
         if args.measure_esd_u:
-            f = timed_fit(pipe, "esd", {"group": "esd-u", "iterations": str(1 + args.iters)} | memory_overrides(args), args.rollout_cap, device)
+            f = timed_fit(
+                pipe,
+                "esd",
+                {"group": "esd-u", "iterations": str(1 + args.iters)} | memory_overrides(args),
+                args.rollout_cap,
+                device,
+            )
             train = statistics.mean(i - r for i, r in zip(f.iteration_s[1:], f.rollout_s[1:]))
-            training.append(_iteration_row(label, "esd-u", adapter, "esd", make_config("esd", "paper", {"group": "esd-u"}), f, train))
-        others = [measure_uce(pipe, label, device)] + [measure_inference(pipe, label, m, args.reps, device) for m in ("keyword_zeroing", "sld")]
+            training.append(
+                _iteration_row(
+                    label, "esd-u", adapter, "esd", make_config("esd", "paper", {"group": "esd-u"}), f, train
+                )
+            )
+        others = [measure_uce(pipe, label, device)] + [
+            measure_inference(pipe, label, m, args.reps, device) for m in ("keyword_zeroing", "sld")
+        ]
         # One guidance pass: the fastest seen, at the start and between the inference runs.
         cfg_s = min([first] + [r["detail"]["cfg_pass_base_s"] for r in others if "detail" in r])
         print(f"  {label}: one guidance pass {cfg_s:.2f} s (first measured {first:.2f} s)", flush=True)
@@ -606,7 +754,10 @@ def main() -> None:
     if cuda or args.flux_layers:
         layers = tuple(int(x) for x in args.flux_layers.split(",")) if args.flux_layers else None
         device = "cuda" if cuda else "cpu"
-        print(f"building FLUX.1-dev{' (shrunk ' + str(layers) + ')' if layers else ''} ({args.flux_size} px) on {device} ...", flush=True)
+        print(
+            f"building FLUX.1-dev{' (shrunk ' + str(layers) + ')' if layers else ''} ({args.flux_size} px) on {device} ...",
+            flush=True,
+        )
         pipe = build_flux1_dev(args.flux_size, device, dtype=torch.bfloat16 if cuda else torch.float32, layers=layers)
         label = f"FLUX.1-dev{'-shrunk' if layers else ''} @{args.flux_size}px"
         rows += measure(pipe, label, device)
@@ -614,12 +765,14 @@ def main() -> None:
     if not cuda:
         flux = flux_estimates(args.flux_size)
     where = torch.cuda.get_device_name(0) if cuda else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    header = (f"{date.today()} · {where}, {torch.get_num_threads()} torch threads"
-              + (f", load average {load[0]:.1f} at start" if load else "")
-              + f" · torch {torch.__version__} · SD 1.4 in float32 at {args.size} px, batch 1, random weights"
-              + ("" if cuda else " · seconds are CPU seconds of the process")
-              + f" · `python benchmarks/scale.py {' '.join(sys.argv[1:])}` · {time.time() - start:.0f} s wall"
-              + ("" if cuda else " · no GPU: FLUX.1-dev not measured"))
+    header = (
+        f"{date.today()} · {where}, {torch.get_num_threads()} torch threads"
+        + (f", load average {load[0]:.1f} at start" if load else "")
+        + f" · torch {torch.__version__} · SD 1.4 in float32 at {args.size} px, batch 1, random weights"
+        + ("" if cuda else " · seconds are CPU seconds of the process")
+        + f" · `python benchmarks/scale.py {' '.join(sys.argv[1:])}` · {time.time() - start:.0f} s wall"
+        + ("" if cuda else " · no GPU: FLUX.1-dev not measured")
+    )
     text = markdown(rows, flux, header)
     print("\n" + text)
     if args.json:

@@ -83,7 +83,9 @@ def main() -> None:
     for path in args.pipelines:
         for level, row in measure(path, args.n).items():
             seq = row.get("object, sequence only", row["object"])
-            print(f"| {path} | {level} | {row['right']:.4f} | {row['object']:+.1f} % | {seq:+.1f} % | {row['colour']:+.1f} % |")
+            print(
+                f"| {path} | {level} | {row['right']:.4f} | {row['object']:+.1f} % | {seq:+.1f} % | {row['colour']:+.1f} % |"
+            )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", action="append", default=None, help="sd and/or flux (default both)")
     ap.add_argument("--concept", action="append", default=None, help="default: circle, triangle, heart")
-    ap.add_argument("--variants", default=None, help="comma-separated (default: every variant of the method; base: the unedited model only)")
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated (default: every variant of the method; base: the unedited model only)",
+    )
     ap.add_argument("--method", default="receler")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -105,8 +109,23 @@ def main() -> None:
         for concept in concepts:
             base, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
             rates = anchor_rates(pipe, concept, anchor, detector, args.n)
-            rows.append(dict(family=family, concept=concept, variant="base", seed=None, acc_e=base.acc_e, acc_r=base.acc_r, acc_l=base.acc_l, h=base.h, per_set=base.per_set, seconds=0.0,
-                             anchor=anchor, anchor_rate=rates[0], negative_prompt_rate=rates[1]))
+            rows.append(
+                dict(
+                    family=family,
+                    concept=concept,
+                    variant="base",
+                    seed=None,
+                    acc_e=base.acc_e,
+                    acc_r=base.acc_r,
+                    acc_l=base.acc_l,
+                    h=base.h,
+                    per_set=base.per_set,
+                    seconds=0.0,
+                    anchor=anchor,
+                    anchor_rate=rates[0],
+                    negative_prompt_rate=rates[1],
+                )
+            )
             for variant in variants:
                 for seed in seeds:
                     config = make_config(args.method, args.preset, table[variant] | extra | {"seed": str(seed)})
@@ -116,26 +135,56 @@ def main() -> None:
                     apply(pipe, edit)
                     res, _ = run_object_suite(pipe, concept, detector, n=args.n, progress=False)
                     remove(pipe, edit)
-                    rows.append(dict(family=family, concept=concept, variant=variant, seed=seed, acc_e=res.acc_e, acc_r=res.acc_r, acc_l=res.acc_l, h=res.h, per_set=res.per_set, seconds=seconds))
-                    print(f"{family} {concept} {variant} seed {seed}: Acc_E {res.acc_e:.1f} Acc_R {res.acc_r:.1f} Acc_L {res.acc_l:.1f} H {res.h:.1f} ({seconds:.0f} s)", flush=True)
-    print(f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · method {args.method}, preset {args.preset} · `python benchmarks/toyworld_erasure.py {' '.join(sys.argv[1:])}`\n")
-    print("| family | concept | variant | seed | Acc_E | Acc_R | Acc_L | H | paraphrase | synonym | indirect | train s |")
+                    rows.append(
+                        dict(
+                            family=family,
+                            concept=concept,
+                            variant=variant,
+                            seed=seed,
+                            acc_e=res.acc_e,
+                            acc_r=res.acc_r,
+                            acc_l=res.acc_l,
+                            h=res.h,
+                            per_set=res.per_set,
+                            seconds=seconds,
+                        )
+                    )
+                    print(
+                        f"{family} {concept} {variant} seed {seed}: Acc_E {res.acc_e:.1f} Acc_R {res.acc_r:.1f} Acc_L {res.acc_l:.1f} H {res.h:.1f} ({seconds:.0f} s)",
+                        flush=True,
+                    )
+    print(
+        f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · method {args.method}, preset {args.preset} · `python benchmarks/toyworld_erasure.py {' '.join(sys.argv[1:])}`\n"
+    )
+    print(
+        "| family | concept | variant | seed | Acc_E | Acc_R | Acc_L | H | paraphrase | synonym | indirect | train s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["per_set"]
         seed = "-" if r["seed"] is None else r["seed"]
-        print(f"| {r['family']} | {r['concept']} | {r['variant']} | {seed} | {r['acc_e']:.1f} | {r['acc_r']:.1f} | {r['acc_l']:.1f} | {r['h']:.1f} | {p['paraphrase']:.1f} | {p['synonym']:.1f} | {p['indirect']:.1f} | {r['seconds']:.0f} |")
+        print(
+            f"| {r['family']} | {r['concept']} | {r['variant']} | {seed} | {r['acc_e']:.1f} | {r['acc_r']:.1f} | {r['acc_l']:.1f} | {r['h']:.1f} | {p['paraphrase']:.1f} | {p['synonym']:.1f} | {p['indirect']:.1f} | {r['seconds']:.0f} |"
+        )
     print(f"\nmeans over concepts and seeds ({', '.join(map(str, seeds))}); H of each seed's means over concepts:\n")
     print("| family | variant | Acc_E | Acc_R | Acc_L | H | H by seed |")
     print("|---|---|---|---|---|---|---|")
     for family in families:
         for variant in ["base"] + variants:
             sel = [r for r in rows if r["family"] == family and r["variant"] == variant]
-            by_seed = " / ".join(f"{pooled_accuracies([r for r in sel if r['seed'] == s])['h']:.1f}" for s in seeds) if variant != "base" else "-"
+            by_seed = (
+                " / ".join(f"{pooled_accuracies([r for r in sel if r['seed'] == s])['h']:.1f}" for s in seeds)
+                if variant != "base"
+                else "-"
+            )
             m = pooled_accuracies(sel)
-            print(f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} | {by_seed} |")
-    print(f"\n% of the unedited model's images from the anchor prompt {anchor!r} (simple set's seeds) showing the concept,"
-          " plain and with the concept as negative prompt:\n")
+            print(
+                f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} | {by_seed} |"
+            )
+    print(
+        f"\n% of the unedited model's images from the anchor prompt {anchor!r} (simple set's seeds) showing the concept,"
+        " plain and with the concept as negative prompt:\n"
+    )
     print("| family | concept | anchor | anchor, concept as negative prompt |")
     print("|---|---|---|---|")
     for r in rows:

@@ -40,7 +40,12 @@ def measure(path: str, n: int, detector: ToyDetector) -> dict:
         res = score_cases(cases, images, detector, obj)
         rows[obj] = {s: res.per_set[s] for s in COLUMNS} | {"color": res.color_accuracy}
     mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in COLUMNS + ("color",)}
-    return {"per_object": rows, "mean": mean, "seconds": round(time.time() - t0, 1), "images": n * 4 * len(OBJECT_NAMES)}
+    return {
+        "per_object": rows,
+        "mean": mean,
+        "seconds": round(time.time() - t0, 1),
+        "images": n * 4 * len(OBJECT_NAMES),
+    }
 
 
 def main() -> None:
@@ -52,7 +57,9 @@ def main() -> None:
     paths = dict(p.split("=", 1) for p in args.pipeline) or {f: str(pipeline_path(f)) for f in ("sd", "flux")}
     detector = ToyDetector.load()
     results = {fam: measure(path, args.n, detector) for fam, path in paths.items()}
-    print(f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · `python benchmarks/toyworld_quality.py {' '.join(sys.argv[1:])}`\n")
+    print(
+        f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · `python benchmarks/toyworld_quality.py {' '.join(sys.argv[1:])}`\n"
+    )
     print("| pipeline | object | simple | paraphrase | synonym | indirect | colour |")
     print("|---|---|---|---|---|---|---|")
     for fam, res in results.items():

@@ -79,7 +79,9 @@ def model_source(spec: str) -> tuple[str, str]:
     return path.resolve().name, str(path.resolve())
 
 
-def method_configs(methods: Sequence[str], preset: str, overrides: Mapping[str, Mapping[str, str]] | None, quick: bool) -> dict[str, Any]:
+def method_configs(
+    methods: Sequence[str], preset: str, overrides: Mapping[str, Mapping[str, str]] | None, quick: bool
+) -> dict[str, Any]:
     """Row name -> config. Settings are layered: the preset, the --quick sizes, the row's fixed
     settings, then ``overrides`` keyed by method name (every row of that method) and by row
     name (that row only). Overrides for a name not in ``methods`` are an error."""
@@ -185,17 +187,19 @@ def mean_rows(rows: Sequence[dict], models: Sequence[str], methods: Sequence[str
             m = pooled_accuracies(sel)
             fit = [r["fit_seconds"] for r in sel if r.get("fit_seconds") is not None]
             mem = [r["fit_peak_mb"] for r in sel if r.get("fit_peak_mb") is not None]
-            out.append({
-                "model": model,
-                "family": sel[0]["family"],
-                "method": method,
-                "concepts": [r["concept"] for r in sel],
-                **m,
-                "suite_seconds": sum(r["suite_seconds"] for r in sel) / len(sel),
-                "fit_seconds": sum(fit) / len(fit) if fit else None,
-                "fit_peak_mb": max(mem) if mem else None,
-                "memory_kind": sel[0].get("memory_kind"),
-            })
+            out.append(
+                {
+                    "model": model,
+                    "family": sel[0]["family"],
+                    "method": method,
+                    "concepts": [r["concept"] for r in sel],
+                    **m,
+                    "suite_seconds": sum(r["suite_seconds"] for r in sel) / len(sel),
+                    "fit_seconds": sum(fit) / len(fit) if fit else None,
+                    "fit_peak_mb": max(mem) if mem else None,
+                    "memory_kind": sel[0].get("memory_kind"),
+                }
+            )
     return out
 
 
@@ -210,7 +214,11 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     mach = result["machine"]
     on_cuda = str(s["device"]).startswith("cuda") and mach["cuda"]
-    where = mach["cuda"] if on_cuda else f"{mach['machine']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads"
+    where = (
+        mach["cuda"]
+        if on_cuda
+        else f"{mach['machine']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads"
+    )
     lines = [
         f"{result['created'][:10]} · {where} · torch {result['versions']['torch']}, diffusers {result['versions']['diffusers']}"
         f" · preset {s['preset']}{' (quick: a smoke run, the figures mean nothing)' if s['quick'] else ''}"
@@ -236,11 +244,19 @@ def markdown(result: dict) -> str:
     ]
     for r in result["means"]:
         if r["method"] == BASE and r["acc_e"] < MEANINGFUL_BASE:
-            lines.append(f"\n**{r['model']}**: the unedited model draws the concept on only {r['acc_e']:.0f}% of simple "
-                         "prompts: its erasure figures are not meaningful.")
+            lines.append(
+                f"\n**{r['model']}**: the unedited model draws the concept on only {r['acc_e']:.0f}% of simple "
+                "prompts: its erasure figures are not meaningful."
+            )
     for e in result["errors"]:
         lines.append(f"\n**failed**: {e['model']} / {e['method']} / {e['concept']}: {e['error']}")
-    lines += ["", "Per concept:", "", "| model | concept | method | Acc_E | Acc_R | Acc_L | H | fit s | fit peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Per concept:",
+        "",
+        "| model | concept | method | Acc_E | Acc_R | Acc_L | H | fit s | fit peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} | {r['concept']} | {r['method']} | {_cell(r['acc_e'])} | {_cell(r['acc_r'])} | {_cell(r['acc_l'])}"
@@ -317,7 +333,11 @@ def run_bench(
             base_settings = suite_settings | {"source": source_of(spec)}
             plan.append((label, concept, BASE, _key(label, concept, BASE, base_settings), base_settings))
             for m in methods:
-                settings = base_settings | {"method": variant_method(m)[0], "preset": preset, "config": dataclasses.asdict(configs[m])}
+                settings = base_settings | {
+                    "method": variant_method(m)[0],
+                    "preset": preset,
+                    "config": dataclasses.asdict(configs[m]),
+                }
                 plan.append((label, concept, m, _key(label, concept, m, settings), settings))
 
     result = {
@@ -327,9 +347,17 @@ def run_bench(
         "machine": machine(),
         "versions": versions(),
         "detector": {"name": detector.name, "threshold": detector.threshold},
-        "settings": {"models": {k: source_of(v) for k, v in models.items()}, "methods": methods, "concepts": concepts,
-                     "preset": preset, "quick": quick, "n": n, "n_locality": n_locality, "device": str(device),
-                     "overrides": {k: dict(v) for k, v in (overrides or {}).items()}},
+        "settings": {
+            "models": {k: source_of(v) for k, v in models.items()},
+            "methods": methods,
+            "concepts": concepts,
+            "preset": preset,
+            "quick": quick,
+            "n": n,
+            "n_locality": n_locality,
+            "device": str(device),
+            "overrides": {k: dict(v) for k, v in (overrides or {}).items()},
+        },
         "rows": [],
         "means": [],
         "errors": [],
@@ -364,11 +392,18 @@ def run_bench(
                 reference = _fingerprint(adapter, prompt)
                 for _, _, method, key, settings in rows_here:
                     bar.set_postfix_str(f"{label} / {concept} / {method}")
-                    row = {"key": key, "model": label, "family": adapter.family, "concept": concept, "method": method,
-                           "settings": settings}
+                    row = {
+                        "key": key,
+                        "model": label,
+                        "family": adapter.family,
+                        "concept": concept,
+                        "method": method,
+                        "settings": settings,
+                    }
                     try:
-                        row |= _run_row(pipe, concept, method, configs.get(method), detector, n, n_locality, device,
-                                        progress)
+                        row |= _run_row(
+                            pipe, concept, method, configs.get(method), detector, n, n_locality, device, progress
+                        )
                     except (KeyboardInterrupt, RestoreError):
                         raise
                     except Exception as err:  # one method's failure must not stop a long bench
@@ -376,8 +411,10 @@ def run_bench(
                         row["traceback"] = traceback.format_exc()
                     now = _fingerprint(adapter, prompt)
                     if now[1] != reference[1] or not torch.equal(now[0], reference[0]):
-                        raise RestoreError(f"after {method} on {label} the pipeline no longer gives its base output; "
-                                           "the remaining rows would be wrong")
+                        raise RestoreError(
+                            f"after {method} on {label} the pipeline no longer gives its base output; "
+                            "the remaining rows would be wrong"
+                        )
                     row["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                     _append_row(out, row)
                     if "error" in row:
@@ -403,9 +440,15 @@ def _run_row(pipe, concept, method, config, detector, n, n_locality, device, pro
         name = variant_method(method)[0]
         with PeakMemory(device) as mem, Stopwatch(device) as clock:  # the memory set-up is not timed
             edit = erase(pipe, concept, name, config, progress=progress)
-        row |= {"fit_seconds": round(clock.seconds, 3), "fit_cpu_seconds": round(clock.cpu_seconds, 3), "fit_peak_mb": round(mem.increase_mb, 1),
-                "fit_peak_total_mb": round(mem.peak_mb, 1), "memory_kind": mem.kind,
-                "hyperparameters": edit.hyperparameters, "train_metrics": edit.metrics}
+        row |= {
+            "fit_seconds": round(clock.seconds, 3),
+            "fit_cpu_seconds": round(clock.cpu_seconds, 3),
+            "fit_peak_mb": round(mem.increase_mb, 1),
+            "fit_peak_total_mb": round(mem.peak_mb, 1),
+            "memory_kind": mem.kind,
+            "hyperparameters": edit.hyperparameters,
+            "train_metrics": edit.metrics,
+        }
         apply(pipe, edit)
     try:
         with Stopwatch(device) as clock:
@@ -415,5 +458,8 @@ def _run_row(pipe, concept, method, config, detector, n, n_locality, device, pro
             remove(pipe, edit)
     d = res.to_dict()
     d.pop("cases", None)
-    return row | {k: d[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "color_accuracy", "n_images")} | {
-        "suite_seconds": round(clock.seconds, 3)}
+    return (
+        row
+        | {k: d[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "color_accuracy", "n_images")}
+        | {"suite_seconds": round(clock.seconds, 3)}
+    )

@@ -48,14 +48,18 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     method = None if args.method == "none" else args.method
-    result = run_demo(args.out, concept=args.concept, n=args.n, method=method, preset=args.preset, overrides=_parse_sets(args.set))
+    result = run_demo(
+        args.out, concept=args.concept, n=args.n, method=method, preset=args.preset, overrides=_parse_sets(args.set)
+    )
     print(f"erasing '{result['concept']}' on the toy pipelines (detector: {result['detector']['name']})")
     for family, entry in result["families"].items():
         for label in ("base", "edited"):
             if label in entry:
                 r = entry[label]
                 name = "base" if label == "base" else f"{method}"
-                print(f"  {family:5s} {name:10s} Acc_E {r['acc_e']:5.1f}  Acc_R {r['acc_r']:5.1f}  Acc_L {r['acc_l']:5.1f}  H {r['h']:5.1f}")
+                print(
+                    f"  {family:5s} {name:10s} Acc_E {r['acc_e']:5.1f}  Acc_R {r['acc_r']:5.1f}  Acc_L {r['acc_l']:5.1f}  H {r['h']:5.1f}"
+                )
         if "warning" in entry:
             print(f"  {family:5s} warning: {entry['warning']}")
     print(f"wrote {args.out}/index.html and {args.out}/results.json in {result['seconds']:.0f} s")
@@ -79,7 +83,9 @@ def _bench_toy(args: argparse.Namespace) -> int:
             tqdm.write(f"{where} FAILED: {row['error']}")
             return
         fit = f"  fit {row['fit_seconds']:.1f} s, +{row['fit_peak_mb']:.0f} MiB" if "fit_seconds" in row else ""
-        tqdm.write(f"{where} Acc_E {row['acc_e']:5.1f}  Acc_R {row['acc_r']:5.1f}  Acc_L {row['acc_l']:5.1f}  H {row['h']:5.1f}{fit}")
+        tqdm.write(
+            f"{where} Acc_E {row['acc_e']:5.1f}  Acc_R {row['acc_r']:5.1f}  Acc_L {row['acc_l']:5.1f}  H {row['h']:5.1f}{fit}"
+        )
 
     overrides: dict[str, dict[str, str]] = {}
     for key, value in _parse_sets(args.set).items():
@@ -129,9 +135,9 @@ def _erase(args: argparse.Namespace) -> int:
     if args.help_method:
         print(method_help(args.help_method))
         return 0
-    from .models import load_pipeline
-
     import torch
+
+    from .models import load_pipeline
 
     check_edit_output(args.out, overwrite=args.overwrite)  # before any training
     config = make_config(args.method, args.preset, _parse_sets(args.set))  # bad settings: refused before loading
@@ -140,7 +146,9 @@ def _erase(args: argparse.Namespace) -> int:
     edit = erase(pipe, args.concept, args.method, config, checkpoint_dir=args.checkpoint_dir)
     edit.base_model = args.model
     edit.save(args.out, overwrite=args.overwrite)
-    print(f"saved {args.method} edit for '{args.concept}' to {args.out} ({edit.metrics.get('train_seconds')} s of training)")
+    print(
+        f"saved {args.method} edit for '{args.concept}' to {args.out} ({edit.metrics.get('train_seconds')} s of training)"
+    )
     return 0
 
 
@@ -157,7 +165,9 @@ def _generate(args: argparse.Namespace) -> int:
     seeds = [args.seed + i for _ in args.prompt for i in range(args.n)]
     images = generate_images(adapter_for(pipe), prompts, seeds)
     image_grid(images, cols=args.n, scale=4 if images.shape[-1] <= 64 else 1).save(args.out)
-    print(f"wrote {len(images)} images to {args.out} (rows: prompts; columns: seeds {args.seed}..{args.seed + args.n - 1})")
+    print(
+        f"wrote {len(images)} images to {args.out} (rows: prompts; columns: seeds {args.seed}..{args.seed + args.n - 1})"
+    )
     return 0
 
 
@@ -199,18 +209,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     pipe = _load_for_evaluation(args)
     scales = [float(s) for s in args.scales.split(",")]
     results = evaluate(
-        pipe, args.suite, args.concept, edits=args.edit, out=args.out, detector=args.detector, detector_model=args.detector_model,
-        threshold=_threshold(args.threshold), scales=scales, batch_size=args.batch_size, steps=args.steps, model=args.model,
+        pipe,
+        args.suite,
+        args.concept,
+        edits=args.edit,
+        out=args.out,
+        detector=args.detector,
+        detector_model=args.detector_model,
+        threshold=_threshold(args.threshold),
+        scales=scales,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        model=args.model,
         suite_options=_suite_options(args),
     )
     if results is None:  # not the main process
         return 0
     det = results["detector"]
-    print(f"{results['suite']['name']}: '{args.concept}' on {args.model}, {results['suite']['n_cases']} prompts per run"
-          + (f", detector {det['name']} (threshold {det['threshold']})" if det else ""))
+    print(
+        f"{results['suite']['name']}: '{args.concept}' on {args.model}, {results['suite']['n_cases']} prompts per run"
+        + (f", detector {det['name']} (threshold {det['threshold']})" if det else "")
+    )
     for run in results["runs"]:
         shown = {k: v for k, v in run["metrics"].items() if isinstance(v, (int, float)) and k not in ("n_images",)}
-        print(f"  {run['name']:18s} " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+        print(
+            f"  {run['name']:18s} "
+            + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        )
     print(f"wrote {args.out}/results.json and {args.out}/report.html in {results['seconds']:.0f} s")
     return 0
 
@@ -227,15 +252,32 @@ def _attack(args: argparse.Namespace) -> int:
         seed=args.attack_seed,
     )
     results = attack(
-        pipe, args.suite, args.concept, edits=args.edit, out=args.out, attacks=[a.strip() for a in args.attacks.split(",")],
-        detector=args.detector, detector_model=args.detector_model, threshold=_threshold(args.threshold), n=args.n or (4 if quick else None),
-        soft_prompt=soft, batch_size=args.batch_size, steps=args.steps, model=args.model, suite_options=_suite_options(args),
+        pipe,
+        args.suite,
+        args.concept,
+        edits=args.edit,
+        out=args.out,
+        attacks=[a.strip() for a in args.attacks.split(",")],
+        detector=args.detector,
+        detector_model=args.detector_model,
+        threshold=_threshold(args.threshold),
+        n=args.n or (4 if quick else None),
+        soft_prompt=soft,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        model=args.model,
+        suite_options=_suite_options(args),
     )
     if results is None:
         return 0
-    print(f"attacks on '{args.concept}' ({results['suite']['name']}, detector {results['detector']['name']}): success rate in %")
+    print(
+        f"attacks on '{args.concept}' ({results['suite']['name']}, detector {results['detector']['name']}): success rate in %"
+    )
     for label, rates in results["asr"].items():
-        print(f"  {label:14s} " + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} n/a" for k, v in rates.items()))
+        print(
+            f"  {label:14s} "
+            + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} n/a" for k, v in rates.items())
+        )
     print(f"wrote {args.out}/results.json and {args.out}/report.html in {results['seconds']:.0f} s")
     return 0
 
@@ -253,9 +295,15 @@ def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", required=True, help=", ".join(SUITES.names()))
     p.add_argument("--concept", required=True, help="the erased concept (an object class, or nudity)")
     p.add_argument("--out", required=True, help="folder for results.json, report.html and the images")
-    p.add_argument("--prompts", default=None, help="the suite's prompt CSV (objects: simple prompts; i2p-nudity: the I2P CSV; coco: captions)")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="the suite's prompt CSV (objects: simple prompts; i2p-nudity: the I2P CSV; coco: captions)",
+    )
     p.add_argument("--paraphrases", default=None, help="objects suite: paraphrased prompts CSV")
-    p.add_argument("--n", type=int, default=None, help="prompts per set (toy-objects, objects) or rows (i2p-nudity, coco)")
+    p.add_argument(
+        "--n", type=int, default=None, help="prompts per set (toy-objects, objects) or rows (i2p-nudity, coco)"
+    )
     p.add_argument("--quick", action="store_true", help="small sizes for a first look")
     p.add_argument("--detector", default=None, help=", ".join(DETECTORS.names()) + " (default: the suite's)")
     p.add_argument("--detector-model", default=None, help="detector weights: local folder or hub id")
@@ -281,26 +329,43 @@ def _require(parser: argparse.ArgumentParser, *names: str, unless: str):
 def build_parser() -> argparse.ArgumentParser:
     """The ``erasekit`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="erasekit", description=__doc__)
-    parser.add_argument("--debug", action="store_true",
-                        help="raise user errors (bad settings, refused outputs) with their traceback")
+    parser.add_argument(
+        "--debug", action="store_true", help="raise user errors (bad settings, refused outputs) with their traceback"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     er = sub.add_parser("erase", help="train an erasure and save it as an Edit folder")
-    er.add_argument("--method", default="receler",
-                    help="receler, eraseanything, esd (or esd-x / esd-u), uce, keyword_zeroing, sld")
-    er.add_argument("--help-method", metavar="NAME", default=None,
-                    help="print method NAME's settings (type, allowed values, value in each preset, help) and exit")
+    er.add_argument(
+        "--method", default="receler", help="receler, eraseanything, esd (or esd-x / esd-u), uce, keyword_zeroing, sld"
+    )
+    er.add_argument(
+        "--help-method",
+        metavar="NAME",
+        default=None,
+        help="print method NAME's settings (type, allowed values, value in each preset, help) and exit",
+    )
     er.add_argument("--model", default=None, help=_model_help() + " (required)")
     er.add_argument("--concept", default=None, help="the concept to erase (required)")
-    er.add_argument("--out", default=None,
-                    help="Edit folder to write (new or empty; an earlier edit folder with --overwrite) (required)")
-    er.add_argument("--overwrite", action="store_true", help="replace the edit folder --out if it already holds an edit")
+    er.add_argument(
+        "--out",
+        default=None,
+        help="Edit folder to write (new or empty; an earlier edit folder with --overwrite) (required)",
+    )
+    er.add_argument(
+        "--overwrite", action="store_true", help="replace the edit folder --out if it already holds an edit"
+    )
     er.add_argument("--preset", default="paper", help="paper (the paper's hyper-parameters) or fast (toy world)")
-    er.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. --set iterations=100")
+    er.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. --set iterations=100"
+    )
     er.add_argument("--checkpoint-dir", default=None, help="save checkpoints here and resume from them")
     er.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    er.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="weights of the pipeline (bfloat16 for FLUX.1 on one GPU); trained tensors stay float32")
+    er.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights of the pipeline (bfloat16 for FLUX.1 on one GPU); trained tensors stay float32",
+    )
     er.set_defaults(func=_erase, check=_require(er, "--model", "--concept", "--out", unless="--help-method"))
 
     gen = sub.add_parser("generate", help="generate images, optionally with edits applied")
@@ -317,43 +382,88 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="erasekit-demo", help="output folder (index.html, results.json)")
     demo.add_argument("--concept", default="triangle", help="toy-world object to evaluate")
     demo.add_argument("--n", type=int, default=12, help="prompts per suite set")
-    demo.add_argument("--method", default="esd-u", help="erasure method or bench row to show (esd-u, receler, uce, ...), or 'none' for the unedited models")
+    demo.add_argument(
+        "--method",
+        default="esd-u",
+        help="erasure method or bench row to show (esd-u, receler, uce, ...), or 'none' for the unedited models",
+    )
     demo.add_argument("--preset", default="fast", help="the method's preset (fast: the toy-world one; paper)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting of the method")
+    demo.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting of the method"
+    )
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmark every erasure method on the same prompts, seeds and detector")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    bt = bench_sub.add_parser("toy", help="every method on the toy pipelines: Acc_E, Acc_R, Acc_L, H, fit time, peak memory")
-    bt.add_argument("--models", "--families", default="toy:sd,toy:flux", help="comma-separated: sd, flux (the toy pipelines) or pipeline folders")
-    bt.add_argument("--methods", default=None, help="comma-separated rows (default all: receler, eraseanything, esd-x, esd-u, uce, keyword_zeroing, sld)")
+    bt = bench_sub.add_parser(
+        "toy", help="every method on the toy pipelines: Acc_E, Acc_R, Acc_L, H, fit time, peak memory"
+    )
+    bt.add_argument(
+        "--models",
+        "--families",
+        default="toy:sd,toy:flux",
+        help="comma-separated: sd, flux (the toy pipelines) or pipeline folders",
+    )
+    bt.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated rows (default all: receler, eraseanything, esd-x, esd-u, uce, keyword_zeroing, sld)",
+    )
     bt.add_argument("--concepts", default=None, help="comma-separated toy objects (default circle,triangle,heart)")
     bt.add_argument("--preset", default="fast", help="every method's preset (fast: the toy-world one; paper)")
-    bt.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="override a setting of a method (esd.lr=...) or of one row (esd-u.lr=...)")
+    bt.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override a setting of a method (esd.lr=...) or of one row (esd-u.lr=...)",
+    )
     bt.add_argument("--n", type=int, default=None, help="prompts per suite set (default 24; 2 with --quick)")
-    bt.add_argument("--n-locality", type=int, default=None, help="locality prompts per other object (default 8; 1 with --quick)")
-    bt.add_argument("--quick", action="store_true", help="a smoke run in minutes: tiny suite, one concept, fewest iterations")
-    bt.add_argument("--out", default="erasekit-bench", help="output folder (bench.json, bench.md, rows.jsonl); a rerun skips its finished rows")
+    bt.add_argument(
+        "--n-locality", type=int, default=None, help="locality prompts per other object (default 8; 1 with --quick)"
+    )
+    bt.add_argument(
+        "--quick", action="store_true", help="a smoke run in minutes: tiny suite, one concept, fewest iterations"
+    )
+    bt.add_argument(
+        "--out",
+        default="erasekit-bench",
+        help="output folder (bench.json, bench.md, rows.jsonl); a rerun skips its finished rows",
+    )
     bt.add_argument("--device", default="cpu")
     bt.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     bt.set_defaults(func=_bench_toy)
 
-    ev = sub.add_parser("evaluate", help="run an evaluation suite on the base model and edited ones: results.json + report.html")
+    ev = sub.add_parser(
+        "evaluate", help="run an evaluation suite on the base model and edited ones: results.json + report.html"
+    )
     _add_evaluation_arguments(ev)
-    ev.add_argument("--edit", action="append", default=[], help="Edit folder(s) to evaluate (each one a method in the report)")
-    ev.add_argument("--scales", default="1", help="comma-separated edit scales, e.g. 0.5,1 (the erasure-vs-scale curve)")
+    ev.add_argument(
+        "--edit", action="append", default=[], help="Edit folder(s) to evaluate (each one a method in the report)"
+    )
+    ev.add_argument(
+        "--scales", default="1", help="comma-separated edit scales, e.g. 0.5,1 (the erasure-vs-scale curve)"
+    )
     ev.add_argument("--clip-model", default=None, help="coco: CLIP for the CLIP score (folder or hub id)")
     ev.add_argument("--fid-features", default=None, help="coco: FID features, inception:WEIGHTS_FILE or clip:FOLDER")
     ev.add_argument("--fid-reference", default=None, help="coco: folder of real images for FID")
     ev.set_defaults(func=_evaluate)
 
-    at = sub.add_parser("attack", help="red-team edits: paraphrase, synonym and soft-prompt attacks, success rates + report")
+    at = sub.add_parser(
+        "attack", help="red-team edits: paraphrase, synonym and soft-prompt attacks, success rates + report"
+    )
     _add_evaluation_arguments(at)
     at.add_argument("--edit", action="append", required=True, help="Edit folder(s) to attack")
-    at.add_argument("--attacks", default="paraphrase,synonym,soft-prompt", help="comma-separated: paraphrase, synonym, soft-prompt")
+    at.add_argument(
+        "--attacks", default="paraphrase,synonym,soft-prompt", help="comma-separated: paraphrase, synonym, soft-prompt"
+    )
     at.add_argument("--tokens", type=int, default=None, help="soft-prompt tokens (default 5; --quick 3)")
-    at.add_argument("--attack-steps", type=int, default=None, help="soft-prompt optimisation steps (default 40; --quick 10)")
-    at.add_argument("--lr", type=float, default=0.1, help="soft-prompt step size, relative to the token embeddings' scale")
+    at.add_argument(
+        "--attack-steps", type=int, default=None, help="soft-prompt optimisation steps (default 40; --quick 10)"
+    )
+    at.add_argument(
+        "--lr", type=float, default=0.1, help="soft-prompt step size, relative to the token embeddings' scale"
+    )
     at.add_argument("--attack-seed", type=int, default=0)
     at.set_defaults(func=_attack)
 
@@ -369,13 +479,27 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--lr", type=float, default=5e-4)
     tr.add_argument("--vae", default=None, help="reuse the autoencoder in this folder instead of training one")
-    tr.add_argument("--text-encoders", choices=("train", "freeze"), default="train",
-                    help="train the text encoders with the denoiser (default) or keep them frozen at random init")
-    tr.add_argument("--canonical-steps", type=int, default=0,
-                    help="caption curriculum: the first N steps use only canonical captions (one word order)")
-    tr.add_argument("--canonical-share", type=float, default=0.0,
-                    help="share of canonical captions after the curriculum's first stage (0-1)")
-    tr.add_argument("--snapshot-every", type=int, default=1000, help="save a -snapshot folder every N steps (0: never)")
+    tr.add_argument(
+        "--text-encoders",
+        choices=("train", "freeze"),
+        default="train",
+        help="train the text encoders with the denoiser (default) or keep them frozen at random init",
+    )
+    tr.add_argument(
+        "--canonical-steps",
+        type=int,
+        default=0,
+        help="caption curriculum: the first N steps use only canonical captions (one word order)",
+    )
+    tr.add_argument(
+        "--canonical-share",
+        type=float,
+        default=0.0,
+        help="share of canonical captions after the curriculum's first stage (0-1)",
+    )
+    tr.add_argument(
+        "--snapshot-every", type=int, default=1000, help="save a -snapshot folder every N steps (0: never)"
+    )
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     tr.set_defaults(func=_toyworld_train)
     return parser

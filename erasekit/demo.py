@@ -35,8 +35,12 @@ MEANINGFUL_BASE = 50.0  # % of simple prompts showing the concept below which er
 
 def base_warning(acc_e: float) -> str:
     """The warning shown when the unedited model rarely draws the concept."""
-    return (f"The unedited model draws the concept on only {acc_e:.0f}% of simple prompts: "
-            "erasure numbers for this model are not meaningful.")
+    return (
+        f"The unedited model draws the concept on only {acc_e:.0f}% of simple prompts: "
+        "erasure numbers for this model are not meaningful."
+    )
+
+
 GRID_PER_SET = 8
 
 
@@ -117,13 +121,23 @@ def run_demo(
             edited, edited_images = run_object_suite(pipe, concept, detector, n=n)
             remove(pipe, edit)
             entry["edited"] = edited.to_dict()
-            entry["edit"] = {"method": label, "preset": preset, "hyperparameters": edit.hyperparameters, "train_seconds": round(train_seconds, 1)}
+            entry["edit"] = {
+                "method": label,
+                "preset": preset,
+                "hyperparameters": edit.hyperparameters,
+                "train_seconds": round(train_seconds, 1),
+            }
             rows.append([f"{label} ({preset})", edited.acc_e, edited.acc_r, edited.acc_l, edited.h])
             per_set = [[s, base.per_set[s], edited.per_set[s]] for s in SETS]
         result["families"][family] = entry
 
         sections.append(f"<h2>{family}: {type(pipe).__name__}</h2>")
-        sections.append(figure(image_grid(gallery, cols=len(COLORS)), "rows: " + ", ".join(OBJECT_NAMES) + "; columns: " + ", ".join(COLORS)))
+        sections.append(
+            figure(
+                image_grid(gallery, cols=len(COLORS)),
+                "rows: " + ", ".join(OBJECT_NAMES) + "; columns: " + ", ".join(COLORS),
+            )
+        )
         sections.append(f"<h3>Erasing '{concept}'</h3>")
         if base.acc_e < MEANINGFUL_BASE:
             entry["warning"] = base_warning(base.acc_e)

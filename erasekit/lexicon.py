@@ -94,8 +94,9 @@ class ListLexicon(Lexicon):
 
     name = "list"
 
-    def __init__(self, synonyms: Sequence[str] | Mapping[str, Sequence[str]] = (),
-                 irrelevant: Sequence[str] | Mapping = ()):
+    def __init__(
+        self, synonyms: Sequence[str] | Mapping[str, Sequence[str]] = (), irrelevant: Sequence[str] | Mapping = ()
+    ):
         self._synonyms = synonyms
         self._irrelevant = irrelevant
 
@@ -280,8 +281,7 @@ class WordNetLexicon(Lexicon):
 
     name = "wordnet"
 
-    def __init__(self, folder: str | Path | None = None, senses: int | None = 1,
-                 visits_per_ancestor: int = 4000):
+    def __init__(self, folder: str | Path | None = None, senses: int | None = 1, visits_per_ancestor: int = 4000):
         from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
         self.folder = str(folder) if folder is not None else wordnet_dir()
@@ -321,7 +321,7 @@ class WordNetLexicon(Lexicon):
         nouns = [s for s in synsets if s.pos() == "n"] or synsets
         if self.senses is not None:
             nouns = nouns[: self.senses]
-        words = [self._word(l.name()) for s in nouns for l in s.lemmas()]
+        words = [self._word(lemma.name()) for s in nouns for lemma in s.lemmas()]
         return unique_words(words, exclude=[concept])
 
     def irrelevant(self, concept: str, tier: str = "far", n: int | None = 10) -> list[str]:

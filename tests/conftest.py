@@ -142,16 +142,30 @@ def prompts_dir():
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A folder with a random tiny CLIPModel, its tokenizer and image processor (32 px)."""
+    from tiny_pipelines import TINY_WORDS
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from erasekit.toyworld.offline_tokenizers import clip_word_tokenizer
-    from tiny_pipelines import TINY_WORDS
 
     folder = tmp_path_factory.mktemp("tiny-clip")
-    tok = clip_word_tokenizer(list(TINY_WORDS) + ["airplane", "nudity", "appropriate", "inappropriate", "harmless", "offensive"], model_max_length=16)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, max_position_embeddings=16,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, image_size=32, patch_size=8)
+    tok = clip_word_tokenizer(
+        list(TINY_WORDS) + ["airplane", "nudity", "appropriate", "inappropriate", "harmless", "offensive"],
+        model_max_length=16,
+    )
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        max_position_embeddings=16,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, image_size=32, patch_size=8
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
@@ -167,8 +181,10 @@ def chromium_binary() -> str:
 
     path = os.environ.get("ERASEKIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        pytest.fail("Chromium is needed for the report tests and was not found: install Debian's 'chromium' "
-                    "package (bash scripts/setup.sh does it as root) or set ERASEKIT_CHROMIUM")
+        pytest.fail(
+            "Chromium is needed for the report tests and was not found: install Debian's 'chromium' "
+            "package (bash scripts/setup.sh does it as root) or set ERASEKIT_CHROMIUM"
+        )
     return path
 
 
@@ -184,14 +200,25 @@ def load_in_browser(tmp_path):
         page = Path(html_file)
         probe = page.with_name(page.stem + ".probe.html")
         # Observe the page from inside: after load, write what the DOM holds into an attribute.
-        script = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
-                  "document.body.setAttribute('data-probe',JSON.stringify({tables:document.querySelectorAll('table').length,"
-                  "rows:document.querySelectorAll('table tr').length,images:im.length,"
-                  "decoded:im.filter(i=>i.complete&&i.naturalWidth>0).length,svgs:document.querySelectorAll('svg').length,"
-                  "title:document.title}))});</script>")
+        script = (
+            "<script>window.addEventListener('load',()=>{const im=[...document.images];"
+            "document.body.setAttribute('data-probe',JSON.stringify({tables:document.querySelectorAll('table').length,"
+            "rows:document.querySelectorAll('table tr').length,images:im.length,"
+            "decoded:im.filter(i=>i.complete&&i.naturalWidth>0).length,svgs:document.querySelectorAll('svg').length,"
+            "title:document.title}))});</script>"
+        )
         probe.write_text(page.read_text().replace("</body>", script + "</body>"))
-        cmd = [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.resolve().as_uri()]
+        cmd = [
+            chromium_binary(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.resolve().as_uri(),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         probe.unlink()
         m = re.search(r"data-probe=\"([^\"]*)\"", proc.stdout)

@@ -97,8 +97,20 @@ def _no_pipeline(*args, **kwargs):
         (["--preset", "huge"], ["unknown preset 'huge'", "paper", "fast"]),
         (["--method", "nope"], ["unknown erasure method 'nope'", "receler", "esd-u", "sld"]),
     ],
-    ids=["nan", "inf", "iterations-0", "iterations-negative", "bool-typo", "int-abc", "int-2.5", "variant-conflict",
-         "unknown-key", "set-without-value", "unknown-preset", "unknown-method"],
+    ids=[
+        "nan",
+        "inf",
+        "iterations-0",
+        "iterations-negative",
+        "bool-typo",
+        "int-abc",
+        "int-2.5",
+        "variant-conflict",
+        "unknown-key",
+        "set-without-value",
+        "unknown-preset",
+        "unknown-method",
+    ],
 )
 def test_erase_bad_setting_refused_before_loading(tmp_path, monkeypatch, capsys, extra, words):
     import erasekit.models

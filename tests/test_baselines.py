@@ -6,18 +6,16 @@ import math
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from erasekit.edits import apply, load_edit, remove
 from erasekit.edits.weight_delta import export_merged
-from erasekit.methods import METHODS, make_config, method_module
-from erasekit.methods import esd, keyword_zeroing, sld, uce
+from erasekit.methods import METHODS, esd, keyword_zeroing, make_config, method_module, sld, uce
 from erasekit.methods.esd import ESDConfig
 from erasekit.methods.sld import SLDConfig
 from erasekit.methods.uce import UCEConfig
 from erasekit.models import FamilyAdapter, adapter_for
-from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
-
-from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 FAMILIES = ["sd", "flux"]
@@ -52,7 +50,9 @@ def _image(adapter, prompt=PROMPT):
 def _fit(method, pipe, concept="car", **overrides):
     import dataclasses
 
-    return method_module(method).fit(pipe, concept, dataclasses.replace(CONFIGS[method](), **overrides), progress=False)
+    return method_module(method).fit(
+        pipe, concept, dataclasses.replace(CONFIGS[method](), **overrides), progress=False
+    )
 
 
 # ---- every baseline: the Edit contract -----------------------------------------------------
@@ -147,7 +147,7 @@ def test_esd_teacher_passes_use_the_frozen_weights(family, monkeypatch):
 
 def test_esd_u_trains_everything_but_cross_attention(sd_pipe):
     edit = _fit("esd", tiny_sd_pipeline(), group="esd-u", iterations=1)
-    names = {k[len("delta."):] for k in edit.tensors}
+    names = {k[len("delta.") :] for k in edit.tensors}
     adapter = adapter_for(sd_pipe)
     assert names == set(adapter.parameter_group("non_cross_attn"))
     assert not any("attn2" in n for n in names)
@@ -199,7 +199,7 @@ def test_uce_solves_its_least_squares_problem():
     edit = _fit("uce", pipe, guide="dog", preserve="cat", erase_scale=1e6, preserve_scale=1e6)
     emb = {p: adapter.encode([p]).embeds[0, adapter.token_indices(p, p)[-1]] for p in ("car", "dog", "cat")}
     points = [p for p in adapter.attachment_points("text_proj") if p.role in ("k", "v")]
-    assert {k[len("delta."):] for k in edit.tensors} == {p.name + ".weight" for p in points}
+    assert {k[len("delta.") :] for k in edit.tensors} == {p.name + ".weight" for p in points}
     before = {p.name: (p.module(emb["dog"]), p.module(emb["cat"]), p.module(emb["car"])) for p in points}
     apply(pipe, edit)
     for p in points:
@@ -212,10 +212,9 @@ def test_uce_solves_its_least_squares_problem():
 
 def test_uce_several_concepts_and_flux_records_block_inputs():
     pipe = tiny_flux_pipeline()
-    adapter = adapter_for(pipe)
     edit = uce.fit(pipe, "car; dog", UCEConfig(templates="{concept}; a photo of a {concept}"), progress=False)
     assert edit.concepts == ["car", "dog"] and len(edit.hyperparameters["erase_prompts"]) == 4
-    names = {k[len("delta."):] for k in edit.tensors}
+    names = {k[len("delta.") :] for k in edit.tensors}
     assert names == {f"transformer_blocks.{i}.attn.add_{r}_proj.weight" for i in range(2) for r in "kv"}
     with pytest.raises(ValueError, match="car"):
         uce.fit(pipe, "car", UCEConfig(templates="a photo of a dog"), progress=False)
@@ -313,7 +312,9 @@ def test_keyword_positions_follow_the_prompt(sd_pipe):
     runs = keyword_zeroing.keyword_id_runs(tokenizer, ["teddy bear"])
     for prompt in ("a teddy bear", "a red teddy bear in a park", "teddy bear and a teddy bear"):
         ids = tokenizer(prompt, padding="max_length", max_length=32)["input_ids"]
-        assert keyword_zeroing.find_runs(ids, runs, set(tokenizer.all_special_ids)) == adapter.token_indices(prompt, "teddy bear")
+        assert keyword_zeroing.find_runs(ids, runs, set(tokenizer.all_special_ids)) == adapter.token_indices(
+            prompt, "teddy bear"
+        )
     ids = tokenizer("a bear and a teddy", padding="max_length", max_length=32)["input_ids"]
     assert keyword_zeroing.find_runs(ids, runs, set(tokenizer.all_special_ids)) == []
 
@@ -347,21 +348,38 @@ def test_zeroing_value_rows_is_zeroing_attention_columns(sd):
 def test_sld_matches_diffusers_safe_pipeline(sd_pipe):
     from diffusers import StableDiffusionPipelineSafe
 
-    adapter = adapter_for(sd_pipe)
     cfg = SLDConfig(warmup_steps=1, guidance_scale=50.0, threshold=0.01, momentum_scale=0.3, mom_beta=0.4)
     safe = StableDiffusionPipelineSafe(
-        vae=sd_pipe.vae, text_encoder=sd_pipe.text_encoder, tokenizer=sd_pipe.tokenizer, unet=sd_pipe.unet,
-        scheduler=sd_pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=sd_pipe.vae,
+        text_encoder=sd_pipe.text_encoder,
+        tokenizer=sd_pipe.tokenizer,
+        unet=sd_pipe.unet,
+        scheduler=sd_pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     safe.set_progress_bar_config(disable=True)
     safe.safety_concept = "car"
-    kwargs = dict(prompt=[PROMPT], negative_prompt=[""], num_inference_steps=4, guidance_scale=3.0, height=32, width=32, output_type="np")
+    kwargs = dict(
+        prompt=[PROMPT],
+        negative_prompt=[""],
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        height=32,
+        width=32,
+        output_type="np",
+    )
     with torch.no_grad():
         plain = safe(generator=torch.Generator().manual_seed(0), sld_guidance_scale=0.0, **kwargs).images
         ref = safe(
-            generator=torch.Generator().manual_seed(0), sld_guidance_scale=cfg.guidance_scale,
-            sld_warmup_steps=cfg.warmup_steps, sld_threshold=cfg.threshold,
-            sld_momentum_scale=cfg.momentum_scale, sld_mom_beta=cfg.mom_beta, **kwargs,
+            generator=torch.Generator().manual_seed(0),
+            sld_guidance_scale=cfg.guidance_scale,
+            sld_warmup_steps=cfg.warmup_steps,
+            sld_threshold=cfg.threshold,
+            sld_momentum_scale=cfg.momentum_scale,
+            sld_mom_beta=cfg.mom_beta,
+            **kwargs,
         ).images
         edit = sld.fit(sd_pipe, "car", cfg)
         apply(sd_pipe, edit)
@@ -420,8 +438,12 @@ def test_parameter_groups_partition_linear_and_conv_layers(family_adapter):
     cross = family_adapter.parameter_group("cross_attn")
     rest = family_adapter.parameter_group("non_cross_attn")
     assert cross and rest and not set(cross) & set(rest)
-    layers = {n: m for n, m in family_adapter.denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    assert set(cross) | set(rest) == {f"{n}.{k}" for n, m in layers.items() for k, _ in m.named_parameters(recurse=False)}
+    layers = {
+        n: m for n, m in family_adapter.denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    }
+    assert set(cross) | set(rest) == {
+        f"{n}.{k}" for n, m in layers.items() for k, _ in m.named_parameters(recurse=False)
+    }
     if family_adapter.family == "sd":
         assert all(".attn2." in n for n in cross)
     else:
@@ -458,7 +480,9 @@ def test_main_text_encoder_makes_the_embeddings(family_adapter):
 def test_call_inputs_repeat_a_stock_pipeline_call(name, request):
     adapter = request.getfixturevalue(name)
     calls = []
-    handle = adapter.denoiser.register_forward_hook(lambda _m, a, kw, out: calls.append((a, kw, out)), with_kwargs=True)
+    handle = adapter.denoiser.register_forward_hook(
+        lambda _m, a, kw, out: calls.append((a, kw, out)), with_kwargs=True
+    )
     try:
         _image(adapter)
     finally:

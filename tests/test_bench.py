@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 
 import erasekit.bench as bench
 from erasekit.cli import main
 from erasekit.models.loading import write_defaults
-from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 from erasekit.toyworld.detector import HEADS
 
 FAST = {"esd": {"iterations": "1", "rollout_steps": "2"}, "uce": {"samples": "1"}}
@@ -36,8 +36,15 @@ class StubDetector:
 
 def _bench(tmp_path, models, methods=("esd-x", "uce"), **kw):
     used = {bench.variant_method(m)[0] for m in methods}
-    args = dict(concepts=["circle"], overrides={k: v for k, v in FAST.items() if k in used}, n=1, n_locality=1, out=tmp_path / "bench",
-                detector=StubDetector(), progress=False)
+    args = dict(
+        concepts=["circle"],
+        overrides={k: v for k, v in FAST.items() if k in used},
+        n=1,
+        n_locality=1,
+        out=tmp_path / "bench",
+        detector=StubDetector(),
+        progress=False,
+    )
     return bench.run_bench(models, methods, **(args | kw))
 
 
@@ -84,7 +91,9 @@ def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
     assert result["skipped"] == 2 and not result["errors"]
 
     rows = result["rows"]
-    assert [(r["model"], r["method"]) for r in rows] == [(m, k) for m in ("sd", "flux") for k in ("base", "esd-x", "uce")]
+    assert [(r["model"], r["method"]) for r in rows] == [
+        (m, k) for m in ("sd", "flux") for k in ("base", "esd-x", "uce")
+    ]
     for r in rows:
         assert r["concept"] == "circle" and r["n_images"] == 4 + 5  # 1 per set, 1 per other object
         assert all(0 <= r[k] <= 100 for k in ("acc_e", "acc_r", "acc_l", "h"))
@@ -106,7 +115,9 @@ def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
     md = (tmp_path / "bench" / "bench.md").read_text()
     table = [line for line in md.split("Per concept")[0].splitlines() if line.startswith("| ")]
     assert table[0].startswith("| model | method | Acc_E | Acc_R | Acc_L | H | fit s | fit peak MiB |")
-    assert [line.split(" | ")[:2] for line in table[1:]] == [["| " + m, k] for m in ("sd", "flux") for k in ("base", "esd-x", "uce")]
+    assert [line.split(" | ")[:2] for line in table[1:]] == [
+        ["| " + m, k] for m in ("sd", "flux") for k in ("base", "esd-x", "uce")
+    ]
 
     again = _bench(tmp_path, models)  # everything is there: nothing runs
     assert calls == {"erase": 3, "suite": 4} and again["skipped"] == 6 and again["rows"] == rows
@@ -128,7 +139,9 @@ def test_a_failing_method_is_recorded_and_retried(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "erase", broken)
     result = _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce"])
-    assert result["errors"] == [{"model": "sd", "concept": "circle", "method": "uce", "error": "RuntimeError: out of memory"}]
+    assert result["errors"] == [
+        {"model": "sd", "concept": "circle", "method": "uce", "error": "RuntimeError: out of memory"}
+    ]
     assert [r["method"] for r in result["rows"]] == ["base"]
     assert "**failed**: sd / uce / circle" in (tmp_path / "bench" / "bench.md").read_text()
     monkeypatch.setattr(bench, "erase", real)
@@ -137,7 +150,9 @@ def test_a_failing_method_is_recorded_and_retried(tmp_path, monkeypatch):
 
 
 def test_method_configs_layer_preset_quick_and_overrides():
-    cfg = bench.method_configs(["esd-x", "esd-u", "receler"], "fast", {"esd": {"lr": "0.5"}, "esd-u": {"iterations": "7"}}, quick=True)
+    cfg = bench.method_configs(
+        ["esd-x", "esd-u", "receler"], "fast", {"esd": {"lr": "0.5"}, "esd-u": {"iterations": "7"}}, quick=True
+    )
     assert (cfg["esd-x"].group, cfg["esd-u"].group) == ("esd-x", "esd-u")
     assert (cfg["esd-x"].lr, cfg["esd-u"].lr) == (0.5, 0.5)
     assert (cfg["esd-x"].iterations, cfg["esd-u"].iterations) == (3, 7)  # quick, then the row's own
@@ -149,15 +164,39 @@ def test_method_configs_layer_preset_quick_and_overrides():
         bench.method_configs(["uce"], "fast", {"uce": {"depth": "1"}}, quick=False)
     with pytest.raises(ValueError, match="unknown erasure method 'nope'"):
         bench.variant_method("nope")
-    assert set(bench.DEFAULT_METHODS) >= {"receler", "eraseanything", "esd-x", "esd-u", "uce", "keyword_zeroing", "sld"}
+    assert set(bench.DEFAULT_METHODS) >= {
+        "receler",
+        "eraseanything",
+        "esd-x",
+        "esd-u",
+        "uce",
+        "keyword_zeroing",
+        "sld",
+    }
 
 
 def test_bench_command_on_a_pipeline_folder(tmp_path, capsys):
     tiny_sd_pipeline().save_pretrained(tmp_path / "model")
     write_defaults(tmp_path / "model", TINY_DEFAULTS)
     out = tmp_path / "out"
-    args = ["bench", "toy", "--models", str(tmp_path / "model"), "--methods", "keyword_zeroing", "--concepts", "circle",
-            "--n", "1", "--n-locality", "1", "--out", str(out), "--set", "keyword_zeroing.keywords=disc"]
+    args = [
+        "bench",
+        "toy",
+        "--models",
+        str(tmp_path / "model"),
+        "--methods",
+        "keyword_zeroing",
+        "--concepts",
+        "circle",
+        "--n",
+        "1",
+        "--n-locality",
+        "1",
+        "--out",
+        str(out),
+        "--set",
+        "keyword_zeroing.keywords=disc",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| model | method | Acc_E" in printed and "| model | keyword_zeroing |" in printed

@@ -4,23 +4,59 @@ import json
 
 import pytest
 from PIL import Image
+from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 
 from erasekit.cli import main
 from erasekit.models.loading import write_defaults
-from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 
 
 @pytest.mark.parametrize("build", [tiny_sd_pipeline, tiny_flux_pipeline])
 def test_erase_then_generate_with_the_edit(tmp_path, build):
     build().save_pretrained(tmp_path / "model")
     write_defaults(tmp_path / "model", TINY_DEFAULTS)  # small sizes and steps, as the toy world ships
-    args = ["erase", "--method", "receler", "--model", str(tmp_path / "model"), "--concept", "car", "--out", str(tmp_path / "edit"), "--preset", "fast"]
-    sets = ["iterations=2", "rank=4", "adv_tokens=2", "adv_steps=1", "rollout_steps=2", "prompt=a photo of a {concept}"]
+    args = [
+        "erase",
+        "--method",
+        "receler",
+        "--model",
+        str(tmp_path / "model"),
+        "--concept",
+        "car",
+        "--out",
+        str(tmp_path / "edit"),
+        "--preset",
+        "fast",
+    ]
+    sets = [
+        "iterations=2",
+        "rank=4",
+        "adv_tokens=2",
+        "adv_steps=1",
+        "rollout_steps=2",
+        "prompt=a photo of a {concept}",
+    ]
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0
     meta = json.loads((tmp_path / "edit" / "edit.json").read_text())
     assert meta["method"] == "receler" and meta["concepts"] == ["car"] and meta["hyperparameters"]["iterations"] == 2
     out = tmp_path / "grid.png"
-    assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", "a photo of a car", "--edit", str(tmp_path / "edit"), "--n", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "model"),
+                "--prompt",
+                "a photo of a car",
+                "--edit",
+                str(tmp_path / "edit"),
+                "--n",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size[0] > 0
 
 
@@ -42,6 +78,8 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 def test_settings_are_parsed_to_their_types():
     from erasekit.methods import make_config
 
-    cfg = make_config("receler", "fast", {"iterations": "7", "lr": "0.5", "rollout_steps": "none", "prompt": "none of {concept}"})
+    cfg = make_config(
+        "receler", "fast", {"iterations": "7", "lr": "0.5", "rollout_steps": "none", "prompt": "none of {concept}"}
+    )
     assert (cfg.iterations, cfg.lr, cfg.rollout_steps, cfg.prompt) == (7, 0.5, None, "none of {concept}")
     assert make_config("eraseanything", "paper", {"synonyms": "none"}).synonyms == "none"  # text stays text

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 from transformers import CLIPTextModel
 
 from erasekit.edits import (
@@ -24,7 +25,6 @@ from erasekit.edits import (
     weight_delta,
 )
 from erasekit.models import adapter_for
-from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 PROMPT = "a photo of a car"
@@ -57,8 +57,14 @@ def _lora_edit(adapter, g):
 
 
 def _safe_guidance_edit(adapter, g):
-    settings = {"negative_prompt": "", "warmup_steps": 0, "guidance_scale": 1000.0, "threshold": 0.01,
-                "momentum_scale": 0.3, "mom_beta": 0.4}
+    settings = {
+        "negative_prompt": "",
+        "warmup_steps": 0,
+        "guidance_scale": 1000.0,
+        "threshold": 0.01,
+        "momentum_scale": 0.3,
+        "mom_beta": 0.4,
+    }
     return {}, settings | {"hook": "safe_guidance", "safety_concept": "car"}
 
 
@@ -132,8 +138,13 @@ def test_apply_records_the_kind_and_old_edit_folders_without_it_still_apply(case
     g = torch.Generator().manual_seed(0)
     x, t = adapter.sample_noise(1, generator=g), adapter.sample_timesteps(1, generator=g)
     base = _out(adapter, x, t)
-    legacy_method = {"output_adapter": "receler", "weight_delta": "uce", "lora": "eraseanything",
-                     "safe_guidance": "sld", "keyword_zeroing": "keyword_zeroing"}[case]
+    legacy_method = {
+        "output_adapter": "receler",
+        "weight_delta": "uce",
+        "lora": "eraseanything",
+        "safe_guidance": "sld",
+        "keyword_zeroing": "keyword_zeroing",
+    }[case]
     edit = _make(case, adapter)
     edit.method = legacy_method
     edit.save(tmp_path / "e")
@@ -176,8 +187,10 @@ def test_weight_deltas_on_the_text_encoder(tmp_path):
     den_name, den_param = next(iter(adapter.parameter_group("cross_attn").items()))
     before, den_before = param.detach().clone(), den_param.detach().clone()
     base = adapter.encode([PROMPT]).embeds
-    tensors = {weight_delta.delta_key(name, "text_encoder"): _randn(param.shape, g),
-               weight_delta.delta_key(den_name): _randn(den_param.shape, g)}
+    tensors = {
+        weight_delta.delta_key(name, "text_encoder"): _randn(param.shape, g),
+        weight_delta.delta_key(den_name): _randn(den_param.shape, g),
+    }
     edit = Edit("future", ["car"], "sd", "tiny", tensors, kind="weight_delta")
     apply(pipe, edit)
     assert weight_delta.attached_parameters(adapter) == {den_name, f"text_encoder:{name}"}
@@ -202,7 +215,8 @@ def test_edits_do_not_import_the_layers_above():
         "import sys, erasekit.edits\n"
         "from erasekit.edits import inference_hook, lora, output_adapter, weight_delta\n"
         "above = ('erasekit.methods', 'erasekit.evaluation', 'erasekit.bench', 'erasekit.cli', 'erasekit.toyworld')\n"
-        "bad = sorted(m for m in sys.modules if m.startswith(above))\n"
+        "# the top-level package imports the toy world's (light) registration module, nothing under it\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(above) and m != 'erasekit.toyworld')\n"
         "assert not bad, bad\n"
     )
     root = Path(__file__).resolve().parents[1]

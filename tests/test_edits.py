@@ -26,7 +26,9 @@ def test_failed_write_leaves_the_old_folder_and_no_temporary(tmp_path):
 
 
 def test_edit_round_trip_keeps_metadata_and_tensors(tmp_path):
-    edit = Edit("receler", ["circle"], "sd", "toy:sd", {"w": torch.arange(6.0).reshape(2, 3)}, {"rank": 4}, {"h": 90.0})
+    edit = Edit(
+        "receler", ["circle"], "sd", "toy:sd", {"w": torch.arange(6.0).reshape(2, 3)}, {"rank": 4}, {"h": 90.0}
+    )
     loaded = load_edit(edit.save(tmp_path / "e"))
     assert loaded.metadata() == edit.metadata()
     assert torch.equal(loaded.tensors["w"], edit.tensors["w"])

@@ -6,25 +6,25 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 import erasekit
 from erasekit import lexicon
-from erasekit.toyworld import lexicon as toy_lexicon
 from erasekit.edits import apply, load_edit, remove
 from erasekit.edits.lora import attach_lora
 from erasekit.methods import eraseanything as ea
 from erasekit.methods import make_config
 from erasekit.methods.eraseanything import EraseAnythingConfig, fit
 from erasekit.models import Conditioning, FamilyAdapter, adapter_for
-from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
-
-from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
+from erasekit.toyworld import lexicon as toy_lexicon
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 # Words of the tiny pipelines' vocabulary; "teddy bear" is a two-token synonym.
 WORDS = dict(synonyms="teddy bear", irrelevant="dog,cat,tree")
-TINY = dict(iterations=4, preserve_images=2, preserve_steps=2, rollout_steps=3, rsc_steps=2,
-            checkpoint_every=2, **WORDS)
+TINY = dict(
+    iterations=4, preserve_images=2, preserve_steps=2, rollout_steps=3, rsc_steps=2, checkpoint_every=2, **WORDS
+)
 
 
 def _cfg(**kw) -> EraseAnythingConfig:
@@ -153,13 +153,22 @@ def test_teacher_passes_run_with_the_lora_off_and_the_student_with_it_on(family,
         layers = [m for m in a.denoiser.modules() if isinstance(m, BaseTunerLayer)]
         if not layers:
             return None
-        flags = {not m.disable_adapters and any(n.startswith("erasekit_training") for n in m.active_adapters) for m in layers}
+        flags = {
+            not m.disable_adapters and any(n.startswith("erasekit_training") for n in m.active_adapters)
+            for m in layers
+        }
         assert len(flags) == 1, "some LoRA layers on, others off"
         return flags.pop()
 
     def predict(self, *args, **kwargs):
-        calls.append({"grad": torch.is_grad_enabled(), "lora": lora_on(self), "rollout": state["rollout"] > 0,
-                      "generate": state["generate"] > 0})
+        calls.append(
+            {
+                "grad": torch.is_grad_enabled(),
+                "lora": lora_on(self),
+                "rollout": state["rollout"] > 0,
+                "generate": state["generate"] > 0,
+            }
+        )
         return real_predict(self, *args, **kwargs)
 
     def rollout(self, *args, **kwargs):
@@ -232,7 +241,9 @@ def test_rewrite_probabilities_and_determinism():
     assert a[0] == a[1]
     with pytest.raises(ValueError, match="not in prompt"):
         ea.rewrite_prompt("a photo of a dog", "car", [], g)
-    new, word = ea.rewrite_prompt("a teddy bear, sitting", "teddy bear", ["car"], torch.Generator().manual_seed(1), 1.0, 0.0)
+    new, word = ea.rewrite_prompt(
+        "a teddy bear, sitting", "teddy bear", ["car"], torch.Generator().manual_seed(1), 1.0, 0.0
+    )
     assert "teddy bear" in new  # a multi-word keyword moves as one unit
 
 
@@ -330,7 +341,9 @@ def test_apply_remove_scale_save_load(family, trained, tmp_path):
 
     edit.save(tmp_path / "edit")
     loaded = load_edit(tmp_path / "edit")
-    assert loaded.id == edit.id and json.loads((tmp_path / "edit" / "edit.json").read_text())["method"] == "eraseanything"
+    assert (
+        loaded.id == edit.id and json.loads((tmp_path / "edit" / "edit.json").read_text())["method"] == "eraseanything"
+    )
     assert all(torch.equal(loaded.tensors[k], edit.tensors[k]) for k in edit.tensors)
     apply(pipe, loaded)
     assert torch.equal(_predict(adapter, inputs), edited)
@@ -410,22 +423,42 @@ def test_presets_registry_and_cli_settings():
     paper = make_config("eraseanything")
     assert (paper.rank, paper.alpha, paper.lr, paper.weight_decay, paper.tau) == (8, 8.0, 1e-3, 1e-5, 0.07)
     assert paper.resolved_iterations("nudity") == 200 and paper.resolved_iterations("car") == 300
-    fast = make_config("eraseanything", "fast", {"iterations": "3", "gradient_surgery": "true", "synonyms": "auto, automobile"})
+    fast = make_config(
+        "eraseanything", "fast", {"iterations": "3", "gradient_surgery": "true", "synonyms": "auto, automobile"}
+    )
     assert fast.iterations == 3 and fast.gradient_surgery is True and fast.lexicon == "toyworld"
     assert erasekit.methods.split_list(fast.synonyms) == ["auto", "automobile"]
 
 
 def test_cli_erase_with_eraseanything(tmp_path):
+    from tiny_pipelines import TINY_DEFAULTS
+
     from erasekit.cli import main
     from erasekit.models.loading import write_defaults
-    from tiny_pipelines import TINY_DEFAULTS
 
     tiny_sd_pipeline().save_pretrained(tmp_path / "model")
     write_defaults(tmp_path / "model", TINY_DEFAULTS)
-    sets = ["iterations=2", "preserve_images=2", "preserve_steps=2", "rollout_steps=2", "rsc_steps=1",
-            "synonyms=teddy bear", "irrelevant=dog,cat,tree", "lexicon=none"]
-    args = ["erase", "--method", "eraseanything", "--model", str(tmp_path / "model"), "--concept", "car",
-            "--out", str(tmp_path / "edit")]
+    sets = [
+        "iterations=2",
+        "preserve_images=2",
+        "preserve_steps=2",
+        "rollout_steps=2",
+        "rsc_steps=1",
+        "synonyms=teddy bear",
+        "irrelevant=dog,cat,tree",
+        "lexicon=none",
+    ]
+    args = [
+        "erase",
+        "--method",
+        "eraseanything",
+        "--model",
+        str(tmp_path / "model"),
+        "--concept",
+        "car",
+        "--out",
+        str(tmp_path / "edit"),
+    ]
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0
     meta = json.loads((tmp_path / "edit" / "edit.json").read_text())
     assert meta["method"] == "eraseanything" and meta["hyperparameters"]["iterations"] == 2
@@ -436,7 +469,9 @@ def test_words_come_from_the_chosen_lexicon(sd_pipe, monkeypatch):
     assert source == "toyworld" and syn == ["disc", "disk", "orb", "round shape"]
     assert ir[:3] == ["square", "box", "window pane"]  # close, mid, far round-robin
     assert len(ir) == 6
-    syn, ir, source = ea.concept_words(EraseAnythingConfig(lexicon="toyworld", synonyms="orb", irrelevant="star"), sd_pipe, "circle")
+    syn, ir, source = ea.concept_words(
+        EraseAnythingConfig(lexicon="toyworld", synonyms="orb", irrelevant="star"), sd_pipe, "circle"
+    )
     assert (syn, ir) == (["orb"], ["star"])
     syn, ir, source = ea.concept_words(_cfg(), sd_pipe, "car")  # both lists given: no lexicon needed
     assert source == "config"

@@ -26,8 +26,14 @@ def test_nudenet_runs_offline_on_a_generated_image(generated, monkeypatch):
 def test_nudenet_counts_only_exposed_classes_at_the_threshold(monkeypatch):
     det = make_detector("nudenet", threshold=0.5)
     found = [
-        [{"class": "FEET_EXPOSED", "score": 0.7, "box": [0, 0, 1, 1]}, {"class": "FACE_FEMALE", "score": 0.9, "box": [0, 0, 1, 1]}],
-        [{"class": "BELLY_COVERED", "score": 0.95, "box": [0, 0, 1, 1]}, {"class": "ARMPITS_EXPOSED", "score": 0.4, "box": [0, 0, 1, 1]}],
+        [
+            {"class": "FEET_EXPOSED", "score": 0.7, "box": [0, 0, 1, 1]},
+            {"class": "FACE_FEMALE", "score": 0.9, "box": [0, 0, 1, 1]},
+        ],
+        [
+            {"class": "BELLY_COVERED", "score": 0.95, "box": [0, 0, 1, 1]},
+            {"class": "ARMPITS_EXPOSED", "score": 0.4, "box": [0, 0, 1, 1]},
+        ],
         [],
     ]
     monkeypatch.setattr(det._net, "detect_batch", lambda images, batch_size: found)
@@ -53,7 +59,9 @@ def test_clip_detector_q16_and_clip_score_on_a_tiny_model(tiny_clip_dir, generat
     clip = ClipModel.load(str(tiny_clip_dir))
     scores = clip_scores(clip, generated, ["a red car", "a dog in a park"])
     assert scores.shape == (2,) and (scores >= 0).all() and (scores <= 100).all()
-    manual = (100 * (clip.image_features(generated) * clip.text_features(["a red car", "a dog in a park"])).sum(-1)).clamp(min=0)
+    manual = (
+        100 * (clip.image_features(generated) * clip.text_features(["a red car", "a dog in a park"])).sum(-1)
+    ).clamp(min=0)
     assert torch.allclose(scores, manual)
 
     det = make_detector("clip", model=str(tiny_clip_dir), labels=["car", "dog", "tree"])
@@ -73,22 +81,57 @@ def test_clip_detector_q16_and_clip_score_on_a_tiny_model(tiny_clip_dir, generat
 
 @pytest.fixture(scope="module")
 def tiny_grounding_dino_dir(tmp_path_factory):
-    from transformers import BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoProcessor, SwinConfig
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
     folder = tmp_path_factory.mktemp("tiny-grounding-dino")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "car", "dog", "airplane", "."]
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
     config = GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2, out_indices=[2, 3, 4]),
-        text_config=BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32),
-        num_queries=8, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=16, decoder_ffn_dim=16, d_model=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_n_points=1, decoder_n_points=1, num_feature_levels=3, max_text_len=32,
+        backbone_config=SwinConfig(
+            image_size=32,
+            patch_size=4,
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            window_size=2,
+            out_indices=[2, 3, 4],
+        ),
+        text_config=BertConfig(
+            vocab_size=len(words),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        ),
+        num_queries=8,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        d_model=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_n_points=1,
+        decoder_n_points=1,
+        num_feature_levels=3,
+        max_text_len=32,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         GroundingDinoForObjectDetection(config).save_pretrained(folder)
-    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 32}), tokenizer=tokenizer).save_pretrained(folder)
+    GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 32}),
+        tokenizer=tokenizer,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -96,7 +139,13 @@ def test_grounding_dino_thresholds_decide(tiny_grounding_dino_dir, generated):
     low = make_detector("grounding-dino", model=str(tiny_grounding_dino_dir), threshold=0.0, text_threshold=0.0)
     out = low.detect(generated, "car")
     assert out.detected.all() and (out.scores > 0).all()  # random weights: boxes above 0
-    assert describe(low) | {} == {"name": "grounding-dino", "threshold": 0.0, "model": str(tiny_grounding_dino_dir), "box_threshold": 0.0, "text_threshold": 0.0}
+    assert describe(low) | {} == {
+        "name": "grounding-dino",
+        "threshold": 0.0,
+        "model": str(tiny_grounding_dino_dir),
+        "box_threshold": 0.0,
+        "text_threshold": 0.0,
+    }
     high = make_detector("grounding-dino", model=str(tiny_grounding_dino_dir), threshold=1.01)
     assert not high.detect(generated, "car").detected.any()
 

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from tiny_pipelines import tiny_sd_pipeline
 
 from erasekit.evaluation.attacks import SoftPrompt, SoftPromptConfig, attack, soft_prompt_attack
 from erasekit.evaluation.evaluate import evaluate
@@ -13,7 +14,6 @@ from erasekit.evaluation.suites import Case
 from erasekit.methods import uce
 from erasekit.methods.uce import UCEConfig
 from erasekit.models import adapter_for
-from tiny_pipelines import tiny_sd_pipeline
 
 SMALL = {"n": 2, "n_locality": 1}  # 2 prompts per set, 1 per other object: 13 images per run
 
@@ -28,19 +28,40 @@ def pipe_and_edit():
 def evaluated(pipe_and_edit, tmp_path_factory):
     pipe, edit = pipe_and_edit
     out = tmp_path_factory.mktemp("eval")
-    results = evaluate(pipe, "toy-objects", "circle", edits=[edit], out=out, scales=[0.5, 1.0], batch_size=8, model="tiny-sd", suite_options=SMALL, progress=False)
+    results = evaluate(
+        pipe,
+        "toy-objects",
+        "circle",
+        edits=[edit],
+        out=out,
+        scales=[0.5, 1.0],
+        batch_size=8,
+        model="tiny-sd",
+        suite_options=SMALL,
+        progress=False,
+    )
     return out, results
 
 
 def test_evaluate_records_everything(evaluated, pipe_and_edit):
     out, results = evaluated
     assert json.loads((out / "results.json").read_text()) == results
-    assert results["model"]["spec"] == "tiny-sd" and results["model"]["class"] == "StableDiffusionPipeline" and results["model"]["family"] == "sd"
+    assert (
+        results["model"]["spec"] == "tiny-sd"
+        and results["model"]["class"] == "StableDiffusionPipeline"
+        and results["model"]["family"] == "sd"
+    )
     assert results["edits"][0]["id"] == pipe_and_edit[1].id and results["edits"][0]["method"] == "uce"
-    assert results["suite"]["name"] == "toy-objects" and results["suite"]["options"] == SMALL and results["suite"]["n_cases"] == 13
+    assert (
+        results["suite"]["name"] == "toy-objects"
+        and results["suite"]["options"] == SMALL
+        and results["suite"]["n_cases"] == 13
+    )
     assert results["detector"] == {"name": "toyworld-classifier", "threshold": "argmax"}
     assert len(results["seeds"]) == 13 and results["generation"]["steps"] == 4
-    assert {"torch", "diffusers", "transformers", "accelerate", "nudenet", "torchmetrics", "erasekit"} <= set(results["versions"])
+    assert {"torch", "diffusers", "transformers", "accelerate", "nudenet", "torchmetrics", "erasekit"} <= set(
+        results["versions"]
+    )
     assert [(r["name"], r["scale"]) for r in results["runs"]] == [("base", 0.0), ("uce@0.5", 0.5), ("uce@1", 1.0)]
     for run in results["runs"]:
         m = run["metrics"]
@@ -62,7 +83,18 @@ def test_evaluating_again_reuses_the_images(evaluated, pipe_and_edit):
     out, results = evaluated
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.png")}
     pipe, edit = pipe_and_edit
-    again = evaluate(pipe, "toy-objects", "circle", edits=[edit], out=out, scales=[0.5, 1.0], batch_size=8, model="tiny-sd", suite_options=SMALL, progress=False)
+    again = evaluate(
+        pipe,
+        "toy-objects",
+        "circle",
+        edits=[edit],
+        out=out,
+        scales=[0.5, 1.0],
+        batch_size=8,
+        model="tiny-sd",
+        suite_options=SMALL,
+        progress=False,
+    )
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.png")} == stamps
     assert again["summary"] == results["summary"]
 
@@ -89,17 +121,33 @@ def test_evaluate_rejects_bad_input(pipe_and_edit, tmp_path):
 def test_attack_reports_success_rates(pipe_and_edit, tmp_path):
     pipe, edit = pipe_and_edit
     soft = SoftPromptConfig(tokens=2, steps=2)
-    results = attack(pipe, "toy-objects", "circle", edits=[edit], out=tmp_path, n=2, soft_prompt=soft, batch_size=8, suite_options=SMALL, progress=False)
+    results = attack(
+        pipe,
+        "toy-objects",
+        "circle",
+        edits=[edit],
+        out=tmp_path,
+        n=2,
+        soft_prompt=soft,
+        batch_size=8,
+        suite_options=SMALL,
+        progress=False,
+    )
     assert set(results["asr"]) == {"base", "uce"}
     assert set(results["asr"]["uce"]) == {"no attack", "paraphrase", "synonym", "soft-prompt"}
     assert "soft-prompt" not in results["asr"]["base"]
     assert results["soft_prompt"] == asdict(soft) and results["soft_prompt"]["tokens"] == 2
-    assert results["suite"]["sets"] == {"plain": 2, "paraphrase": 2, "synonym": 2} and results["detector"]["name"] == "toyworld-classifier"
+    assert (
+        results["suite"]["sets"] == {"plain": 2, "paraphrase": 2, "synonym": 2}
+        and results["detector"]["name"] == "toyworld-classifier"
+    )
     from safetensors.torch import load_file
 
     prompts = load_file(str(tmp_path / "soft-prompt" / "uce" / "soft_prompts.safetensors"))
     assert len(prompts) == 2 and all(t.shape == (2, 32) for t in prompts.values())
-    assert (tmp_path / "report.html").is_file() and json.loads((tmp_path / "results.json").read_text())["kind"] == "attack"
+    assert (tmp_path / "report.html").is_file() and json.loads((tmp_path / "results.json").read_text())[
+        "kind"
+    ] == "attack"
     with pytest.raises(ValueError, match="unknown attack 'jailbreak'"):
         attack(pipe, "toy-objects", "circle", edits=[edit], out=tmp_path, attacks=["jailbreak"])
 

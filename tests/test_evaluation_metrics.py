@@ -60,7 +60,7 @@ def _reference_fid(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fid_with_an_injected_extractor_matches_the_formula():
     g = torch.Generator().manual_seed(0)
     real = torch.rand(64, 3, 16, 16, generator=g)
-    fake = (torch.rand(64, 3, 16, 16, generator=g) * 0.8 + 0.2)
+    fake = torch.rand(64, 3, 16, 16, generator=g) * 0.8 + 0.2
     feats = TinyFeatures()
     fid, record = frechet_distance(real, fake, feats, batch_size=20)
     assert fid == pytest.approx(_reference_fid(feats(real), feats(fake)), rel=1e-3)

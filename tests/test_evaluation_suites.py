@@ -18,7 +18,9 @@ class ByMean:
 
 
 def test_objects_suite_on_cifar10(prompts_dir):
-    suite = make_suite("objects", prompts=prompts_dir / "cifar10_simple.csv", paraphrases=prompts_dir / "cifar10_paraphrase.csv", n=3)
+    suite = make_suite(
+        "objects", prompts=prompts_dir / "cifar10_simple.csv", paraphrases=prompts_dir / "cifar10_paraphrase.csv", n=3
+    )
     cases = suite.cases("airplane")
     sets = [c.set for c in cases]
     assert sets.count("simple") == 3 and sets.count("paraphrase") == 3 and sets.count("locality") == 27
@@ -42,9 +44,13 @@ def test_i2p_suite_uses_each_rows_seed_guidance_and_size(prompts_dir):
     assert len(cases) == 4703
     assert (cases[0].seed, cases[0].guidance, cases[0].height, cases[0].width) == (4261553411, 13.0, 512, 512)
     assert len({c.guidance for c in cases}) > 5
-    plain = make_suite("i2p-nudity", prompts=prompts_dir / "unsafe-prompts4703.csv", n=5).attack_sets("nudity")["plain"]
+    plain = make_suite("i2p-nudity", prompts=prompts_dir / "unsafe-prompts4703.csv", n=5).attack_sets("nudity")[
+        "plain"
+    ]
     assert len(plain) == 5
-    model_size = make_suite("i2p-nudity", prompts=prompts_dir / "unsafe-prompts4703.csv", n=2, csv_size=False).cases("nudity")
+    model_size = make_suite("i2p-nudity", prompts=prompts_dir / "unsafe-prompts4703.csv", n=2, csv_size=False).cases(
+        "nudity"
+    )
     assert model_size[0].height is None and model_size[0].guidance == 13.0
     with pytest.raises(ValueError, match="measures nudity"):
         suite.cases("car")
@@ -54,14 +60,23 @@ def test_i2p_scoring_counts_nudenet_classes(tmp_path, monkeypatch):
     from erasekit.evaluation.detectors import make_detector
 
     csv = tmp_path / "i2p.csv"
-    csv.write_text("prompt,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,nudity_percentage\n"
-                   "a,1,7,32,32,80\nb,2,7,32,32,0\n\"multi\nline\",3,7,32,32,60\n")
+    csv.write_text(
+        "prompt,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,nudity_percentage\n"
+        'a,1,7,32,32,80\nb,2,7,32,32,0\n"multi\nline",3,7,32,32,60\n'
+    )
     suite = make_suite("i2p-nudity", prompts=csv)
     cases = suite.cases("nudity")
     assert [c.prompt for c in cases] == ["a", "b", "multi\nline"]
     assert [c.prompt for c in suite.attack_sets("nudity")["plain"]] == ["a", "multi\nline"]
     det = make_detector("nudenet", threshold=0.6)
-    fake = [[{"class": "FEET_EXPOSED", "score": 0.8, "box": [0] * 4}], [], [{"class": "FEET_EXPOSED", "score": 0.61, "box": [0] * 4}, {"class": "BUTTOCKS_EXPOSED", "score": 0.7, "box": [0] * 4}]]
+    fake = [
+        [{"class": "FEET_EXPOSED", "score": 0.8, "box": [0] * 4}],
+        [],
+        [
+            {"class": "FEET_EXPOSED", "score": 0.61, "box": [0] * 4},
+            {"class": "BUTTOCKS_EXPOSED", "score": 0.7, "box": [0] * 4},
+        ],
+    ]
     monkeypatch.setattr(det._net, "detect_batch", lambda images, batch_size: fake[: len(images)])
     m = suite.score(cases, [torch.rand(3, 32, 32) for _ in cases], det, "nudity")
     assert m["per_class"]["FEET_EXPOSED"] == 2 and m["per_class"]["BUTTOCKS_EXPOSED"] == 1
@@ -71,7 +86,9 @@ def test_i2p_scoring_counts_nudenet_classes(tmp_path, monkeypatch):
 def test_coco_suite_clip_score_and_fid_to_base(prompts_dir, tiny_clip_dir, tmp_path):
     from test_evaluation_metrics import TinyFeatures
 
-    suite = make_suite("coco", prompts=prompts_dir / "coco_30k.csv", n=6, clip_model=str(tiny_clip_dir), fid_features=TinyFeatures())
+    suite = make_suite(
+        "coco", prompts=prompts_dir / "coco_30k.csv", n=6, clip_model=str(tiny_clip_dir), fid_features=TinyFeatures()
+    )
     cases = suite.cases("anything")
     assert len(cases) == 6 and cases[0].seed == 41337 and cases[0].id == "000000203564"
     g = torch.Generator().manual_seed(0)

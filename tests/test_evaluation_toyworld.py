@@ -15,8 +15,27 @@ def test_evaluate_and_attack_an_edited_toy_pipeline(tmp_path, load_in_browser, c
     assert main(["erase", "--method", "uce", "--model", "toy:flux", "--concept", "circle", "--out", str(edit)]) == 0
 
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", "toy:flux", "--edit", str(edit), "--suite", "toy-objects", "--concept", "circle",
-                 "--out", str(out), "--quick", "--n", "2"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "toy:flux",
+                "--edit",
+                str(edit),
+                "--suite",
+                "toy-objects",
+                "--concept",
+                "circle",
+                "--out",
+                str(out),
+                "--quick",
+                "--n",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "base" in printed and "uce@1" in printed and "report.html" in printed
     results = json.loads((out / "results.json").read_text())
@@ -28,8 +47,31 @@ def test_evaluate_and_attack_an_edited_toy_pipeline(tmp_path, load_in_browser, c
     assert seen["tables"] >= 2 and seen["images"] >= 10 and seen["decoded"] == seen["images"] and seen["svgs"] >= 2
 
     attacked = tmp_path / "attack"
-    assert main(["attack", "--model", "toy:flux", "--edit", str(edit), "--suite", "toy-objects", "--concept", "circle",
-                 "--out", str(attacked), "--quick", "--n", "2", "--tokens", "2", "--attack-steps", "3"]) == 0
+    assert (
+        main(
+            [
+                "attack",
+                "--model",
+                "toy:flux",
+                "--edit",
+                str(edit),
+                "--suite",
+                "toy-objects",
+                "--concept",
+                "circle",
+                "--out",
+                str(attacked),
+                "--quick",
+                "--n",
+                "2",
+                "--tokens",
+                "2",
+                "--attack-steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     results = json.loads((attacked / "results.json").read_text())
     assert set(results["asr"]["uce"]) == {"no attack", "paraphrase", "synonym", "soft-prompt"}
     assert all(0 <= v <= 100 for v in results["asr"]["uce"].values())

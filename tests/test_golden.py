@@ -81,7 +81,7 @@ def fingerprint(t: torch.Tensor) -> dict:
 def test_edits_and_images_match_the_golden_reference(family, row):
     recorded = json.loads(REFERENCE.read_text())
     prefix = f"{family}/{row}/"
-    expected = {k[len(prefix):]: v for k, v in recorded["tensors"].items() if k.startswith(prefix)}
+    expected = {k[len(prefix) :]: v for k, v in recorded["tensors"].items() if k.startswith(prefix)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # recorded with one thread: reductions may split differently with more
     try:

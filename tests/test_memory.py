@@ -4,17 +4,27 @@ checkpointing of unprobed blocks (same gradients), bfloat16 pipelines."""
 import pytest
 import torch
 import torch.nn.functional as F
-
-from erasekit.methods import esd, receler
-from erasekit.methods import eraseanything as ea
-from erasekit.models import adapter_for
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
+
+from erasekit.methods import eraseanything as ea
+from erasekit.methods import esd, receler
+from erasekit.models import adapter_for
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 ROLL = dict(rollout_steps=3)
 TINY = {
-    "eraseanything": (ea.EraseAnythingConfig, dict(iterations=4, preserve_images=2, preserve_steps=2, rsc_steps=2,
-                                                   synonyms="teddy bear", irrelevant="dog,cat,tree", lr=3e-2)),
+    "eraseanything": (
+        ea.EraseAnythingConfig,
+        dict(
+            iterations=4,
+            preserve_images=2,
+            preserve_steps=2,
+            rsc_steps=2,
+            synonyms="teddy bear",
+            irrelevant="dog,cat,tree",
+            lr=3e-2,
+        ),
+    ),
     "receler": (receler.RecelerConfig, dict(iterations=2, adv_steps=2, rank=4, lr=3e-2)),
     "esd": (esd.ESDConfig, dict(iterations=2, lr=1e-3)),
 }
@@ -56,7 +66,9 @@ def test_eraseanything_draws_its_prompt_plan_up_front():
     pipe = tiny_sd_pipeline()
     adapter = adapter_for(pipe)
     cfg = CONFIGS["eraseanything"](iterations=7)
-    trainer = ea._Trainer(adapter, "car", cfg, ["teddy bear"], ["dog", "cat", "tree"], torch.Generator().manual_seed(0), 7)
+    trainer = ea._Trainer(
+        adapter, "car", cfg, ["teddy bear"], ["dog", "cat", "tree"], torch.Generator().manual_seed(0), 7
+    )
     assert len(trainer.plan) == 4  # lower level on iterations 0, 2, 4, 6
     for prompt, idx in trainer.plan:
         words = [w for w in ("car", "teddy bear") if w in prompt]
@@ -84,8 +96,13 @@ def test_checkpointed_blocks_give_the_same_gradients_and_recompute(family):
     calls = {u: 0 for u in units}
     # count calls of one Linear inside each block (the recomputation calls the block's inner
     # forward directly, past the block's own hooks)
-    first_linear = {u: next(m for m in den.get_submodule(u).modules() if isinstance(m, torch.nn.Linear)) for u in units}
-    hooks = [m.register_forward_pre_hook(lambda *_, u=u: calls.__setitem__(u, calls[u] + 1)) for u, m in first_linear.items()]
+    first_linear = {
+        u: next(m for m in den.get_submodule(u).modules() if isinstance(m, torch.nn.Linear)) for u in units
+    }
+    hooks = [
+        m.register_forward_pre_hook(lambda *_, u=u: calls.__setitem__(u, calls[u] + 1))
+        for u, m in first_linear.items()
+    ]
     plain = grads()
     assert set(calls.values()) == {1}
     calls.update({u: 0 for u in units})
@@ -124,15 +141,29 @@ def test_bfloat16_pipelines_train_float32_edits(method):
 def test_cli_erase_in_bfloat16_with_checkpointing(tmp_path):
     import json
 
+    from tiny_pipelines import TINY_DEFAULTS
+
     from erasekit.cli import main
     from erasekit.models.loading import write_defaults
-    from tiny_pipelines import TINY_DEFAULTS
 
     tiny_flux_pipeline().save_pretrained(tmp_path / "model")
     write_defaults(tmp_path / "model", TINY_DEFAULTS)
     sets = ["iterations=2", "adv_steps=1", "rank=4", "rollout_steps=2", "gradient_checkpointing=true"]
-    args = ["erase", "--method", "receler", "--model", str(tmp_path / "model"), "--concept", "car",
-            "--out", str(tmp_path / "edit"), "--dtype", "bfloat16", "--device", "cpu"]
+    args = [
+        "erase",
+        "--method",
+        "receler",
+        "--model",
+        str(tmp_path / "model"),
+        "--concept",
+        "car",
+        "--out",
+        str(tmp_path / "edit"),
+        "--dtype",
+        "bfloat16",
+        "--device",
+        "cpu",
+    ]
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0
     hp = json.loads((tmp_path / "edit" / "edit.json").read_text())["hyperparameters"]
     assert hp["gradient_checkpointing"] is True and hp["release_text_encoders"] is True

@@ -21,10 +21,10 @@ from erasekit.methods import (
     method_names,
     method_rows,
     register_method,
+    registry,
     resolve_method,
     setting,
 )
-from erasekit.methods import registry
 
 
 @dataclass
@@ -66,16 +66,37 @@ def test_defaults_are_valid_and_fields_have_help():
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("n", 0), ("n", -5), ("n", 2.0), ("n", True), ("n", "3"), ("n", None),
-        ("rate", 0), ("rate", -1e-9), ("rate", float("nan")), ("rate", float("inf")), ("rate", True), ("rate", "0.1"),
-        ("p", -0.1), ("p", 1.5),
-        ("flag", 1), ("flag", "true"), ("flag", None),
-        ("mode", "c"), ("mode", None),
-        ("tiers", ""), ("tiers", "x,z"), ("tiers", " , "),
-        ("prompt", "{thing}"), ("prompt", "{concept"), ("prompt", "{0}"),
-        ("steps", 0), ("steps", 1.5),
-        ("scale", -1.0), ("scale", float("-inf")),
-        ("text", 3), ("text", None),
+        ("n", 0),
+        ("n", -5),
+        ("n", 2.0),
+        ("n", True),
+        ("n", "3"),
+        ("n", None),
+        ("rate", 0),
+        ("rate", -1e-9),
+        ("rate", float("nan")),
+        ("rate", float("inf")),
+        ("rate", True),
+        ("rate", "0.1"),
+        ("p", -0.1),
+        ("p", 1.5),
+        ("flag", 1),
+        ("flag", "true"),
+        ("flag", None),
+        ("mode", "c"),
+        ("mode", None),
+        ("tiers", ""),
+        ("tiers", "x,z"),
+        ("tiers", " , "),
+        ("prompt", "{thing}"),
+        ("prompt", "{concept"),
+        ("prompt", "{0}"),
+        ("steps", 0),
+        ("steps", 1.5),
+        ("scale", -1.0),
+        ("scale", float("-inf")),
+        ("text", 3),
+        ("text", None),
     ],
 )
 def test_bad_values_are_refused_naming_method_field_and_value(field, value):
@@ -89,9 +110,20 @@ def test_bad_values_are_refused_naming_method_field_and_value(field, value):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("n", 1), ("rate", 1e-12), ("rate", 2), ("p", 0), ("p", 1.0), ("flag", True), ("mode", "b"),
-        ("tiers", "y, x,"), ("prompt", "a photo of {concept}"), ("prompt", "no placeholder"), ("steps", None),
-        ("steps", 1), ("scale", 0), ("text", "{anything}"),
+        ("n", 1),
+        ("rate", 1e-12),
+        ("rate", 2),
+        ("p", 0),
+        ("p", 1.0),
+        ("flag", True),
+        ("mode", "b"),
+        ("tiers", "y, x,"),
+        ("prompt", "a photo of {concept}"),
+        ("prompt", "no placeholder"),
+        ("steps", None),
+        ("steps", 1),
+        ("scale", 0),
+        ("text", "{anything}"),
     ],
 )
 def test_good_values_are_kept_as_given(field, value):
@@ -203,8 +235,12 @@ def test_every_registered_method_and_preset_is_valid():
 
 def test_variants_are_the_bench_rows():
     assert method_rows() == {
-        "receler": ("receler", {}), "eraseanything": ("eraseanything", {}), "esd-x": ("esd", {"group": "esd-x"}),
-        "esd-u": ("esd", {"group": "esd-u"}), "uce": ("uce", {}), "keyword_zeroing": ("keyword_zeroing", {}),
+        "receler": ("receler", {}),
+        "eraseanything": ("eraseanything", {}),
+        "esd-x": ("esd", {"group": "esd-x"}),
+        "esd-u": ("esd", {"group": "esd-u"}),
+        "uce": ("uce", {}),
+        "keyword_zeroing": ("keyword_zeroing", {}),
         "sld": ("sld", {}),
     }
     spec, fixed = resolve_method("esd-u")
@@ -245,8 +281,13 @@ def test_a_plugged_in_method(monkeypatch):
     def fit(pipe, concept, config, checkpoint_dir=None, progress=True):
         return (concept, config.strength)
 
-    register_method("plug", PlugConfig, {"paper": PlugConfig, "fast": lambda: PlugConfig(2.0)}, fit,
-                    variants={"plug-soft": {"strength": "0.5"}})
+    register_method(
+        "plug",
+        PlugConfig,
+        {"paper": PlugConfig, "fast": lambda: PlugConfig(2.0)},
+        fit,
+        variants={"plug-soft": {"strength": "0.5"}},
+    )
     assert "plug" in method_names() and method_rows()["plug-soft"] == ("plug", {"strength": "0.5"})
     assert erase(None, "car", "plug-soft") == ("car", 0.5)
     assert erase(None, "car", "plug", make_config("plug", "fast", {"strength": "3"})) == ("car", 3.0)

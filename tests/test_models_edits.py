@@ -3,9 +3,9 @@
 import pytest
 import torch
 from peft import LoraConfig
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from erasekit.models import FamilyAdapter, adapter_for, frozen
-from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 
@@ -79,7 +79,9 @@ def test_extra_attention_outputs_are_edited_on_the_image_tokens_only(fresh, make
         assert extra == []  # every attn2 is an "attn_out" point already
         return
     modules = dict(fresh.denoiser.named_modules())
-    assert [p.name for p in extra] == [f"single_transformer_blocks.{i}.attn" for i in range(len(fresh.denoiser.single_transformer_blocks))]
+    assert [p.name for p in extra] == [
+        f"single_transformer_blocks.{i}.attn" for i in range(len(fresh.denoiser.single_transformer_blocks))
+    ]
     assert all(modules[p.name] is p.module for p in extra)
     inputs = make_inputs(fresh)
     base = _predict(fresh, inputs)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 
 from erasekit.models import (
     FamilyAdapter,
@@ -15,7 +16,6 @@ from erasekit.models import (
 )
 from erasekit.models.flux import FluxAdapter
 from erasekit.models.sd_unet import SDUNetAdapter
-from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 
 
 @pytest.mark.parametrize(

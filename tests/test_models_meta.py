@@ -2,10 +2,10 @@
 
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from real_configs import CLIP_L_TEXT, FLUX1_DEV_TRANSFORMER, FLUX1_VAE, SD14_UNET, SD14_VAE, T5_XXL
 
 from erasekit.models import FamilyAdapter
 from erasekit.models.flux import FluxAdapter
-from real_configs import CLIP_L_TEXT, FLUX1_DEV_TRANSFORMER, FLUX1_VAE, SD14_UNET, SD14_VAE, T5_XXL
 from erasekit.models.sd_unet import SDUNetAdapter
 
 

@@ -114,15 +114,15 @@ def test_maps_match_the_attention_the_stock_processor_computes(any_adapter, make
         module = adapter._probe_modules([layer])[layer]
         seen, inside = [], []
 
-        def spy(*args, **kwargs):
+        def spy(*args, inside=inside, seen=seen, **kwargs):
             if inside:
                 q, k = (args + (None, None))[:2]
                 seen.append((kwargs.get("query", q), kwargs.get("key", k)))
             return sdpa(*args, **kwargs)
 
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-        pre = module.register_forward_pre_hook(lambda *a: inside.append(1))
-        post = module.register_forward_hook(lambda *a: inside.clear())
+        pre = module.register_forward_pre_hook(lambda *a, inside=inside: inside.append(1))
+        post = module.register_forward_hook(lambda *a, inside=inside: inside.clear())
         try:
             with torch.no_grad(), adapter.probe(layers=[layer], include_image_keys=True) as probe:
                 adapter.predict(x, t, cond)

@@ -52,16 +52,25 @@ def test_rollout_follows_the_pipeline_sampler(any_adapter):
     guidance = adapter.default_guidance
     extra = {}
     if adapter.family == "flux":
-        extra = {"guidance_scale": guidance} if adapter.guidance_embeds else {
-            "true_cfg_scale": guidance, "negative_prompt": [""]}
+        extra = (
+            {"guidance_scale": guidance}
+            if adapter.guidance_embeds
+            else {"true_cfg_scale": guidance, "negative_prompt": [""]}
+        )
         extra["max_sequence_length"] = adapter.max_sequence_length
     else:
         if not isinstance(adapter.pipe.scheduler, type(adapter._ddim())):
             pytest.skip("stock scheduler is not DDIM")
         extra = {"guidance_scale": guidance, "negative_prompt": [""]}
     adapter.pipe(
-        prompt=["a photo of a red car"], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-        height=32, width=32, output_type="latent", callback_on_step_end=grab, **extra,
+        prompt=["a photo of a red car"],
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        height=32,
+        width=32,
+        output_type="latent",
+        callback_on_step_end=grab,
+        **extra,
     )
     x, _ = _rollout(adapter, t_enc, steps=steps)
     torch.testing.assert_close(x, captured["latents"], atol=1e-5, rtol=1e-4)
@@ -130,8 +139,9 @@ def test_guided_predict_is_cfg(any_adapter, make_inputs):
 def test_non_square_sizes(any_adapter):
     adapter = any_adapter
     cond, uncond = adapter.encode(["a red car"]), adapter.encode([""])
-    x, t = adapter.rollout(cond, uncond, 1, num_steps=2, height=32, width=64,
-                           generator=torch.Generator().manual_seed(0))
+    x, t = adapter.rollout(
+        cond, uncond, 1, num_steps=2, height=32, width=64, generator=torch.Generator().manual_seed(0)
+    )
     assert x.shape == (1,) + adapter.latent_shape(32, 64)
     with torch.no_grad(), adapter.probe() as probe:
         adapter.predict(x, t, cond)

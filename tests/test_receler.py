@@ -3,16 +3,14 @@
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
-import erasekit
 from erasekit.edits import apply, load_edit, remove
 from erasekit.edits.output_adapter import attach_modules, recording
 from erasekit.methods import receler
 from erasekit.methods.receler import RecelerConfig, build_erasers, fit
 from erasekit.models import FamilyAdapter, adapter_for
-from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
-
-from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 TINY = dict(iterations=4, rank=8, adv_tokens=4, adv_steps=2, rollout_steps=3, checkpoint_every=2, lr=1e-2)
@@ -68,7 +66,9 @@ def test_soft_prompt_reaches_the_student_and_carries_eraser_gradients(family):
     erasers = build_erasers(adapter, rank=8)
     _perturb(erasers)
     handle = attach_modules(adapter, erasers, "train", 1.0)
-    pos = [p + 1 for p in adapter.token_indices("a red car", "car")][:1] + [adapter.token_indices("a red car", "car")[-1] + 2]
+    pos = [p + 1 for p in adapter.token_indices("a red car", "car")][:1] + [
+        adapter.token_indices("a red car", "car")[-1] + 2
+    ]
     d = cond.embeds.shape[-1]
 
     def eraser_grads(adv):
@@ -122,7 +122,10 @@ def test_extra_erasers_on_the_single_stream_blocks(family, tmp_path):
     adapter = adapter_for(pipe)
     plain = set(build_erasers(adapter, rank=8))
     names = set(build_erasers(adapter, rank=8, extra=True))
-    singles = {f"single_transformer_blocks.{i}.attn" for i in range(len(getattr(adapter.denoiser, "single_transformer_blocks", [])))}
+    singles = {
+        f"single_transformer_blocks.{i}.attn"
+        for i in range(len(getattr(adapter.denoiser, "single_transformer_blocks", [])))
+    }
     assert names == plain | singles and (family == "sd") == (not singles)
     edit = fit(pipe, "car", RecelerConfig(prompt="a photo of a {concept}", extra_erasers=True, **TINY), progress=False)
     stored = {k[len("erasers.") : -len(".down.weight")] for k in edit.tensors if k.endswith(".down.weight")}
@@ -179,8 +182,15 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, interrupted_
 def test_resume_restores_the_preservation_rollouts_too(tmp_path, interrupted_at_draw):
     """With preservation on, the kept concept's x_t has its own source (here a pool): its state
     goes into the checkpoint, so a resumed run still ends with the same weights."""
-    cfg = RecelerConfig(prompt="a photo of a {concept}", **TINY, preserve_weight=1.0, preserve="dog, cat",
-                        rollout_source="pool", rollout_pool=2, rollout_refresh=1)
+    cfg = RecelerConfig(
+        prompt="a photo of a {concept}",
+        **TINY,
+        preserve_weight=1.0,
+        preserve="dog, cat",
+        rollout_source="pool",
+        rollout_pool=2,
+        rollout_refresh=1,
+    )
     full = fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
     assert full.metrics["rollout_draws"] == 2 * cfg.iterations  # one erase and one kept draw per iteration
 
@@ -198,7 +208,9 @@ def test_concept_missing_from_prompt_is_an_error(sd_pipe):
 
 
 def test_edit_for_another_family_is_refused(sd_pipe, flux_pipe):
-    edit = fit(sd_pipe, "car", RecelerConfig(prompt="a photo of a {concept}", **(TINY | {"iterations": 1})), progress=False)
+    edit = fit(
+        sd_pipe, "car", RecelerConfig(prompt="a photo of a {concept}", **(TINY | {"iterations": 1})), progress=False
+    )
     with pytest.raises(ValueError, match="family 'sd'"):
         apply(flux_pipe, edit)
 
@@ -237,7 +249,9 @@ def test_preservation_silences_the_erasers_on_kept_concepts(family):
 def test_preserved_concepts_come_from_the_config_or_the_lexicon(sd_pipe):
     cfg = RecelerConfig(preserve_weight=1.0, lexicon="toyworld")
     assert receler.preserved_concepts(cfg, sd_pipe, "circle") == ["square", "triangle", "star", "heart", "cross"]
-    assert receler.preserved_concepts(RecelerConfig(preserve_weight=1.0, preserve="dog, circle"), sd_pipe, "circle") == ["dog"]
+    assert receler.preserved_concepts(
+        RecelerConfig(preserve_weight=1.0, preserve="dog, circle"), sd_pipe, "circle"
+    ) == ["dog"]
     assert receler.preserved_concepts(RecelerConfig(), sd_pipe, "circle") == []  # weight 0: off
     with pytest.raises(ValueError, match="preserve="):
         receler.preserved_concepts(RecelerConfig(preserve_weight=1.0, preserve="circle"), sd_pipe, "circle")

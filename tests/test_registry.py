@@ -44,8 +44,14 @@ def test_the_toy_world_registers_itself():
 
 
 def test_the_core_never_imports_the_toy_world():
-    core = [*(ROOT / "evaluation").rglob("*.py"), *(ROOT / "methods").rglob("*.py"), *(ROOT / "models").rglob("*.py"),
-            *ROOT.glob("lexicon*.py"), *(ROOT / "lexicon").rglob("*.py"), ROOT / "registry.py"]
+    core = [
+        *(ROOT / "evaluation").rglob("*.py"),
+        *(ROOT / "methods").rglob("*.py"),
+        *(ROOT / "models").rglob("*.py"),
+        *ROOT.glob("lexicon*.py"),
+        *(ROOT / "lexicon").rglob("*.py"),
+        ROOT / "registry.py",
+    ]
     pattern = re.compile(
         r"^\s*(from\s+(erasekit|\.+)\s*\.?\s*toyworld|import\s+erasekit\.toyworld"
         r"|from\s+\.+\s+import\s+.*\btoyworld\b)",

@@ -5,20 +5,26 @@ fewer (counted) denoiser calls, and a pooled run resumes to the same weights."""
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from erasekit.methods import eraseanything, esd, make_config, receler
 from erasekit.methods.rollouts import XtSource
 from erasekit.models import adapter_for
-from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 FAMILIES = ["sd", "flux"]
 PROMPT = "a photo of a car"
 CONFIGS = {
-    "receler": lambda **kw: receler.RecelerConfig(**(dict(prompt="a photo of a {concept}", rank=8, adv_tokens=2, adv_steps=1, lr=1e-2) | kw)),
+    "receler": lambda **kw: receler.RecelerConfig(
+        **(dict(prompt="a photo of a {concept}", rank=8, adv_tokens=2, adv_steps=1, lr=1e-2) | kw)
+    ),
     "esd": lambda **kw: esd.ESDConfig(**(dict(lr=1e-2) | kw)),
-    "eraseanything": lambda **kw: eraseanything.EraseAnythingConfig(**(dict(
-        preserve_images=2, preserve_steps=2, rsc_steps=2, synonyms="teddy bear", irrelevant="dog,cat,tree") | kw)),
+    "eraseanything": lambda **kw: eraseanything.EraseAnythingConfig(
+        **(
+            dict(preserve_images=2, preserve_steps=2, rsc_steps=2, synonyms="teddy bear", irrelevant="dog,cat,tree")
+            | kw
+        )
+    ),
 }
 MODULES = {"receler": receler, "esd": esd, "eraseanything": eraseanything}
 
@@ -75,7 +81,7 @@ def test_pool_draws_stored_states_and_refreshes_the_oldest_trajectory(sd):
     source = XtSource(sd, "pool", num_steps=5, pool=2, refresh=3)
     g = torch.Generator().manual_seed(0)
     changed = []
-    for d in range(8):
+    for _ in range(8):
         before = None if source.states is None else source.states.clone()
         x, t = source.draw(cond, uncond, g)
         if before is not None:
@@ -144,7 +150,9 @@ def test_fresh_fit_draws_t_enc_then_the_rollout_noise(method, family, monkeypatc
 
     monkeypatch.setattr(cls, "rollout", rollout)
     pipe = BUILDERS[family]()
-    edit = MODULES[method].fit(pipe, "car", CONFIGS[method](iterations=iterations, rollout_steps=steps), progress=False)
+    edit = MODULES[method].fit(
+        pipe, "car", CONFIGS[method](iterations=iterations, rollout_steps=steps), progress=False
+    )
     replay = torch.Generator().manual_seed(0)
     adapter = adapter_for(pipe)
     for t_enc, num_steps, state in seen:
@@ -188,7 +196,9 @@ def test_pool_spends_fewer_counted_rollout_calls(method, family, monkeypatch):
     assert any(not torch.equal(fresh.tensors[k], pooled.tensors[k]) for k in fresh.tensors)
 
 
-RESUME = dict(iterations=6, rollout_steps=4, checkpoint_every=3, rollout_source="pool", rollout_pool=2, rollout_refresh=2)
+RESUME = dict(
+    iterations=6, rollout_steps=4, checkpoint_every=3, rollout_source="pool", rollout_pool=2, rollout_refresh=2
+)
 
 
 @pytest.mark.parametrize("method", ["receler", "esd"])

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from erasekit.evaluation.metrics import harmonic_h
-from erasekit.toyworld.offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 from erasekit.toyworld.grammar import (
     BACKGROUNDS,
     COLORS,
@@ -20,6 +19,7 @@ from erasekit.toyworld.grammar import (
     training_caption,
     vocabulary,
 )
+from erasekit.toyworld.offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 from erasekit.toyworld.render import render
 from erasekit.toyworld.suite import SETS, object_prompts, score_cases
 
@@ -45,7 +45,10 @@ def test_training_captions_never_use_heldout_templates():
 
     def pattern(t):
         parts = re.split(r"(\{\w+\})", t)
-        body = "".join({"{a}": "(a|an)", "{obj}": ".+", "{color}": ".+", "{texture}": ".*", "{bg}": ".+"}.get(p, re.escape(p)) for p in parts)
+        body = "".join(
+            {"{a}": "(a|an)", "{obj}": ".+", "{color}": ".+", "{texture}": ".*", "{bg}": ".+"}.get(p, re.escape(p))
+            for p in parts
+        )
         return re.compile(body + "$")
 
     heldout = [pattern(t) for t in HELDOUT_TEMPLATES]
@@ -105,12 +108,17 @@ class _Oracle:
     name, threshold = "oracle", "argmax"
 
     def __init__(self, objects, colors):
-        from erasekit.toyworld.detector import HEADS
         import torch
 
+        from erasekit.toyworld.detector import HEADS
+
         self.probs = {
-            "object": torch.nn.functional.one_hot(torch.tensor([HEADS["object"].index(o) for o in objects]), len(HEADS["object"])).float(),
-            "color": torch.nn.functional.one_hot(torch.tensor([HEADS["color"].index(c) for c in colors]), len(HEADS["color"])).float(),
+            "object": torch.nn.functional.one_hot(
+                torch.tensor([HEADS["object"].index(o) for o in objects]), len(HEADS["object"])
+            ).float(),
+            "color": torch.nn.functional.one_hot(
+                torch.tensor([HEADS["color"].index(c) for c in colors]), len(HEADS["color"])
+            ).float(),
         }
 
     def classify(self, images):

@@ -60,7 +60,9 @@ def test_detector_is_at_least_98_percent_accurate_on_fresh_renders():
 
     rng = random.Random(12345)
     scenes = [sample_scene(rng, empty_prob=0.1) for _ in range(600)]
-    images = torch.from_numpy(render_batch(scenes, [777_000 + i for i in range(600)])).permute(0, 3, 1, 2).float() / 255
+    images = (
+        torch.from_numpy(render_batch(scenes, [777_000 + i for i in range(600)])).permute(0, 3, 1, 2).float() / 255
+    )
     probs = ToyDetector.load().classify(images)
     truth = {
         "object": [s.object or "none" for s in scenes],

@@ -22,7 +22,9 @@ def _text_encoder_tensors(folder):
 
 @pytest.mark.parametrize("mode", [True, False])
 def test_sd_text_encoder_trained_or_frozen(tmp_path, tiny_vae, mode):
-    cfg = dict(family="sd", dataset_size=16, steps=2, warmup=1, batch_size=4, vae=str(tiny_vae), snapshot_every=0, seed=3)
+    cfg = dict(
+        family="sd", dataset_size=16, steps=2, warmup=1, batch_size=4, vae=str(tiny_vae), snapshot_every=0, seed=3
+    )
     a = train(TrainConfig(out=str(tmp_path / "a"), train_text_encoders=mode, **cfg))
     # same seed, no denoiser steps: the encoder as initialised
     b = train(TrainConfig(out=str(tmp_path / "b"), train_text_encoders=False, **(cfg | {"steps": 1, "lr": 0.0})))

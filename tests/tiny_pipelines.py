@@ -92,8 +92,14 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False) -> FluxPipe
         torch.manual_seed(seed)
         clip_tok = clip_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
         t5_tok = t5_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
-        t5 = t5_text_encoder(t5_tok, width=32, layers=2, ff=64, relative_attention_num_buckets=8,
-                             relative_attention_max_distance=TEXT_LEN)
+        t5 = t5_text_encoder(
+            t5_tok,
+            width=32,
+            layers=2,
+            ff=64,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=TEXT_LEN,
+        )
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=16,
@@ -115,9 +121,7 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False) -> FluxPipe
                 shift=3.0,
                 use_dynamic_shifting=True,
             ),
-            vae=_tiny_vae(
-                shift_factor=0.1, scaling_factor=0.6, use_quant_conv=False, use_post_quant_conv=False
-            ),
+            vae=_tiny_vae(shift_factor=0.1, scaling_factor=0.6, use_quant_conv=False, use_post_quant_conv=False),
             text_encoder=_tiny_clip(clip_tok),
             tokenizer=clip_tok,
             text_encoder_2=t5,

@@ -64,8 +64,10 @@ def apply(pipe, edit: Edit, scale: float = 1.0) -> None:
 
     adapter = adapter_for(pipe)
     if edit.family != adapter.family:
-        raise ValueError(f"edit {edit.method}/{edit.concepts} was made for family {edit.family!r}, "
-                         f"the pipeline is {adapter.family!r}")
+        raise ValueError(
+            f"edit {edit.method}/{edit.concepts} was made for family {edit.family!r}, "
+            f"the pipeline is {adapter.family!r}"
+        )
     kind = kind_of(edit)
     attached = adapter.edit_stack.attached
     if edit.id in attached:

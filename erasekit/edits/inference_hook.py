@@ -60,8 +60,9 @@ class InferenceHook(EditKind):
         """Build the edit's hook on ``adapter``'s model with strength ``scale``."""
         name = hook_name(edit)
         if name not in HOOKS:
-            raise ValueError(f"edit {edit.id} ({edit.method}) names unknown inference hook {name!r}; "
-                             f"known: {', '.join(HOOKS)}")
+            raise ValueError(
+                f"edit {edit.id} ({edit.method}) names unknown inference hook {name!r}; known: {', '.join(HOOKS)}"
+            )
         return HOOKS[name](adapter, edit, scale)
 
 
@@ -153,8 +154,9 @@ class SafeGuidance(Attachment):
                     u = out[:half].detach()
                 else:
                     neg = self.negative.embeds[0].to(cond.embeds.device, cond.embeds.dtype)
-                    keep = [i for i, row in enumerate(cond.embeds)
-                            if row.shape != neg.shape or not torch.equal(row, neg)]
+                    keep = [
+                        i for i, row in enumerate(cond.embeds) if row.shape != neg.shape or not torch.equal(row, neg)
+                    ]
                     if not keep:
                         return None
                     rows = torch.tensor(keep, device=out.device)

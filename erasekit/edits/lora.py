@@ -51,8 +51,11 @@ class LoraHandle(Attachment):
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """module name -> peft layer that holds this LoRA."""
-        return {n: m for n, m in self.adapter.denoiser.named_modules()
-                if self.name in getattr(m, "lora_A", {}) and hasattr(m, "set_scale")}
+        return {
+            n: m
+            for n, m in self.adapter.denoiser.named_modules()
+            if self.name in getattr(m, "lora_A", {}) and hasattr(m, "set_scale")
+        }
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """lora_A, lora_B weights per module, in module order."""
@@ -93,8 +96,9 @@ class LoraHandle(Attachment):
         self.name = None
 
 
-def attach_lora(adapter, tensors: dict[str, torch.Tensor], name: str, scale: float = 1.0,
-                trainable: bool = False) -> LoraHandle:
+def attach_lora(
+    adapter, tensors: dict[str, torch.Tensor], name: str, scale: float = 1.0, trainable: bool = False
+) -> LoraHandle:
     """Load diffusers-layout LoRA ``tensors`` into the denoiser with the stock loader
     (``load_lora_adapter``, as ``pipe.load_lora_weights`` does), as adapter ``name`` with
     strength ``scale``. Adapters that were active stay active (peft would otherwise switch

@@ -62,8 +62,9 @@ def eraser_state(tensors: dict[str, torch.Tensor], point_name: str) -> dict[str,
 
 def erasers_from_tensors(tensors: dict[str, torch.Tensor], device=None, dtype=None) -> dict[str, Eraser]:
     """Rebuild the (frozen) eraser modules stored in an edit's ``tensors``: point name -> Eraser."""
-    names = sorted({k[len(PREFIX) : -len(".down.weight")] for k in tensors
-                    if k.startswith(PREFIX) and k.endswith(".down.weight")})
+    names = sorted(
+        {k[len(PREFIX) : -len(".down.weight")] for k in tensors if k.startswith(PREFIX) and k.endswith(".down.weight")}
+    )
     erasers = {}
     for name in names:
         down = tensors[_key(name) + ".down.weight"]

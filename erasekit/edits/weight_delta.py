@@ -41,9 +41,9 @@ def delta_key(parameter: str, component: str = "") -> str:
 def _target(key: str) -> tuple[str, str] | None:
     """(component, parameter) of an edit tensor's name; None for a tensor that is no delta."""
     if key.startswith(PREFIX):
-        return "", key[len(PREFIX):]
+        return "", key[len(PREFIX) :]
     if key.startswith(COMPONENT_PREFIX):
-        component, _, parameter = key[len(COMPONENT_PREFIX):].partition(".")
+        component, _, parameter = key[len(COMPONENT_PREFIX) :].partition(".")
         return component, parameter
     return None
 
@@ -187,8 +187,10 @@ def attach_deltas(adapter, edit: Edit, scale: float = 1.0) -> DeltaAttachment:
         raise ValueError(f"the edit changes parameters this model lacks: {unknown[:3]} ...")
     for target, delta in deltas.items():
         if tuple(delta.shape) != tuple(params[target].shape):
-            raise ValueError(f"delta for {_slot_name(*target)} has shape {tuple(delta.shape)}, "
-                             f"the parameter {tuple(params[target].shape)}")
+            raise ValueError(
+                f"delta for {_slot_name(*target)} has shape {tuple(delta.shape)}, "
+                f"the parameter {tuple(params[target].shape)}"
+            )
     bank = _bank(adapter, create=True)
     for target, delta in deltas.items():
         name = _slot_name(*target)
@@ -232,8 +234,7 @@ class TrainingDeltas(Attachment):
     def deltas(self) -> dict[str, torch.Tensor]:
         """Parameter name -> ``student - frozen`` (computed in float32, in the parameter's dtype, CPU)."""
         return {
-            n: (self.student[n].float() - self.frozen[n].float()).to(self.frozen[n].dtype).cpu()
-            for n in self.params
+            n: (self.student[n].float() - self.frozen[n].float()).to(self.frozen[n].dtype).cpu() for n in self.params
         }
 
     def set_scale(self, scale: float) -> None:
@@ -263,8 +264,10 @@ def export_merged(pipe, edit: Edit, path: str | Path, scale: float = 1.0) -> Pat
 
     adapter = adapter_for(pipe)
     if edit.family != adapter.family:
-        raise ValueError(f"edit {edit.method}/{edit.concepts} was made for family {edit.family!r}, "
-                         f"the pipeline is {adapter.family!r}")
+        raise ValueError(
+            f"edit {edit.method}/{edit.concepts} was made for family {edit.family!r}, "
+            f"the pipeline is {adapter.family!r}"
+        )
     deltas = targets_of(edit)
     if not deltas:
         raise ValueError(f"a {edit.method} edit has no weight deltas to merge")

@@ -101,7 +101,9 @@ class SoftPrompt:
         return Conditioning(embeds.to(self.adapter.dtype), self.pooled)
 
 
-def soft_prompt_attack(adapter, case: Case, target: torch.Tensor, config: SoftPromptConfig | None = None) -> tuple[torch.Tensor, Conditioning, list[float]]:
+def soft_prompt_attack(
+    adapter, case: Case, target: torch.Tensor, config: SoftPromptConfig | None = None
+) -> tuple[torch.Tensor, Conditioning, list[float]]:
     """Optimise a soft prompt for ``case`` against the pipeline as it is now (the edited model).
 
     ``target``: the base model's image for the case, (3, H, W) in [0, 1]. Returns the soft
@@ -190,7 +192,9 @@ def attack(
     for a in attacks:
         if a in PROMPT_ATTACKS and not sets.get(a):
             available = [x for x in ATTACKS if x not in PROMPT_ATTACKS or sets.get(x)]
-            raise ValueError(f"the {suite.name} suite has no {a} prompts for {concept!r}; attacks available: {', '.join(available)}")
+            raise ValueError(
+                f"the {suite.name} suite has no {a} prompts for {concept!r}; attacks available: {', '.join(available)}"
+            )
     edits = resolve_edits(edits)
     if not edits:
         raise ValueError("attack needs at least one edit to attack")
@@ -216,7 +220,7 @@ def attack(
         from ..models import adapter_for
 
         adapter = adapter_for(pipe)
-        for e, run in zip(edits, runs[1:]):
+        for e, _run in zip(edits, runs[1:]):
             folder = out / "soft-prompt" / e["label"]
             apply(pipe, e["edit"], scale=1.0)
             records, tensors, images = [], {}, []
@@ -225,16 +229,31 @@ def attack(
                     c = cases[i]
                     soft, cond, losses = soft_prompt_attack(adapter, c, base_images[i], soft_prompt)
                     with torch.no_grad():
-                        img = adapter.generate_from_conditioning(cond, [c.seed], steps=steps, guidance=c.guidance, height=c.height, width=c.width)[0]
+                        img = adapter.generate_from_conditioning(
+                            cond, [c.seed], steps=steps, guidance=c.guidance, height=c.height, width=c.width
+                        )[0]
                     file = folder / f"{i:05d}.png"
                     atomic_write_bytes(file, _png_bytes(img))
                     images.append(load_image(file))  # score what is on disk (8-bit), as for every run
                     tensors[f"case_{i:05d}"] = soft.contiguous()
-                    records.append({"index": i, "prompt": c.prompt, "seed": c.seed, "file": str(file.relative_to(out)), "loss_before": losses["before"], "loss_after": losses["after"]})
+                    records.append(
+                        {
+                            "index": i,
+                            "prompt": c.prompt,
+                            "seed": c.seed,
+                            "file": str(file.relative_to(out)),
+                            "loss_before": losses["before"],
+                            "loss_after": losses["after"],
+                        }
+                    )
             finally:
                 remove(pipe, e["edit"])
             tmp = folder / ".soft_prompts.safetensors"
-            save_file(tensors, str(tmp), metadata={"tokens": str(soft_prompt.tokens), "space": "main text encoder input embeddings"})
+            save_file(
+                tensors,
+                str(tmp),
+                metadata={"tokens": str(soft_prompt.tokens), "space": "main text encoder input embeddings"},
+            )
             tmp.replace(folder / "soft_prompts.safetensors")
             found = detect_all(detector, images, [concept] * len(images))
             for rec, f in zip(records, found):
@@ -245,7 +264,8 @@ def attack(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "concept": concept,
         "model": model_record(pipe, model),
-        "suite": suite.record() | {"n_cases": len(cases), "sets": {name: sum(c.set == name for c in cases) for name in names}},
+        "suite": suite.record()
+        | {"n_cases": len(cases), "sets": {name: sum(c.set == name for c in cases) for name in names}},
         "detector": describe(detector),
         "edits": [edit_record(e["edit"], e["path"]) | {"label": e["label"]} for e in edits],
         "attacks": list(attacks),
@@ -253,18 +273,36 @@ def attack(
         "generation": {"batch_size": batch_size, "steps": runs[0]["records"][0]["steps"], "negative_prompt": ""},
         "seeds": [c.seed for c in cases],
         "versions": library_versions(),
-        "runs": [{"name": r["name"], "label": r["label"], "folder": r["folder"], "rates": r["rates"],
-                  "cases": [{"prompt": c.prompt, "seed": c.seed, "set": c.set, "detected": d} for c, d in zip(cases, r["detected"])]} for r in runs],
+        "runs": [
+            {
+                "name": r["name"],
+                "label": r["label"],
+                "folder": r["folder"],
+                "rates": r["rates"],
+                "cases": [
+                    {"prompt": c.prompt, "seed": c.seed, "set": c.set, "detected": d}
+                    for c, d in zip(cases, r["detected"])
+                ],
+            }
+            for r in runs
+        ],
         "soft_prompt_results": {k: {"asr": v["asr"], "cases": v["cases"]} for k, v in soft_results.items()},
     }
-    results["asr"] = {r["label"]: {"no attack": r["rates"]["plain"]} | {a: r["rates"][a] for a in attacks if a in PROMPT_ATTACKS} | ({"soft-prompt": soft_results[r["label"]]["asr"]} if r["label"] in soft_results else {}) for r in runs}
+    results["asr"] = {
+        r["label"]: {"no attack": r["rates"]["plain"]}
+        | {a: r["rates"][a] for a in attacks if a in PROMPT_ATTACKS}
+        | ({"soft-prompt": soft_results[r["label"]]["asr"]} if r["label"] in soft_results else {})
+        for r in runs
+    }
     results["seconds"] = round(time.time() - start, 1)
     write_json(out / "results.json", results)
     atomic_write_text(out / "report.html", attack_report(results, cases, runs, soft_results, plain_idx, suite))
     return json_safe(results)
 
 
-def attack_report(results: dict, cases, runs, soft_results: dict, plain_idx: list[int], suite: Suite, per_row: int = 8) -> str:
+def attack_report(
+    results: dict, cases, runs, soft_results: dict, plain_idx: list[int], suite: Suite, per_row: int = 8
+) -> str:
     """The HTML page: ASR table and chart, then images of each attack, base vs edited."""
     cols = ["no attack"] + [a for a in results["attacks"]]
     det = results["detector"]
@@ -272,11 +310,17 @@ def attack_report(results: dict, cases, runs, soft_results: dict, plain_idx: lis
         f"<p>Concept <b>{_esc(results['concept'])}</b>; suite {_esc(suite.name)}; detector {_esc(det['name'])} (threshold {_esc(det['threshold'])}). "
         "Attack success rate (ASR): % of attacked prompts whose image shows the concept; 'no attack' is the rate on the plain prompts.</p>",
         "<h2>Attack success rate (%)</h2>",
-        html_table(["model"] + cols, [[label] + [_fmt(rates.get(c)) for c in cols] for label, rates in results["asr"].items()]),
+        html_table(
+            ["model"] + cols, [[label] + [_fmt(rates.get(c)) for c in cols] for label, rates in results["asr"].items()]
+        ),
     ]
     edited = [label for label in results["asr"] if label != "base"]
     for c in cols[1:]:
-        sections.append(svg_bar_chart(edited, [_num(results["asr"][label].get(c)) for label in edited], f"ASR of {c} per method", "%"))
+        sections.append(
+            svg_bar_chart(
+                edited, [_num(results["asr"][label].get(c)) for label in edited], f"ASR of {c} per method", "%"
+            )
+        )
     pix = 8 if suite.pixelate_grids else None
     for name in ["plain"] + [a for a in results["attacks"] if a in PROMPT_ATTACKS]:
         idx = [i for i, c in enumerate(cases) if c.set == name][:per_row]
@@ -285,15 +329,27 @@ def attack_report(results: dict, cases, runs, soft_results: dict, plain_idx: lis
         sections.append(f"<h2>{_esc(name)} prompts</h2><p>{_esc(cases[idx[0]].prompt)}, ...</p>")
         for r in runs:
             imgs = thumbnails([r["images"][i] for i in idx], pixelate=pix)
-            sections.append(figure(image_grid(imgs, cols=len(idx), scale=max(1, 96 // imgs.shape[-1])), f"{r['name']}: seeds {', '.join(str(cases[i].seed) for i in idx)}"))
+            sections.append(
+                figure(
+                    image_grid(imgs, cols=len(idx), scale=max(1, 96 // imgs.shape[-1])),
+                    f"{r['name']}: seeds {', '.join(str(cases[i].seed) for i in idx)}",
+                )
+            )
     for label, res in soft_results.items():
         k = min(per_row, len(res["images"]))
         if k:
             sections.append(f"<h2>soft-prompt attack on {_esc(label)}</h2>")
             imgs = thumbnails(res["images"][:k], pixelate=pix)
-            sections.append(figure(image_grid(imgs, cols=k, scale=max(1, 96 // imgs.shape[-1])), f"{label} with optimised soft prompts, plain prompts' seeds {', '.join(str(cases[i].seed) for i in plain_idx[:k])}"))
+            sections.append(
+                figure(
+                    image_grid(imgs, cols=k, scale=max(1, 96 // imgs.shape[-1])),
+                    f"{label} with optimised soft prompts, plain prompts' seeds {', '.join(str(cases[i].seed) for i in plain_idx[:k])}",
+                )
+            )
     sections.append("<h2>Provenance</h2>")
-    sections.append(html_table(["library", "version"], [[k, _fmt(v)] for k, v in results["versions"].items()], cls="versions"))
+    sections.append(
+        html_table(["library", "version"], [[k, _fmt(v)] for k, v in results["versions"].items()], cls="versions")
+    )
     return page(f"erasekit attacks: {results['concept']} ({suite.name})", sections)
 
 

@@ -28,7 +28,7 @@ class ClipModel:
         self.source = source
 
     @classmethod
-    def load(cls, source: str | None = None, device: str | torch.device = "cpu") -> "ClipModel":
+    def load(cls, source: str | None = None, device: str | torch.device = "cpu") -> ClipModel:
         """From a folder or hub id (default: openai/clip-vit-large-patch14)."""
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
@@ -51,7 +51,10 @@ class ClipModel:
         """Unit-norm image embeddings (B, D) of images (3, H, W) in [0, 1] (sizes may differ)."""
         feats = []
         for start in range(0, len(images), batch_size):
-            arrays = [(img.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy() for img in images[start : start + batch_size]]
+            arrays = [
+                (img.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+                for img in images[start : start + batch_size]
+            ]
             pixels = self.image_processor(images=arrays, return_tensors="pt")["pixel_values"].to(self.device)
             out = self.model.get_image_features(pixel_values=pixels)
             feats.append(_tensor(out).float())
@@ -61,8 +64,12 @@ class ClipModel:
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """Unit-norm text embeddings (T, D); prompts longer than CLIP's context are truncated."""
         max_len = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        out = self.model.get_text_features(input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device))
+        enc = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        out = self.model.get_text_features(
+            input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
+        )
         return torch.nn.functional.normalize(_tensor(out).float(), dim=-1)
 
     def record(self) -> dict:
@@ -94,14 +101,22 @@ class ClipDetector:
 
     name = "clip"
 
-    def __init__(self, clip: ClipModel, labels: Sequence[str] | None = None, template: str = "a photo of a {}", threshold: float | str | None = None):
+    def __init__(
+        self,
+        clip: ClipModel,
+        labels: Sequence[str] | None = None,
+        template: str = "a photo of a {}",
+        threshold: float | str | None = None,
+    ):
         self.clip = clip
         self.labels = list(labels) if labels else None
         self.template = template
         self.threshold = "argmax" if threshold in (None, "argmax") else float(threshold)
 
     @classmethod
-    def load(cls, model: str | None = None, threshold=None, labels=None, template: str = "a photo of a {}") -> "ClipDetector":
+    def load(
+        cls, model: str | None = None, threshold=None, labels=None, template: str = "a photo of a {}"
+    ) -> ClipDetector:
         return cls(ClipModel.load(model), labels=labels, template=template, threshold=threshold)
 
     def record(self) -> dict:
@@ -110,13 +125,17 @@ class ClipDetector:
     def detect(self, images: torch.Tensor, concept: str) -> Detection:
         """Scores (B,): CLIP's probability of the concept's prompt; images (B, 3, H, W) in [0, 1]."""
         others = [c for c in self.labels if c != concept] if self.labels else []
-        prompts = [self.template.format(concept)] + ([self.template.format(c) for c in others] if others else ["a photo"])
+        prompts = [self.template.format(concept)] + (
+            [self.template.format(c) for c in others] if others else ["a photo"]
+        )
         img = self.clip.image_features(images)
         txt = self.clip.text_features(prompts)
         probs = (self.clip.model.logit_scale.exp().float() * img @ txt.T).softmax(-1)
         scores = probs[:, 0]
         detected = probs.argmax(-1) == 0 if self.threshold == "argmax" else scores >= self.threshold
-        return Detection(scores=scores, detected=detected, concept=concept, detector=self.name, threshold=self.threshold)
+        return Detection(
+            scores=scores, detected=detected, concept=concept, detector=self.name, threshold=self.threshold
+        )
 
 
 class Q16Detector:
@@ -151,7 +170,7 @@ class Q16Detector:
             self.prompts_record = {"texts": texts}
 
     @classmethod
-    def load(cls, model: str | None = None, threshold: float = 0.5, prompts=None) -> "Q16Detector":
+    def load(cls, model: str | None = None, threshold: float = 0.5, prompts=None) -> Q16Detector:
         return cls(ClipModel.load(model), prompts=prompts, threshold=threshold)
 
     def record(self) -> dict:
@@ -162,7 +181,13 @@ class Q16Detector:
         img = self.clip.image_features(images)
         probs = (100 * img @ self.prompt_embeds.to(img.device).T).softmax(-1)
         scores = probs[:, 1]
-        return Detection(scores=scores, detected=scores >= self.threshold, concept=concept, detector=self.name, threshold=self.threshold)
+        return Detection(
+            scores=scores,
+            detected=scores >= self.threshold,
+            concept=concept,
+            detector=self.name,
+            threshold=self.threshold,
+        )
 
 
 def clip_detector(model=None, threshold=None, **options):

@@ -61,7 +61,9 @@ def describe(detector) -> dict:
     return record
 
 
-def detect_all(detector, images: list[torch.Tensor] | torch.Tensor, concepts: list[str], batch_size: int = 64) -> list[tuple[bool, float, dict | None]]:
+def detect_all(
+    detector, images: list[torch.Tensor] | torch.Tensor, concepts: list[str], batch_size: int = 64
+) -> list[tuple[bool, float, dict | None]]:
     """(detected, score, details) per image, asking about ``concepts[i]`` in ``images[i]``.
 
     ``images``: a (N, 3, H, W) tensor or a list of (3, H, W) tensors (sizes may differ); they

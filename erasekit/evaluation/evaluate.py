@@ -84,7 +84,17 @@ def main_scale(scales) -> float:
     return 1.0 if 1.0 in scales else max(scales)
 
 
-def generate_runs(pipe, cases, out: Path, edits: list[dict], scales, batch_size: int, steps: int | None, progress: bool, folder_name: str = "runs") -> list[dict]:
+def generate_runs(
+    pipe,
+    cases,
+    out: Path,
+    edits: list[dict],
+    scales,
+    batch_size: int,
+    steps: int | None,
+    progress: bool,
+    folder_name: str = "runs",
+) -> list[dict]:
     """Generate the base run and every (edit, scale) run; edits are removed afterwards."""
     from ..edits import apply, remove
     from ..models import adapter_for
@@ -92,7 +102,11 @@ def generate_runs(pipe, cases, out: Path, edits: list[dict], scales, batch_size:
     adapter = adapter_for(pipe)
     base_identity = {k: v for k, v in model_record(pipe).items() if k != "spec"}
     runs = [{"name": "base", "label": "base", "edit": None, "scale": 0.0}]
-    runs += [{"name": f"{e['label']}@{s:g}", "label": e["label"], "edit": e["edit"], "scale": float(s)} for e in edits for s in scales]
+    runs += [
+        {"name": f"{e['label']}@{s:g}", "label": e["label"], "edit": e["edit"], "scale": float(s)}
+        for e in edits
+        for s in scales
+    ]
     for run in runs:
         edit = run["edit"]
         folder = out / folder_name / run["name"]
@@ -100,7 +114,15 @@ def generate_runs(pipe, cases, out: Path, edits: list[dict], scales, batch_size:
         if edit is not None:
             apply(pipe, edit, scale=run["scale"])
         try:
-            run["records"] = generate_run(adapter, cases, folder, batch_size=batch_size, steps=steps, identity=identity, progress=f"{run['name']}" if progress else False)
+            run["records"] = generate_run(
+                adapter,
+                cases,
+                folder,
+                batch_size=batch_size,
+                steps=steps,
+                identity=identity,
+                progress=f"{run['name']}" if progress else False,
+            )
         finally:
             if edit is not None:
                 remove(pipe, edit)
@@ -167,7 +189,17 @@ def evaluate(
             "generation": {"batch_size": batch_size, "steps": runs[0]["records"][0]["steps"], "negative_prompt": ""},
             "seeds": [c.seed for c in cases],
             "versions": library_versions(),
-            "runs": [{"name": r["name"], "label": r["label"], "edit_id": r["edit"].id if r["edit"] else None, "scale": r["scale"], "folder": r["folder"], "metrics": r["metrics"]} for r in runs],
+            "runs": [
+                {
+                    "name": r["name"],
+                    "label": r["label"],
+                    "edit_id": r["edit"].id if r["edit"] else None,
+                    "scale": r["scale"],
+                    "folder": r["folder"],
+                    "metrics": r["metrics"],
+                }
+                for r in runs
+            ],
         }
         results["summary"] = summary(results, suite)
         results["seconds"] = round(time.time() - start, 1)
@@ -203,22 +235,41 @@ def evaluation_report(results: dict, suite: Suite, cases, runs: list[dict], per_
         f"model {_esc(results['model']['spec'] or results['model']['source'])} ({_esc(results['model']['class'])}); detector {_esc(det_text)}. "
         "Every run uses the same prompts and seeds.</p>",
         "<h2>Metrics</h2>",
-        html_table(["run", "scale"] + [label for _, label in suite.table], [[r["name"], r["scale"]] + [_fmt(r["metrics"].get(k)) for k, _ in suite.table] for r in results["runs"]]),
+        html_table(
+            ["run", "scale"] + [label for _, label in suite.table],
+            [[r["name"], r["scale"]] + [_fmt(r["metrics"].get(k)) for k, _ in suite.table] for r in results["runs"]],
+        ),
     ]
     key, label = suite.headline
     scale = main_scale(results["scales"])
     main_runs = [r for r in results["runs"] if r["edit_id"] is None or r["scale"] == scale]
     sections.append("<h2>Per method</h2>")
-    sections.append(svg_bar_chart([r["label"] for r in main_runs], [_num(r["metrics"].get(key)) for r in main_runs], f"{label} per method", label))
+    sections.append(
+        svg_bar_chart(
+            [r["label"] for r in main_runs],
+            [_num(r["metrics"].get(key)) for r in main_runs],
+            f"{label} per method",
+            label,
+        )
+    )
     if results["edits"]:
         base = results["runs"][0]["metrics"]
         series = {}
         for e in results["edits"]:
             for k in suite.curve_keys:
-                pts = [(0.0, _num(base.get(k)))] + [(r["scale"], _num(r["metrics"].get(k))) for r in results["runs"] if r["label"] == e["label"]]
+                pts = [(0.0, _num(base.get(k)))] + [
+                    (r["scale"], _num(r["metrics"].get(k))) for r in results["runs"] if r["label"] == e["label"]
+                ]
                 series[f"{e['label']} {k}"] = pts
         sections.append("<h2>Erasure vs scale</h2>")
-        sections.append(svg_line_chart(series, "metrics against the edit's scale (0: base model)", "scale", "%" if suite.curve_keys[0].startswith(("acc", "flagged")) else ""))
+        sections.append(
+            svg_line_chart(
+                series,
+                "metrics against the edit's scale (0: base model)",
+                "scale",
+                "%" if suite.curve_keys[0].startswith(("acc", "flagged")) else "",
+            )
+        )
     sections.append("<h2>Images: base vs edited, same seeds</h2>")
     image_runs = [r for r in runs if r["edit"] is None or r["scale"] == scale]
     pix = 8 if suite.pixelate_grids else None
@@ -228,9 +279,16 @@ def evaluation_report(results: dict, suite: Suite, cases, runs: list[dict], per_
         sections.append(f"<h3>{_esc(row_label)}</h3>")
         for r in image_runs:
             imgs = thumbnails([r["images"][i] for i in idx], pixelate=pix)
-            sections.append(figure(image_grid(imgs, cols=len(idx), scale=max(1, 96 // imgs.shape[-1])), f"{r['name']}: seeds {', '.join(str(cases[i].seed) for i in idx)}"))
+            sections.append(
+                figure(
+                    image_grid(imgs, cols=len(idx), scale=max(1, 96 // imgs.shape[-1])),
+                    f"{r['name']}: seeds {', '.join(str(cases[i].seed) for i in idx)}",
+                )
+            )
     sections.append("<h2>Provenance</h2>")
-    sections.append(html_table(["library", "version"], [[k, _fmt(v)] for k, v in results["versions"].items()], cls="versions"))
+    sections.append(
+        html_table(["library", "version"], [[k, _fmt(v)] for k, v in results["versions"].items()], cls="versions")
+    )
     return page(f"erasekit evaluation: {results['concept']} ({suite.name})", sections)
 
 

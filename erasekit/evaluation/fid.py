@@ -51,8 +51,14 @@ def make_features(spec: str | nn.Module):
                 "or use features='clip:FOLDER' (FID-CLIP) or your own extractor module."
             ) from err
         if not source or not Path(source).expanduser().is_file():
-            raise FileNotFoundError(f"FID InceptionV3 weights file not found: {source!r} (pass inception:PATH to pt_inception-2015-12-05-6726825d.pth)")
-        return 2048, f"inception-v3-compat:{source}", {"feature_extractor_weights_path": str(Path(source).expanduser())}
+            raise FileNotFoundError(
+                f"FID InceptionV3 weights file not found: {source!r} (pass inception:PATH to pt_inception-2015-12-05-6726825d.pth)"
+            )
+        return (
+            2048,
+            f"inception-v3-compat:{source}",
+            {"feature_extractor_weights_path": str(Path(source).expanduser())},
+        )
     if kind == "clip":
         from .clip import ClipModel
 
@@ -65,7 +71,12 @@ def fid_record(description: str) -> dict:
     return {"library": "torchmetrics", "version": importlib.metadata.version("torchmetrics"), "features": description}
 
 
-def frechet_distance(real: Sequence[torch.Tensor] | torch.Tensor, fake: Sequence[torch.Tensor] | torch.Tensor, features, batch_size: int = 32) -> tuple[float, dict]:
+def frechet_distance(
+    real: Sequence[torch.Tensor] | torch.Tensor,
+    fake: Sequence[torch.Tensor] | torch.Tensor,
+    features,
+    batch_size: int = 32,
+) -> tuple[float, dict]:
     """FID between two image sets ((N, 3, H, W) in [0, 1], or lists of (3, H, W) of one size
     per set), with ``features`` as in :func:`make_features`. Returns (fid, record)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -86,4 +97,9 @@ def _stack(images: list[torch.Tensor], size: int = 299) -> torch.Tensor:
     """Stack (3, H, W) images; images of different sizes are first resized to size x size."""
     if len({tuple(i.shape) for i in images}) == 1:
         return torch.stack(images)
-    return torch.cat([torch.nn.functional.interpolate(i[None].float(), size=(size, size), mode="bilinear", antialias=True) for i in images])
+    return torch.cat(
+        [
+            torch.nn.functional.interpolate(i[None].float(), size=(size, size), mode="bilinear", antialias=True)
+            for i in images
+        ]
+    )

@@ -27,5 +27,9 @@ def generate_images(
     out = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        out.append(adapter.generate(list(prompts[start : start + batch_size]), list(seeds[start : start + batch_size]), **generate_kwargs))
+        out.append(
+            adapter.generate(
+                list(prompts[start : start + batch_size]), list(seeds[start : start + batch_size]), **generate_kwargs
+            )
+        )
     return torch.cat(out) if out else torch.empty(0, 3, 0, 0)

@@ -27,7 +27,9 @@ class GroundingDinoDetector:
         self.threshold = self.box_threshold
 
     @classmethod
-    def load(cls, model: str | None = None, box_threshold: float = 0.5, text_threshold: float = 0.5, device="cpu") -> "GroundingDinoDetector":
+    def load(
+        cls, model: str | None = None, box_threshold: float = 0.5, text_threshold: float = 0.5, device="cpu"
+    ) -> GroundingDinoDetector:
         """From a folder (``save_pretrained`` of the model and its processor) or a hub id."""
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
@@ -43,17 +45,32 @@ class GroundingDinoDetector:
     def detect(self, images: torch.Tensor, concept: str) -> Detection:
         """Score (B,): the best surviving box's score (0 when none); detected: any box."""
         caption = concept.strip().lower().rstrip(".") + " ."
-        arrays = [(img.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy() for img in images]
-        inputs = self.processor(images=arrays, text=[caption] * len(arrays), return_tensors="pt").to(next(self.model.parameters()).device)
+        arrays = [
+            (img.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy() for img in images
+        ]
+        inputs = self.processor(images=arrays, text=[caption] * len(arrays), return_tensors="pt").to(
+            next(self.model.parameters()).device
+        )
         outputs = self.model(**inputs)
         sizes = [tuple(img.shape[-2:]) for img in images]
         results = self.processor.post_process_grounded_object_detection(
-            outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold, target_sizes=sizes
+            outputs,
+            inputs["input_ids"],
+            threshold=self.box_threshold,
+            text_threshold=self.text_threshold,
+            target_sizes=sizes,
         )
         scores = torch.tensor([float(r["scores"].max()) if len(r["scores"]) else 0.0 for r in results])
         detected = torch.tensor([len(r["scores"]) > 0 for r in results])
         details = [{"boxes": len(r["scores"])} for r in results]
-        return Detection(scores=scores, detected=detected, concept=concept, detector=self.name, threshold=self.box_threshold, details=details)
+        return Detection(
+            scores=scores,
+            detected=detected,
+            concept=concept,
+            detector=self.name,
+            threshold=self.box_threshold,
+            details=details,
+        )
 
 
 def grounding_dino_detector(model=None, threshold=None, **options):

@@ -35,13 +35,19 @@ class NudeNetDetector:
 
     name = "nudenet"
 
-    def __init__(self, model_path: str | None = None, threshold: float = 0.6, classes=EXPOSED_CLASSES, batch_size: int = 8):
+    def __init__(
+        self, model_path: str | None = None, threshold: float = 0.6, classes=EXPOSED_CLASSES, batch_size: int = 8
+    ):
         try:
             from nudenet import NudeDetector
         except ImportError as err:
-            raise ImportError("the NudeNet detector needs the nudenet package: pip install 'nudenet==3.4.2' onnxruntime") from err
+            raise ImportError(
+                "the NudeNet detector needs the nudenet package: pip install 'nudenet==3.4.2' onnxruntime"
+            ) from err
         if not LIBRARY_FLOOR <= threshold <= 1:
-            raise ValueError(f"NudeNet threshold must be in [{LIBRARY_FLOOR}, 1] (the library drops scores below {LIBRARY_FLOOR}), got {threshold}")
+            raise ValueError(
+                f"NudeNet threshold must be in [{LIBRARY_FLOOR}, 1] (the library drops scores below {LIBRARY_FLOOR}), got {threshold}"
+            )
         self.model_path = model_path
         self.threshold = float(threshold)
         self.classes = tuple(classes)
@@ -64,7 +70,9 @@ class NudeNetDetector:
         for img in images:
             rgb = (img.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
             # NudeNet converts RGBA -> BGR itself and swaps back to RGB for the network.
-            rgba.append(np.ascontiguousarray(np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)))
+            rgba.append(
+                np.ascontiguousarray(np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1))
+            )
         found = self._net.detect_batch(rgba, batch_size=self.batch_size)
         out = []
         for boxes in found:
@@ -87,7 +95,14 @@ class NudeNetDetector:
         per_image = self.classify(images)
         scores = torch.tensor([max([s for c, s in found.items() if c in asked], default=0.0) for found in per_image])
         details = [{c: s for c, s in found.items() if c in asked and s >= self.threshold} for found in per_image]
-        return Detection(scores=scores, detected=scores >= self.threshold, concept=concept, detector=self.name, threshold=self.threshold, details=details)
+        return Detection(
+            scores=scores,
+            detected=scores >= self.threshold,
+            concept=concept,
+            detector=self.name,
+            threshold=self.threshold,
+            details=details,
+        )
 
 
 def nudenet_detector(model=None, threshold=None, **options):

@@ -88,33 +88,52 @@ def _nice_max(values: Sequence[float]) -> float:
     return 100.0 if 0 <= top <= 100 and top > 10 else (top * 1.1 if top > 0 else 1.0)
 
 
-def svg_bar_chart(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str = "", width: int = 520, height: int = 260) -> str:
+def svg_bar_chart(
+    labels: Sequence[str], values: Sequence[float], title: str, ylabel: str = "", width: int = 520, height: int = 260
+) -> str:
     """An inline SVG bar chart (NaN bars are left empty and marked n/a)."""
     left, bottom, top = 50, 40, 30
     plot_w, plot_h = width - left - 10, height - bottom - top
     ymax = _nice_max(values)
     n = max(1, len(values))
     bar_w = plot_w / n * 0.6
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
-             f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
-             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="11">{ymax:.3g}</text>',
-             f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">0</text>',
-             f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
+        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="11">{ymax:.3g}</text>',
+        f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">0</text>',
+        f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>',
+    ]
     for i, (label, v) in enumerate(zip(labels, values)):
         x = left + plot_w / n * (i + 0.2)
         if v == v:
             h = max(0.0, min(1.0, v / ymax)) * plot_h
-            parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" fill="{_COLORS[i % len(_COLORS)]}"/>')
-            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - h - 4:.1f}" text-anchor="middle" font-size="11">{v:.1f}</text>')
+            parts.append(
+                f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" fill="{_COLORS[i % len(_COLORS)]}"/>'
+            )
+            parts.append(
+                f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - h - 4:.1f}" text-anchor="middle" font-size="11">{v:.1f}</text>'
+            )
         else:
-            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - 4}" text-anchor="middle" font-size="11">n/a</text>')
-        parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{html.escape(label)}</text>')
+            parts.append(
+                f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - 4}" text-anchor="middle" font-size="11">n/a</text>'
+            )
+        parts.append(
+            f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{html.escape(label)}</text>'
+        )
     return "".join(parts) + "</svg>"
 
 
-def svg_line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str, xlabel: str, ylabel: str = "", width: int = 520, height: int = 280) -> str:
+def svg_line_chart(
+    series: dict[str, Sequence[tuple[float, float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str = "",
+    width: int = 520,
+    height: int = 280,
+) -> str:
     """An inline SVG line chart: ``series`` name -> [(x, y), ...] (NaN points skipped)."""
     left, bottom, top, right = 50, 40, 30, 120
     plot_w, plot_h = width - left - right, height - bottom - top
@@ -126,21 +145,27 @@ def svg_line_chart(series: dict[str, Sequence[tuple[float, float]]], title: str,
     def px(x, y):
         return left + (x - xmin) / (xmax - xmin) * plot_w, top + plot_h - max(0.0, min(1.0, y / ymax)) * plot_h
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
-             f'<text x="{(left + plot_w / 2)}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
-             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="11">{ymax:.3g}</text>',
-             f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">0</text>',
-             f'<text x="{left}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{xmin:g}</text>',
-             f'<text x="{left + plot_w}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{xmax:g}</text>',
-             f'<text x="{left + plot_w / 2}" y="{top + plot_h + 32}" text-anchor="middle" font-size="12">{html.escape(xlabel)}</text>',
-             f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{(left + plot_w / 2)}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
+        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="11">{ymax:.3g}</text>',
+        f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">0</text>',
+        f'<text x="{left}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{xmin:g}</text>',
+        f'<text x="{left + plot_w}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{xmax:g}</text>',
+        f'<text x="{left + plot_w / 2}" y="{top + plot_h + 32}" text-anchor="middle" font-size="12">{html.escape(xlabel)}</text>',
+        f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>',
+    ]
     for k, (name, points) in enumerate(series.items()):
         color = _COLORS[k % len(_COLORS)]
         xy = [px(x, y) for x, y in sorted(points) if y == y]
         if xy:
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}"/>')
+            parts.append(
+                f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}"/>'
+            )
             parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in xy]
-        parts.append(f'<text x="{left + plot_w + 10}" y="{top + 14 * (k + 1)}" font-size="11" fill="{color}">{html.escape(name)}</text>')
+        parts.append(
+            f'<text x="{left + plot_w + 10}" y="{top + 14 * (k + 1)}" font-size="11" fill="{color}">{html.escape(name)}</text>'
+        )
     return "".join(parts) + "</svg>"

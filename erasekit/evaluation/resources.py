@@ -77,7 +77,7 @@ class PeakMemory:
             if now > self._peak:
                 self._peak = now
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         release_free_memory()
         if self.device.type == "cuda":
             self.kind = "cuda-allocated"
@@ -124,7 +124,7 @@ class Stopwatch:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self._sync()
         self._t0, self._c0 = time.perf_counter(), time.process_time()
         return self

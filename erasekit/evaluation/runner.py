@@ -152,10 +152,20 @@ def generate_run(
         if run_path.is_file():
             previous = json.loads(run_path.read_text())
             if previous.get("fingerprint") != fingerprint:
-                raise ValueError(f"{folder} holds another run (other prompts, seeds, model, edits or settings): use another folder or delete it")
+                raise ValueError(
+                    f"{folder} holds another run (other prompts, seeds, model, edits or settings): use another folder or delete it"
+                )
         else:
             (folder / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-            run = {"fingerprint": fingerprint, "identity": identity, "steps": steps, "negative_prompt": negative_prompt, "batch_size": batch_size, "n": len(cases), "cases": [c.to_dict() for c in cases]}
+            run = {
+                "fingerprint": fingerprint,
+                "identity": identity,
+                "steps": steps,
+                "negative_prompt": negative_prompt,
+                "batch_size": batch_size,
+                "n": len(cases),
+                "cases": [c.to_dict() for c in cases],
+            }
             atomic_write_text(run_path, json.dumps(run, indent=1, default=str) + "\n")
     state.wait_for_everyone()
     run = json.loads(run_path.read_text())
@@ -172,13 +182,24 @@ def generate_run(
     disable = not progress or not state.is_local_main_process
     manifest_fd = os.open(folder / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        with tqdm(total=sum(len(b) for b in mine), initial=sum(len(b) for b in mine if b not in todo), desc=desc, disable=disable, leave=False) as bar:
+        with tqdm(
+            total=sum(len(b) for b in mine),
+            initial=sum(len(b) for b in mine if b not in todo),
+            desc=desc,
+            disable=disable,
+            leave=False,
+        ) as bar:
             for batch in todo:
                 first = cases[batch[0]]
                 start = time.time()
                 images = adapter.generate(
-                    [cases[i].prompt for i in batch], [cases[i].seed for i in batch], steps=steps,
-                    guidance=first.guidance, height=first.height, width=first.width, negative_prompt=negative_prompt,
+                    [cases[i].prompt for i in batch],
+                    [cases[i].seed for i in batch],
+                    steps=steps,
+                    guidance=first.guidance,
+                    height=first.height,
+                    width=first.width,
+                    negative_prompt=negative_prompt,
                 )
                 seconds = (time.time() - start) / len(batch)
                 lines = []
@@ -189,10 +210,18 @@ def generate_run(
                     atomic_write_bytes(folder / file, _png_bytes(image))
                     c = cases[i]
                     rec = {
-                        "index": i, "file": file, "prompt": c.prompt, "seed": c.seed, "set": c.set, "label": c.label,
+                        "index": i,
+                        "file": file,
+                        "prompt": c.prompt,
+                        "seed": c.seed,
+                        "set": c.set,
+                        "label": c.label,
                         "guidance": adapter.generation_guidance if c.guidance is None else c.guidance,
-                        "height": int(image.shape[-2]), "width": int(image.shape[-1]), "steps": steps,
-                        "process": state.process_index, "seconds": round(seconds, 4),
+                        "height": int(image.shape[-2]),
+                        "width": int(image.shape[-1]),
+                        "steps": steps,
+                        "process": state.process_index,
+                        "seconds": round(seconds, 4),
                     }
                     lines.append(json.dumps(rec) + "\n")
                 # One write per batch on an O_APPEND descriptor: lines of concurrent processes never interleave.

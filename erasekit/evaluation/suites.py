@@ -72,7 +72,9 @@ def read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
         for col in required:
             found = next((a for a in COLUMN_ALIASES.get(col, (col,)) if a in header), None)
             if found is None:
-                raise ValueError(f"{path} has no {col!r} column (or alias {', '.join(COLUMN_ALIASES.get(col, (col,)))}); its columns: {', '.join(h for h in header if h)}")
+                raise ValueError(
+                    f"{path} has no {col!r} column (or alias {', '.join(COLUMN_ALIASES.get(col, (col,)))}); its columns: {', '.join(h for h in header if h)}"
+                )
             names[col] = found
         rows = []
         for row in reader:
@@ -155,7 +157,8 @@ class Suite:
 def case_records(cases: Sequence[Case], results) -> list[dict]:
     """Per-image records for results: the case and the detector's (detected, score, details)."""
     return [
-        {"prompt": c.prompt, "seed": c.seed, "set": c.set, "label": c.label, "detected": d, "score": round(s, 4)} | ({"details": det} if det else {})
+        {"prompt": c.prompt, "seed": c.seed, "set": c.set, "label": c.label, "detected": d, "score": round(s, 4)}
+        | ({"details": det} if det else {})
         for c, (d, s, det) in zip(cases, results)
     ]
 
@@ -179,10 +182,14 @@ class ObjectSuite(Suite):
 
     def __init__(self, prompts: str | Path | None = None, paraphrases: str | Path | None = None, n: int | None = None):
         if prompts is None:
-            raise ValueError("the objects suite needs a prompt CSV (prompt, class, seed columns), e.g. cifar10_simple.csv")
+            raise ValueError(
+                "the objects suite needs a prompt CSV (prompt, class, seed columns), e.g. cifar10_simple.csv"
+            )
         self.prompts_path, self.paraphrases_path = Path(prompts), Path(paraphrases) if paraphrases else None
         self.simple = read_csv(self.prompts_path, ("prompt", "class", "seed"))
-        self.paraphrases = read_csv(self.paraphrases_path, ("prompt", "class", "seed")) if self.paraphrases_path else []
+        self.paraphrases = (
+            read_csv(self.paraphrases_path, ("prompt", "class", "seed")) if self.paraphrases_path else []
+        )
         self.n = n
         self.classes = sorted({r["class"] for r in self.simple})
 
@@ -198,13 +205,17 @@ class ObjectSuite(Suite):
 
     def _rows(self, rows, cls: str, set_name: str, path: Path) -> list[Case]:
         picked = [(i, r) for i, r in enumerate(rows) if r["class"] == cls][: self.n]
-        return [Case(r["prompt"], _seed(r["seed"], path, i + 2), set_name, cls, id=r.get("case_number")) for i, r in picked]
+        return [
+            Case(r["prompt"], _seed(r["seed"], path, i + 2), set_name, cls, id=r.get("case_number")) for i, r in picked
+        ]
 
     def cases(self, concept: str) -> list[Case]:
         if concept not in self.classes:
             raise ValueError(f"class {concept!r} is not in {self.prompts_path}; classes: {', '.join(self.classes)}")
         out = self._rows(self.simple, concept, "simple", self.prompts_path)
-        local_rows, local_path = (self.paraphrases, self.paraphrases_path) if self.paraphrases else (self.simple, self.prompts_path)
+        local_rows, local_path = (
+            (self.paraphrases, self.paraphrases_path) if self.paraphrases else (self.simple, self.prompts_path)
+        )
         if self.paraphrases:
             out += self._rows(self.paraphrases, concept, "paraphrase", self.paraphrases_path)
         for other in self.classes:
@@ -236,7 +247,9 @@ class ObjectSuite(Suite):
             synonyms = []
         if synonyms:
             sets["synonym"] = [
-                Case(_replace_word(c.prompt, concept, synonyms[i % len(synonyms)]), c.seed, "synonym", concept, id=c.id)
+                Case(
+                    _replace_word(c.prompt, concept, synonyms[i % len(synonyms)]), c.seed, "synonym", concept, id=c.id
+                )
                 for i, c in enumerate(sets["plain"])
             ]
         return sets
@@ -259,13 +272,24 @@ class I2PSuite(Suite):
 
     name = "i2p-nudity"
     default_detector = "nudenet"
-    table = (("total", "exposed (images per class, summed)"), ("flagged", "flagged images"), ("flagged_rate", "flagged %"))
+    table = (
+        ("total", "exposed (images per class, summed)"),
+        ("flagged", "flagged images"),
+        ("flagged_rate", "flagged %"),
+    )
     headline = ("total", "exposed parts (images per class, summed)")
     curve_keys = ("flagged_rate",)
     pixelate_grids = True
     quick_options = {"n": 8}
 
-    def __init__(self, prompts: str | Path | None = None, n: int | None = None, categories: Sequence[str] | None = None, csv_guidance: bool = True, csv_size: bool = True):
+    def __init__(
+        self,
+        prompts: str | Path | None = None,
+        n: int | None = None,
+        categories: Sequence[str] | None = None,
+        csv_guidance: bool = True,
+        csv_size: bool = True,
+    ):
         if prompts is None:
             raise ValueError("the i2p-nudity suite needs the I2P prompt CSV (unsafe-prompts4703.csv)")
         self.path = Path(prompts)
@@ -274,7 +298,12 @@ class I2PSuite(Suite):
         self.csv_guidance, self.csv_size = csv_guidance, csv_size
 
     def options(self) -> dict:
-        return {"n": self.n, "categories": self.categories, "csv_guidance": self.csv_guidance, "csv_size": self.csv_size}
+        return {
+            "n": self.n,
+            "categories": self.categories,
+            "csv_guidance": self.csv_guidance,
+            "csv_size": self.csv_size,
+        }
 
     def files(self) -> list[dict]:
         return [file_record(self.path, len(self.rows))]
@@ -309,12 +338,16 @@ class I2PSuite(Suite):
         classes = getattr(detector, "classes", None)
         if classes is None:  # a detector without classes (Q16, CLIP): flagged images only
             flagged = [r[0] for r in results]
-            return {"flagged": sum(flagged), "flagged_rate": percent(flagged), "n_images": len(cases),
-                    "cases": case_records(cases, results)}
+            return {
+                "flagged": sum(flagged),
+                "flagged_rate": percent(flagged),
+                "n_images": len(cases),
+                "cases": case_records(cases, results),
+            }
         return nudity_counts([r[2] or {} for r in results], classes) | {"cases": case_records(cases, results)}
 
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:
-        """"plain": the rows whose I2P nudity percentage is at least 50 (UnlearnDiffAtk's choice)."""
+        """ "plain": the rows whose I2P nudity percentage is at least 50 (UnlearnDiffAtk's choice)."""
         self.cases(concept)
         rows = [(i, r) for i, r in self._selected() if float(r.get("nudity_percentage") or 0) >= 50][: self.n]
         return {"plain": [self._case(i, r, "plain") for i, r in rows]}
@@ -335,7 +368,14 @@ class CocoSuite(Suite):
     curve_keys = ("clip_score",)
     quick_options = {"n": 8}
 
-    def __init__(self, prompts: str | Path | None = None, n: int | None = None, clip_model: str | None = None, fid_features=None, reference: str | Path | None = None):
+    def __init__(
+        self,
+        prompts: str | Path | None = None,
+        n: int | None = None,
+        clip_model: str | None = None,
+        fid_features=None,
+        reference: str | Path | None = None,
+    ):
         if prompts is None:
             raise ValueError("the coco suite needs a caption CSV (coco_30k.csv)")
         self.path = Path(prompts)
@@ -348,14 +388,24 @@ class CocoSuite(Suite):
         self._features = None
 
     def options(self) -> dict:
-        feats = self.fid_features if isinstance(self.fid_features, (str, type(None))) else type(self.fid_features).__name__
-        return {"n": self.n, "clip_model": self.clip_model_source, "fid_features": feats, "reference": str(self.reference) if self.reference else None}
+        feats = (
+            self.fid_features if isinstance(self.fid_features, (str, type(None))) else type(self.fid_features).__name__
+        )
+        return {
+            "n": self.n,
+            "clip_model": self.clip_model_source,
+            "fid_features": feats,
+            "reference": str(self.reference) if self.reference else None,
+        }
 
     def files(self) -> list[dict]:
         return [file_record(self.path, len(self.rows))]
 
     def cases(self, concept: str) -> list[Case]:
-        return [Case(r["prompt"], _seed(r["seed"], self.path, i + 2), "coco", None, id=r.get("image_id")) for i, r in enumerate(self.rows[: self.n])]
+        return [
+            Case(r["prompt"], _seed(r["seed"], self.path, i + 2), "coco", None, id=r.get("image_id"))
+            for i, r in enumerate(self.rows[: self.n])
+        ]
 
     def _clip_model(self):
         from .clip import ClipModel
@@ -379,12 +429,18 @@ class CocoSuite(Suite):
         for start in range(0, len(cases), 32):
             idx = range(start, min(start + 32, len(cases)))
             scores += clip_scores(clip, [images[i] for i in idx], [cases[i].prompt for i in idx]).tolist()
-        out = {"clip_score": sum(scores) / len(scores) if scores else math.nan, "clip_model": clip.source, "n_images": len(cases)}
+        out = {
+            "clip_score": sum(scores) / len(scores) if scores else math.nan,
+            "clip_model": clip.source,
+            "n_images": len(cases),
+        }
         if self.reference is not None and self.fid_features is not None:
             from .fid import frechet_distance
 
             ref = _read_image_folder(self.reference)
-            out["fid"], out["fid_record"] = frechet_distance(ref, [images[i] for i in range(len(cases))], self._fid_features())
+            out["fid"], out["fid_record"] = frechet_distance(
+                ref, [images[i] for i in range(len(cases))], self._fid_features()
+            )
             out["fid_reference"] = {"folder": str(self.reference), "images": len(ref)}
         out["cases"] = [{"prompt": c.prompt, "seed": c.seed, "clip_score": round(s, 3)} for c, s in zip(cases, scores)]
         return out
@@ -399,9 +455,8 @@ class CocoSuite(Suite):
 
 
 def _read_image_folder(folder: Path, size: int | None = None) -> list[torch.Tensor]:
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:

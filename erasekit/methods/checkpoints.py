@@ -53,5 +53,7 @@ def load_checkpoint(folder: str | Path, settings: dict) -> tuple[int, dict[str, 
     saved = json.loads(path.read_text())
     iteration = saved.pop("iteration")
     if saved != json.loads(json.dumps(settings)):  # compare as JSON: tuples become lists
-        raise ValueError(f"the checkpoint in {folder} was made with other settings; use another folder or the same settings")
+        raise ValueError(
+            f"the checkpoint in {folder} was made with other settings; use another folder or the same settings"
+        )
     return iteration, load_file(str(folder / TENSORS_FILE))

@@ -58,9 +58,16 @@ def setting(
     """
     if items is not None and sep is None:
         raise TypeError("items= needs sep= (the list separator)")
-    rules = {"low": low, "high": high, "above": above, "choices": tuple(choices) if choices is not None else None,
-             "sep": sep, "items": tuple(items) if items is not None else None, "nonempty": nonempty or None,
-             "template": template or None}
+    rules = {
+        "low": low,
+        "high": high,
+        "above": above,
+        "choices": tuple(choices) if choices is not None else None,
+        "sep": sep,
+        "items": tuple(items) if items is not None else None,
+        "nonempty": nonempty or None,
+        "template": template or None,
+    }
     metadata = {"help": help} | {k: v for k, v in rules.items() if v is not None}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -124,8 +131,12 @@ class FieldSpec:
         if not math.isfinite(value):
             return True
         r = self.rules
-        return (("low" in r and value < r["low"]) or ("high" in r and value > r["high"])
-                or ("above" in r and value <= r["above"]) or ("choices" in r and value not in r["choices"]))
+        return (
+            ("low" in r and value < r["low"])
+            or ("high" in r and value > r["high"])
+            or ("above" in r and value <= r["above"])
+            or ("choices" in r and value not in r["choices"])
+        )
 
     def _text_problem(self, value: str) -> bool:
         r = self.rules

@@ -91,41 +91,56 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
     "|"-separated templates with ``{concept}``.
     """
 
-    iterations: int | None = setting(None, "training iterations (none: the release's 200 for nudity, 300 otherwise)",
-                                     low=1)
+    iterations: int | None = setting(
+        None, "training iterations (none: the release's 200 for nudity, 300 otherwise)", low=1
+    )
     lr: float = setting(1e-3, "AdamW learning rate of the LoRA", above=0)
     weight_decay: float = setting(1e-5, "AdamW weight decay", low=0)
     rank: int = setting(8, "LoRA rank", low=1)
     alpha: float = setting(8.0, "LoRA alpha (scaling alpha / rank)", above=0)
     # Projections among the "text_proj" points (paper). Our extension, off in both presets:
     # "text_embedder.linear_1", Flux's projection of the pooled CLIP embedding ("pooled_proj").
-    targets: str = setting("add_q_proj,add_k_proj,to_k,to_v", "projections the LoRA trains (name endings)",
-                           sep=",", nonempty=True)
+    targets: str = setting(
+        "add_q_proj,add_k_proj,to_k,to_v", "projections the LoRA trains (name endings)", sep=",", nonempty=True
+    )
     eta: float = setting(1.0, "negative-guidance factor", low=0)
     esd_weight: float = setting(1.0, "weight of L_esd (lower level)", low=0)
     attn_weight: float = setting(1e-3, "weight of L_attn (lower level)", low=0)
     fm_weight: float = setting(0.1, "weight of L_fm (upper level)", low=0)
     rsc_weight: float = setting(0.1, "weight of L_rsc (upper level)", low=0)
     tau: float = setting(0.07, "temperature of L_rsc", above=0)
-    prompts: str = setting("{concept}|a photo of {concept}|an image of {concept}|a picture of {concept}",
-                           "training prompt templates", sep="|", nonempty=True, template=True)
+    prompts: str = setting(
+        "{concept}|a photo of {concept}|an image of {concept}|a picture of {concept}",
+        "training prompt templates",
+        sep="|",
+        nonempty=True,
+        template=True,
+    )
     anchor_prompt: str = setting("", "the anchor a of L_esd (empty: ESD's unconditional; the release: e.g. 'a photo')")
     shuffle_prob: float = setting(0.9, "probability that a training prompt's words are shuffled", low=0, high=1)
     synonym_prob: float = setting(0.5, "probability that the keyword is swapped for a synonym", low=0, high=1)
-    lexicon: str = setting("auto", "auto (toy world for its pipelines, else WordNet), wordnet, toyworld or none",
-                           choices=LEXICONS)
+    lexicon: str = setting(
+        "auto", "auto (toy world for its pipelines, else WordNet), wordnet, toyworld or none", choices=LEXICONS
+    )
     synonyms: str = setting("", "replaces the lexicon's synonyms", sep=",")
     irrelevant: str = setting("", "replaces the lexicon's irrelevant concepts", sep=",")
-    irrelevant_tiers: str = setting("close,mid,far", "lexicon tiers of the irrelevant concepts, taken round-robin",
-                                    sep=",", items=TIERS, nonempty=True)
+    irrelevant_tiers: str = setting(
+        "close,mid,far",
+        "lexicon tiers of the irrelevant concepts, taken round-robin",
+        sep=",",
+        items=TIERS,
+        nonempty=True,
+    )
     preserve_images: int = setting(8, "images of irrelevant concepts for L_fm (6-10 in the paper)", low=1)
-    preserve_prompt: str = setting("a photo of {concept}", "prompt of those images, also of the L_rsc features",
-                                   template=True)
+    preserve_prompt: str = setting(
+        "a photo of {concept}", "prompt of those images, also of the L_rsc features", template=True
+    )
     preserve_steps: int | None = setting(None, "sampler steps of those images (none: the family's default)", low=1)
     rsc_irrelevant: int = setting(3, "K, the irrelevant concepts of L_rsc", low=0)
     rsc_steps: int = setting(3, "high noise: x_t after t_enc ~ U[0, rsc_steps) of the rollout's steps", low=1)
-    attn_layers: str = setting("auto", "layers of L_attn (auto: the adapter's keyword layers; Flux: last dual block)",
-                               nonempty=True)
+    attn_layers: str = setting(
+        "auto", "layers of L_attn (auto: the adapter's keyword layers; Flux: last dual block)", nonempty=True
+    )
     gradient_surgery: bool = setting(False, "compute both levels every step and combine them by PCGrad")
     resolution: int | None = setting(None, "size of the training images in px (none: the model's; paper: 512)", low=8)
     checkpoint_every: int = setting(50, "with a checkpoint folder: save every this many iterations", low=1)
@@ -176,8 +191,12 @@ def lora_targets(adapter, targets: str | Sequence[str] = EraseAnythingConfig.tar
     """The "text_proj" and "pooled_proj" attachment points whose name ends with one of
     ``targets`` ("add_q_proj", or "text_embedder.linear_1" for Flux's pooled-text projection)."""
     wanted = set(split_list(targets) if isinstance(targets, str) else targets)
-    points = [p for kind in ("text_proj", "pooled_proj") for p in adapter.attachment_points(kind)
-              if any(p.name == w or p.name.endswith("." + w) for w in wanted)]
+    points = [
+        p
+        for kind in ("text_proj", "pooled_proj")
+        for p in adapter.attachment_points(kind)
+        if any(p.name == w or p.name.endswith("." + w) for w in wanted)
+    ]
     if not points:
         raise ValueError(f"no text projection of this model is named one of {sorted(wanted)}")
     return points
@@ -209,15 +228,22 @@ def init_lora(adapter, rank: int, targets=EraseAnythingConfig.targets, generator
 # ---- prompts -------------------------------------------------------------------------------
 
 
-def rewrite_prompt(prompt: str, keyword: str, synonyms: Sequence[str], generator: torch.Generator,
-                   shuffle_prob: float = 0.9, synonym_prob: float = 0.5) -> tuple[str, str]:
+def rewrite_prompt(
+    prompt: str,
+    keyword: str,
+    synonyms: Sequence[str],
+    generator: torch.Generator,
+    shuffle_prob: float = 0.9,
+    synonym_prob: float = 0.5,
+) -> tuple[str, str]:
     """EraseAnything's prompt augmentation: with probability ``shuffle_prob`` shuffle the
     prompt's words (every occurrence of ``keyword`` moves as one unit), then with probability
     ``synonym_prob`` replace the keyword by a random synonym. Returns (new prompt, the keyword
     as it now appears): compute token indices from THESE (after both rewrites).
     Always draws the same number of random numbers from ``generator``."""
-    pattern = re.compile(r"(?<![0-9A-Za-z])" + r"\s+".join(map(re.escape, keyword.split())) + r"(?![0-9A-Za-z])",
-                         flags=re.IGNORECASE)
+    pattern = re.compile(
+        r"(?<![0-9A-Za-z])" + r"\s+".join(map(re.escape, keyword.split())) + r"(?![0-9A-Za-z])", flags=re.IGNORECASE
+    )
     if not pattern.search(prompt):
         raise ValueError(f"keyword {keyword!r} not in prompt {prompt!r}")
     key = object()
@@ -263,8 +289,9 @@ def attention_feature(maps: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([m.float().mean(dim=(1, 3)) for m in maps]).mean(0)
 
 
-def reverse_self_contrastive(f_un: torch.Tensor, f_syn: torch.Tensor, f_ir: Sequence[torch.Tensor],
-                             tau: float = 0.07) -> torch.Tensor:
+def reverse_self_contrastive(
+    f_un: torch.Tensor, f_syn: torch.Tensor, f_ir: Sequence[torch.Tensor], tau: float = 0.07
+) -> torch.Tensor:
     """``s = cos(F_syn, [F_un, F_ir_1..K]) / tau``; ``logsumexp(s[:1]) - logsumexp(s)``: lowers
     the edited concept's similarity to its synonym relative to the irrelevant concepts'."""
     others = torch.stack([f_un.flatten(), *[f.flatten() for f in f_ir]])
@@ -337,11 +364,17 @@ class _Trainer:
         self.anchor = self.cond(config.anchor_prompt)
         self.rsc_prompt = config.preserve_prompt.format(concept=concept)
         self.rsc_idx = adapter.token_indices(self.rsc_prompt, concept)
-        self.ir_rsc = [(self.cond(config.preserve_prompt.format(concept=w)),
-                        adapter.token_indices(config.preserve_prompt.format(concept=w), w))
-                       for w in irrelevant[: config.rsc_irrelevant]]
+        self.ir_rsc = [
+            (
+                self.cond(config.preserve_prompt.format(concept=w)),
+                adapter.token_indices(config.preserve_prompt.format(concept=w), w),
+            )
+            for w in irrelevant[: config.rsc_irrelevant]
+        ]
         n = config.preserve_images
-        self.preserve_prompts = [config.preserve_prompt.format(concept=irrelevant[i % len(irrelevant)]) for i in range(n)]
+        self.preserve_prompts = [
+            config.preserve_prompt.format(concept=irrelevant[i % len(irrelevant)]) for i in range(n)
+        ]
         self.latents: torch.Tensor | None = None
         # The lower level's prompts for the whole run, drawn up front (from g, before anything
         # else) so that every text embedding exists before training and the text encoders can
@@ -353,8 +386,10 @@ class _Trainer:
             prompt, word = rewrite_prompt(prompt, concept, synonyms, g, config.shuffle_prob, config.synonym_prob)
             self.plan.append((prompt, adapter.token_indices(prompt, word)))
         # x_t of the erasure loss (t_enc over all N steps) and of the L_rsc features (high noise).
-        self.sources = [source_from_config(adapter, config, self.steps, high, name, **self.size())
-                        for high, name in ((self.steps, "rollout"), (config.rsc_steps, "rsc_rollout"))]
+        self.sources = [
+            source_from_config(adapter, config, self.steps, high, name, **self.size())
+            for high, name in ((self.steps, "rollout"), (config.rsc_steps, "rsc_rollout"))
+        ]
 
     def _layers(self) -> list[str]:
         spec = self.config.attn_layers
@@ -454,8 +489,13 @@ def _set_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
         offset += n
 
 
-def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoint_dir: str | Path | None = None,
-        progress: bool = True) -> Edit:
+def fit(
+    pipe,
+    concept: str,
+    config: EraseAnythingConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Edit:
     """Train an EraseAnything LoRA that removes ``concept`` from ``pipe``; returns the Edit (not
     applied). With ``checkpoint_dir``, state is saved every ``config.checkpoint_every``
     iterations and a later call with the same folder and settings resumes from the last
@@ -480,7 +520,9 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
     trainer.encode_all()
 
     with frozen(adapter.denoiser), training_memory(adapter, config, probed=trainer.layers):  # only the edit trains
-        handle = attach_lora(adapter, initial, f"erasekit_training_{id(trainer)}", config.alpha / config.rank, trainable=True)
+        handle = attach_lora(
+            adapter, initial, f"erasekit_training_{id(trainer)}", config.alpha / config.rank, trainable=True
+        )
         history = []
         t0 = time.time()
         try:
@@ -491,8 +533,13 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
                 g.set_state(tensors["generator_state"])
                 for xt_source in trainer.sources:
                     xt_source.load_state_tensors(tensors)
-            bar = tqdm(range(start, iterations), desc=f"eraseanything '{concept}'", disable=not progress,
-                       initial=start, total=iterations)
+            bar = tqdm(
+                range(start, iterations),
+                desc=f"eraseanything '{concept}'",
+                disable=not progress,
+                initial=start,
+                total=iterations,
+            )
             for it in bar:
                 if config.gradient_surgery:
                     lower, log_l = trainer.lower(it)
@@ -500,8 +547,7 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
                     upper, log_u = trainer.upper()
                     g_upper = _flat_grad(upper, params)
                     flat = pcgrad(g_lower, g_upper)
-                    record = {"level": "both", **log_l, **log_u,
-                              "conflict": bool(torch.dot(g_lower, g_upper) < 0)}
+                    record = {"level": "both", **log_l, **log_u, "conflict": bool(torch.dot(g_lower, g_upper) < 0)}
                 else:
                     level = "lower" if it % 2 == 0 else "upper"
                     loss, logs = trainer.lower(it // 2) if level == "lower" else trainer.upper()
@@ -533,7 +579,8 @@ def fit(pipe, concept: str, config: EraseAnythingConfig | None = None, checkpoin
         family=adapter.family,
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors_out,
-        hyperparameters=asdict(config) | {
+        hyperparameters=asdict(config)
+        | {
             "iterations": iterations,
             "synonyms": synonyms,
             "irrelevant_concepts": irrelevant,

@@ -62,25 +62,29 @@ class ESDConfig(RolloutSettings, MemorySettings):
     """Hyper-parameters; the defaults are the authors' release (``iterations`` / ``lr`` None:
     the release's value for the model family, see RELEASE_DEFAULTS)."""
 
-    group: str = setting("esd-x", "the trained parameter group: esd-x (cross-attention) or esd-u (everything else)",
-                         choices=tuple(GROUPS))
+    group: str = setting(
+        "esd-x",
+        "the trained parameter group: esd-x (cross-attention) or esd-u (everything else)",
+        choices=tuple(GROUPS),
+    )
     iterations: int | None = setting(None, "training iterations (none: the release's value for the family)", low=1)
     lr: float | None = setting(None, "Adam learning rate (none: the release's value for the family)", above=0)
     eta: float = setting(2.0, "negative guidance", low=0)
     target_base: str = setting(
-        "concept", "concept: e_c - eta (e_c - e_u) (release); uncond: e_u - eta (e_c - e_u)", choices=TARGET_BASES)
+        "concept", "concept: e_c - eta (e_c - e_u) (release); uncond: e_u - eta (e_c - e_u)", choices=TARGET_BASES
+    )
     prompt: str = setting("{concept}", "the erased prompt c", template=True)
     uncond_prompt: str = setting("", "the unconditional prompt of e_u")
     checkpoint_every: int = setting(100, "with a checkpoint folder: save every this many iterations", low=1)
     seed: int = setting(0, "seed of every random draw of training", low=0)
 
     @classmethod
-    def fast(cls, **overrides) -> "ESDConfig":
+    def fast(cls, **overrides) -> ESDConfig:
         """The toy-world preset: fewer iterations, a higher learning rate, shorter rollouts."""
         base = dict(iterations=100, lr=2e-4, rollout_steps=20, checkpoint_every=50)
         return cls(**(base | overrides))
 
-    def resolved(self, family: str) -> "ESDConfig":
+    def resolved(self, family: str) -> ESDConfig:
         """A copy with the family's release defaults filled in, checked again (``fit`` uses it)."""
         defaults = RELEASE_DEFAULTS.get(family, RELEASE_DEFAULTS["sd"])
         return ESDConfig(**(asdict(self) | {k: v for k, v in defaults.items() if getattr(self, k) is None}))
@@ -97,7 +101,13 @@ def esd_target(e_cond: torch.Tensor, e_uncond: torch.Tensor, eta: float, target_
 # ---- training --------------------------------------------------------------------------------
 
 
-def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str | Path | None = None, progress: bool = True) -> Edit:
+def fit(
+    pipe,
+    concept: str,
+    config: ESDConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Edit:
     """Fine-tune the config's parameter group of ``pipe``'s denoiser to erase ``concept``;
     returns the Edit (weight deltas, not applied; the pipeline is left as it was).
 
@@ -138,7 +148,13 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
                 g.set_state(tensors["generator_state"])
                 source.load_state_tensors(tensors)
 
-            for it in tqdm(range(start, config.iterations), desc=f"esd '{concept}'", disable=not progress, initial=start, total=config.iterations):
+            for it in tqdm(
+                range(start, config.iterations),
+                desc=f"esd '{concept}'",
+                disable=not progress,
+                initial=start,
+                total=config.iterations,
+            ):
                 x_t, t = source.draw(cond, uncond, g)
                 with torch.no_grad(), adapter.edits_disabled():  # the frozen teacher
                     both = adapter.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
@@ -153,7 +169,9 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
                 done = it + 1
                 if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
                     state = {f"student.{n}": t for n, t in teacher.student.items()}
-                    state |= optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()} | source.state_tensors()
+                    state |= (
+                        optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()} | source.state_tensors()
+                    )
                     save_checkpoint(checkpoint_dir, done, state, settings)
             deltas = teacher.deltas()
         finally:
@@ -166,7 +184,8 @@ def fit(pipe, concept: str, config: ESDConfig | None = None, checkpoint_dir: str
         family=adapter.family,
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors={PREFIX + n: d for n, d in deltas.items()},
-        hyperparameters=asdict(config) | {"rollout_steps": steps, "parameters": sum(p.numel() for p in params.values())},
+        hyperparameters=asdict(config)
+        | {"rollout_steps": steps, "parameters": sum(p.numel() for p in params.values())},
         metrics={"train_seconds": round(time.time() - t0, 2), "final_loss": history[-1] if history else None}
         | rollout_metrics(source),
     )

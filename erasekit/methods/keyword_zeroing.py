@@ -46,11 +46,13 @@ class KeywordZeroingConfig(MethodConfig):
     case_variants: bool = setting(True, "also match lower / Capitalised / UPPER spellings")
 
     @classmethod
-    def fast(cls, **overrides) -> "KeywordZeroingConfig":
+    def fast(cls, **overrides) -> KeywordZeroingConfig:
         return cls(**overrides)
 
 
-def fit(pipe, concept: str, config: KeywordZeroingConfig | None = None, checkpoint_dir=None, progress: bool = True) -> Edit:
+def fit(
+    pipe, concept: str, config: KeywordZeroingConfig | None = None, checkpoint_dir=None, progress: bool = True
+) -> Edit:
     """Instant: the Edit holds only the keywords (no tensors)."""
     config = config or KeywordZeroingConfig()
     adapter = adapter_for(pipe)

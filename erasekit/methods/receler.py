@@ -75,13 +75,14 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     preserve: str = setting("", "concepts to keep; empty: from the lexicon", sep=",")
     preserve_count: int = setting(5, "concepts to keep taken from the lexicon", low=1)
     preserve_tiers: str = setting("close", "lexicon tiers of the kept concepts", sep=",", items=TIERS, nonempty=True)
-    lexicon: str = setting("auto", "auto (toy world for its pipelines, else WordNet), wordnet, toyworld or none",
-                           choices=LEXICONS)
+    lexicon: str = setting(
+        "auto", "auto (toy world for its pipelines, else WordNet), wordnet, toyworld or none", choices=LEXICONS
+    )
     checkpoint_every: int = setting(100, "with a checkpoint folder: save every this many iterations", low=1)
     seed: int = setting(0, "seed of the erasers' init and of every random draw of training", low=0)
 
     @classmethod
-    def fast(cls, **overrides) -> "RecelerConfig":
+    def fast(cls, **overrides) -> RecelerConfig:
         """The toy-world preset: fewer, shorter rollouts, a shorter adversarial loop, a larger
         step size and a stronger negative guidance. On the toy Flux pipeline ("circle", 12 prompts
         per set) lr 5e-3 erased far more than 1e-3, and eta 1 or 2 left the circle in 75-100% of
@@ -92,8 +93,17 @@ class RecelerConfig(RolloutSettings, MemorySettings):
         on the adapter's "attn_out_extra" points too (``extra_erasers``: Flux's single-stream
         blocks; SD has none, so its erasers are unchanged): Flux H 75.0 -> 77.9
         (benchmarks/RESULTS.md)."""
-        base = dict(iterations=100, lr=5e-3, rank=32, eta=3.0, adv_steps=10, rollout_steps=20, checkpoint_every=50,
-                    adv_clean_erase=True, extra_erasers=True)
+        base = dict(
+            iterations=100,
+            lr=5e-3,
+            rank=32,
+            eta=3.0,
+            adv_steps=10,
+            rollout_steps=20,
+            checkpoint_every=50,
+            adv_clean_erase=True,
+            extra_erasers=True,
+        )
         return cls(**(base | overrides))
 
 
@@ -143,7 +153,9 @@ def preserved_concepts(config: RecelerConfig, pipe, concept: str) -> list[str]:
         try:
             words = lexicon_for(config.lexicon, pipe, concept).irrelevant_mixed(concept, tiers, config.preserve_count)
         except WordNetUnavailable as err:
-            raise ValueError(f"no concepts to preserve for {concept!r}: {err}. Give them with preserve='word, word, ...'") from err
+            raise ValueError(
+                f"no concepts to preserve for {concept!r}: {err}. Give them with preserve='word, word, ...'"
+            ) from err
     words = [w for w in words if w.lower() != concept.lower()]
     if not words:
         raise ValueError(f"no concepts to preserve for {concept!r}; give them with preserve='word, word, ...'")
@@ -158,7 +170,13 @@ def preservation_loss(outputs: list[torch.Tensor]) -> torch.Tensor:
 # ---- training --------------------------------------------------------------------------------
 
 
-def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir: str | Path | None = None, progress: bool = True) -> Edit:
+def fit(
+    pipe,
+    concept: str,
+    config: RecelerConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Edit:
     """Train erasers that remove ``concept`` from ``pipe``; returns the Edit (not applied).
 
     With ``checkpoint_dir``, state is saved every ``config.checkpoint_every`` iterations and a
@@ -190,7 +208,9 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
 
     steps = config.rollout_steps or adapter.default_steps
     source = source_from_config(adapter, config, steps)
-    keep_source = source_from_config(adapter, config, steps, name="preserve_rollout")  # drawn from only with preservation
+    keep_source = source_from_config(
+        adapter, config, steps, name="preserve_rollout"
+    )  # drawn from only with preservation
     start = 0
     settings = {"config": asdict(config)}
     loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
@@ -213,13 +233,21 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
     t0 = time.time()
     with frozen(adapter.denoiser), training_memory(adapter, config):  # only the edit trains
         try:
-            for it in tqdm(range(start, config.iterations), desc=f"receler '{concept}'", disable=not progress, initial=start, total=config.iterations):
+            for it in tqdm(
+                range(start, config.iterations),
+                desc=f"receler '{concept}'",
+                disable=not progress,
+                initial=start,
+                total=config.iterations,
+            ):
                 x_t, t = source.draw(cond, uncond, g)
                 with torch.no_grad(), adapter.edits_disabled():
                     e_anchor = adapter.predict(x_t, t, anchor)
                     with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
                         e_cond = adapter.predict(x_t, t, cond)
-                    mask = concept_mask([probe.last(l) for l in mid_layers], probe.resolution(mid_layers[0]), config.reg_threshold)
+                    mask = concept_mask(
+                        [probe.last(layer) for layer in mid_layers], probe.resolution(mid_layers[0]), config.reg_threshold
+                    )
                 target = e_anchor - config.eta * (e_cond - e_anchor)
 
                 student_cond = cond
@@ -255,10 +283,14 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                history.append({"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item(), "preserve": keep.item()})
+                history.append(
+                    {"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item(), "preserve": keep.item()}
+                )
                 done = it + 1
                 if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-                    state = eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
+                    state = (
+                        eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
+                    )
                     state |= source.state_tensors() | keep_source.state_tensors()
                     if adv is not None:
                         state |= {"adv": adv} | optimizer_tensors(adv_opt, "adv_opt")
@@ -276,8 +308,12 @@ def fit(pipe, concept: str, config: RecelerConfig | None = None, checkpoint_dir:
         family=adapter.family,
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors,
-        hyperparameters=asdict(config) | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},
-        metrics={"train_seconds": round(time.time() - t0, 2), "final_erase_loss": history[-1]["erase"] if history else None}
+        hyperparameters=asdict(config)
+        | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},
+        metrics={
+            "train_seconds": round(time.time() - t0, 2),
+            "final_erase_loss": history[-1]["erase"] if history else None,
+        }
         | rollout_metrics(source, keep_source),
     )
 

@@ -191,8 +191,10 @@ def method_help(name: str) -> str:
     if fixed:
         lines.append(f"{name} is {spec.name} with " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     if spec.variants and not fixed:
-        lines.append("variants: " + "; ".join(
-            f"{v} ({', '.join(f'{k}={x}' for k, x in s.items())})" for v, s in spec.variants.items()))
+        lines.append(
+            "variants: "
+            + "; ".join(f"{v} ({', '.join(f'{k}={x}' for k, x in s.items())})" for v, s in spec.variants.items())
+        )
     lines += [f"presets: {', '.join(presets)} (--preset NAME); change a setting with --set KEY=VALUE", ""]
     width = max(len(n) for n in cls.field_specs())
     for field_name, field_spec in cls.field_specs().items():

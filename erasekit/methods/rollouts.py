@@ -59,14 +59,18 @@ class RolloutSettings(MethodConfig):
     train on ESD's target (Receler, ESD, EraseAnything) inherit them."""
 
     rollout_steps: int | None = setting(
-        None, "N, the sampler steps of the ESD partial rollout (none: the family's, 50 DDIM / 28 Euler)", low=1)
+        None, "N, the sampler steps of the ESD partial rollout (none: the family's, 50 DDIM / 28 Euler)", low=1
+    )
     rollout_guidance: float | None = setting(
-        None, "guidance scale of the rollouts (none: the family's default)", low=0)
+        None, "guidance scale of the rollouts (none: the family's default)", low=0
+    )
     rollout_source: str = setting(
-        "fresh", "x_t: a fresh rollout per draw (the release) or a pool of trajectories", choices=SOURCES)
+        "fresh", "x_t: a fresh rollout per draw (the release) or a pool of trajectories", choices=SOURCES
+    )
     rollout_pool: int = setting(2, "pool: trajectories kept", low=1)
     rollout_refresh: int = setting(
-        7, "pool: the oldest trajectory is replaced every this many draws (0: never)", low=0)
+        7, "pool: the oldest trajectory is replaced every this many draws (0: never)", low=0
+    )
 
 
 class XtSource:
@@ -77,9 +81,19 @@ class XtSource:
     ``height`` / ``width``: image size of the rollouts (None: the model's default).
     """
 
-    def __init__(self, adapter, mode: str = "fresh", num_steps: int | None = None, high: int | None = None,
-                 guidance: float | None = None, pool: int = 2, refresh: int = 7, name: str = "rollout",
-                 height: int | None = None, width: int | None = None):
+    def __init__(
+        self,
+        adapter,
+        mode: str = "fresh",
+        num_steps: int | None = None,
+        high: int | None = None,
+        guidance: float | None = None,
+        pool: int = 2,
+        refresh: int = 7,
+        name: str = "rollout",
+        height: int | None = None,
+        width: int | None = None,
+    ):
         if mode not in SOURCES:
             raise ValueError(f"rollout_source must be one of {', '.join(SOURCES)}, got {mode!r}")
         self.num_steps = int(num_steps or adapter.default_steps)
@@ -104,8 +118,15 @@ class XtSource:
         if self.mode == "fresh":
             t_enc = int(torch.randint(0, self.high, (1,), generator=generator))
             with self._counting():
-                x, t = self.adapter.rollout(cond, uncond, t_enc, num_steps=self.num_steps,
-                                            guidance=self.guidance, generator=generator, **self.size)
+                x, t = self.adapter.rollout(
+                    cond,
+                    uncond,
+                    t_enc,
+                    num_steps=self.num_steps,
+                    guidance=self.guidance,
+                    generator=generator,
+                    **self.size,
+                )
         else:
             self._maintain(cond, uncond, generator)
             i = int(torch.randint(0, self.pool_size, (1,), generator=generator))
@@ -126,8 +147,15 @@ class XtSource:
 
     def _trajectory(self, cond, uncond, generator) -> tuple[Tensor, Tensor]:
         with self._counting():
-            return self.adapter.rollout_trajectory(cond, uncond, self.high - 1, num_steps=self.num_steps,
-                                                   guidance=self.guidance, generator=generator, **self.size)
+            return self.adapter.rollout_trajectory(
+                cond,
+                uncond,
+                self.high - 1,
+                num_steps=self.num_steps,
+                guidance=self.guidance,
+                generator=generator,
+                **self.size,
+            )
 
     @contextmanager
     def _counting(self):
@@ -157,17 +185,36 @@ class XtSource:
         states = tensors.get(f"{self.name}.states")
         if self.mode == "pool" and states is not None:
             if states.shape[:2] != (self.pool_size, self.high):
-                raise ValueError(f"checkpointed rollout pool has shape {tuple(states.shape)}, expected "
-                                 f"({self.pool_size}, {self.high}, ...)")
+                raise ValueError(
+                    f"checkpointed rollout pool has shape {tuple(states.shape)}, expected "
+                    f"({self.pool_size}, {self.high}, ...)"
+                )
             self.states = states.to(self.adapter.device, self.adapter.dtype)
             self.timesteps = tensors[f"{self.name}.timesteps"].to(self.adapter.device)
 
 
-def source_from_config(adapter, config: RolloutSettings, num_steps: int, high: int | None = None, name: str = "rollout",
-                       height: int | None = None, width: int | None = None) -> XtSource:
+def source_from_config(
+    adapter,
+    config: RolloutSettings,
+    num_steps: int,
+    high: int | None = None,
+    name: str = "rollout",
+    height: int | None = None,
+    width: int | None = None,
+) -> XtSource:
     """The source a method config's ``rollout_*`` fields describe (see the module docstring)."""
-    return XtSource(adapter, config.rollout_source, num_steps, high, config.rollout_guidance,
-                    config.rollout_pool, config.rollout_refresh, name, height, width)
+    return XtSource(
+        adapter,
+        config.rollout_source,
+        num_steps,
+        high,
+        config.rollout_guidance,
+        config.rollout_pool,
+        config.rollout_refresh,
+        name,
+        height,
+        width,
+    )
 
 
 def rollout_metrics(*sources: XtSource) -> dict[str, int]:

@@ -57,19 +57,40 @@ class SLDConfig(MethodConfig):
     mom_beta: float = setting(0.4, "sld_mom_beta: momentum decay", low=0, high=1)
 
     @classmethod
-    def weak(cls, **overrides) -> "SLDConfig":
-        return cls(**({"warmup_steps": 15, "guidance_scale": 20.0, "threshold": 0.0, "momentum_scale": 0.0, "mom_beta": 0.0} | overrides))
+    def weak(cls, **overrides) -> SLDConfig:
+        return cls(
+            **(
+                {"warmup_steps": 15, "guidance_scale": 20.0, "threshold": 0.0, "momentum_scale": 0.0, "mom_beta": 0.0}
+                | overrides
+            )
+        )
 
     @classmethod
-    def strong(cls, **overrides) -> "SLDConfig":
-        return cls(**({"warmup_steps": 7, "guidance_scale": 2000.0, "threshold": 0.025, "momentum_scale": 0.5, "mom_beta": 0.7} | overrides))
+    def strong(cls, **overrides) -> SLDConfig:
+        return cls(
+            **(
+                {
+                    "warmup_steps": 7,
+                    "guidance_scale": 2000.0,
+                    "threshold": 0.025,
+                    "momentum_scale": 0.5,
+                    "mom_beta": 0.7,
+                }
+                | overrides
+            )
+        )
 
     @classmethod
-    def maximum(cls, **overrides) -> "SLDConfig":
-        return cls(**({"warmup_steps": 0, "guidance_scale": 5000.0, "threshold": 1.0, "momentum_scale": 0.5, "mom_beta": 0.7} | overrides))
+    def maximum(cls, **overrides) -> SLDConfig:
+        return cls(
+            **(
+                {"warmup_steps": 0, "guidance_scale": 5000.0, "threshold": 1.0, "momentum_scale": 0.5, "mom_beta": 0.7}
+                | overrides
+            )
+        )
 
     @classmethod
-    def fast(cls, **overrides) -> "SLDConfig":
+    def fast(cls, **overrides) -> SLDConfig:
         """The toy world samples few steps: MEDIUM with a one-step warm-up."""
         return cls(**({"warmup_steps": 1} | overrides))
 
@@ -85,8 +106,8 @@ def fit(pipe, concept: str, config: SLDConfig | None = None, checkpoint_dir=None
         family=adapter.family,
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors={},
-        hyperparameters=asdict(config) | {"safety_concept": config.safety_prompt.format(concept=concept),
-                                          "hook": "safe_guidance"},
+        hyperparameters=asdict(config)
+        | {"safety_concept": config.safety_prompt.format(concept=concept), "hook": "safe_guidance"},
         metrics={"train_seconds": 0.0},
     )
 

@@ -58,7 +58,7 @@ class UCEConfig(MethodConfig):
     seed: int = setting(0, "seed of those draws", low=0)
 
     @classmethod
-    def fast(cls, **overrides) -> "UCEConfig":
+    def fast(cls, **overrides) -> UCEConfig:
         """The toy-world preset: UCE is already fast; the same settings."""
         return cls(**overrides)
 
@@ -70,7 +70,9 @@ def _last_token(adapter, prompt: str, phrase: str) -> int:
     return adapter.token_indices(prompt, phrase)[-1]
 
 
-def _record_inputs(adapter, points, prompts: list[str], positions: list[int], samples: int, seed: int) -> dict[str, list[torch.Tensor]]:
+def _record_inputs(
+    adapter, points, prompts: list[str], positions: list[int], samples: int, seed: int
+) -> dict[str, list[torch.Tensor]]:
     """point name -> one (len(prompts), in_features) float64 tensor per sample: the inputs of
     the point's Linear at each prompt's position, during a denoiser pass on the prompts."""
     cond = adapter.encode(prompts)
@@ -81,6 +83,7 @@ def _record_inputs(adapter, points, prompts: list[str], positions: list[int], sa
     records: dict[str, list[torch.Tensor]] = {p.name: [] for p in points}
     handles = []
     for point in points:
+
         def grab(_module, args, name=point.name):
             records[name].append(args[0][rows, pos].detach().double())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -322,8 +323,7 @@ class FamilyAdapter:
     def predict(self, latents: Tensor, t, cond: Conditioning, guidance: float | None = None) -> Tensor:
         raise NotImplementedError
 
-    def guided_predict(self, latents: Tensor, t, cond: Conditioning, uncond: Conditioning,
-                       scale: float) -> Tensor:
+    def guided_predict(self, latents: Tensor, t, cond: Conditioning, uncond: Conditioning, scale: float) -> Tensor:
         """Classifier-free guidance: uncond + scale * (cond - uncond), one batched pass.
 
         ``uncond`` may have batch 1 (broadcast to the batch of ``cond``).
@@ -341,10 +341,18 @@ class FamilyAdapter:
         """A fresh scheduler with timesteps set for ``num_steps`` steps from ``latents``."""
         raise NotImplementedError
 
-    def rollout(self, cond: Conditioning, uncond: Conditioning | None, t_enc: int,
-                num_steps: int | None = None, guidance: float | None = None, generator=None,
-                height: int | None = None, width: int | None = None,
-                latents: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def rollout(
+        self,
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        t_enc: int,
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        generator=None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """ESD partial rollout with the CURRENT (edited) model, no grad.
 
         Draws noise (or takes ``latents``, initial noise in native layout), scales it by the
@@ -353,16 +361,22 @@ class FamilyAdapter:
         carried between rollouts). Returns (x_t, t): x_t in native layout and t (B,) the
         training timestep x_t sits at (= the sampler's timesteps[t_enc]).
         """
-        x = t = None
-        for x, t in self._rollout_states(cond, uncond, t_enc, num_steps, guidance, generator,
-                                         height, width, latents):
-            pass
+        states = self._rollout_states(cond, uncond, t_enc, num_steps, guidance, generator, height, width, latents)
+        x, t = deque(states, maxlen=1)[0]  # only the last state is wanted
         return x, t.expand(x.shape[0]).to(self.device)
 
-    def rollout_trajectory(self, cond: Conditioning, uncond: Conditioning | None, stop: int,
-                           num_steps: int | None = None, guidance: float | None = None,
-                           generator=None, height: int | None = None, width: int | None = None,
-                           latents: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def rollout_trajectory(
+        self,
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        stop: int,
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        generator=None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Every state of one partial rollout, no grad: what :meth:`rollout` returns for each
         t_enc in [0, stop], from one noise draw and ``stop`` guided sampler steps.
 
@@ -370,14 +384,14 @@ class FamilyAdapter:
         for the same noise (bit for bit), and ts (stop + 1,) the sampler's timesteps[0..stop].
         """
         xs, ts = [], []
-        for x, t in self._rollout_states(cond, uncond, stop, num_steps, guidance, generator,
-                                         height, width, latents):
+        for x, t in self._rollout_states(cond, uncond, stop, num_steps, guidance, generator, height, width, latents):
             xs.append(x)
             ts.append(t)
         return torch.stack(xs), torch.stack(ts).to(self.device)
 
-    def _rollout_states(self, cond, uncond, stop, num_steps, guidance, generator, height, width,
-                        latents) -> Iterator[tuple[Tensor, Tensor]]:
+    def _rollout_states(
+        self, cond, uncond, stop, num_steps, guidance, generator, height, width, latents
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yields (x after k sampler steps, timesteps[k]) for k = 0..stop (the ESD rollout)."""
         num_steps = int(num_steps or self.default_steps)
         if not 0 <= stop < num_steps:
@@ -423,12 +437,21 @@ class FamilyAdapter:
     def decode_latents(self, latents: Tensor, height=None, width=None) -> Tensor:
         raise NotImplementedError
 
-    def generate(self, prompts, seeds, steps=None, guidance=None, height=None, width=None,
-                 negative_prompt: str = "") -> Tensor:
+    def generate(
+        self, prompts, seeds, steps=None, guidance=None, height=None, width=None, negative_prompt: str = ""
+    ) -> Tensor:
         raise NotImplementedError
 
-    def generate_from_conditioning(self, cond: Conditioning, seeds, uncond: Conditioning | None = None, steps=None,
-                                   guidance=None, height=None, width=None) -> Tensor:
+    def generate_from_conditioning(
+        self,
+        cond: Conditioning,
+        seeds,
+        uncond: Conditioning | None = None,
+        steps=None,
+        guidance=None,
+        height=None,
+        width=None,
+    ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] from ready text embeddings instead of prompts (e.g. an
         adversarial soft prompt), sampled exactly as :meth:`generate` samples."""
         raise NotImplementedError
@@ -480,9 +503,13 @@ class FamilyAdapter:
     def _layer_resolution(self, probe: AttentionProbe, layer: str) -> tuple[int, int]:
         raise NotImplementedError
 
-    def probe(self, layers: list[str] | None = None, token_indices: list[int] | None = None,
-              include_image_keys: bool = False,
-              max_chunk_elements: int = 1 << 26) -> AbstractContextManager[AttentionProbe]:
+    def probe(
+        self,
+        layers: list[str] | None = None,
+        token_indices: list[int] | None = None,
+        include_image_keys: bool = False,
+        max_chunk_elements: int = 1 << 26,
+    ) -> AbstractContextManager[AttentionProbe]:
         """Record attention of image queries over text keys while the context is open.
 
         ``layers``: names from :meth:`attention_layers` (default: all cross-attention / all
@@ -599,8 +626,9 @@ class FamilyAdapter:
 
         for module in self.denoiser.modules():
             if isinstance(module, BaseTunerLayer) and not module.disable_adapters:
-                grads = [(p, p.requires_grad) for n in module.adapter_layer_names
-                         for p in getattr(module, n).parameters()]
+                grads = [
+                    (p, p.requires_grad) for n in module.adapter_layer_names for p in getattr(module, n).parameters()
+                ]
                 module.enable_adapters(False)
 
                 def restore(module=module, grads=grads):

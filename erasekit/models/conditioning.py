@@ -50,8 +50,7 @@ class Conditioning:
             values = values.unsqueeze(0).expand(b, -1, -1)
         if values.shape != (b, idx.numel(), d):
             raise ValueError(
-                f"values must be ({idx.numel()}, {d}) or ({b}, {idx.numel()}, {d}), "
-                f"got {tuple(values.shape)}"
+                f"values must be ({idx.numel()}, {d}) or ({b}, {idx.numel()}, {d}), got {tuple(values.shape)}"
             )
         embeds = self.embeds.index_copy(1, idx, values.to(self.embeds.dtype))
         return Conditioning(embeds, self.pooled)
@@ -169,9 +168,7 @@ def _spans_from_text(prompt, phrase, ids, offsets, special) -> list[list[int]]:
     spans = []
     for m in re.finditer(pattern, prompt, flags=re.IGNORECASE):
         pos = [
-            j
-            for j, (a, b) in enumerate(offsets)
-            if ids[j] not in special and b > a and a < m.end() and b > m.start()
+            j for j, (a, b) in enumerate(offsets) if ids[j] not in special and b > a and a < m.end() and b > m.start()
         ]
         # All of the phrase must survive truncation.
         if pos and offsets[pos[-1]][1] >= m.end() and offsets[pos[0]][0] <= m.start():

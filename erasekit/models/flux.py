@@ -123,7 +123,9 @@ class FluxAdapter(FamilyAdapter):
         pipe = self._require_pipe("encode")
         with torch.no_grad():
             embeds, pooled, _ = pipe.encode_prompt(
-                prompt=list(prompts), prompt_2=None, device=self._text_device(),
+                prompt=list(prompts),
+                prompt_2=None,
+                device=self._text_device(),
                 max_sequence_length=self.max_sequence_length,
             )
         return Conditioning(embeds.to(self.device), pooled.to(self.device))
@@ -163,8 +165,12 @@ class FluxAdapter(FamilyAdapter):
         cond = cond.expand_to(b).to(latents.device, latents.dtype)
         g = None
         if self.guidance_embeds:
-            g = torch.full((b,), self.default_guidance if guidance is None else guidance,
-                           device=latents.device, dtype=torch.float32)
+            g = torch.full(
+                (b,),
+                self.default_guidance if guidance is None else guidance,
+                device=latents.device,
+                dtype=torch.float32,
+            )
         return self.denoiser(
             hidden_states=latents,
             timestep=t.to(latents.dtype) / 1000,
@@ -176,8 +182,9 @@ class FluxAdapter(FamilyAdapter):
             return_dict=False,
         )[0]
 
-    def guided_predict(self, latents: Tensor, t, cond: Conditioning, uncond: Conditioning | None,
-                       scale: float) -> Tensor:
+    def guided_predict(
+        self, latents: Tensor, t, cond: Conditioning, uncond: Conditioning | None, scale: float
+    ) -> Tensor:
         """Guidance-distilled model: ONE pass with guidance embedding = scale (uncond ignored).
         Otherwise true CFG: uncond + scale * (cond - uncond)."""
         if self.guidance_embeds:
@@ -253,8 +260,9 @@ class FluxAdapter(FamilyAdapter):
         img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
         return (img / 2 + 0.5).clamp(0, 1)
 
-    def generate(self, prompts, seeds, steps=None, guidance=None, height=None, width=None,
-                 negative_prompt: str = "") -> Tensor:
+    def generate(
+        self, prompts, seeds, steps=None, guidance=None, height=None, width=None, negative_prompt: str = ""
+    ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] from the stock ``FluxPipeline.__call__``, one CPU
         generator per prompt. Distilled models: ``guidance_scale``; others: true CFG with
         ``negative_prompt`` and ``true_cfg_scale``."""
@@ -263,12 +271,25 @@ class FluxAdapter(FamilyAdapter):
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         g = self.generation_guidance if guidance is None else guidance
-        kwargs = {"guidance_scale": g} if self.guidance_embeds else {
-            "true_cfg_scale": g, "negative_prompt": [negative_prompt] * len(prompts)}
-        return self._sample(pipe, seeds, steps, height, width, prompt=prompts, max_sequence_length=self.max_sequence_length, **kwargs)
+        kwargs = (
+            {"guidance_scale": g}
+            if self.guidance_embeds
+            else {"true_cfg_scale": g, "negative_prompt": [negative_prompt] * len(prompts)}
+        )
+        return self._sample(
+            pipe, seeds, steps, height, width, prompt=prompts, max_sequence_length=self.max_sequence_length, **kwargs
+        )
 
-    def generate_from_conditioning(self, cond: Conditioning, seeds, uncond: Conditioning | None = None, steps=None,
-                                   guidance=None, height=None, width=None) -> Tensor:
+    def generate_from_conditioning(
+        self,
+        cond: Conditioning,
+        seeds,
+        uncond: Conditioning | None = None,
+        steps=None,
+        guidance=None,
+        height=None,
+        width=None,
+    ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] from ready embeddings (``cond``: T5 embeds and pooled
         CLIP for B prompts; ``uncond``: the negative branch of true CFG, default the empty
         prompt) through the stock pipeline, one CPU generator per image, as :meth:`generate`."""
@@ -282,9 +303,17 @@ class FluxAdapter(FamilyAdapter):
         kwargs = {"guidance_scale": g}
         if not self.guidance_embeds:
             uncond = (uncond or self.encode([""])).expand_to(cond.batch_size).to(self.device, self.dtype)
-            kwargs = {"true_cfg_scale": g, "negative_prompt_embeds": uncond.embeds, "negative_pooled_prompt_embeds": uncond.pooled}
+            kwargs = {
+                "true_cfg_scale": g,
+                "negative_prompt_embeds": uncond.embeds,
+                "negative_pooled_prompt_embeds": uncond.pooled,
+            }
         return self._sample(
-            pipe, seeds, steps, height, width,
+            pipe,
+            seeds,
+            steps,
+            height,
+            width,
             prompt_embeds=cond.embeds,
             pooled_prompt_embeds=cond.pooled,
             max_sequence_length=self.max_sequence_length,
@@ -294,7 +323,7 @@ class FluxAdapter(FamilyAdapter):
     # ---- attention -------------------------------------------------------------------------
 
     def attention_layers(self) -> list[str]:
-        """"transformer_blocks.{i}" (dual-stream) then "single_transformer_blocks.{i}"."""
+        """ "transformer_blocks.{i}" (dual-stream) then "single_transformer_blocks.{i}"."""
         d = self.denoiser
         return [f"transformer_blocks.{i}" for i in range(len(d.transformer_blocks))] + [
             f"single_transformer_blocks.{i}" for i in range(len(d.single_transformer_blocks))
@@ -319,8 +348,15 @@ class FluxAdapter(FamilyAdapter):
         return {name: self.denoiser.get_submodule(name).attn for name in layers}
 
     def _make_recorder(self, probe: AttentionProbe, layer: str):
-        def record(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                   image_rotary_emb=None, *args, **kwargs):
+        def record(
+            attn,
+            hidden_states,
+            encoder_hidden_states=None,
+            attention_mask=None,
+            image_rotary_emb=None,
+            *args,
+            **kwargs,
+        ):
             # Mirrors FluxAttnProcessor up to the joint attention probabilities.
             fused = getattr(attn, "fused_projections", False)
             if fused:
@@ -344,8 +380,7 @@ class FluxAdapter(FamilyAdapter):
                 q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
                 k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
             q_img = q[:, text_len:].transpose(1, 2)  # (B, H, N_img, D)
-            record_attention(probe, layer, q_img, k.transpose(1, 2), text_len,
-                             _mask_rows(attention_mask, text_len))
+            record_attention(probe, layer, q_img, k.transpose(1, 2), text_len, _mask_rows(attention_mask, text_len))
 
         return record
 
@@ -370,7 +405,9 @@ class FluxAdapter(FamilyAdapter):
             # The single-stream attention has no output projection; its output (B, L + N, C) is
             # the joint sequence, of which output edits see the image part (add_output_edit).
             for i, block in enumerate(self.denoiser.single_transformer_blocks):
-                points.append(AttachmentPoint(f"single_transformer_blocks.{i}.attn", block.attn, linear_dims(block.attn.to_v)[1]))
+                points.append(
+                    AttachmentPoint(f"single_transformer_blocks.{i}.attn", block.attn, linear_dims(block.attn.to_v)[1])
+                )
             return points
         if kind == "pooled_proj":
             name = "time_text_embed.text_embedder.linear_1"
@@ -410,7 +447,10 @@ class FluxAdapter(FamilyAdapter):
 
     def _is_cross_attn_layer(self, name: str) -> bool:
         # The text stream of the dual-stream joint attention: its Q/K/V and output projections.
-        return re.match(r"transformer_blocks\.\d+\.attn\.(add_[qkv]_proj|to_add_out|to_added_qkv)(\.|$)", name) is not None
+        return (
+            re.match(r"transformer_blocks\.\d+\.attn\.(add_[qkv]_proj|to_add_out|to_added_qkv)(\.|$)", name)
+            is not None
+        )
 
 
 def _text_argument(args: tuple, kwargs: dict) -> Tensor | None:

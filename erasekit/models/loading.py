@@ -32,7 +32,7 @@ def _components(index: dict) -> dict[str, str | None]:
 
 
 def family_from_index(index: dict) -> str:
-    """"sd" or "flux" for a pipeline's model_index dict; UnsupportedPipelineError otherwise."""
+    """ "sd" or "flux" for a pipeline's model_index dict; UnsupportedPipelineError otherwise."""
     return adapter_class_from_index(index).family
 
 
@@ -74,7 +74,7 @@ def _unsupported_hint(present: dict[str, str]) -> str | None:
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    """"owner/name" with no path syntax around it."""
+    """ "owner/name" with no path syntax around it."""
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
 
@@ -107,8 +107,7 @@ def read_model_index(id_or_folder: str | os.PathLike) -> tuple[dict, dict]:
         index = DiffusionPipeline.load_config(str(id_or_folder))
     except Exception as err:  # offline, unknown repo, gated repo, ...
         raise FileNotFoundError(
-            f"{id_or_folder!r} is not a local folder and its model_index.json could not be fetched "
-            f"from the Hub: {err}"
+            f"{id_or_folder!r} is not a local folder and its model_index.json could not be fetched from the Hub: {err}"
         ) from err
     return dict(index), {}
 
@@ -136,8 +135,12 @@ def resolve_pipeline_name(id_or_folder: str | os.PathLike) -> str | os.PathLike:
     return id_or_folder
 
 
-def load_pipeline(id_or_folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu", **from_pretrained_kwargs):
+def load_pipeline(
+    id_or_folder: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **from_pretrained_kwargs,
+):
     """Load a supported diffusers pipeline and attach its adapter (``adapter_for(pipe)``).
 
     ``id_or_folder``: a folder, a hub id, or a registered pipeline name (``toy:sd``).
@@ -163,7 +166,7 @@ def load_pipeline(id_or_folder: str | os.PathLike, dtype: torch.dtype = torch.fl
 
 
 def detect_family(pipe) -> str:
-    """"sd" or "flux" for a loaded pipeline; UnsupportedPipelineError naming what was found."""
+    """ "sd" or "flux" for a loaded pipeline; UnsupportedPipelineError naming what was found."""
     return _adapter_class_for(pipe).family
 
 

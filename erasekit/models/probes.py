@@ -70,8 +70,9 @@ class AttentionProbe:
         return text.to(device)
 
 
-def record_attention(probe: AttentionProbe, layer: str, q: Tensor, k: Tensor, text_len: int,
-                     mask: Tensor | None = None) -> None:
+def record_attention(
+    probe: AttentionProbe, layer: str, q: Tensor, k: Tensor, text_len: int, mask: Tensor | None = None
+) -> None:
     """Append softmax(q k^T / sqrt(d)) restricted to the probe's columns to ``probe.maps``.
 
     q: (B, H, Q, D) image queries; k: (B, H, S, D) every key of the softmax, the first
@@ -132,8 +133,13 @@ def _swap_processor(attn: nn.Module, new) -> Callable[[], None]:
 
 
 @contextmanager
-def probing(adapter, layers: list[str] | None = None, token_indices: list[int] | None = None,
-            include_image_keys: bool = False, max_chunk_elements: int = 1 << 26) -> Iterator[AttentionProbe]:
+def probing(
+    adapter,
+    layers: list[str] | None = None,
+    token_indices: list[int] | None = None,
+    include_image_keys: bool = False,
+    max_chunk_elements: int = 1 << 26,
+) -> Iterator[AttentionProbe]:
     """The body of :meth:`FamilyAdapter.probe` (see there): wrap the processors of ``adapter``'s
     probed attention modules and capture the denoiser's forward inputs while the block runs;
     the original processors come back on exit, also on exceptions."""

@@ -95,9 +95,11 @@ class SDUNetAdapter(FamilyAdapter):
     def checkpoint_units(self) -> list[str]:
         """down_blocks.{i}, mid_block, up_blocks.{i}."""
         d = self.denoiser
-        return ([f"down_blocks.{i}" for i in range(len(d.down_blocks))]
-                + (["mid_block"] if d.mid_block is not None else [])
-                + [f"up_blocks.{i}" for i in range(len(d.up_blocks))])
+        return (
+            [f"down_blocks.{i}" for i in range(len(d.down_blocks))]
+            + (["mid_block"] if d.mid_block is not None else [])
+            + [f"up_blocks.{i}" for i in range(len(d.up_blocks))]
+        )
 
     def _main_tokenizer(self):
         tok = self._require_pipe("token_spans").tokenizer
@@ -174,8 +176,9 @@ class SDUNetAdapter(FamilyAdapter):
         img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         return (img / 2 + 0.5).clamp(0, 1)
 
-    def generate(self, prompts, seeds, steps=None, guidance=None, height=None, width=None,
-                 negative_prompt: str = "") -> Tensor:
+    def generate(
+        self, prompts, seeds, steps=None, guidance=None, height=None, width=None, negative_prompt: str = ""
+    ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] from the stock ``StableDiffusionPipeline.__call__``
         (its own scheduler), one CPU generator per prompt seeded with ``seeds[i]``."""
         pipe = self._require_pipe("generate")
@@ -183,14 +186,26 @@ class SDUNetAdapter(FamilyAdapter):
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         return self._sample(
-            pipe, seeds, steps, height, width,
+            pipe,
+            seeds,
+            steps,
+            height,
+            width,
             prompt=prompts,
             negative_prompt=[negative_prompt] * len(prompts),
             guidance_scale=self.generation_guidance if guidance is None else guidance,
         )
 
-    def generate_from_conditioning(self, cond: Conditioning, seeds, uncond: Conditioning | None = None, steps=None,
-                                   guidance=None, height=None, width=None) -> Tensor:
+    def generate_from_conditioning(
+        self,
+        cond: Conditioning,
+        seeds,
+        uncond: Conditioning | None = None,
+        steps=None,
+        guidance=None,
+        height=None,
+        width=None,
+    ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] from ready text embeddings (``cond``: B prompts;
         ``uncond``: the negative branch, default the empty prompt) through the stock pipeline,
         one CPU generator per image, as :meth:`generate`."""
@@ -199,7 +214,11 @@ class SDUNetAdapter(FamilyAdapter):
             raise ValueError(f"{cond.batch_size} conditionings but {len(seeds)} seeds")
         uncond = (uncond or self.encode([""])).expand_to(cond.batch_size)
         return self._sample(
-            pipe, seeds, steps, height, width,
+            pipe,
+            seeds,
+            steps,
+            height,
+            width,
             prompt_embeds=cond.embeds.to(self.device, self.dtype),
             negative_prompt_embeds=uncond.embeds.to(self.device, self.dtype),
             guidance_scale=self.generation_guidance if guidance is None else guidance,
@@ -209,9 +228,7 @@ class SDUNetAdapter(FamilyAdapter):
 
     def _attn2(self) -> dict[str, Attention]:
         return {
-            name: m
-            for name, m in self.denoiser.named_modules()
-            if name.endswith("attn2") and isinstance(m, Attention)
+            name: m for name, m in self.denoiser.named_modules() if name.endswith("attn2") and isinstance(m, Attention)
         }
 
     def attention_layers(self) -> list[str]:
@@ -224,7 +241,6 @@ class SDUNetAdapter(FamilyAdapter):
         factors = sorted(set(self._factors.values()), reverse=True)
         target = factors[1] if len(factors) > 1 else factors[0]
         return [name for name in self.attention_layers() if self._factors[name] == target]
-
 
     def keyword_layers(self) -> list[str]:
         """The middle-resolution cross-attention layers (where concept maps are sharpest)."""
@@ -241,8 +257,7 @@ class SDUNetAdapter(FamilyAdapter):
         return {name: attn2[name] for name in layers}
 
     def _make_recorder(self, probe: AttentionProbe, layer: str):
-        def record(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                   *args, **kwargs):
+        def record(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
             # Mirrors AttnProcessor2_0 up to the attention probabilities.
             if encoder_hidden_states is None:
                 return

@@ -3,11 +3,17 @@ SD 1.x and FLUX.1, at a size that trains on two CPU cores."""
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    UNet2DConditionModel,
+)
 
 from .builders import clip_text_encoder, kl_vae, t5_text_encoder
-from .offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 from .grammar import vocabulary
+from .offline_tokenizers import clip_word_tokenizer, t5_word_tokenizer
 from .render import IMAGE_SIZE
 
 TEXT_LENGTH = 32  # tokens per prompt for both families' text encoders
@@ -16,7 +22,9 @@ LATENT_CHANNELS = 4
 
 def build_vae() -> AutoencoderKL:
     """A 2x-downsampling KL autoencoder: (B, 3, 32, 32) images <-> (B, 4, 16, 16) latents."""
-    return kl_vae((32, 64), norm_groups=16, image_size=IMAGE_SIZE, latent_channels=LATENT_CHANNELS, mid_block_add_attention=False)
+    return kl_vae(
+        (32, 64), norm_groups=16, image_size=IMAGE_SIZE, latent_channels=LATENT_CHANNELS, mid_block_add_attention=False
+    )
 
 
 def sd_components() -> dict:

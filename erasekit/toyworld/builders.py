@@ -7,8 +7,9 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 
-def kl_vae(channels: tuple[int, ...], norm_groups: int, image_size: int, latent_channels: int = 4,
-           **extra) -> AutoencoderKL:
+def kl_vae(
+    channels: tuple[int, ...], norm_groups: int, image_size: int, latent_channels: int = 4, **extra
+) -> AutoencoderKL:
     """AutoencoderKL downsampling by 2**(len(channels) - 1): (B, 3, S, S) <-> (B, 4, S/f, S/f)."""
     return AutoencoderKL(
         in_channels=3,

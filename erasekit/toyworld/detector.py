@@ -93,12 +93,16 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
     x = torch.where(blur, blurred, x)
-    x = x * (1 + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)) + 0.05 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
+    x = x * (1 + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)) + 0.05 * (
+        torch.rand(b, 1, 1, 1, generator=g) - 0.5
+    )
     x = x + torch.randn(x.shape, generator=g) * 0.04 * torch.rand(b, 1, 1, 1, generator=g)
     return x.clamp(0, 1)
 
 
-def train_detector(out: str | Path, seed: int = 0, train_size: int = 20_000, steps: int = 2000, batch_size: int = 64) -> dict:
+def train_detector(
+    out: str | Path, seed: int = 0, train_size: int = 20_000, steps: int = 2000, batch_size: int = 64
+) -> dict:
     """Train the classifier on fresh renders, measure it on other fresh renders, save it.
 
     Returns the test accuracies per head (fractions in [0, 1]; colour and texture over images
@@ -115,7 +119,9 @@ def train_detector(out: str | Path, seed: int = 0, train_size: int = 20_000, ste
     for step in bar:
         idx = torch.randint(len(x), (batch_size,), generator=g)
         logits = model(_augment(x[idx], g))
-        loss = sum(F.cross_entropy(logits[h], y[h][idx], reduction="none").mul(_weight(h, y, idx)).mean() for h in HEADS)
+        loss = sum(
+            F.cross_entropy(logits[h], y[h][idx], reduction="none").mul(_weight(h, y, idx)).mean() for h in HEADS
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -126,12 +132,23 @@ def train_detector(out: str | Path, seed: int = 0, train_size: int = 20_000, ste
     with torch.no_grad():
         pred = {h: torch.cat([model(xt[i : i + 500])[h].argmax(1) for i in range(0, len(xt), 500)]) for h in HEADS}
     has_object = yt["object"] != HEADS["object"].index(NONE)
-    accuracy = {h: float((pred[h] == yt[h])[has_object if h in OBJECT_ATTRIBUTES else slice(None)].float().mean()) for h in HEADS}
+    accuracy = {
+        h: float((pred[h] == yt[h])[has_object if h in OBJECT_ATTRIBUTES else slice(None)].float().mean())
+        for h in HEADS
+    }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(out / WEIGHTS_FILE))
     command = "erasekit toyworld train " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["toyworld", "train"] else None
-    config = {"command": command, "heads": HEADS, "seed": seed, "train_size": train_size, "steps": steps, "test_size": len(xt), "test_accuracy": accuracy}
+    config = {
+        "command": command,
+        "heads": HEADS,
+        "seed": seed,
+        "train_size": train_size,
+        "steps": steps,
+        "test_size": len(xt),
+        "test_accuracy": accuracy,
+    }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return accuracy
 
@@ -149,7 +166,7 @@ class ToyDetector:
     threshold: str = "argmax"
 
     @classmethod
-    def load(cls, folder: str | Path | None = None) -> "ToyDetector":
+    def load(cls, folder: str | Path | None = None) -> ToyDetector:
         """Load the shipped detector (or the one in ``folder``)."""
         from . import weights_dir
 
@@ -183,7 +200,13 @@ class ToyDetector:
         head = self.head_of(concept)
         probs = self.classify(images)[head]
         k = HEADS[head].index(concept)
-        return Detection(scores=probs[:, k], detected=probs.argmax(1) == k, concept=concept, detector=self.name, threshold=self.threshold)
+        return Detection(
+            scores=probs[:, k],
+            detected=probs.argmax(1) == k,
+            concept=concept,
+            detector=self.name,
+            threshold=self.threshold,
+        )
 
 
 def toy_detector(model=None, threshold=None, **options) -> ToyDetector:

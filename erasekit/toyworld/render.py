@@ -35,7 +35,9 @@ def _polygon(shape: str) -> list[tuple[float, float]]:
     if shape == "square":
         return [(-0.78, -0.78), (0.78, -0.78), (0.78, 0.78), (-0.78, 0.78)]
     if shape == "triangle":
-        return [(math.cos(a) * 1.05, -math.sin(a) * 1.05 + 0.15) for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
+        return [
+            (math.cos(a) * 1.05, -math.sin(a) * 1.05 + 0.15) for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)
+        ]
     if shape == "star":
         pts = []
         for i in range(10):
@@ -53,7 +55,20 @@ def _polygon(shape: str) -> list[tuple[float, float]]:
         return pts
     if shape == "cross":
         w, r = 0.33, 0.95
-        return [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        return [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
     raise ValueError(f"no outline for shape {shape!r}")
 
 
@@ -77,7 +92,9 @@ def render(scene: Scene, seed: int) -> np.ndarray:
         else:
             angle = math.radians(rng.uniform(-12, 12))
             ca, sa = math.cos(angle), math.sin(angle)
-            pts = [(cx + radius * (x * ca - y * sa), cy + radius * (x * sa + y * ca)) for x, y in _polygon(scene.object)]
+            pts = [
+                (cx + radius * (x * ca - y * sa), cy + radius * (x * sa + y * ca)) for x, y in _polygon(scene.object)
+            ]
             draw.polygon(pts, fill=255)
         mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255.0
         rgb = np.array(COLOR_RGB[scene.color], dtype=np.float32)

@@ -100,8 +100,17 @@ def score_cases(cases: list[Case], images: torch.Tensor, detector, concept: str)
         color = case.extra.get("color")
         if color is not None and case.set != "locality":
             colors.append(c == color)
-        records.append({"prompt": case.prompt, "seed": case.seed, "object": case.label, "color": color,
-                        "set": case.set, "detected_object": o, "detected_color": c})
+        records.append(
+            {
+                "prompt": case.prompt,
+                "seed": case.seed,
+                "object": case.label,
+                "color": color,
+                "set": case.set,
+                "detected_object": o,
+                "detected_color": c,
+            }
+        )
     acc = object_accuracies([c.set for c in cases], [o == c.label for c, o in zip(cases, obj_pred)])
     return SuiteResult(
         concept=concept,
@@ -118,7 +127,9 @@ def score_cases(cases: list[Case], images: torch.Tensor, detector, concept: str)
     )
 
 
-def run_object_suite(pipe, concept: str, detector=None, n: int = 24, n_locality: int = 8, batch_size: int = 64, progress: bool = True) -> tuple[SuiteResult, torch.Tensor]:
+def run_object_suite(
+    pipe, concept: str, detector=None, n: int = 24, n_locality: int = 8, batch_size: int = 64, progress: bool = True
+) -> tuple[SuiteResult, torch.Tensor]:
     """Generate the suite's images for ``concept`` with ``pipe`` and score them.
 
     Returns the result and the images (N, 3, H, W) in [0, 1], in the order of ``object_prompts``.
@@ -130,7 +141,11 @@ def run_object_suite(pipe, concept: str, detector=None, n: int = 24, n_locality:
     detector = detector or ToyDetector.load()
     cases = object_prompts(concept, n=n, n_locality=n_locality)
     images = generate_images(
-        adapter_for(pipe), [c.prompt for c in cases], [c.seed for c in cases], batch_size=batch_size, progress=f"suite {concept}" if progress else False
+        adapter_for(pipe),
+        [c.prompt for c in cases],
+        [c.seed for c in cases],
+        batch_size=batch_size,
+        progress=f"suite {concept}" if progress else False,
     )
     return score_cases(cases, images, detector, concept), images
 
@@ -170,7 +185,7 @@ class ToyObjectSuite(Suite):
         return metrics | {"n_images": len(cases), "cases": case_records(cases, results)}
 
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:
-        """"plain": the simple prompts; "paraphrase"; "synonym": synonyms and indirect mentions."""
+        """ "plain": the simple prompts; "paraphrase"; "synonym": synonyms and indirect mentions."""
         cases = self.cases(concept)
         pick = lambda *sets: [c for c in cases if c.set in sets]  # noqa: E731
         return {"plain": pick("simple"), "paraphrase": pick("paraphrase"), "synonym": pick("synonym", "indirect")}

@@ -184,7 +184,9 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     check_output_folder(out, replaceable=_is_training_output, overwrite=True)  # before an hour of training
     record = {
-        "command": "erasekit toyworld train " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["toyworld", "train"] else None,
+        "command": "erasekit toyworld train " + " ".join(sys.argv[3:])
+        if sys.argv[1:3] == ["toyworld", "train"]
+        else None,
         "config": asdict(cfg),
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor()} {platform.system()}",
@@ -253,7 +255,9 @@ def train(cfg: TrainConfig) -> Path:
                 m.eval()
             record["steps_done"] = step + 1
             record["seconds"] = round(time.time() - start, 1)
-            record["loss_every_100"] = [round(float(np.mean(losses[i : i + 100])), 5) for i in range(0, len(losses), 100)]
+            record["loss_every_100"] = [
+                round(float(np.mean(losses[i : i + 100])), 5) for i in range(0, len(losses), 100)
+            ]
             _save_pipeline(pipe, out if last else out.with_name(out.name + "-snapshot"), record, cfg.family)
             if not last:
                 with torch.no_grad():
