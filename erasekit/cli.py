@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
 
 def _toyworld_train(args: argparse.Namespace) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     if args.family == "detector":
         from .toyworld.detector import train_detector
 
@@ -71,11 +69,6 @@ def _bench_toy(args: argparse.Namespace) -> int:
 
     from .bench import run_bench
     from .methods import split_list
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
 
     def show(row: dict) -> None:
         where = f"{row['model']:5s} {row['concept']:9s} {row['method']:15s}"
@@ -141,6 +134,7 @@ def _erase(args: argparse.Namespace) -> int:
 
     check_edit_output(args.out, overwrite=args.overwrite)  # before any training
     config = make_config(args.method, args.preset, _parse_sets(args.set))  # bad settings: refused before loading
+    _check_model_and_edits(args.model, [])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.model, dtype=getattr(torch, args.dtype), device=device)
     edit = erase(pipe, args.concept, args.method, config, checkpoint_dir=args.checkpoint_dir)
@@ -158,9 +152,19 @@ def _generate(args: argparse.Namespace) -> int:
     from .evaluation.report import image_grid
     from .models import adapter_for, load_pipeline
 
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1 (images per prompt), got {args.n}")
+    if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--out {args.out} needs an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder; name an image file")
+    if not math.isfinite(args.scale):
+        raise UserError(f"--scale must be a finite number, got {args.scale}")
+    _check_model_and_edits(args.model, args.edit)
+    edits = [load_edit(folder) for folder in args.edit]  # every edit checked before the model loads
     pipe = load_pipeline(args.model)
-    for folder in args.edit:
-        apply(pipe, load_edit(folder), scale=args.scale)
+    for edit in edits:
+        apply(pipe, edit, scale=args.scale)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for _ in args.prompt for i in range(args.n)]
     images = generate_images(adapter_for(pipe), prompts, seeds)
@@ -203,11 +207,26 @@ def _load_for_evaluation(args: argparse.Namespace):
     return load_pipeline(args.model, device=device)
 
 
+def _scales(text: str) -> list[float]:
+    """``--scales 0.5,1`` as finite floats; a UserError naming the bad entry otherwise."""
+    out = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise UserError(f"--scales takes comma-separated finite numbers (e.g. 0.5,1), got {part.strip()!r}")
+        out.append(value)
+    return out
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import evaluate
 
+    scales = _scales(args.scales)
+    _check_model_and_edits(args.model, args.edit)
     pipe = _load_for_evaluation(args)
-    scales = [float(s) for s in args.scales.split(",")]
     results = evaluate(
         pipe,
         args.suite,
@@ -243,6 +262,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _attack(args: argparse.Namespace) -> int:
     from .evaluation.attacks import SoftPromptConfig, attack
 
+    _check_model_and_edits(args.model, args.edit)
     pipe = _load_for_evaluation(args)
     quick = args.quick
     soft = SoftPromptConfig(
@@ -312,6 +332,7 @@ def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--device", default=None, help="default: the accelerate process's device")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def _require(parser: argparse.ArgumentParser, *names: str, unless: str):
@@ -366,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "bfloat16", "float16"),
         help="weights of the pipeline (bfloat16 for FLUX.1 on one GPU); trained tensors stay float32",
     )
+    er.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     er.set_defaults(func=_erase, check=_require(er, "--model", "--concept", "--out", unless="--help-method"))
 
     gen = sub.add_parser("generate", help="generate images, optionally with edits applied")
@@ -376,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--n", type=int, default=4, help="images per prompt (seeds seed..seed+n-1)")
     gen.add_argument("--out", default="images.png", help="PNG grid to write")
+    gen.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo", help="the toy world end to end: samples and the erasure suite, as an HTML page")
@@ -391,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting of the method"
     )
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmark every erasure method on the same prompts, seeds and detector")
@@ -505,6 +529,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_threads(threads: int | None) -> None:
+    """``--threads N``: torch's CPU threads for this process (None: torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _check_model_and_edits(model: str, folders: list[str]) -> None:
+    """Refuse, before any weights are loaded, a model that is missing or unsupported, and edit
+    folders that are missing, corrupt, newer than this erasekit, or made for another family."""
+    from .edits import read_edit_meta
+    from .errors import EditError
+    from .models import family_of
+
+    family = family_of(model)
+    for folder in folders:
+        meta = read_edit_meta(folder)
+        if meta["family"] != family:
+            raise EditError(
+                f"the edit at {folder} was made for a {meta['family']} model ({meta['base_model']}), "
+                f"and {model} is a {family} model"
+            )
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``erasekit`` command ``argv`` (default: the process's arguments); returns the exit status.
 
@@ -520,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "check", None) is not None:
         args.check(args)
     try:
+        _set_threads(getattr(args, "threads", None))
         return args.func(args)
     except UserError as err:
         if args.debug:

@@ -20,3 +20,17 @@ class ConfigError(UserError, ValueError):
 class UnknownName(UserError, ValueError):
     """A name that no registry knows (a detector, suite, lexicon or pipeline name); the message
     lists the known ones."""
+
+
+class NotFound(UserError, FileNotFoundError):
+    """A file or folder the user named (a model, an edit, a prompt file) is missing or is not
+    what it should be; the message names the path."""
+
+
+class EditError(UserError, ValueError):
+    """An edit folder that cannot be used as asked: corrupt, written by a newer erasekit, its
+    edit.json disagreeing with its tensors, or made for another model."""
+
+
+class PhraseNotInPrompt(UserError, ValueError):
+    """A concept (or keyword) that the prompt it should be found in does not contain."""

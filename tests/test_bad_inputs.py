@@ -128,3 +128,158 @@ def test_erase_bad_setting_refused_before_loading(tmp_path, monkeypatch, capsys,
         assert word in err
     assert not (tmp_path / "E").exists()
     assert tree(tmp_path) == before
+
+
+# ---- edits whose files disagree, generate's own arguments, threads ------------------------------
+
+
+def _receler_like_edit(folder: Path, family: str = "sd") -> Path:
+    """An edit folder shaped like a Receler edit (one eraser) for the toy ``family`` pipeline."""
+    import torch
+
+    from erasekit.edits import Edit
+
+    tensors = {"erasers.p.down.weight": torch.zeros(4, 8), "erasers.p.up.weight": torch.zeros(8, 4)}
+    Edit("receler", ["triangle"], family, f"toy:{family}", tensors, kind="output_adapter").save(folder)
+    return folder
+
+
+def _edit_json(folder: Path, change) -> None:
+    import json
+
+    meta = json.loads((folder / "edit.json").read_text())
+    change(meta)
+    (folder / "edit.json").write_text(json.dumps(meta))
+
+
+def _relabelled(root: Path) -> list[str]:
+    # An old-format edit.json (no kind) whose method was changed from receler to uce.
+    folder = _receler_like_edit(root / "E")
+    _edit_json(folder, lambda m: (m.pop("kind"), m.pop("format"), m.update(method="uce")))
+    return ["--edit", "E"]
+
+
+def _kind_disagrees(root: Path) -> list[str]:
+    folder = _receler_like_edit(root / "E")
+    _edit_json(folder, lambda m: m.update(method="uce"))
+    return ["--edit", "E"]
+
+
+def _newer_format(root: Path) -> list[str]:
+    folder = _receler_like_edit(root / "E")
+    _edit_json(folder, lambda m: m.update(format=99))
+    return ["--edit", "E"]
+
+
+def _truncated(root: Path) -> list[str]:
+    folder = _receler_like_edit(root / "E")
+    data = (folder / "edit.safetensors").read_bytes()
+    (folder / "edit.safetensors").write_bytes(data[: len(data) // 2])
+    return ["--edit", "E"]
+
+
+def _other_family(root: Path) -> list[str]:
+    _receler_like_edit(root / "E", family="flux")
+    return ["--edit", "E"]
+
+
+def _missing_edit(root: Path) -> list[str]:
+    return ["--edit", "nowhere"]
+
+
+GENERATE = ["generate", "--model", "toy:sd", "--prompt", "an image of a wedge"]
+
+
+@pytest.mark.parametrize(
+    "make_args, words",
+    [
+        (_relabelled, ["E", "not weight deltas", "erasers.p"]),
+        (_kind_disagrees, ["E", "method 'uce'", "kind 'output_adapter'"]),
+        (_newer_format, ["E", "format 99", "upgrade erasekit"]),
+        (_truncated, ["corrupt edit at E", "edit.safetensors"]),
+        (_other_family, ["E", "flux model", "toy:sd is a sd model"]),
+        (_missing_edit, ["nowhere is not an erasekit edit"]),
+        (lambda root: ["--n", "0"], ["--n must be at least 1"]),
+        (lambda root: ["--out", "grid.txt"], ["grid.txt", "image file name", ".png"]),
+        (lambda root: ["--scale", "nan"], ["--scale", "finite"]),
+        (lambda root: ["--threads", "0"], ["--threads must be at least 1"]),
+        (lambda root: ["--model", "nowhere/at/all"], ["no pipeline folder at nowhere/at/all"]),
+    ],
+    ids=[
+        "relabelled-edit",
+        "kind-disagrees",
+        "newer-format",
+        "truncated-weights",
+        "other-family",
+        "missing-edit",
+        "n-0",
+        "not-an-image-name",
+        "scale-nan",
+        "threads-0",
+        "missing-model",
+    ],
+)
+def test_generate_refuses_before_loading_the_model(tmp_path, monkeypatch, capsys, make_args, words):
+    import erasekit.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", _no_pipeline)
+    args = make_args(tmp_path)
+    before = tree(tmp_path)
+    assert main([*GENERATE, *args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and captured.out == ""
+    assert err.startswith("erasekit generate: error: ")
+    for word in words:
+        assert word in err
+    assert tree(tmp_path) == before  # no image written, the edit folder untouched
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from erasekit.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="--n must be at least 1"):
+        main(["--debug", *GENERATE, "--n", "0"])
+
+
+def test_evaluate_refuses_an_edit_for_another_family_before_loading(tmp_path, monkeypatch, capsys):
+    import erasekit.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", _no_pipeline)
+    _receler_like_edit(tmp_path / "E", family="flux")
+    before = tree(tmp_path)
+    argv = ["evaluate", "--model", "toy:sd", "--suite", "toy-objects", "--concept", "triangle", "--out", "ev"]
+    assert main([*argv, "--edit", "E"]) == 2
+    assert "flux model" in capsys.readouterr().err
+    assert main([*argv, "--scales", "0.5,abc"]) == 2
+    assert "--scales" in capsys.readouterr().err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.toyworld
+def test_a_concept_the_prompt_lacks_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["erase", "--method", "receler", "--model", "toy:sd", "--concept", "triangle", "--preset", "fast"]
+    assert main([*argv, "--set", "prompt=an image of a square", "--set", "iterations=1", "--out", "E"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # the model's loading bars, then the error
+    assert "Traceback" not in "".join(lines) and [line for line in lines if "error:" in line] == lines[-1:]
+    assert "'triangle' does not occur in the prompt 'an image of a square'" in lines[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.toyworld
+def test_a_concept_the_tokenizer_spells_out_warns_naming_its_pieces(tmp_path, caplog):
+    import erasekit
+    from erasekit.methods import erase, make_config
+
+    pipe = erasekit.load_pipeline("toy:sd")
+    with caplog.at_level("WARNING", logger="erasekit"):
+        erase(pipe, "giraffe", "uce", make_config("uce", "fast"), progress=False)
+    assert "splits 'giraffe' into 6 pieces (g i ra f f e</w>)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="erasekit"):
+        erase(pipe, "triangle", "uce", make_config("uce", "fast"), progress=False)
+    assert "splits" not in caplog.text

@@ -70,9 +70,11 @@ def test_unknown_method_and_setting_are_clear_errors(tmp_path, capsys):
         main(["--debug", *erase, "--set", "depth=3"])
 
 
-def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no pipeline folder"):
-        main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "a car"])
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "a car"]) == 2
+    assert "no pipeline folder" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no pipeline folder"):  # a NotFound, which is a FileNotFoundError
+        main(["--debug", "generate", "--model", str(tmp_path / "absent"), "--prompt", "a car"])
 
 
 def test_settings_are_parsed_to_their_types():

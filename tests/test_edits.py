@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from erasekit.edits import Edit, load_edit
+from erasekit.edits import Edit
+from erasekit.edits.artifact import load_edit  # the artifact alone: its kind is not checked here
 from erasekit.files import OutputRefused, atomic_folder
 
 

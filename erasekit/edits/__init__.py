@@ -32,12 +32,24 @@ Methods produce Edits and never attach them. This package imports torch and safe
 
 from __future__ import annotations
 
+from ..errors import EditError
 from . import inference_hook, lora, output_adapter, weight_delta  # noqa: F401 (registers the kinds)
-from .artifact import LEGACY_KINDS, META_FILE, WEIGHTS_FILE, Edit, check_edit_output, is_edit_folder, load_edit
-from .kind import KINDS, Attachment, EditKind, kind_of
+from .artifact import (
+    FORMAT,
+    LEGACY_KINDS,
+    META_FILE,
+    WEIGHTS_FILE,
+    Edit,
+    check_edit_output,
+    is_edit_folder,
+    read_edit_meta,
+)
+from .artifact import load_edit as _read_edit
+from .kind import KINDS, Attachment, EditKind, check_edit, kind_of
 from .weight_delta import export_merged
 
 __all__ = [
+    "FORMAT",
     "KINDS",
     "LEGACY_KINDS",
     "META_FILE",
@@ -51,8 +63,19 @@ __all__ = [
     "is_edit_folder",
     "kind_of",
     "load_edit",
+    "read_edit_meta",
+    "check_edit",
     "remove",
 ]
+
+
+def load_edit(folder) -> Edit:
+    """Read the Edit saved in ``folder`` and check that its method, kind and tensors agree: an
+    edit whose edit.json disagrees with its tensors is an :class:`~erasekit.errors.EditError`,
+    never an edit that silently changes nothing. Missing: :class:`~erasekit.errors.NotFound`."""
+    edit = _read_edit(folder)
+    check_edit(edit, where=str(folder))
+    return edit
 
 
 def apply(pipe, edit: Edit, scale: float = 1.0) -> None:
@@ -64,11 +87,11 @@ def apply(pipe, edit: Edit, scale: float = 1.0) -> None:
 
     adapter = adapter_for(pipe)
     if edit.family != adapter.family:
-        raise ValueError(
+        raise EditError(
             f"edit {edit.method}/{edit.concepts} was made for family {edit.family!r}, "
             f"the pipeline is {adapter.family!r}"
         )
-    kind = kind_of(edit)
+    kind = check_edit(edit)
     attached = adapter.edit_stack.attached
     if edit.id in attached:
         attached[edit.id].detach()  # forget it only once it is really off

@@ -15,10 +15,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import EditError, NotFound
 from ..files import atomic_folder, check_output_folder
 
 WEIGHTS_FILE = "edit.safetensors"
 META_FILE = "edit.json"
+# The layout of edit.json and edit.safetensors this erasekit writes and the newest it reads; an
+# edit.json without "format" is format 0 (written before formats were numbered) and reads as 1.
+FORMAT = 1
 # The kind of each method's edits, for edits saved before ``edit.json`` recorded the kind.
 LEGACY_KINDS = {
     "receler": "output_adapter",
@@ -70,6 +74,7 @@ class Edit:
             "base_model": self.base_model,
             "hyperparameters": self.hyperparameters,
             "metrics": self.metrics,
+            "format": FORMAT,
             "erasekit_version": self.version,
             "created": self.created,
             "id": self.id,
@@ -101,24 +106,49 @@ def check_edit_output(folder: str | Path, overwrite: bool = False) -> None:
     check_output_folder(folder, replaceable=is_edit_folder, overwrite=overwrite, what="edit folder")
 
 
-def load_edit(folder: str | Path) -> Edit:
-    """Read an Edit saved with :meth:`Edit.save`; clear errors for a missing or corrupt one.
-    An ``edit.json`` without ``kind`` (saved before kinds were recorded) gets its method's kind."""
+def read_edit_meta(folder: str | Path) -> dict:
+    """The ``edit.json`` of the edit folder ``folder``, checked (no tensors read): what a caller
+    needs to refuse an edit before loading a model. :class:`~erasekit.errors.NotFound` for a
+    folder that is not an edit, :class:`~erasekit.errors.EditError` for a corrupt or newer one."""
     folder = Path(folder)
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
     if not meta_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{folder} is not an erasekit edit: it needs {META_FILE} and {WEIGHTS_FILE}")
+        raise NotFound(f"{folder} is not an erasekit edit: it needs {META_FILE} and {WEIGHTS_FILE}")
     try:
         meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(weights_path))
-    except (json.JSONDecodeError, OSError, RuntimeError) as err:
-        raise ValueError(f"corrupt edit at {folder}: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise EditError(f"corrupt edit at {folder}: {META_FILE} is not readable JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise EditError(f"corrupt edit at {folder}: {META_FILE} must hold a JSON object")
+    version = meta.get("format", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise EditError(f"corrupt edit at {folder}: unknown edit format {version!r}")
+    if version > FORMAT:
+        raise EditError(
+            f"the edit at {folder} has format {version}, written by a newer erasekit "
+            f"({meta.get('erasekit_version', '?')}); this one reads formats up to {FORMAT}: upgrade erasekit"
+        )
     missing = {"method", "concepts", "family", "base_model"} - set(meta)
     if missing:
-        raise ValueError(f"corrupt edit at {folder}: {META_FILE} lacks {sorted(missing)}")
+        raise EditError(f"corrupt edit at {folder}: {META_FILE} lacks {sorted(missing)}")
+    return meta
+
+
+def load_edit(folder: str | Path) -> Edit:
+    """Read an Edit saved with :meth:`Edit.save`; one-line errors for a missing or corrupt one
+    (:func:`read_edit_meta`; a truncated or damaged ``edit.safetensors`` is "corrupt edit at
+    PATH"). An ``edit.json`` without ``kind`` (saved before kinds were recorded) gets its
+    method's kind. :func:`erasekit.edits.load_edit` also checks the tensors against the kind."""
+    folder = Path(folder)
+    meta = read_edit_meta(folder)
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EditError(f"corrupt edit at {folder}: {WEIGHTS_FILE} cannot be read ({reason})") from err
     expected = meta.get("tensors", {})
     if expected and (set(expected) != set(tensors) or any(list(tensors[k].shape) != s for k, s in expected.items())):
-        raise ValueError(f"corrupt edit at {folder}: tensors do not match {META_FILE}")
+        raise EditError(f"corrupt edit at {folder}: tensors do not match {META_FILE}")
     return Edit(
         method=meta["method"],
         concepts=list(meta["concepts"]),

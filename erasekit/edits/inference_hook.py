@@ -56,6 +56,14 @@ class InferenceHook(EditKind):
     name = NAME
     combine = "hooks run in the order the edits were applied"
 
+    def check(self, edit: Edit) -> str | None:
+        """An inference hook holds settings only, and names a known hook."""
+        if edit.tensors:
+            return f"an inference-hook edit holds no tensors, this one has {sorted(edit.tensors)[:2]}"
+        if hook_name(edit) not in HOOKS:
+            return f"unknown inference hook {hook_name(edit)!r}; known: {', '.join(HOOKS)}"
+        return None
+
     def attach(self, adapter, edit: Edit, scale: float = 1.0) -> Attachment:
         """Build the edit's hook on ``adapter``'s model with strength ``scale``."""
         name = hook_name(edit)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from .artifact import Edit, legacy_kind
+from ..errors import EditError
+from .artifact import LEGACY_KINDS, Edit, legacy_kind
 
 
 class Attachment:
@@ -41,6 +42,11 @@ class EditKind:
         """Attach ``edit`` to ``adapter``'s model with strength ``scale``; returns the attachment."""
         raise NotImplementedError
 
+    def check(self, edit: Edit) -> str | None:
+        """What is wrong with ``edit``'s tensors for this kind, read without a model (their names,
+        their number), or None. Attaching checks them against the model too."""
+        return None
+
     def export_merged(self, pipe, edit: Edit, path: str | Path, scale: float = 1.0) -> Path:
         """Write the model with ``edit`` folded into its weights (kinds that can)."""
         raise ValueError(f"a {self.name} edit ({edit.method}) cannot be merged into the model's weights")
@@ -62,5 +68,21 @@ def kind_of(edit: Edit) -> EditKind:
     kind of its method. ValueError naming the known kinds otherwise."""
     name = edit.kind or legacy_kind(edit.method)
     if name not in KINDS:
-        raise ValueError(f"edit {edit.id} ({edit.method}) has unknown kind {name!r}; known kinds: {', '.join(KINDS)}")
+        raise EditError(f"edit {edit.id} ({edit.method}) has unknown kind {name!r}; known kinds: {', '.join(KINDS)}")
     return KINDS[name]
+
+
+def check_edit(edit: Edit, where: str = "") -> EditKind:
+    """The kind of ``edit`` after checking that its method, kind and tensors agree; an
+    :class:`~erasekit.errors.EditError` naming the disagreement otherwise (``where``: the folder)."""
+    label = f"the edit at {where}" if where else f"edit {edit.id}"
+    kind = kind_of(edit)
+    usual = LEGACY_KINDS.get(edit.method)
+    if usual is not None and usual != kind.name:
+        raise EditError(
+            f"{label} says method {edit.method!r} (a {usual} edit) but kind {kind.name!r}: edit.json was changed"
+        )
+    problem = kind.check(edit)
+    if problem:
+        raise EditError(f"{label} ({edit.method}, kind {kind.name}): {problem}")
+    return kind

@@ -140,6 +140,20 @@ class Lora(EditKind):
     name = NAME
     combine = "sum of scale * B A x over the attached LoRAs (peft)"
 
+    def check(self, edit: Edit) -> str | None:
+        """Every tensor must be a LoRA factor (``*.lora_A.weight`` / ``*.lora_B.weight``), in pairs."""
+        if not edit.tensors:
+            return "it holds no LoRA weights"
+        ends = (".lora_A.weight", ".lora_B.weight")
+        foreign = sorted(k for k in edit.tensors if not k.endswith(ends))
+        if foreign:
+            return f"tensors {foreign[:2]} are not LoRA factors (names *.lora_A.weight, *.lora_B.weight)"
+        modules = {k[: -len(ends[0])] for k in edit.tensors}
+        unpaired = sorted(m for m in modules if not all(m + e in edit.tensors for e in ends))
+        if unpaired:
+            return f"LoRA factors without their pair at {unpaired[:2]}"
+        return None
+
     def attach(self, adapter, edit: Edit, scale: float = 1.0) -> LoraHandle:
         """Attach the edit's LoRA with strength ``scale`` (both guidance branches see it)."""
         return attach_lora(adapter, edit.tensors, f"erasekit_{edit.id}", scale)

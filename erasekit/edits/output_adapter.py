@@ -173,6 +173,13 @@ class OutputAdapter(EditKind):
     name = NAME
     combine = "mean of scale * E(h) over the edits at a point"
 
+    def check(self, edit: Edit) -> str | None:
+        """There must be erasers (``erasers.<point>.*``); other tensors (Receler keeps its
+        adversarial prompt) ride along unused."""
+        if not any(k.startswith(PREFIX) and k.endswith(".down.weight") for k in edit.tensors):
+            return f"it holds no erasers (tensors named {PREFIX}<point>.down.weight)"
+        return None
+
     def attach(self, adapter, edit: Edit, scale: float = 1.0) -> OutputAttachment:
         """Rebuild the edit's erasers on the model's device and dtype and attach them (both
         guidance branches see them: they act on every forward)."""

@@ -176,6 +176,15 @@ class DeltaAttachment(Attachment):
             del self.adapter.edit_stack.kinds[NAME]
 
 
+def _check(edit: Edit) -> str | None:
+    if not edit.tensors:
+        return "it holds no weight deltas"
+    foreign = sorted(k for k in edit.tensors if _target(k) is None)
+    if foreign:
+        return f"tensors {foreign[:2]} are not weight deltas (names {PREFIX}* or {COMPONENT_PREFIX}*)"
+    return None
+
+
 def attach_deltas(adapter, edit: Edit, scale: float = 1.0) -> DeltaAttachment:
     """Add ``scale * delta`` to each parameter the edit changes; the attachment's ``detach()``
     takes it away again (the last one restores the original tensors exactly)."""
@@ -313,6 +322,10 @@ class WeightDelta(EditKind):
 
     name = NAME
     combine = "base + sum of scale * delta over the edits on a parameter (float32)"
+
+    def check(self, edit: Edit) -> str | None:
+        """Every tensor must be a delta (``delta.<parameter>`` or ``delta:<component>.<parameter>``)."""
+        return _check(edit)
 
     def attach(self, adapter, edit: Edit, scale: float = 1.0) -> DeltaAttachment:
         """See :func:`attach_deltas`."""

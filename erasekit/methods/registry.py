@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .config import ConfigError, MethodConfig, show_value
+
+logger = logging.getLogger(__name__)
 
 # The methods shipped with erasekit, in the order they are listed (modules of this package).
 BUILTIN_METHODS = ("receler", "eraseanything", "esd", "uce", "keyword_zeroing", "sld")
@@ -173,7 +176,26 @@ def erase(pipe, concept: str, method: str = "receler", config=None, checkpoint_d
             raise ConfigError(
                 f"{method}: {key} must be {text!r} for this method name, got {show_value(getattr(config, key))}"
             )
+    _warn_unfamiliar(pipe, concept)
     return spec.fit(pipe, concept, config, checkpoint_dir=checkpoint_dir, progress=progress)
+
+
+def _warn_unfamiliar(pipe, concept: str) -> None:
+    """Warn (log) when the text encoder does not know the concept's words as words."""
+    from ..models import adapter_for
+
+    try:
+        unfamiliar = adapter_for(pipe).unfamiliar_words(concept)
+    except Exception:  # a pipeline without a tokenizer: nothing to say
+        return
+    for word, pieces in unfamiliar:
+        logger.warning(
+            "the text encoder splits %r into %d pieces (%s): it may not know this word, so an edit "
+            "keyed on it may miss the concept; prefer a word the model knows",
+            word,
+            len(pieces),
+            " ".join(pieces),
+        )
 
 
 def method_module(name: str):

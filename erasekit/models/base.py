@@ -20,8 +20,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from . import memory
-from .conditioning import Conditioning, find_token_spans
+from .conditioning import Conditioning, find_token_spans, phrase_pieces
 from .probes import AttentionProbe, probing
 
 # Keys an ``erasekit_defaults.json`` may hold (see :meth:`FamilyAdapter._apply_defaults`).
@@ -36,7 +37,7 @@ DEFAULT_KEYS = (
 )
 
 
-class UnsupportedPipelineError(ValueError):
+class UnsupportedPipelineError(UserError, ValueError):
     """The pipeline (or a pipeline folder) belongs to a family erasekit does not support."""
 
 
@@ -276,6 +277,20 @@ class FamilyAdapter:
         Phrase absent or truncated away -> ValueError naming both."""
         tokenizer, max_length = self._main_tokenizer()
         return find_token_spans(tokenizer, prompt, phrase, max_length)
+
+    def unfamiliar_words(self, text: str) -> list[tuple[str, list[str]]]:
+        """The words of ``text`` that the main tokenizer does not hold as words: (word, pieces) for
+        each word it splits into more than two pieces or into unknown-token pieces (a word
+        spelled out character by character, an emoji). Text embeddings of such words carry
+        little of what a reader means by them."""
+        tokenizer, _ = self._main_tokenizer()
+        unknown = getattr(tokenizer, "unk_token", None)
+        out = []
+        for word in text.replace(";", " ").replace(",", " ").split():
+            pieces = phrase_pieces(tokenizer, word)
+            if len(pieces) > 2 or (unknown is not None and unknown in pieces):
+                out.append((word, pieces))
+        return out
 
     def token_indices(self, prompt: str, phrase: str) -> list[int]:
         """Flattened :meth:`token_spans`."""

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import PhraseNotInPrompt
+
 
 @dataclass
 class Conditioning:
@@ -137,11 +139,18 @@ def find_token_spans(tokenizer, prompt: str, phrase: str, max_length: int) -> li
     if not spans and offsets is not None:
         spans = _spans_from_text(prompt, phrase_str, ids, offsets, special)
     if not spans:
-        raise ValueError(
-            f"phrase {phrase!r} not found in prompt {prompt!r} "
-            f"(absent, or cut off by truncation at {max_length} tokens)"
+        raise PhraseNotInPrompt(
+            f"{phrase_str!r} does not occur in the prompt {prompt!r} as a word of its own (or comes after the "
+            f"first {max_length} tokens, which is all the text encoder reads)"
         )
     return spans
+
+
+def phrase_pieces(tokenizer, phrase: str) -> list[str]:
+    """How ``tokenizer`` splits ``phrase`` (without special tokens), as text pieces: one piece
+    for a word the vocabulary holds, many for a word it spells out; unknown characters show as
+    the tokenizer's unknown token."""
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(phrase_ids(tokenizer, phrase))]
 
 
 def phrase_ids(tokenizer, phrase: str) -> list[int]:

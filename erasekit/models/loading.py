@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import NotFound
 from .base import DEFAULT_KEYS, FamilyAdapter, UnsupportedPipelineError
 
 DEFAULTS_FILE = "erasekit_defaults.json"
@@ -90,7 +91,7 @@ def read_model_index(id_or_folder: str | os.PathLike) -> tuple[dict, dict]:
     if path.is_dir():
         index_file = path / "model_index.json"
         if not index_file.is_file():
-            raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder")
+            raise NotFound(f"{path} has no model_index.json: not a diffusers pipeline folder")
         index = json.loads(index_file.read_text())
         defaults_file = path / DEFAULTS_FILE
         defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
@@ -98,18 +99,25 @@ def read_model_index(id_or_folder: str | os.PathLike) -> tuple[dict, dict]:
             raise ValueError(f"{defaults_file} must hold a JSON object")
         return index, defaults
     if path.exists():
-        raise FileNotFoundError(f"{path} is a file; expected a diffusers pipeline folder")
+        raise NotFound(f"{path} is a file; expected a diffusers pipeline folder")
     if not _looks_like_hub_id(str(id_or_folder)):
-        raise FileNotFoundError(f"no pipeline folder at {path}")
+        raise NotFound(f"no pipeline folder at {path}")
     from diffusers import DiffusionPipeline
 
     try:
         index = DiffusionPipeline.load_config(str(id_or_folder))
     except Exception as err:  # offline, unknown repo, gated repo, ...
-        raise FileNotFoundError(
+        raise NotFound(
             f"{id_or_folder!r} is not a local folder and its model_index.json could not be fetched from the Hub: {err}"
         ) from err
     return dict(index), {}
+
+
+def family_of(id_or_folder: str | os.PathLike) -> str:
+    """The family ("sd", "flux") of a pipeline folder, hub id or registered name, read from its
+    model_index.json without loading any weights; UnsupportedPipelineError / NotFound otherwise."""
+    index, _ = read_model_index(resolve_pipeline_name(id_or_folder))
+    return adapter_class_from_index(index).family
 
 
 def write_defaults(folder: str | os.PathLike, defaults: dict) -> Path:
