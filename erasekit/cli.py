@@ -58,7 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
                 r = entry[label]
                 name = "base" if label == "base" else f"{method}"
                 print(
-                    f"  {family:5s} {name:10s} Acc_E {r['acc_e']:5.1f}  Acc_R {r['acc_r']:5.1f}  Acc_L {r['acc_l']:5.1f}  H {r['h']:5.1f}"
+                    f"  {family:5s} {name:10s} Acc_E {r['acc_e']:5.1f}  Acc_R {r['acc_r']:5.1f}  "
+                    f"Acc_L {r['acc_l']:5.1f}  H {r['h']:5.1f}"
                 )
         if "warning" in entry:
             print(f"  {family:5s} warning: {entry['warning']}")
@@ -84,7 +85,8 @@ def _bench_toy(args: argparse.Namespace) -> int:
             return
         fit = f"  fit {row['fit_seconds']:.1f} s, +{row['fit_peak_mb']:.0f} MiB" if "fit_seconds" in row else ""
         tqdm.write(
-            f"{where} Acc_E {row['acc_e']:5.1f}  Acc_R {row['acc_r']:5.1f}  Acc_L {row['acc_l']:5.1f}  H {row['h']:5.1f}{fit}"
+            f"{where} Acc_E {row['acc_e']:5.1f}  Acc_R {row['acc_r']:5.1f}  Acc_L {row['acc_l']:5.1f}  "
+            f"H {row['h']:5.1f}{fit}"
         )
 
     overrides: dict[str, dict[str, str]] = {}
@@ -147,7 +149,8 @@ def _erase(args: argparse.Namespace) -> int:
     edit.base_model = args.model
     edit.save(args.out, overwrite=args.overwrite)
     print(
-        f"saved {args.method} edit for '{args.concept}' to {args.out} ({edit.metrics.get('train_seconds')} s of training)"
+        f"saved {args.method} edit for '{args.concept}' to {args.out} "
+        f"({edit.metrics.get('train_seconds')} s of training)"
     )
     return 0
 
@@ -166,7 +169,8 @@ def _generate(args: argparse.Namespace) -> int:
     images = generate_images(adapter_for(pipe), prompts, seeds)
     image_grid(images, cols=args.n, scale=4 if images.shape[-1] <= 64 else 1).save(args.out)
     print(
-        f"wrote {len(images)} images to {args.out} (rows: prompts; columns: seeds {args.seed}..{args.seed + args.n - 1})"
+        f"wrote {len(images)} images to {args.out} "
+        f"(rows: prompts; columns: seeds {args.seed}..{args.seed + args.n - 1})"
     )
     return 0
 
@@ -271,7 +275,8 @@ def _attack(args: argparse.Namespace) -> int:
     if results is None:
         return 0
     print(
-        f"attacks on '{args.concept}' ({results['suite']['name']}, detector {results['detector']['name']}): success rate in %"
+        f"attacks on '{args.concept}' ({results['suite']['name']}, detector {results['detector']['name']}): "
+        "success rate in %"
     )
     for label, rates in results["asr"].items():
         print(
