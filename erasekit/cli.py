@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -335,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``erasekit`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="erasekit", description=__doc__)
     parser.add_argument(
-        "--debug", action="store_true", help="raise user errors (bad settings, refused outputs) with their traceback"
+        "--debug",
+        action="store_true",
+        help="raise user errors (bad settings, refused outputs) with their traceback; show debug log messages",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -510,6 +513,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_log_messages(debug: bool) -> logging.Handler:
+    """Show erasekit's log messages on stderr, one plain line each (INFO and up; DEBUG with --debug).
+
+    Only the "erasekit" logger: third-party loggers keep Python's default (warnings and errors).
+    Returns the handler, which :func:`main` removes when the command ends.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("erasekit")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``erasekit`` command ``argv`` (default: the process's arguments); returns the exit status.
 
@@ -524,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # recorded in results as the command that made them
     if getattr(args, "check", None) is not None:
         args.check(args)
+    logger = logging.getLogger("erasekit")
+    level = logger.level
+    handler = _show_log_messages(args.debug)
     try:
         return args.func(args)
     except UserError as err:
@@ -532,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line
         print(f"erasekit {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:  # main may run more than once in a process (the tests): leave logging as it was
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":
