@@ -124,7 +124,8 @@ def main() -> None:
             per_block = (hi["peak_increase_mib"] - lo["peak_increase_mib"]) * MIB / blocks
             coeff = per_block / (a["tokens"] * a["width"])
             lines.append(
-                f"\nCheckpointing {ckpt}: {per_block / MIB:.1f} MiB per added block = {coeff:.1f} bytes per token-channel (float32)."
+                f"\nCheckpointing {ckpt}: {per_block / MIB:.1f} MiB per added block = "
+                f"{coeff:.1f} bytes per token-channel (float32)."
             )
     text = "\n".join(lines)
     print("\n" + text)

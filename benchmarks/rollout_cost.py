@@ -129,7 +129,8 @@ def main() -> None:
             sel = [r for r in rows if r["recipe"] == recipe and r["source"] == source]
             m = {k: mean(r[k] for r in sel) for k in ("calls", "seconds")} | pooled_accuracies(sel)
             print(
-                f"| {recipe} | {source} | {len(sel)} | {m['calls']:.0f} | {fresh_calls / m['calls']:.2f}x | {m['seconds']:.0f} | "
+                f"| {recipe} | {source} | {len(sel)} | {m['calls']:.0f} | {fresh_calls / m['calls']:.2f}x "
+                f"| {m['seconds']:.0f} | "
                 f"{m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} |"
             )
     if args.json:

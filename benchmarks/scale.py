@@ -29,7 +29,7 @@ How each figure is obtained (the table's "how" columns):
   they equal wall seconds.
 
     python benchmarks/scale.py --size 64 --threads 1 --json scale.json
-    python benchmarks/scale.py --skip-sd --gradient-checkpointing --json scale-gpu.json   # on a GPU: FLUX.1-dev in bf16
+    python benchmarks/scale.py --skip-sd --gradient-checkpointing --json scale-gpu.json  # on a GPU: FLUX.1-dev in bf16
 
 Training runs use the methods' memory settings (:mod:`erasekit.methods.memory`): text encoders
 released by default; ``--gradient-checkpointing`` turns checkpointing on for every training run.
@@ -654,7 +654,8 @@ def markdown(rows: list[dict], flux: list[dict] | None, header: str) -> str:
             else (f"{total / 3600:.1f} h" if total >= 3600 else f"{total:.0f} s")
         )
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['trained_params']:,} | {_f(r['s_per_iteration'])} | {r['s_per_iteration_how']} "
+            f"| {r['model']} | {r['method']} | {r['trained_params']:,} | {_f(r['s_per_iteration'])} "
+            f"| {r['s_per_iteration_how']} "
             f"| {r['iterations'] or '-'} | {total_txt} | {r['total_how']} | {overhead} "
             f"| {r['peak_increase_mb'] / 1024:.2f} ({r['peak_total_mb'] / 1024:.1f}) | {r['memory_how']} |"
         )
@@ -666,15 +667,17 @@ def markdown(rows: list[dict], flux: list[dict] | None, header: str) -> str:
             f"FLUX.1-dev, no GPU: parameter counts (meta device, exact): {counts}. Memory per method at "
             f"{info['size']} px, batch 1 ({info['tokens']} tokens), all **estimated**:",
             "",
-            "| model | method | trained params | recipe iterations | weights bf16 GiB | trained states GiB | activations GiB "
+            "| model | method | trained params | recipe iterations | weights bf16 GiB | trained states GiB "
+            "| activations GiB "
             "| total GiB | text encoders released | released + checkpointing | how |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in frows:
             e = r["estimate_gb"]
             lines.append(
-                f"| {r['model']} | {r['method']} | {r['trained_params']:,} | {r['iterations'] or '-'} | {e['weights_bf16']:.1f} "
-                f"| {e['trained_states']:.2f} | {e['activations']:.1f} | {e['total']:.1f} | {_f(e.get('total_released'), '{:.1f}')} "
+                f"| {r['model']} | {r['method']} | {r['trained_params']:,} | {r['iterations'] or '-'} "
+                f"| {e['weights_bf16']:.1f} | {e['trained_states']:.2f} | {e['activations']:.1f} | {e['total']:.1f} "
+                f"| {_f(e.get('total_released'), '{:.1f}')} "
                 f"| {_f(e.get('total_released_checkpointing'), '{:.1f}')} | estimated |"
             )
     return "\n".join(lines) + "\n"
@@ -755,7 +758,8 @@ def main() -> None:
         layers = tuple(int(x) for x in args.flux_layers.split(",")) if args.flux_layers else None
         device = "cuda" if cuda else "cpu"
         print(
-            f"building FLUX.1-dev{' (shrunk ' + str(layers) + ')' if layers else ''} ({args.flux_size} px) on {device} ...",
+            f"building FLUX.1-dev{' (shrunk ' + str(layers) + ')' if layers else ''} "
+            f"({args.flux_size} px) on {device} ...",
             flush=True,
         )
         pipe = build_flux1_dev(args.flux_size, device, dtype=torch.bfloat16 if cuda else torch.float32, layers=layers)

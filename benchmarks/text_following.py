@@ -84,7 +84,8 @@ def main() -> None:
         for level, row in measure(path, args.n).items():
             seq = row.get("object, sequence only", row["object"])
             print(
-                f"| {path} | {level} | {row['right']:.4f} | {row['object']:+.1f} % | {seq:+.1f} % | {row['colour']:+.1f} % |"
+                f"| {path} | {level} | {row['right']:.4f} | {row['object']:+.1f} % | {seq:+.1f} % "
+                f"| {row['colour']:+.1f} % |"
             )
 
 

@@ -150,11 +150,14 @@ def main() -> None:
                         )
                     )
                     print(
-                        f"{family} {concept} {variant} seed {seed}: Acc_E {res.acc_e:.1f} Acc_R {res.acc_r:.1f} Acc_L {res.acc_l:.1f} H {res.h:.1f} ({seconds:.0f} s)",
+                        f"{family} {concept} {variant} seed {seed}: Acc_E {res.acc_e:.1f} Acc_R {res.acc_r:.1f} "
+                        f"Acc_L {res.acc_l:.1f} H {res.h:.1f} ({seconds:.0f} s)",
                         flush=True,
                     )
     print(
-        f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · method {args.method}, preset {args.preset} · `python benchmarks/toyworld_erasure.py {' '.join(sys.argv[1:])}`\n"
+        f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · "
+        f"method {args.method}, preset {args.preset} · "
+        f"`python benchmarks/toyworld_erasure.py {' '.join(sys.argv[1:])}`\n"
     )
     print(
         "| family | concept | variant | seed | Acc_E | Acc_R | Acc_L | H | paraphrase | synonym | indirect | train s |"
@@ -164,7 +167,9 @@ def main() -> None:
         p = r["per_set"]
         seed = "-" if r["seed"] is None else r["seed"]
         print(
-            f"| {r['family']} | {r['concept']} | {r['variant']} | {seed} | {r['acc_e']:.1f} | {r['acc_r']:.1f} | {r['acc_l']:.1f} | {r['h']:.1f} | {p['paraphrase']:.1f} | {p['synonym']:.1f} | {p['indirect']:.1f} | {r['seconds']:.0f} |"
+            f"| {r['family']} | {r['concept']} | {r['variant']} | {seed} | {r['acc_e']:.1f} | {r['acc_r']:.1f} "
+            f"| {r['acc_l']:.1f} | {r['h']:.1f} | {p['paraphrase']:.1f} | {p['synonym']:.1f} | {p['indirect']:.1f} "
+            f"| {r['seconds']:.0f} |"
         )
     print(f"\nmeans over concepts and seeds ({', '.join(map(str, seeds))}); H of each seed's means over concepts:\n")
     print("| family | variant | Acc_E | Acc_R | Acc_L | H | H by seed |")
@@ -179,10 +184,12 @@ def main() -> None:
             )
             m = pooled_accuracies(sel)
             print(
-                f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} | {by_seed} |"
+                f"| {family} | {variant} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} "
+                f"| {by_seed} |"
             )
     print(
-        f"\n% of the unedited model's images from the anchor prompt {anchor!r} (simple set's seeds) showing the concept,"
+        f"\n% of the unedited model's images from the anchor prompt {anchor!r} (simple set's seeds) "
+        "showing the concept,"
         " plain and with the concept as negative prompt:\n"
     )
     print("| family | concept | anchor | anchor, concept as negative prompt |")

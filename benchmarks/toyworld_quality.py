@@ -58,7 +58,8 @@ def main() -> None:
     detector = ToyDetector.load()
     results = {fam: measure(path, args.n, detector) for fam, path in paths.items()}
     print(
-        f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · `python benchmarks/toyworld_quality.py {' '.join(sys.argv[1:])}`\n"
+        f"\n{date.today()} · {platform.machine()}, {torch.get_num_threads()} threads · "
+        f"`python benchmarks/toyworld_quality.py {' '.join(sys.argv[1:])}`\n"
     )
     print("| pipeline | object | simple | paraphrase | synonym | indirect | colour |")
     print("|---|---|---|---|---|---|---|")

@@ -12,6 +12,8 @@ nothing else broke.
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -27,6 +29,10 @@ _LAZY = {
     "attack": "evaluation.attacks",
 }
 __all__ = ["__version__", *_LAZY]
+
+# Library convention: erasekit logs to module loggers under "erasekit" and configures no output;
+# the application decides (the command line shows them on stderr, erasekit.cli.main).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # The embedded toy world is a plug-in: importing it registers its detector, suite, lexicon and
 # pipeline names (erasekit.registry) by lazy reference; it imports nothing heavy.

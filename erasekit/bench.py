@@ -220,7 +220,8 @@ def markdown(result: dict) -> str:
         else f"{mach['machine']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads"
     )
     lines = [
-        f"{result['created'][:10]} · {where} · torch {result['versions']['torch']}, diffusers {result['versions']['diffusers']}"
+        f"{result['created'][:10]} · {where} · torch {result['versions']['torch']}, "
+        f"diffusers {result['versions']['diffusers']}"
         f" · preset {s['preset']}{' (quick: a smoke run, the figures mean nothing)' if s['quick'] else ''}"
         f" · n {s['n']} per set, {s['n_locality']} per other object · concepts {', '.join(s['concepts'])}"
         f" · detector {result['detector']['name']} · `{result['command'] or 'run_bench(...)'}`",
@@ -230,14 +231,16 @@ def markdown(result: dict) -> str:
     ]
     for r in result["means"]:
         lines.append(
-            f"| {r['model']} | {r['method']} | {_cell(r['acc_e'])} | {_cell(r['acc_r'])} | {_cell(r['acc_l'])} | {_cell(r['h'])}"
+            f"| {r['model']} | {r['method']} | {_cell(r['acc_e'])} | {_cell(r['acc_r'])} | {_cell(r['acc_l'])} "
+            f"| {_cell(r['h'])}"
             f" | {_cell(r['fit_seconds'])} | {_cell(r['fit_peak_mb'], '{:.0f}')} | {_cell(r['suite_seconds'])} |"
         )
     kind = next((r["memory_kind"] for r in result["means"] if r.get("memory_kind")), "cpu-rss")
     lines += [
         "",
         "Means over concepts; H is the harmonic mean of (100 - Acc_E, 100 - Acc_R, Acc_L) of the mean "
-        "accuracies. fit s: wall seconds of `erase` per concept (mean; its CPU seconds are in bench.json); fit peak MiB: the largest growth of "
+        "accuracies. fit s: wall seconds of `erase` per concept (mean; its CPU seconds are in bench.json); "
+        "fit peak MiB: the largest growth of "
         + ("allocated CUDA memory" if kind == "cuda-allocated" else "the process's resident memory")
         + " during `erase` (max over concepts); suite s: seconds to generate and score the suite's images "
         "with the edit applied (mean).",
@@ -259,7 +262,8 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['model']} | {r['concept']} | {r['method']} | {_cell(r['acc_e'])} | {_cell(r['acc_r'])} | {_cell(r['acc_l'])}"
+            f"| {r['model']} | {r['concept']} | {r['method']} | {_cell(r['acc_e'])} | {_cell(r['acc_r'])} "
+            f"| {_cell(r['acc_l'])}"
             f" | {_cell(r['h'])} | {_cell(r.get('fit_seconds'))} | {_cell(r.get('fit_peak_mb'), '{:.0f}')} |"
         )
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shlex
@@ -56,7 +57,8 @@ def _demo(args: argparse.Namespace) -> int:
                 r = entry[label]
                 name = "base" if label == "base" else f"{method}"
                 print(
-                    f"  {family:5s} {name:10s} Acc_E {r['acc_e']:5.1f}  Acc_R {r['acc_r']:5.1f}  Acc_L {r['acc_l']:5.1f}  H {r['h']:5.1f}"
+                    f"  {family:5s} {name:10s} Acc_E {r['acc_e']:5.1f}  Acc_R {r['acc_r']:5.1f}  "
+                    f"Acc_L {r['acc_l']:5.1f}  H {r['h']:5.1f}"
                 )
         if "warning" in entry:
             print(f"  {family:5s} warning: {entry['warning']}")
@@ -77,7 +79,8 @@ def _bench_toy(args: argparse.Namespace) -> int:
             return
         fit = f"  fit {row['fit_seconds']:.1f} s, +{row['fit_peak_mb']:.0f} MiB" if "fit_seconds" in row else ""
         tqdm.write(
-            f"{where} Acc_E {row['acc_e']:5.1f}  Acc_R {row['acc_r']:5.1f}  Acc_L {row['acc_l']:5.1f}  H {row['h']:5.1f}{fit}"
+            f"{where} Acc_E {row['acc_e']:5.1f}  Acc_R {row['acc_r']:5.1f}  Acc_L {row['acc_l']:5.1f}  "
+            f"H {row['h']:5.1f}{fit}"
         )
 
     overrides: dict[str, dict[str, str]] = {}
@@ -141,7 +144,8 @@ def _erase(args: argparse.Namespace) -> int:
     edit.base_model = args.model
     edit.save(args.out, overwrite=args.overwrite)
     print(
-        f"saved {args.method} edit for '{args.concept}' to {args.out} ({edit.metrics.get('train_seconds')} s of training)"
+        f"saved {args.method} edit for '{args.concept}' to {args.out} "
+        f"({edit.metrics.get('train_seconds')} s of training)"
     )
     return 0
 
@@ -170,7 +174,8 @@ def _generate(args: argparse.Namespace) -> int:
     images = generate_images(adapter_for(pipe), prompts, seeds)
     image_grid(images, cols=args.n, scale=4 if images.shape[-1] <= 64 else 1).save(args.out)
     print(
-        f"wrote {len(images)} images to {args.out} (rows: prompts; columns: seeds {args.seed}..{args.seed + args.n - 1})"
+        f"wrote {len(images)} images to {args.out} "
+        f"(rows: prompts; columns: seeds {args.seed}..{args.seed + args.n - 1})"
     )
     return 0
 
@@ -291,7 +296,8 @@ def _attack(args: argparse.Namespace) -> int:
     if results is None:
         return 0
     print(
-        f"attacks on '{args.concept}' ({results['suite']['name']}, detector {results['detector']['name']}): success rate in %"
+        f"attacks on '{args.concept}' ({results['suite']['name']}, detector {results['detector']['name']}): "
+        "success rate in %"
     )
     for label, rates in results["asr"].items():
         print(
@@ -351,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``erasekit`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="erasekit", description=__doc__)
     parser.add_argument(
-        "--debug", action="store_true", help="raise user errors (bad settings, refused outputs) with their traceback"
+        "--debug",
+        action="store_true",
+        help="raise user errors (bad settings, refused outputs) with their traceback; show debug log messages",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -560,6 +568,20 @@ def _check_model_and_edits(model: str, folders: list[str]) -> None:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+def _show_log_messages(debug: bool) -> logging.Handler:
+    """Show erasekit's log messages on stderr, one plain line each (INFO and up; DEBUG with --debug).
+
+    Only the "erasekit" logger: third-party loggers keep Python's default (warnings and errors).
+    Returns the handler, which :func:`main` removes when the command ends.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("erasekit")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``erasekit`` command ``argv`` (default: the process's arguments); returns the exit status.
 
@@ -574,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # recorded in results as the command that made them
     if getattr(args, "check", None) is not None:
         args.check(args)
+    logger = logging.getLogger("erasekit")
+    level = logger.level
+    handler = _show_log_messages(args.debug)
     try:
         _set_threads(getattr(args, "threads", None))
         return args.func(args)
@@ -583,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line
         print(f"erasekit {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:  # main may run more than once in a process (the tests): leave logging as it was
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":

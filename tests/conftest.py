@@ -17,7 +17,7 @@ from erasekit.models import adapter_for
 # beside them; the tiny test pipelines (tiny_pipelines) live here, beside this file.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline  # noqa: E402
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 # Tiny models on a shared 2-core machine: more than one intra-op thread makes each op
 # 100x slower whenever another process is busy. Override with ERASEKIT_TEST_THREADS.

@@ -330,7 +330,7 @@ def test_zeroing_value_rows_is_zeroing_attention_columns(sd):
     cols[1, [4, 5]] = True
     with torch.no_grad():
         q, k, v = attn.to_q(h), attn.to_k(ctx), attn.to_v(ctx)
-        split = lambda z: z.view(2, -1, attn.heads, z.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+        split = lambda z: z.view(2, -1, attn.heads, z.shape[-1] // attn.heads).transpose(1, 2)
         p = (split(q) @ split(k).transpose(-1, -2) / math.sqrt(q.shape[-1] // attn.heads)).softmax(-1)
         p = p.masked_fill(cols[:, None, None, :], 0.0)
         ref = attn.to_out[0]((p @ split(v)).transpose(1, 2).reshape(2, 16, -1))

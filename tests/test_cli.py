@@ -1,11 +1,13 @@
 """The command line on tiny pipelines saved to disk (the real loading path)."""
 
 import json
+import logging
 
 import pytest
 from PIL import Image
 from tiny_pipelines import TINY_DEFAULTS, tiny_flux_pipeline, tiny_sd_pipeline
 
+from erasekit import cli
 from erasekit.cli import main
 from erasekit.models.loading import write_defaults
 
@@ -85,3 +87,22 @@ def test_settings_are_parsed_to_their_types():
     )
     assert (cfg.iterations, cfg.lr, cfg.rollout_steps, cfg.prompt) == (7, 0.5, None, "none of {concept}")
     assert make_config("eraseanything", "paper", {"synonyms": "none"}).synonyms == "none"  # text stays text
+
+
+def test_the_command_line_shows_the_library_log_messages(monkeypatch, capsys):
+    def command(args):
+        logging.getLogger("erasekit.methods.eraseanything").warning("no synonyms for %r", "car")
+        logging.getLogger("erasekit.toyworld").info("progress line")
+        logging.getLogger("erasekit.models").debug("debug detail")
+        logging.getLogger("transformers").info("third-party info")
+        return 0
+
+    monkeypatch.setattr(cli, "_generate", command)
+    package = logging.getLogger("erasekit")
+    before = (list(package.handlers), package.level)
+    assert any(isinstance(h, logging.NullHandler) for h in package.handlers)  # the library's own: silent
+    assert main(["generate", "--model", "m", "--prompt", "p"]) == 0
+    assert capsys.readouterr().err == "no synonyms for 'car'\nprogress line\n"  # plain lines, no third party
+    assert main(["--debug", "generate", "--model", "m", "--prompt", "p"]) == 0
+    assert capsys.readouterr().err == "no synonyms for 'car'\nprogress line\ndebug detail\n"
+    assert (list(package.handlers), package.level) == before  # main leaves logging as it found it

@@ -481,3 +481,10 @@ def test_words_come_from_the_chosen_lexicon(sd_pipe, monkeypatch):
     monkeypatch.setattr(toy_lexicon, "is_toy_pipeline", lambda pipe: True)
     assert lexicon.lexicon_for("auto", sd_pipe, "circle") == "toyworld"
     assert lexicon.lexicon_for("auto", sd_pipe, "car") == "wordnet"
+
+
+def test_no_synonyms_is_logged_and_training_goes_on(sd_pipe, caplog):
+    with caplog.at_level("WARNING", logger="erasekit"):
+        syn, ir, _ = ea.concept_words(_cfg(synonyms="", lexicon="toyworld"), sd_pipe, "car")
+    assert syn == [] and ir == ["dog", "cat", "tree"]
+    assert "no synonyms for 'car'" in caplog.text and "synonym swap and L_rsc are off" in caplog.text

@@ -16,7 +16,7 @@ from erasekit.evaluation.suites import Case
 from erasekit.models import adapter_for
 
 sys.path.insert(0, str(Path(__file__).parent))
-import evaluation_worker as worker  # noqa: E402
+import evaluation_worker as worker
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "evaluation_worker.py"

@@ -307,8 +307,10 @@ def attack_report(
     cols = ["no attack"] + [a for a in results["attacks"]]
     det = results["detector"]
     sections = [
-        f"<p>Concept <b>{_esc(results['concept'])}</b>; suite {_esc(suite.name)}; detector {_esc(det['name'])} (threshold {_esc(det['threshold'])}). "
-        "Attack success rate (ASR): % of attacked prompts whose image shows the concept; 'no attack' is the rate on the plain prompts.</p>",
+        f"<p>Concept <b>{_esc(results['concept'])}</b>; suite {_esc(suite.name)}; "
+        f"detector {_esc(det['name'])} (threshold {_esc(det['threshold'])}). "
+        "Attack success rate (ASR): % of attacked prompts whose image shows the concept; "
+        "'no attack' is the rate on the plain prompts.</p>",
         "<h2>Attack success rate (%)</h2>",
         html_table(
             ["model"] + cols, [[label] + [_fmt(rates.get(c)) for c in cols] for label, rates in results["asr"].items()]
@@ -343,7 +345,8 @@ def attack_report(
             sections.append(
                 figure(
                     image_grid(imgs, cols=k, scale=max(1, 96 // imgs.shape[-1])),
-                    f"{label} with optimised soft prompts, plain prompts' seeds {', '.join(str(cases[i].seed) for i in plain_idx[:k])}",
+                    f"{label} with optimised soft prompts, plain prompts' seeds "
+                    f"{', '.join(str(cases[i].seed) for i in plain_idx[:k])}",
                 )
             )
     sections.append("<h2>Provenance</h2>")

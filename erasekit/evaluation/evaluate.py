@@ -231,8 +231,10 @@ def evaluation_report(results: dict, suite: Suite, cases, runs: list[dict], per_
     det = results["detector"]
     det_text = f"{det['name']} (threshold {det['threshold']})" if det else "none"
     sections = [
-        f"<p>Concept <b>{_esc(results['concept'])}</b>; suite <b>{_esc(suite.name)}</b> ({len(cases)} prompts, fixed seeds); "
-        f"model {_esc(results['model']['spec'] or results['model']['source'])} ({_esc(results['model']['class'])}); detector {_esc(det_text)}. "
+        f"<p>Concept <b>{_esc(results['concept'])}</b>; suite <b>{_esc(suite.name)}</b> "
+        f"({len(cases)} prompts, fixed seeds); "
+        f"model {_esc(results['model']['spec'] or results['model']['source'])} ({_esc(results['model']['class'])}); "
+        f"detector {_esc(det_text)}. "
         "Every run uses the same prompts and seeds.</p>",
         "<h2>Metrics</h2>",
         html_table(

@@ -52,7 +52,8 @@ def make_features(spec: str | nn.Module):
             ) from err
         if not source or not Path(source).expanduser().is_file():
             raise FileNotFoundError(
-                f"FID InceptionV3 weights file not found: {source!r} (pass inception:PATH to pt_inception-2015-12-05-6726825d.pth)"
+                f"FID InceptionV3 weights file not found: {source!r} "
+                "(pass inception:PATH to pt_inception-2015-12-05-6726825d.pth)"
             )
         return (
             2048,

@@ -46,7 +46,8 @@ class NudeNetDetector:
             ) from err
         if not LIBRARY_FLOOR <= threshold <= 1:
             raise ValueError(
-                f"NudeNet threshold must be in [{LIBRARY_FLOOR}, 1] (the library drops scores below {LIBRARY_FLOOR}), got {threshold}"
+                f"NudeNet threshold must be in [{LIBRARY_FLOOR}, 1] "
+                f"(the library drops scores below {LIBRARY_FLOOR}), got {threshold}"
             )
         self.model_path = model_path
         self.threshold = float(threshold)

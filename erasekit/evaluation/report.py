@@ -42,7 +42,10 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[object]], cls: str
 
 
 def figure(img: Image.Image, caption: str) -> str:
-    return f'<figure><img src="{png_data_uri(img)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return (
+        f'<figure><img src="{png_data_uri(img)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def page(title: str, sections: Sequence[str]) -> str:
@@ -98,30 +101,35 @@ def svg_bar_chart(
     n = max(1, len(values))
     bar_w = plot_w / n * 0.6
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+        f'role="img" aria-label="{html.escape(title)}">',
         f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
         f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
         f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="11">{ymax:.3g}</text>',
         f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">0</text>',
-        f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>',
+        f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" '
+        f'text-anchor="middle">{html.escape(ylabel)}</text>',
     ]
     for i, (label, v) in enumerate(zip(labels, values)):
         x = left + plot_w / n * (i + 0.2)
         if v == v:
             h = max(0.0, min(1.0, v / ymax)) * plot_h
             parts.append(
-                f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" fill="{_COLORS[i % len(_COLORS)]}"/>'
+                f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
+                f'fill="{_COLORS[i % len(_COLORS)]}"/>'
             )
             parts.append(
-                f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - h - 4:.1f}" text-anchor="middle" font-size="11">{v:.1f}</text>'
+                f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - h - 4:.1f}" text-anchor="middle" '
+                f'font-size="11">{v:.1f}</text>'
             )
         else:
             parts.append(
                 f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - 4}" text-anchor="middle" font-size="11">n/a</text>'
             )
         parts.append(
-            f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{html.escape(label)}</text>'
+            f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
+            f'font-size="11">{html.escape(label)}</text>'
         )
     return "".join(parts) + "</svg>"
 
@@ -146,7 +154,8 @@ def svg_line_chart(
         return left + (x - xmin) / (xmax - xmin) * plot_w, top + plot_h - max(0.0, min(1.0, y / ymax)) * plot_h
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+        f'role="img" aria-label="{html.escape(title)}">',
         f'<text x="{(left + plot_w / 2)}" y="18" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
         f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
@@ -154,18 +163,22 @@ def svg_line_chart(
         f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">0</text>',
         f'<text x="{left}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{xmin:g}</text>',
         f'<text x="{left + plot_w}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{xmax:g}</text>',
-        f'<text x="{left + plot_w / 2}" y="{top + plot_h + 32}" text-anchor="middle" font-size="12">{html.escape(xlabel)}</text>',
-        f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>',
+        f'<text x="{left + plot_w / 2}" y="{top + plot_h + 32}" text-anchor="middle" '
+        f'font-size="12">{html.escape(xlabel)}</text>',
+        f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" '
+        f'text-anchor="middle">{html.escape(ylabel)}</text>',
     ]
     for k, (name, points) in enumerate(series.items()):
         color = _COLORS[k % len(_COLORS)]
         xy = [px(x, y) for x, y in sorted(points) if y == y]
         if xy:
             parts.append(
-                f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}"/>'
+                f'<polyline fill="none" stroke="{color}" stroke-width="2" '
+                f'points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}"/>'
             )
             parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{color}"/>' for a, b in xy]
         parts.append(
-            f'<text x="{left + plot_w + 10}" y="{top + 14 * (k + 1)}" font-size="11" fill="{color}">{html.escape(name)}</text>'
+            f'<text x="{left + plot_w + 10}" y="{top + 14 * (k + 1)}" font-size="11" '
+            f'fill="{color}">{html.escape(name)}</text>'
         )
     return "".join(parts) + "</svg>"

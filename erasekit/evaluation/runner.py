@@ -153,7 +153,8 @@ def generate_run(
             previous = json.loads(run_path.read_text())
             if previous.get("fingerprint") != fingerprint:
                 raise ValueError(
-                    f"{folder} holds another run (other prompts, seeds, model, edits or settings): use another folder or delete it"
+                    f"{folder} holds another run (other prompts, seeds, model, edits or settings): "
+                    "use another folder or delete it"
                 )
         else:
             (folder / IMAGE_DIR).mkdir(parents=True, exist_ok=True)

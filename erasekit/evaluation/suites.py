@@ -73,7 +73,8 @@ def read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
             found = next((a for a in COLUMN_ALIASES.get(col, (col,)) if a in header), None)
             if found is None:
                 raise ValueError(
-                    f"{path} has no {col!r} column (or alias {', '.join(COLUMN_ALIASES.get(col, (col,)))}); its columns: {', '.join(h for h in header if h)}"
+                    f"{path} has no {col!r} column (or alias {', '.join(COLUMN_ALIASES.get(col, (col,)))}); "
+                    f"its columns: {', '.join(h for h in header if h)}"
                 )
             names[col] = found
         rows = []

@@ -41,7 +41,7 @@ _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 
 def setting(
     default: Any,
-    help: str,  # noqa: A002 (the word every config library uses)
+    help: str,  # shadows the builtin: the word every config library uses
     *,
     low: float | None = None,
     high: float | None = None,

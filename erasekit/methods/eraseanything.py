@@ -55,9 +55,9 @@ the LoRA strength (0 = the base model). The LoRA attaches as a LoRA edit
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +78,7 @@ from .memory import MemorySettings, training_memory
 from .registry import register_method
 from .rollouts import RolloutSettings, rollout_metrics, source_from_config
 
+logger = logging.getLogger(__name__)
 NAME = "eraseanything"
 LORA_WEIGHT_NAME = WEIGHTS_FILE  # pipe.load_lora_weights(edit_folder, weight_name=LORA_WEIGHT_NAME)
 NUDITY_WORDS = ("nudity", "nude", "naked", "nakedness")
@@ -335,7 +336,7 @@ def concept_words(config: EraseAnythingConfig, pipe, concept: str) -> tuple[list
                     f"no irrelevant concepts for {concept!r}: {err}. Give them with "
                     "irrelevant='word, word, ...' (and synonyms='...')"
                 ) from err
-            warnings.warn(f"no synonyms for {concept!r} ({err}); synonym swap and L_rsc are off", stacklevel=3)
+            logger.warning("no synonyms for %r (%s); synonym swap and L_rsc are off", concept, err)
     synonyms = [s for s in synonyms if s.lower() != concept.lower()]
     irrelevant = [w for w in irrelevant if w.lower() != concept.lower() and w not in synonyms]
     if not irrelevant:

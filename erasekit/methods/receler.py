@@ -246,7 +246,9 @@ def fit(
                     with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
                         e_cond = adapter.predict(x_t, t, cond)
                     mask = concept_mask(
-                        [probe.last(layer) for layer in mid_layers], probe.resolution(mid_layers[0]), config.reg_threshold
+                        [probe.last(layer) for layer in mid_layers],
+                        probe.resolution(mid_layers[0]),
+                        config.reg_threshold,
                     )
                 target = e_anchor - config.eta * (e_cond - e_anchor)
 

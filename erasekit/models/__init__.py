@@ -37,7 +37,7 @@ from .probes import AttentionProbe
 from .sd_unet import SDUNetAdapter  # isort: skip
 from .flux import FluxAdapter  # isort: skip
 
-from .loading import adapter_for, family_of, load_pipeline, write_defaults  # noqa: E402
+from .loading import adapter_for, family_of, load_pipeline, write_defaults
 
 __all__ = [
     "AttachmentPoint",

@@ -107,7 +107,7 @@ class _RecordingProcessor:
         self.record = record
         # Attention.forward drops kwargs that processor.__call__ does not declare (it inspects
         # the signature); expose the inner processor's signature so nothing extra is dropped.
-        proxy = lambda *a, **kw: type(self).__call__(self, *a, **kw)  # noqa: E731
+        proxy = lambda *a, **kw: type(self).__call__(self, *a, **kw)
         proxy.__signature__ = inspect.signature(inner.__call__)
         self.__dict__["__call__"] = proxy
 

@@ -187,5 +187,5 @@ class ToyObjectSuite(Suite):
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:
         """ "plain": the simple prompts; "paraphrase"; "synonym": synonyms and indirect mentions."""
         cases = self.cases(concept)
-        pick = lambda *sets: [c for c in cases if c.set in sets]  # noqa: E731
+        pick = lambda *sets: [c for c in cases if c.set in sets]
         return {"plain": pick("simple"), "paraphrase": pick("paraphrase"), "synonym": pick("synonym", "indirect")}
