@@ -211,3 +211,12 @@ def test_a_trained_tensor_that_becomes_infinite_stops_the_loop(tmp_path):
             with torch.no_grad():
                 weight[0] = float("inf") if it == 1 else 1.0
     assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 1  # not 2
+
+
+def test_every_training_method_registers_its_iterations():
+    from erasekit.methods import make_config
+
+    assert get_method("receler").training_iterations(make_config("receler"), "sd", "car") == 500
+    assert get_method("esd").training_iterations(make_config("esd-x"), "flux", "car") == 1400
+    assert get_method("eraseanything").training_iterations(make_config("eraseanything"), "sd", "nudity") == 200
+    assert get_method("uce").training_iterations(make_config("uce"), "sd", "car") == 0

@@ -123,7 +123,8 @@ def fit(
     returns the Edit (weight deltas, not applied; the pipeline is left as it was).
 
     With ``checkpoint_dir``, state is saved every ``config.checkpoint_every`` iterations and a
-    later call with the same folder and config resumes from the last checkpoint.
+    later call with the same folder, concept, model and config resumes from the last
+    checkpoint (:class:`.training.TrainingRun`).
     """
     adapter = adapter_for(pipe)
     config = (config or ESDConfig()).resolved(adapter.family)

@@ -178,6 +178,11 @@ def trainable_parameters(model, config: RecelerConfig) -> int:
     return sum(p.numel() for e in erasers.values() for p in e.parameters())
 
 
+def iterations(config: RecelerConfig, family: str, concept: str) -> int:
+    """The iterations ``fit`` runs: the config's."""
+    return config.iterations
+
+
 def fit(
     pipe,
     concept: str,
@@ -308,4 +313,4 @@ def fit(
 
 
 PRESETS = {"paper": RecelerConfig, "fast": RecelerConfig.fast}
-register_method(NAME, RecelerConfig, PRESETS, fit, trainable_parameters=trainable_parameters)
+register_method(NAME, RecelerConfig, PRESETS, fit, trainable_parameters=trainable_parameters, iterations=iterations)
