@@ -9,10 +9,12 @@ device) and a memory estimate per method, marked as estimates.
 How each figure is obtained (the table's "how" columns):
 
 - Training methods run through ``erasekit.erase`` with the paper preset and a few iterations
-  (one warm-up, then timed ones). Iteration boundaries are read from the method's own loop.
-  The ESD partial rollouts inside are cut to at most ``--rollout-cap`` sampler steps and their
-  expected full cost is added back: E[t_enc] times the seconds of one rollout step as timed in
-  the same run ("derived" figures). Receler's adversarial inner loop runs with 1
+  (one warm-up, then timed ones). Iteration boundaries and rollouts are observed through the
+  training hooks (``erasekit.methods.hooks``): the ESD partial rollouts inside are cut to at most
+  ``--rollout-cap`` sampler steps and their expected full cost is added back: E[t_enc] of each
+  draw's range times the seconds of one rollout step as timed in the same run ("derived" figures).
+  Trained parameters and recipe iterations come from the method registry (counted without
+  training; FLUX.1-dev on the meta device). Receler's adversarial inner loop runs with 1
   and with 3 steps; the difference gives the cost of one step, and the recipe's 50 are added
   back. EraseAnything's preserve images (a one-off set-up) are generated with 1 image x 1 step;
   the recipe's set-up is estimated as images x steps guidance passes (the fastest pass timed at
@@ -41,7 +43,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -63,7 +64,8 @@ from real_configs import (  # benchmarks/real_configs.py, beside this script
 
 from erasekit.edits import apply, remove
 from erasekit.evaluation.resources import PeakMemory, release_free_memory, rss_bytes
-from erasekit.methods import erase, make_config, method_module
+from erasekit.methods import erase, make_config, resolve_method
+from erasekit.methods.hooks import TrainingHooks, training_hooks
 from erasekit.models import adapter_for
 
 CONCEPT = "car"
@@ -78,7 +80,6 @@ WORDS = (
     + IRRELEVANT.replace(",", " ")
 ).split()
 GIB = 1024**3
-TRAINING = ("receler", "eraseanything", "esd-x", "esd-u")
 
 
 # ---- the models ----------------------------------------------------------------------------
@@ -187,36 +188,42 @@ def _now(device) -> float:
     return time.process_time()
 
 
-class _Loop:
-    """Stands in for a method's tqdm: records when each iteration starts (and the loop ends)."""
+class _Timer(TrainingHooks):
+    """Training hooks (erasekit.methods.hooks) that stamp when each iteration starts and the loop
+    ends, and time every partial rollout, cut to ``cap`` sampler steps (all on :func:`_now`'s clock)."""
 
-    def __init__(self, stamps: list[float], device):
-        self.stamps, self.device = stamps, device
+    def __init__(self, cap: int, device):
+        self.cap, self.device = cap, device
+        self.stamps: list[float] = []
+        # (start, seconds, requested t_enc, steps run, the source's t_enc bound "high")
+        self.rollouts: list[tuple[float, float, int, int, int]] = []
 
-    def __call__(self, iterable, *args, **kwargs):
-        self.iterable = iterable
-        return self
-
-    def __iter__(self):
-        for item in self.iterable:
-            self.stamps.append(_now(self.device))
-            yield item
+    def iteration_started(self, run, iteration):
         self.stamps.append(_now(self.device))
 
-    def __getattr__(self, name):  # set_postfix and friends: nothing to show
-        return lambda *a, **k: None
+    def loop_ended(self, run):
+        self.stamps.append(_now(self.device))
+
+    @contextlib.contextmanager
+    def rollout(self, source, t_enc):
+        t0 = _now(self.device)
+        ran = min(int(t_enc), self.cap)
+        yield ran
+        self.rollouts.append((t0, _now(self.device) - t0, int(t_enc), ran, source.high))
 
 
 @dataclasses.dataclass
 class FitTiming:
     """One instrumented ``erase``: set-up seconds (call to first iteration), seconds per
     iteration, the seconds each iteration spent in (capped) rollouts (all on :func:`_now`'s
-    clock), and memory (MiB)."""
+    clock), the sampler steps its rollouts would take on average in the recipe (uncapped:
+    (high - 1) / 2 per draw, t_enc ~ U[0, high)), and memory (MiB)."""
 
     setup_s: float
     iteration_s: list[float]
     rollout_s: list[float]
     requested_t_enc: list[int]
+    expected_rollout_steps: list[float]
     rollout_step_s: float | None  # seconds per sampler step of the rollouts that ran any
     peak_increase_mb: float
     peak_total_mb: float
@@ -225,45 +232,29 @@ class FitTiming:
 
 
 def timed_fit(pipe, method: str, overrides: dict[str, str], rollout_cap: int, device) -> FitTiming:
-    """Run ``erase(pipe, CONCEPT, method, paper preset + overrides)`` with its loop and rollouts
-    instrumented (rollouts cut to ``rollout_cap`` sampler steps)."""
-    adapter = adapter_for(pipe)
-    module = method_module(method)
+    """Run ``erase(pipe, CONCEPT, method, paper preset + overrides)`` under :class:`_Timer`'s
+    training hooks (rollouts cut to ``rollout_cap`` sampler steps)."""
     config = make_config(method, "paper", overrides)
-    stamps: list[float] = []
-    rollouts: list[tuple[float, float, int, int]] = []  # (start, seconds, requested t_enc, steps run)
-    real_rollout = adapter.rollout
-
-    def capped(cond, uncond, t_enc, *args, **kwargs):
+    timer = _Timer(rollout_cap, device)
+    with training_hooks(timer), PeakMemory(device) as mem:
         t0 = _now(device)
-        ran = min(int(t_enc), rollout_cap)
-        out = real_rollout(cond, uncond, ran, *args, **kwargs)
-        rollouts.append((t0, _now(device) - t0, int(t_enc), ran))
-        return out
-
-    real_tqdm = module.tqdm
-    module.tqdm = _Loop(stamps, device)
-    adapter.rollout = capped
-    try:
-        with PeakMemory(device) as mem:
-            t0 = _now(device)
-            erase(pipe, CONCEPT, method, config, progress=False)
-            total = _now(device) - t0
-    finally:
-        module.tqdm = real_tqdm
-        del adapter.rollout
-    iteration_s, rollout_s, t_encs = [], [], []
+        erase(pipe, CONCEPT, method, config, progress=False)
+        total = _now(device) - t0
+    stamps, rollouts = timer.stamps, timer.rollouts
+    iteration_s, rollout_s, t_encs, expected = [], [], [], []
     for a, b in zip(stamps, stamps[1:]):
         inside = [r for r in rollouts if a <= r[0] < b]
         iteration_s.append(b - a)
         rollout_s.append(sum(r[1] for r in inside))
         t_encs.append(sum(r[2] for r in inside))
+        expected.append(sum((r[4] - 1) / 2 for r in inside))
     per_step = [r[1] / r[3] for r in rollouts if r[3]]
     return FitTiming(
         stamps[0] - t0 if stamps else total,
         iteration_s,
         rollout_s,
         t_encs,
+        expected,
         statistics.mean(per_step) if per_step else None,
         mem.increase_mb,
         mem.peak_mb,
@@ -303,41 +294,15 @@ def adam_seconds_per_parameter(device, n: int = 25_000_000, dtype=torch.float32)
 # ---- per method ----------------------------------------------------------------------------
 
 
-def expected_rollout_steps(method: str, config, adapter) -> float:
-    """Mean sampler steps of the partial rollouts of one iteration of the recipe."""
-    n = config.rollout_steps or adapter.default_steps
-    esd_style = (n - 1) / 2  # t_enc ~ U[0, N)
-    if method == "eraseanything":  # alternates: lower (ESD rollout), upper (L_rsc: t_enc ~ U[0, rsc_steps))
-        return (esd_style + (config.rsc_steps - 1) / 2) / 2
-    return esd_style
-
-
 def recipe_iterations(method: str, config, family: str) -> int:
-    if method == "esd":
-        return config.resolved(family).iterations
-    if method == "eraseanything":
-        return config.resolved_iterations(CONCEPT)
-    return config.iterations
+    """Iterations of the method's recipe (0: no training loop), from the method registry."""
+    return resolve_method(method)[0].training_iterations(config, family, CONCEPT)
 
 
 def trained_parameters(adapter, method: str, config) -> int:
-    """Parameters the method trains (or, for UCE, rewrites) on this model."""
-    if method == "receler":
-        from erasekit.methods.receler import eraser_points
-
-        points = eraser_points(adapter, config.extra_erasers)
-        return sum(2 * config.rank * p.width + config.rank + p.width for p in points)
-    if method == "eraseanything":
-        from erasekit.methods.eraseanything import lora_shapes
-
-        return sum(math.prod(s) for s in lora_shapes(adapter, config.rank, config.targets).values())
-    if method == "esd":
-        from erasekit.methods.esd import GROUPS
-
-        return sum(p.numel() for p in adapter.parameter_group(GROUPS[config.group]).values())
-    if method == "uce":
-        return sum(p.module.weight.numel() for p in adapter.attachment_points("text_proj") if p.role in ("k", "v"))
-    return 0
+    """Parameters the method trains (or, for UCE, rewrites) on this model, from the method
+    registry (counted without training; on a meta-device model too)."""
+    return resolve_method(method)[0].trainable_parameters(adapter, config)
 
 
 def _row(model, method, **kw) -> dict:
@@ -417,9 +382,11 @@ def _iteration_row(
     train_s: float,
     setup_passes: int | None = None,
     extra: dict | None = None,
+    warm: int = 1,
 ) -> dict:
     """A training method's row; :func:`derive` completes it. ``setup_passes``: the recipe's
-    set-up costs that many guidance passes (estimated) instead of the measured set-up."""
+    set-up costs that many guidance passes (estimated) instead of the measured set-up; ``warm``:
+    the untimed iterations at the start of ``f``."""
     return _row(
         label,
         name,
@@ -433,7 +400,7 @@ def _iteration_row(
         memory_kind=f.memory_kind,
         detail={
             "train_step_s": train_s,
-            "expected_rollout_steps": expected_rollout_steps(method, cfg, adapter),
+            "expected_rollout_steps": statistics.mean(f.expected_rollout_steps[warm:]),
             "setup_measured_s": f.setup_s,
             "setup_passes": setup_passes,
             "timed_iterations_s": f.iteration_s,
@@ -605,17 +572,17 @@ def flux_estimates(size: int = 512) -> list[dict]:
         ("sld", "sld", {}, 0),
     ):
         cfg = make_config(method, "paper", over)
-        n = trained_parameters(adapter, method, cfg) if method not in ("keyword_zeroing", "sld") else 0
+        n = trained_parameters(adapter, method, cfg)
         train_gb = n * per_param / GIB
-        acts = act_gb if name in TRAINING else infer_gb
-        iters = recipe_iterations(method, cfg, "flux") if name in TRAINING else 0
+        iters = recipe_iterations(method, cfg, "flux")
+        acts = act_gb if iters else infer_gb
         est = {
             "weights_bf16": weights_gb,
             "trained_states": train_gb,
             "activations": acts,
             "total": weights_gb + train_gb + acts,
         }
-        if name in TRAINING:
+        if iters:
             probed = len(adapter.keyword_layers()) if name == "eraseanything" else 0
             ckpt_acts = (2 * tokens * d * (blocks - probed) + 34 * tokens * d * (1 + probed)) / GIB
             est |= {

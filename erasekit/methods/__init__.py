@@ -24,6 +24,24 @@ cross-field :meth:`MethodConfig.check`; ``--set KEY=VALUE`` text is parsed stric
 ``ValueError``) with a one-line message naming the method, the field, the value and what is
 allowed, so the command line refuses bad settings before loading any model.
 
+Training-run helper (:mod:`.training`). The trained methods (Receler, ESD, EraseAnything) write
+only their step; a :class:`~.training.TrainingRun` owns the rest: resume from the last checkpoint
+(:mod:`.checkpoints`), a checkpoint every ``checkpoint_every`` iterations and at the end, the
+progress bar, the loss history, wall time, and a check after every step that each loss and each
+trained tensor is finite (else a one-line ``TrainingDiverged``, a ``UserError`` naming the
+iteration and the setting to lower; nothing is written for that iteration). ``checkpoint.json``
+records the method, the edit kind, the concept(s), the model's identity (a local folder's
+contents hash, cached; a hub id and revision; or an in-memory pipeline's tensors hash) and the
+settings; a checkpoint folder made for anything else is refused with a ``CheckpointMismatch``
+naming the field. The Edit's metrics get ``train_seconds``, the method's final losses, the
+rollout counts, ``iterations``, ``resumed_from`` and ``trainable_parameters``. The loss terms the
+three share (the negative-guidance target, the frozen teacher's predictions, the prediction MSE,
+attention features) live in :mod:`.losses`. Hooks (:mod:`.hooks`, ``with training_hooks(h):``)
+let a benchmark observe iterations and rollouts, cap rollouts or stop early without patching a
+method. A method that trains registers ``trainable_parameters(model, config)`` and
+``iterations(config, family, concept)``: :meth:`MethodSpec.trainable_parameters` counts without
+training (FLUX.1 on the meta device too).
+
 Entry points: :func:`make_config` (preset + ``--set`` overrides), :func:`erase` (train and return
 the Edit), :func:`method_help` (the text of ``erasekit erase --help-method NAME``).
 """

@@ -57,26 +57,25 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..edits import WEIGHTS_FILE, Edit
 from ..edits.lora import NAME as LORA
 from ..edits.lora import attach_lora, lora_prefix
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
-from ..models import Conditioning, adapter_for, frozen
+from ..models import Conditioning, FamilyAdapter, adapter_for, frozen
 from . import split_list
-from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from .config import setting
+from .losses import attention_feature, frozen_predictions, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
 from .registry import register_method
-from .rollouts import RolloutSettings, rollout_metrics, source_from_config
+from .rollouts import RolloutSettings, source_from_config
+from .training import TrainingRun, count_parameters
 
 logger = logging.getLogger(__name__)
 NAME = "eraseanything"
@@ -271,23 +270,14 @@ def rewrite_prompt(
 def negative_guidance_target(adapter, x_t, t, cond: Conditioning, anchor: Conditioning, eta: float):
     """The ESD target from the FROZEN model (every edit, the LoRA included, switched off):
     ``v(x_t, anchor) - eta * (v(x_t, cond) - v(x_t, anchor))``, one batched pass, no grad."""
-    b = x_t.shape[0]
-    with torch.no_grad(), adapter.edits_disabled():
-        both = Conditioning.cat([anchor.expand_to(b), cond.expand_to(b)])
-        out = adapter.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
-    v_anchor, v_cond = out.chunk(2)
-    return v_anchor - eta * (v_cond - v_anchor)
+    v_cond, v_anchor = frozen_predictions(adapter, x_t, t, cond, anchor)
+    return negative_guidance(v_cond, v_anchor, eta)
 
 
 def attention_suppression(maps: list[torch.Tensor]) -> torch.Tensor:
     """sum over maps (B, heads, HW, n_cols) of the L2 norm over image queries (summed over
     batch, heads and keyword columns)."""
     return torch.stack([m.float().norm(dim=2).sum() for m in maps]).sum()
-
-
-def attention_feature(maps: list[torch.Tensor]) -> torch.Tensor:
-    """(B, HW): keyword-column attention averaged over heads, keyword tokens and layers."""
-    return torch.stack([m.float().mean(dim=(1, 3)) for m in maps]).mean(0)
 
 
 def reverse_self_contrastive(
@@ -438,7 +428,7 @@ class _Trainer:
         target = negative_guidance_target(a, x_t, t, cond, self.anchor, c.eta)
         with a.probe(layers=self.layers, token_indices=idx) as probe:
             pred = a.predict(x_t, t, cond)
-        esd = F.mse_loss(pred.float(), target.float())
+        esd = prediction_loss(pred, target)
         attn = attention_suppression([m for layer in self.layers for m in probe.maps[layer]])
         loss = c.esd_weight * esd + c.attn_weight * attn
         return loss, {"esd": esd.item(), "attn": attn.item(), "prompt": prompt}
@@ -450,7 +440,7 @@ class _Trainer:
         noise = torch.randn(x0.shape, generator=self.g).to(x0.device, x0.dtype)
         t = a.sample_timesteps(1, generator=self.g)
         pred = a.predict(a.add_noise(x0, noise, t), t, self.cond(self.preserve_prompts[i]))
-        fm = F.mse_loss(pred.float(), a.training_target(x0, noise, t).float())
+        fm = prediction_loss(pred, a.training_target(x0, noise, t))
         loss = c.fm_weight * fm
         logs = {"fm": fm.item()}
         if self.synonyms and c.rsc_weight:
@@ -490,6 +480,18 @@ def _set_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
         offset += n
 
 
+def trainable_parameters(model, config: EraseAnythingConfig) -> int:
+    """Parameters of the LoRA ``fit`` would train on ``model`` (a pipeline or an adapter, a
+    meta-device one included), from the shapes alone."""
+    adapter = model if isinstance(model, FamilyAdapter) else adapter_for(model)
+    return count_parameters(lora_shapes(adapter, config.rank, config.targets).values())
+
+
+def iterations(config: EraseAnythingConfig, family: str, concept: str) -> int:
+    """The iterations ``fit`` runs: the config's, else the release's for the concept."""
+    return config.resolved_iterations(concept)
+
+
 def fit(
     pipe,
     concept: str,
@@ -499,8 +501,9 @@ def fit(
 ) -> Edit:
     """Train an EraseAnything LoRA that removes ``concept`` from ``pipe``; returns the Edit (not
     applied). With ``checkpoint_dir``, state is saved every ``config.checkpoint_every``
-    iterations and a later call with the same folder and settings resumes from the last
-    checkpoint, ending with the same weights as an uninterrupted run (same seed, CPU)."""
+    iterations and a later call with the same folder, concept, model and settings resumes from
+    the last checkpoint, ending with the same weights as an uninterrupted run (same seed, CPU);
+    see :class:`.training.TrainingRun`."""
     config = config or EraseAnythingConfig()
     adapter = adapter_for(pipe)
     iterations = config.resolved_iterations(concept)
@@ -508,14 +511,14 @@ def fit(
     g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
     trainer = _Trainer(adapter, concept, config, synonyms, irrelevant, g, iterations)
     prefix = lora_prefix(adapter)
-    meta = {"config": asdict(config), "concept": concept, "synonyms": synonyms, "irrelevant": irrelevant}
+    words = {"synonyms": synonyms, "irrelevant": irrelevant}
+    run = TrainingRun(pipe, NAME, LORA, concept, config, iterations, checkpoint_dir, progress, settings=words)
 
     initial = init_lora(adapter, config.rank, config.targets, generator=g)
-    loaded = load_checkpoint(checkpoint_dir, meta) if checkpoint_dir is not None else None
-    start, tensors = (0, None) if loaded is None else loaded
-    if tensors is not None:
-        initial = {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
-        trainer.latents = tensors["preserve_latents"].to(adapter.device, adapter.dtype)
+    saved = run.resume()
+    if saved is not None:
+        initial = {k[len("lora.") :]: v for k, v in saved.items() if k.startswith("lora.")}
+        trainer.latents = saved["preserve_latents"].to(adapter.device, adapter.dtype)
     else:
         trainer.latents = trainer.generate_preserve_latents()
     trainer.encode_all()
@@ -524,47 +527,31 @@ def fit(
         handle = attach_lora(
             adapter, initial, f"erasekit_training_{id(trainer)}", config.alpha / config.rank, trainable=True
         )
-        history = []
-        t0 = time.time()
         try:
             params = handle.parameters()
             opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-            if tensors is not None:
-                load_optimizer_tensors(opt, tensors, "opt")
-                g.set_state(tensors["generator_state"])
-                for xt_source in trainer.sources:
-                    xt_source.load_state_tensors(tensors)
-            bar = tqdm(
-                range(start, iterations),
-                desc=f"eraseanything '{concept}'",
-                disable=not progress,
-                initial=start,
-                total=iterations,
-            )
-            for it in bar:
+
+            def state() -> dict[str, torch.Tensor]:
+                lora = {f"lora.{k}": v for k, v in handle.state(prefix).items()}
+                return lora | {"preserve_latents": trainer.latents}
+
+            for it in run.loop(params, state, {"opt": opt}, generator=g, sources=trainer.sources):
                 if config.gradient_surgery:
                     lower, log_l = trainer.lower(it)
                     g_lower = _flat_grad(lower, params)
                     upper, log_u = trainer.upper()
                     g_upper = _flat_grad(upper, params)
+                    conflict = bool(torch.dot(g_lower, g_upper) < 0)
+                    run.log((lower, upper), level="both", **log_l, **log_u, conflict=conflict)
                     flat = pcgrad(g_lower, g_upper)
-                    record = {"level": "both", **log_l, **log_u, "conflict": bool(torch.dot(g_lower, g_upper) < 0)}
                 else:
                     level = "lower" if it % 2 == 0 else "upper"
                     loss, logs = trainer.lower(it // 2) if level == "lower" else trainer.upper()
+                    run.log(loss, level=level, **logs)
                     flat = _flat_grad(loss, params)
-                    record = {"level": level, **logs}
                 _set_grad(params, flat)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                history.append({"iteration": it + 1, **record})
-                done = it + 1
-                if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == iterations):
-                    state = {f"lora.{k}": v for k, v in handle.state(prefix).items()} | optimizer_tensors(opt, "opt")
-                    state |= {"generator_state": g.get_state(), "preserve_latents": trainer.latents}
-                    for xt_source in trainer.sources:
-                        state |= xt_source.state_tensors()
-                    save_checkpoint(checkpoint_dir, done, state, meta)
             weights = handle.state(prefix)
         finally:
             handle.remove()
@@ -572,7 +559,10 @@ def fit(
     # Fold alpha / rank into B: the file then loads with any LoRA loader at alpha = rank.
     scaling = config.alpha / config.rank
     tensors_out = {k: (v * scaling if k.endswith("lora_B.weight") and scaling != 1 else v) for k, v in weights.items()}
-    last = {lvl: next((h for h in reversed(history) if h["level"] in (lvl, "both")), {}) for lvl in ("lower", "upper")}
+
+    def level(name: str):
+        return lambda entry: entry["level"] in (name, "both")
+
     return Edit(
         kind=LORA,
         method=NAME,
@@ -592,15 +582,17 @@ def fit(
             "lora_targets": [p.name for p in lora_targets(adapter, config.targets)],
             "diffusers_lora_weight_name": LORA_WEIGHT_NAME,
         },
-        metrics={
-            "train_seconds": round(time.time() - t0, 2),
-            "final_esd_loss": last["lower"].get("esd"),
-            "final_attn_loss": last["lower"].get("attn"),
-            "final_fm_loss": last["upper"].get("fm"),
-            "final_rsc_loss": last["upper"].get("rsc"),
-            **rollout_metrics(*trainer.sources),
-        },
+        metrics=run.metrics(
+            {
+                "final_esd_loss": run.last("esd", level("lower")),
+                "final_attn_loss": run.last("attn", level("lower")),
+                "final_fm_loss": run.last("fm", level("upper")),
+                "final_rsc_loss": run.last("rsc", level("upper")),
+            }
+        ),
     )
 
 
-register_method(NAME, EraseAnythingConfig, PRESETS, fit)
+register_method(
+    NAME, EraseAnythingConfig, PRESETS, fit, trainable_parameters=trainable_parameters, iterations=iterations
+)

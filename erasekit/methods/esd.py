@@ -28,23 +28,21 @@ edited one: we follow ALGORITHMS) and it samples with the pipeline's own schedul
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..edits import Edit
 from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, attached_parameters, export_merged, train_deltas  # noqa: F401 (re-exported)
-from ..models import Conditioning, adapter_for, frozen
-from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
+from ..models import FamilyAdapter, adapter_for, frozen
 from .config import setting
+from .losses import frozen_predictions, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
 from .registry import register_method
-from .rollouts import RolloutSettings, rollout_metrics, source_from_config
+from .rollouts import RolloutSettings, source_from_config
+from .training import TrainingRun
 
 NAME = "esd"
 GROUPS = {"esd-x": "cross_attn", "esd-u": "non_cross_attn"}
@@ -91,11 +89,24 @@ class ESDConfig(RolloutSettings, MemorySettings):
 
 
 def esd_target(e_cond: torch.Tensor, e_uncond: torch.Tensor, eta: float, target_base: str) -> torch.Tensor:
-    """The negative-guidance target (see the module docstring)."""
+    """The negative-guidance target (see the module docstring), same shape as the inputs:
+    :func:`.losses.negative_guidance` based on the concept's prediction (the release's form,
+    ``target_base="concept"``) or the unconditional one (``"uncond"``)."""
     if target_base not in TARGET_BASES:
         raise ValueError(f"target_base must be one of {TARGET_BASES}, got {target_base!r}")
-    base = e_cond if target_base == "concept" else e_uncond
-    return base - eta * (e_cond - e_uncond)
+    return negative_guidance(e_cond, e_uncond, eta, base="concept" if target_base == "concept" else "anchor")
+
+
+def trainable_parameters(model, config: ESDConfig) -> int:
+    """Parameters of the group ESD fine-tunes on ``model`` (a pipeline or an adapter, a
+    meta-device one included)."""
+    adapter = model if isinstance(model, FamilyAdapter) else adapter_for(model)
+    return sum(p.numel() for p in adapter.parameter_group(GROUPS[config.group]).values())
+
+
+def iterations(config: ESDConfig, family: str, concept: str) -> int:
+    """The iterations ``fit`` runs: the config's, else the release's for the family."""
+    return config.resolved(family).iterations
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -112,7 +123,8 @@ def fit(
     returns the Edit (weight deltas, not applied; the pipeline is left as it was).
 
     With ``checkpoint_dir``, state is saved every ``config.checkpoint_every`` iterations and a
-    later call with the same folder and config resumes from the last checkpoint.
+    later call with the same folder, concept, model and config resumes from the last
+    checkpoint (:class:`.training.TrainingRun`).
     """
     adapter = adapter_for(pipe)
     config = (config or ESDConfig()).resolved(adapter.family)
@@ -128,51 +140,32 @@ def fit(
     source = source_from_config(adapter, config, steps)
     g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
 
+    run = TrainingRun(pipe, NAME, WEIGHT_DELTA, concept, config, config.iterations, checkpoint_dir, progress)
     teacher = train_deltas(adapter, params)
-    history = []
-    t0 = time.time()
     with frozen(adapter.denoiser), training_memory(adapter, config):  # only the edit trains
         try:
             for p in params.values():
                 p.requires_grad_(True)
             opt = torch.optim.Adam(list(params.values()), lr=config.lr)
-            start = 0
-            settings = {"config": asdict(config)}
-            loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
-            if loaded is not None:
-                start, tensors = loaded
+            saved = run.resume()
+            if saved is not None:
                 with torch.no_grad():
                     for n, t in teacher.student.items():
-                        t.copy_(tensors[f"student.{n}"])
-                load_optimizer_tensors(opt, tensors, "opt")
-                g.set_state(tensors["generator_state"])
-                source.load_state_tensors(tensors)
+                        t.copy_(saved[f"student.{n}"])
 
-            for it in tqdm(
-                range(start, config.iterations),
-                desc=f"esd '{concept}'",
-                disable=not progress,
-                initial=start,
-                total=config.iterations,
-            ):
+            def state() -> dict[str, torch.Tensor]:
+                return {f"student.{n}": t for n, t in teacher.student.items()}
+
+            for _ in run.loop(params.values(), state, {"opt": opt}, generator=g, sources=[source]):
                 x_t, t = source.draw(cond, uncond, g)
-                with torch.no_grad(), adapter.edits_disabled():  # the frozen teacher
-                    both = adapter.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
-                e_uncond, e_cond = both.chunk(2)
+                e_cond, e_uncond = frozen_predictions(adapter, x_t, t, cond, uncond)  # the frozen teacher
                 target = esd_target(e_cond, e_uncond, config.eta, config.target_base)
                 pred = adapter.predict(x_t, t, cond)
-                loss = F.mse_loss(pred.float(), target.float())
+                loss = prediction_loss(pred, target)
+                run.log(loss, loss=loss.item())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                history.append(loss.item())
-                done = it + 1
-                if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-                    state = {f"student.{n}": t for n, t in teacher.student.items()}
-                    state |= (
-                        optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()} | source.state_tensors()
-                    )
-                    save_checkpoint(checkpoint_dir, done, state, settings)
             deltas = teacher.deltas()
         finally:
             teacher.detach()
@@ -186,10 +179,17 @@ def fit(
         tensors={PREFIX + n: d for n, d in deltas.items()},
         hyperparameters=asdict(config)
         | {"rollout_steps": steps, "parameters": sum(p.numel() for p in params.values())},
-        metrics={"train_seconds": round(time.time() - t0, 2), "final_loss": history[-1] if history else None}
-        | rollout_metrics(source),
+        metrics=run.metrics({"final_loss": run.last("loss")}),
     )
 
 
 PRESETS = {"paper": ESDConfig, "fast": ESDConfig.fast}
-register_method(NAME, ESDConfig, PRESETS, fit, variants={g: {"group": g} for g in GROUPS})
+register_method(
+    NAME,
+    ESDConfig,
+    PRESETS,
+    fit,
+    variants={g: {"group": g} for g in GROUPS},
+    trainable_parameters=trainable_parameters,
+    iterations=iterations,
+)

@@ -18,26 +18,25 @@ partial rollout of the edited model (the paper's recipe) or a pool of them.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..edits import Edit
 from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
 from ..edits.output_adapter import Eraser, attach_modules, eraser_state, eraser_tensors, recording
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
-from ..models import adapter_for, frozen
+from ..models import FamilyAdapter, adapter_for, frozen
 from . import split_list
-from .checkpoints import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from .config import setting
+from .losses import attention_feature, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
 from .registry import register_method
-from .rollouts import RolloutSettings, rollout_metrics, source_from_config
+from .rollouts import RolloutSettings, source_from_config
+from .training import TrainingRun
 
 NAME = "receler"
 
@@ -122,7 +121,7 @@ def build_erasers(adapter, rank: int, extra: bool = False) -> dict[str, Eraser]:
 def concept_mask(maps: list[torch.Tensor], resolution: tuple[int, int], threshold: float) -> torch.Tensor:
     """Binary mask (B, h, w) of where the concept is: attention maps (B, heads, HW, n_tokens)
     averaged over heads, tokens and layers, min-max normalised per image, >= ``threshold``."""
-    m = torch.stack([a.mean(dim=(1, 3)) for a in maps]).mean(0)  # (B, HW)
+    m = attention_feature(maps)  # (B, HW)
     lo, hi = m.amin(1, keepdim=True), m.amax(1, keepdim=True)
     m = (m - lo) / (hi - lo).clamp_min(1e-12)
     return (m >= threshold).float().reshape(-1, *resolution)
@@ -170,6 +169,20 @@ def preservation_loss(outputs: list[torch.Tensor]) -> torch.Tensor:
 # ---- training --------------------------------------------------------------------------------
 
 
+def trainable_parameters(model, config: RecelerConfig) -> int:
+    """Parameters of the erasers ``fit`` would train on ``model`` (a pipeline or an adapter, a
+    meta-device one included): built on the meta device, so no memory is allocated."""
+    adapter = model if isinstance(model, FamilyAdapter) else adapter_for(model)
+    with torch.device("meta"):
+        erasers = build_erasers(adapter, config.rank, config.extra_erasers)
+    return sum(p.numel() for e in erasers.values() for p in e.parameters())
+
+
+def iterations(config: RecelerConfig, family: str, concept: str) -> int:
+    """The iterations ``fit`` runs: the config's."""
+    return config.iterations
+
+
 def fit(
     pipe,
     concept: str,
@@ -180,13 +193,15 @@ def fit(
     """Train erasers that remove ``concept`` from ``pipe``; returns the Edit (not applied).
 
     With ``checkpoint_dir``, state is saved every ``config.checkpoint_every`` iterations and a
-    later call with the same folder and config resumes from the last checkpoint, ending with
-    the same weights as an uninterrupted run (same seed, CPU).
+    later call with the same folder, concept, model and config resumes from the last
+    checkpoint, ending with the same weights as an uninterrupted run (same seed, CPU); see
+    :class:`.training.TrainingRun`.
     """
     config = config or RecelerConfig()
     adapter = adapter_for(pipe)
     prompt = config.prompt.format(concept=concept)
     concept_idx = adapter.token_indices(prompt, concept)  # ValueError if the concept is absent
+    run = TrainingRun(pipe, NAME, OUTPUT_ADAPTER, concept, config, config.iterations, checkpoint_dir, progress)
     device = adapter.device
     torch.manual_seed(config.seed)
     erasers = {n: e.to(device) for n, e in build_erasers(adapter, config.rank, config.extra_erasers).items()}
@@ -208,56 +223,47 @@ def fit(
 
     steps = config.rollout_steps or adapter.default_steps
     source = source_from_config(adapter, config, steps)
-    keep_source = source_from_config(
-        adapter, config, steps, name="preserve_rollout"
-    )  # drawn from only with preservation
-    start = 0
-    settings = {"config": asdict(config)}
-    loaded = load_checkpoint(checkpoint_dir, settings) if checkpoint_dir is not None else None
-    if loaded is not None:
-        start, tensors = loaded
+    keep_source = source_from_config(adapter, config, steps, name="preserve_rollout")  # drawn from with preservation
+    saved = run.resume()
+    if saved is not None:
         for n, e in erasers.items():
-            e.load_state_dict(eraser_state(tensors, n))
-        load_optimizer_tensors(opt, tensors, "opt")
+            e.load_state_dict(eraser_state(saved, n))
         if adv is not None:
             with torch.no_grad():
-                adv.copy_(tensors["adv"])
-            load_optimizer_tensors(adv_opt, tensors, "adv_opt")
-        g.set_state(tensors["generator_state"])
-        source.load_state_tensors(tensors)
-        keep_source.load_state_tensors(tensors)
+                adv.copy_(saved["adv"])
+
+    def state() -> dict[str, torch.Tensor]:
+        return eraser_tensors(erasers) | ({"adv": adv} if adv is not None else {})
 
     mid_layers = adapter.middle_resolution_layers()
     attachment = attach_modules(adapter, erasers, "training", 1.0)
-    history = []
-    t0 = time.time()
+    loop = run.loop(
+        params,
+        state,
+        {"opt": opt, "adv_opt": adv_opt},
+        generator=g,
+        sources=[source, keep_source],
+        auxiliary=[adv],
+    )
     with frozen(adapter.denoiser), training_memory(adapter, config):  # only the edit trains
         try:
-            for it in tqdm(
-                range(start, config.iterations),
-                desc=f"receler '{concept}'",
-                disable=not progress,
-                initial=start,
-                total=config.iterations,
-            ):
+            for _ in loop:
                 x_t, t = source.draw(cond, uncond, g)
                 with torch.no_grad(), adapter.edits_disabled():
                     e_anchor = adapter.predict(x_t, t, anchor)
+                    # Not batched with the anchor (losses.frozen_predictions): the probe sees the concept's pass alone.
                     with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
                         e_cond = adapter.predict(x_t, t, cond)
-                    mask = concept_mask(
-                        [probe.last(layer) for layer in mid_layers],
-                        probe.resolution(mid_layers[0]),
-                        config.reg_threshold,
-                    )
-                target = e_anchor - config.eta * (e_cond - e_anchor)
+                    maps = [probe.last(layer) for layer in mid_layers]
+                    mask = concept_mask(maps, probe.resolution(mid_layers[0]), config.reg_threshold)
+                target = negative_guidance(e_cond, e_anchor, config.eta)
 
                 student_cond = cond
                 if adv is not None:
                     with frozen(*erasers.values()):  # the adversary trains the soft prompt only
                         for _ in range(config.adv_steps):
                             attack = adapter.predict(x_t, t, cond.with_tokens(adv_pos, adv))
-                            adv_loss = F.mse_loss(attack.float(), e_cond.float())
+                            adv_loss = prediction_loss(attack, e_cond)
                             adv_opt.zero_grad(set_to_none=True)
                             adv_loss.backward()
                             adv_opt.step()
@@ -265,10 +271,10 @@ def fit(
 
                 with recording(adapter) as outputs:
                     pred = adapter.predict(x_t, t, student_cond)
-                erase_loss = F.mse_loss(pred.float(), target.float())
+                erase_loss = prediction_loss(pred, target)
                 if config.adv_clean_erase and student_cond is not cond:
                     clean = adapter.predict(x_t, t, cond)
-                    erase_loss = 0.5 * (erase_loss + F.mse_loss(clean.float(), target.float()))
+                    erase_loss = 0.5 * (erase_loss + prediction_loss(clean, target))
                 loss = erase_loss
                 reg = torch.zeros(())
                 if config.reg_weight:
@@ -282,22 +288,12 @@ def fit(
                         adapter.predict(x_k, t_k, other)
                     keep = preservation_loss(outputs)
                     loss = loss + config.preserve_weight * keep
+                run.log(loss, erase=erase_loss.item(), reg=reg.item(), preserve=keep.item())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                history.append(
-                    {"iteration": it + 1, "erase": erase_loss.item(), "reg": reg.item(), "preserve": keep.item()}
-                )
-                done = it + 1
-                if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-                    state = (
-                        eraser_tensors(erasers) | optimizer_tensors(opt, "opt") | {"generator_state": g.get_state()}
-                    )
-                    state |= source.state_tensors() | keep_source.state_tensors()
-                    if adv is not None:
-                        state |= {"adv": adv} | optimizer_tensors(adv_opt, "adv_opt")
-                    save_checkpoint(checkpoint_dir, done, state, settings)
         finally:
+            loop.close()
             attachment.remove()
 
     tensors = {k: v.cpu() for k, v in eraser_tensors(erasers).items()}
@@ -312,13 +308,9 @@ def fit(
         tensors=tensors,
         hyperparameters=asdict(config)
         | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},
-        metrics={
-            "train_seconds": round(time.time() - t0, 2),
-            "final_erase_loss": history[-1]["erase"] if history else None,
-        }
-        | rollout_metrics(source, keep_source),
+        metrics=run.metrics({"final_erase_loss": run.last("erase")}),
     )
 
 
 PRESETS = {"paper": RecelerConfig, "fast": RecelerConfig.fast}
-register_method(NAME, RecelerConfig, PRESETS, fit)
+register_method(NAME, RecelerConfig, PRESETS, fit, trainable_parameters=trainable_parameters, iterations=iterations)

@@ -35,6 +35,22 @@ class MethodSpec:
     presets: Mapping[str, Callable[[], MethodConfig]]
     fit: Callable[..., Any]
     variants: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    #: ``(model, config) -> int``: parameters ``fit`` trains (or rewrites) on a pipeline or an
+    #: adapter, without training (None: nothing, an inference-time method).
+    parameter_count: Callable[[Any, MethodConfig], int] | None = None
+    #: ``(config, family, concept) -> int``: the iterations ``fit`` runs (None: no training loop).
+    iteration_count: Callable[[MethodConfig, str, str], int] | None = None
+
+    def trainable_parameters(self, model, config: MethodConfig) -> int:
+        """Parameters this method trains or rewrites on ``model`` (a pipeline or a
+        :class:`~erasekit.models.FamilyAdapter`, a meta-device one included) with ``config``; no
+        training and no real tensors. 0 for a method that changes no weights."""
+        return 0 if self.parameter_count is None else int(self.parameter_count(model, config))
+
+    def training_iterations(self, config: MethodConfig, family: str, concept: str) -> int:
+        """Training iterations of ``fit`` with ``config`` on a ``family`` model for ``concept``
+        (defaults resolved as ``fit`` resolves them); 0 for a method without a training loop."""
+        return 0 if self.iteration_count is None else int(self.iteration_count(config, family, concept))
 
     @property
     def module(self):
@@ -57,11 +73,17 @@ def register_method(
     presets: Mapping[str, Callable[[], MethodConfig]],
     fit: Callable[..., Any],
     variants: Mapping[str, Mapping[str, str]] | None = None,
+    trainable_parameters: Callable[[Any, MethodConfig], int] | None = None,
+    iterations: Callable[[MethodConfig, str, str], int] | None = None,
 ) -> MethodSpec:
     """Add method ``name`` to the registry; every preset is built (and so checked) now.
 
     ``variants``: other names for the method with settings fixed, e.g. ``{"esd-u": {"group":
-    "esd-u"}}``. Registering a name again from the same module replaces the entry (a reload).
+    "esd-u"}}``. ``trainable_parameters(model, config)``: the parameters ``fit`` trains, counted
+    without training (:meth:`MethodSpec.trainable_parameters`); ``iterations(config, family,
+    concept)``: the iterations it runs (:meth:`MethodSpec.training_iterations`); both omitted
+    for a method that trains nothing. Registering a name again from the same module replaces
+    the entry (a reload).
     """
     if not (isinstance(config_class, type) and issubclass(config_class, MethodConfig)):
         raise TypeError(f"{name}: the config class must derive from MethodConfig, got {config_class!r}")
@@ -75,7 +97,7 @@ def register_method(
     config_class.method_name = name
     config_class.field_specs()  # every field has a type and help text
     fixed = {k: dict(v) for k, v in (variants or {}).items()}
-    spec = MethodSpec(name, config_class, dict(presets), fit, fixed)
+    spec = MethodSpec(name, config_class, dict(presets), fit, fixed, trainable_parameters, iterations)
     if not spec.presets:
         raise ValueError(f"{name}: no presets")
     for preset, make in spec.presets.items():

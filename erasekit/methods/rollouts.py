@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from .config import MethodConfig, setting
+from .hooks import active_hooks
 
 SOURCES = ("fresh", "pool")
 
@@ -117,11 +118,14 @@ class XtSource:
         Every random number comes from ``generator``."""
         if self.mode == "fresh":
             t_enc = int(torch.randint(0, self.high, (1,), generator=generator))
-            with self._counting():
+            with (
+                active_hooks().rollout(self, t_enc) as steps,
+                self._counting(),
+            ):  # steps: t_enc unless a benchmark caps it
                 x, t = self.adapter.rollout(
                     cond,
                     uncond,
-                    t_enc,
+                    steps,
                     num_steps=self.num_steps,
                     guidance=self.guidance,
                     generator=generator,

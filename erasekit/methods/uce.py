@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..edits import Edit
 from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, export_merged  # noqa: F401 (re-exported)
-from ..models import adapter_for
+from ..models import FamilyAdapter, adapter_for
 from . import split_list
 from .config import MethodConfig, setting
 from .registry import register_method
@@ -100,6 +100,13 @@ def _record_inputs(
     return records
 
 
+def trainable_parameters(model, config: UCEConfig) -> int:
+    """Parameters UCE rewrites on ``model`` (a pipeline or an adapter, a meta-device one
+    included): the weights of the text-reading key and value projections."""
+    adapter = model if isinstance(model, FamilyAdapter) else adapter_for(model)
+    return sum(p.module.weight.numel() for p in adapter.attachment_points("text_proj") if p.role in ("k", "v"))
+
+
 def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None, progress: bool = True) -> Edit:
     """Compute the closed-form UCE edit erasing ``concept`` (several: separated by ";").
     Returns the Edit (weight deltas, not applied). ``checkpoint_dir`` and ``progress`` are
@@ -150,4 +157,4 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
 
 
 PRESETS = {"paper": UCEConfig, "fast": UCEConfig.fast}
-register_method(NAME, UCEConfig, PRESETS, fit)
+register_method(NAME, UCEConfig, PRESETS, fit, trainable_parameters=trainable_parameters)
