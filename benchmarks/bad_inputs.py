@@ -224,7 +224,7 @@ CASES: list[tuple[str, Callable[[Path], None], list[str]]] = [
     (
         "evaluate while another holds --out",
         _lock_held,
-        [*EVALUATE[:-2], "--out", "ev", "--suite", "toy-objects", "--concept", "triangle", "--quick"],
+        ["evaluate", "--model", "toy:sd", "--suite", "toy-objects", "--concept", "triangle", "--quick", "--out", "ev"],
     ),
 ]
 
@@ -244,12 +244,16 @@ def measure(label: str, prepare: Callable[[Path], None], argv: list[str]) -> dic
     if "Traceback" in out.stderr:
         message = "TRACEBACK: " + lines[-1]
     changed = sorted({*before, *after} - {k for k in before if after.get(k) == before[k]})
+    tops: dict[str, int] = {}
+    for path in changed:
+        top = path.split("/")[0]
+        tops[top] = tops.get(top, 0) + (path != top)
     return {
         "case": label,
         "command": "erasekit " + " ".join(argv),
         "exit": out.returncode,
         "message": message.strip(),
-        "files changed": ", ".join(changed) or "none",
+        "files changed": ", ".join(f"{t}/ ({n} entries)" if n else t for t, n in tops.items()) or "none",
         "seconds": round(time.time() - start, 1),
     }
 
