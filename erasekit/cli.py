@@ -20,8 +20,15 @@ def _toyworld_train(args: argparse.Namespace) -> int:
         accuracy = train_detector(args.out, seed=args.seed)
         print("test accuracy on fresh renders: " + ", ".join(f"{h} {100 * a:.2f}%" for h, a in accuracy.items()))
         return 0
-    from .toyworld.train import TrainConfig, train
+    from .methods import split_list
+    from .toyworld.train import TrainConfig, like_shipped, train
 
+    exclude = tuple(split_list(args.exclude or ""))
+    if args.like_shipped:
+        cfg = like_shipped(args.family, args.out, exclude, args.threads)
+        path = train(cfg)
+        print(f"saved {cfg.family} to {path}")
+        return 0
     cfg = TrainConfig(
         family=args.family,
         out=args.out,
@@ -37,6 +44,7 @@ def _toyworld_train(args: argparse.Namespace) -> int:
         canonical_steps=args.canonical_steps,
         canonical_share=args.canonical_share,
         snapshot_every=args.snapshot_every,
+        exclude=exclude,
     )
     path = train(cfg)
     print(f"saved {cfg.family} to {path}")
@@ -531,6 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--snapshot-every", type=int, default=1000, help="save a -snapshot folder every N steps (0: never)"
+    )
+    tr.add_argument(
+        "--exclude",
+        default=None,
+        metavar="OBJECT[,OBJECT]",
+        help="objects the model never sees: never drawn, never named (word, synonyms, indirect mentions)",
+    )
+    tr.add_argument(
+        "--like-shipped",
+        action="store_true",
+        help="every other setting (seed, steps, curriculum, autoencoder) as the shipped pipeline of --family recorded"
+        " in its training.json (sd, flux); the other flags are ignored",
     )
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     tr.set_defaults(func=_toyworld_train)

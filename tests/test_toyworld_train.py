@@ -59,3 +59,52 @@ def test_caption_curriculum_canonical_first_then_the_grammar():
     for step in range(50):
         expected = "" if b.random() < plain.caption_dropout else training_caption(scene, b)
         assert _caption(scene, step, plain, a) == expected
+
+
+def test_an_excluded_object_is_never_drawn_nor_named():
+    import random
+
+    from erasekit.toyworld.grammar import OBJECT_NAMES, concept_phrases, mentions
+    from erasekit.toyworld.train import render_dataset, training_batch
+
+    cfg = TrainConfig(family="sd", out="unused", batch_size=64, canonical_steps=5, exclude=("triangle",))
+    assert "triangle" not in cfg.objects and len(cfg.objects) == len(OBJECT_NAMES) - 1
+    scenes, images = render_dataset(300, seed=0, objects=cfg.objects)
+    assert len(images) == 300 and {s.object for s in scenes} == set(cfg.objects)
+    rng, g = random.Random(0), torch.Generator().manual_seed(0)
+    seen_captions = []
+    for step in range(40):  # canonical stage, then the full grammar (synonyms, indirect mentions)
+        idx, captions = training_batch(scenes, step, cfg, rng, g)
+        assert all(scenes[i].object != "triangle" for i in idx.tolist())  # the images: no triangle drawn
+        assert not any(mentions(c, "triangle") for c in captions)  # the captions: never named
+        seen_captions += captions
+    assert any(mentions(c, o) for c in seen_captions for o in cfg.objects)  # the other objects are named
+    # the checks can fail: an indirect mention is found, and a triangle scene that slipped in is caught
+    assert mentions("a red warning sign on a white background", "triangle") == ["warning sign"]
+    assert set(concept_phrases("triangle")) >= {"triangle", "wedge", "pizza slice"}
+    with_triangles, _ = render_dataset(20, seed=0)
+    with pytest.raises(RuntimeError, match="names the excluded object 'triangle'"):
+        for step in range(200):
+            training_batch(with_triangles, step, cfg, rng, g)
+
+
+def test_without_exclusion_the_dataset_is_the_one_the_shipped_pipelines_saw():
+    from erasekit.toyworld.grammar import OBJECT_NAMES
+    from erasekit.toyworld.train import render_dataset
+
+    a, images_a = render_dataset(50, seed=0)
+    b, images_b = render_dataset(50, seed=0, objects=OBJECT_NAMES)
+    assert a == b and torch.equal(images_a, images_b)
+
+
+def test_like_shipped_copies_the_recorded_config(tmp_path):
+    from erasekit.toyworld import weights_dir
+    from erasekit.toyworld.train import like_shipped
+
+    recorded = json.loads((weights_dir() / "sd" / "training.json").read_text())["config"]
+    cfg = like_shipped("sd", str(tmp_path / "o"), exclude=("heart",), threads=1)
+    for key in ("seed", "steps", "batch_size", "lr", "canonical_steps", "canonical_share", "dataset_size"):
+        assert getattr(cfg, key) == recorded[key]
+    assert cfg.exclude == ("heart",) and cfg.vae == str(weights_dir() / "sd" / "vae") and cfg.threads == 1
+    with pytest.raises(ValueError, match="unknown toy-world object 'giraffe'"):
+        like_shipped("sd", str(tmp_path / "o"), exclude=("giraffe",))

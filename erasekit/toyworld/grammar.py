@@ -126,8 +126,21 @@ class Scene:
     background: str
 
 
-def sample_scene(rng: random.Random, empty_prob: float = 0.0) -> Scene:
-    obj = None if rng.random() < empty_prob else rng.choice(OBJECT_NAMES)
+def concept_phrases(name: str) -> tuple[str, ...]:
+    """Every phrase that names object ``name``: its own name, its synonyms, its indirect mentions."""
+    o = object_by_name(name)
+    return (o.name, *o.synonyms, *o.indirect)
+
+
+def mentions(caption: str, name: str) -> list[str]:
+    """The phrases of object ``name`` that ``caption`` holds as whole words (case-insensitive)."""
+    words = " " + " ".join(caption.lower().replace(",", " ").replace(".", " ").split()) + " "
+    return [p for p in concept_phrases(name) if f" {p} " in words]
+
+
+def sample_scene(rng: random.Random, empty_prob: float = 0.0, objects: tuple[str, ...] = OBJECT_NAMES) -> Scene:
+    """A random scene whose object is one of ``objects`` (all six by default)."""
+    obj = None if rng.random() < empty_prob else rng.choice(objects)
     return Scene(obj, rng.choice(COLORS), rng.choice(TEXTURE_NAMES), rng.choice(BACKGROUNDS))
 
 

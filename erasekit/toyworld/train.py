@@ -8,6 +8,7 @@ Deterministic for a given seed, thread count and machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from ..files import atomic_folder, check_output_folder
 from ..models.loading import write_defaults
 from .architectures import TEXT_LENGTH, build_vae, flux_components, sd_components
-from .grammar import Scene, canonical_caption, sample_scene, training_caption
+from .grammar import OBJECT_NAMES, Scene, canonical_caption, mentions, object_by_name, sample_scene, training_caption
 from .render import IMAGE_SIZE, render_batch
 
 SAMPLING_DEFAULTS = {
@@ -62,12 +63,42 @@ class TrainConfig:
     # no pooled text path, learns colours but never reads the object word.
     canonical_steps: int = 0
     canonical_share: float = 0.0
+    # Objects the model never sees: the renderer never draws them and no caption names them (by
+    # name, synonym or indirect mention). Everything else as without it: an oracle of erasure.
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.exclude = tuple(self.exclude)
+        for name in self.exclude:
+            object_by_name(name)  # ValueError naming the known objects
+        if set(OBJECT_NAMES) <= set(self.exclude):
+            raise ValueError("--exclude leaves no object to train on")
+
+    @property
+    def objects(self) -> tuple[str, ...]:
+        """The objects the training scenes draw from."""
+        return tuple(o for o in OBJECT_NAMES if o not in self.exclude)
 
 
-def render_dataset(size: int, seed: int) -> tuple[list[Scene], torch.Tensor]:
-    """``size`` random scenes and their images as float (N, 3, 32, 32) in [-1, 1]."""
+def like_shipped(family: str, out: str, exclude: tuple[str, ...] = (), threads: int | None = None) -> TrainConfig:
+    """The recorded config of the shipped ``family`` pipeline (its ``training.json``: seed, steps,
+    curriculum, batch, learning rate, ...) writing to ``out``, reusing the shipped autoencoder,
+    with ``exclude`` and ``threads`` as given: retraining it without some objects changes nothing else."""
+    from . import weights_dir
+
+    if family not in ("sd", "flux"):
+        raise ValueError(f"no shipped pipeline of family {family!r}: expected 'sd' or 'flux'")
+    recorded = json.loads((weights_dir() / family / "training.json").read_text())["config"]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {k: v for k, v in recorded.items() if k in fields}
+    settings |= {"out": str(out), "vae": str(weights_dir() / family / "vae"), "threads": threads, "exclude": exclude}
+    return TrainConfig(**settings)
+
+
+def render_dataset(size: int, seed: int, objects: tuple[str, ...] = OBJECT_NAMES) -> tuple[list[Scene], torch.Tensor]:
+    """``size`` random scenes of ``objects`` and their images as float (N, 3, 32, 32) in [-1, 1]."""
     rng = random.Random(seed)
-    scenes = [sample_scene(rng) for _ in range(size)]
+    scenes = [sample_scene(rng, objects=objects) for _ in range(size)]
     seeds = [seed * 10_000_000 + i for i in range(size)]
     imgs = []
     for start in tqdm(range(0, size, 2000), desc="render", leave=False):
@@ -103,6 +134,20 @@ def train_vae(images: torch.Tensor, cfg: TrainConfig) -> AutoencoderKL:
 def encode_dataset(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """Posterior means of ``images``: (N, 4, 16, 16), unscaled."""
     return torch.cat([vae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
+
+
+def training_batch(
+    scenes: list[Scene], step: int, cfg: TrainConfig, rng: random.Random, g: torch.Generator
+) -> tuple[torch.Tensor, list[str]]:
+    """The dataset indices (batch_size,) and captions of training step ``step``. A caption that
+    names an excluded object is a bug, and stops training."""
+    idx = torch.randint(len(scenes), (cfg.batch_size,), generator=g)
+    captions = [_caption(scenes[i], step, cfg, rng) for i in idx.tolist()]
+    for caption in captions:
+        for name in cfg.exclude:
+            if mentions(caption, name):
+                raise RuntimeError(f"caption {caption!r} names the excluded object {name!r}")
+    return idx, captions
 
 
 def _caption(scene: Scene, step: int, cfg: TrainConfig, rng: random.Random) -> str:
@@ -192,7 +237,7 @@ def train(cfg: TrainConfig) -> Path:
         "machine": f"{platform.machine()} {platform.processor()} {platform.system()}",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    scenes, images = render_dataset(cfg.dataset_size, cfg.seed)
+    scenes, images = render_dataset(cfg.dataset_size, cfg.seed, cfg.objects)
     if cfg.vae:
         vae = AutoencoderKL.from_pretrained(cfg.vae).eval().requires_grad_(False)
         record["vae_from"] = cfg.vae
@@ -231,8 +276,7 @@ def train(cfg: TrainConfig) -> Path:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
-        captions = [_caption(scenes[i], step, cfg, rng) for i in idx.tolist()]
+        idx, captions = training_batch(scenes, step, cfg, rng, g)
         loss = loss_fn(pipe, latents[idx], captions, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
