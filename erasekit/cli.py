@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -203,26 +204,41 @@ def _load_for_evaluation(args: argparse.Namespace):
     return load_pipeline(args.model, device=device)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.evaluate import evaluate
+def _scales(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--scales expects comma-separated numbers (e.g. 0.5,1), got {text!r}") from None
 
-    pipe = _load_for_evaluation(args)
-    scales = [float(s) for s in args.scales.split(",")]
-    results = evaluate(
-        pipe,
-        args.suite,
-        args.concept,
-        edits=args.edit,
-        out=args.out,
-        detector=args.detector,
-        detector_model=args.detector_model,
-        threshold=_threshold(args.threshold),
-        scales=scales,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        model=args.model,
-        suite_options=_suite_options(args),
-    )
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from .evaluation.evaluate import evaluate
+    from .evaluation.lock import output_lock
+    from .evaluation.runner import process_state
+    from .evaluation.suites import make_suite
+
+    scales = _scales(args.scales)
+    # Bad prompt files, suite options and a busy --out are refused before the model loads.
+    suite = make_suite(args.suite, **_suite_options(args))
+    suite.cases(args.concept)
+    main_process = process_state().is_main_process
+    with output_lock(args.out, "erasekit evaluate") if main_process else nullcontext():
+        results = evaluate(
+            _load_for_evaluation(args),
+            suite,
+            args.concept,
+            edits=args.edit,
+            out=args.out,
+            detector=args.detector,
+            detector_model=args.detector_model,
+            threshold=_threshold(args.threshold),
+            scales=scales,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            model=args.model,
+        )
     if results is None:  # not the main process
         return 0
     det = results["detector"]
@@ -505,6 +521,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.Handler):
+    """Log records of the package as lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _log_to_stderr(command: str) -> None:
+    """The package's warnings (e.g. a run that will take hours) as ``erasekit COMMAND: ...`` lines."""
+    logger = logging.getLogger("erasekit")
+    for handler in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(handler)
+    handler = _StderrHandler(logging.INFO)
+    handler.setFormatter(logging.Formatter(f"erasekit {command}: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``erasekit`` command ``argv`` (default: the process's arguments); returns the exit status.
 
@@ -517,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in results as the command that made them
+    _log_to_stderr(args.command)
     if getattr(args, "check", None) is not None:
         args.check(args)
     try:
