@@ -6,12 +6,15 @@ suite (``toy-objects``) on the unedited model (the "base" row), then for each me
 (wall seconds and peak memory measured), the suite with the edit applied, and a check that the
 pipeline again gives its base output bit for bit once the edit is removed. Each row's suite is
 one run of :func:`erasekit.evaluation.evaluate.evaluate_run`, the function ``erasekit evaluate``
-runs for each of its runs, with the images kept in memory: a row's figures are those
-``erasekit evaluate --suite toy-objects`` gives for the same edit, prompts and seeds. Every finished row is appended to ``rows.jsonl`` in the
-output folder as soon as it is done; a later run with the same folder skips the rows already
-there that were made with the same settings. After every row, ``bench.json`` (machine,
-versions, command, settings, every per-concept row and the means over concepts) and
-``bench.md`` (the table of means, then the per-concept one) are rewritten.
+runs for each of its runs, with the images kept in memory (rounded to 8 bits, as evaluate's
+PNGs are): a row's figures are those ``erasekit evaluate --suite toy-objects`` gives for the
+same edit, prompts and seeds.
+
+Every finished row is appended to ``rows.jsonl`` in the output folder as soon as it is done; a
+later run with the same folder skips the rows already there that were made with the same
+settings. After every row, ``bench.json`` (machine, versions, command, settings, every
+per-concept row and the means over concepts) and ``bench.md`` (the table of means, then the
+per-concept one) are rewritten.
 """
 
 from __future__ import annotations
@@ -326,7 +329,14 @@ def run_bench(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done = read_rows(out)
-    suite_settings = {"n": n, "n_locality": n_locality, "detector": detector.name, "device": str(device)}
+    # "images": rows are scored on 8-bit images (as evaluate's PNGs); rows scored otherwise are not reused.
+    suite_settings = {
+        "n": n,
+        "n_locality": n_locality,
+        "detector": detector.name,
+        "device": str(device),
+        "images": "8-bit",
+    }
 
     def source_of(spec: Any) -> str:
         return spec if isinstance(spec, str) else str(getattr(spec, "name_or_path", "") or type(spec).__name__)

@@ -257,6 +257,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _attack(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from .evaluation.lock import output_lock
+    from .evaluation.runner import process_state
+
+    with output_lock(args.out, "erasekit attack") if process_state().is_main_process else nullcontext():
+        return _attack_locked(args)
+
+
+def _attack_locked(args: argparse.Namespace) -> int:
     from .evaluation.attacks import SoftPromptConfig, attack
 
     pipe = _load_for_evaluation(args)

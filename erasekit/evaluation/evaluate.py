@@ -1,10 +1,13 @@
 """``erasekit.evaluate``: a suite on the base model and on edited models, at the same seeds, with
 ``results.json`` and a self-contained ``report.html``.
 
-Runs: the base model (scale 0), then every edit at every scale. Each run is a resumable
-folder of PNGs (:mod:`erasekit.evaluation.runner`), so an interrupted evaluation picks up where
-it stopped and ``accelerate launch`` spreads the images over processes; scoring and the report
-happen on the main process.
+Runs: the base model (scale 0), then every edit at every scale, each one
+:func:`evaluate_run` (generate, then score). Each run is a resumable folder of PNGs
+(:mod:`erasekit.evaluation.runner`), so an interrupted evaluation picks up where it stopped and
+``accelerate launch`` spreads the images over processes; scoring and the report happen on the
+main process. With ``in_memory`` (the toy bench's rows) the images stay in memory, rounded to 8
+bits as the PNGs are, so both give the same figures. The output folder is locked while an
+evaluation works in it (:mod:`erasekit.evaluation.lock`).
 """
 
 from __future__ import annotations

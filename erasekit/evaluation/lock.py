@@ -27,7 +27,7 @@ _held: dict[Path, int] = {}  # lock path -> nesting depth, in this process
 
 
 class OutputInUse(UserError, RuntimeError):
-    """Another live process is writing to the same output folder."""
+    """Another live process is writing to the same output folder (or the folder is a file)."""
 
 
 def _owner(path: Path) -> str:
@@ -71,6 +71,8 @@ def output_lock(folder: str | Path, command: str = "erasekit") -> Iterator[Path]
     still empty. ``command`` is recorded for the other process's message.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputInUse(f"output folder {folder} exists and is not a folder; name a folder instead")
     path = (folder / LOCK_FILE).resolve() if folder.exists() else None
     if path is not None and path in _held:
         _held[path] += 1
