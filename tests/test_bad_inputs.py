@@ -267,3 +267,15 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatch, cap
     assert (tmp_path / "OUT" / "results.json").is_file() and not (tmp_path / "OUT" / ".erasekit.lock").exists()
     lines = (tmp_path / "OUT" / "runs" / "base" / "manifest.jsonl").read_text().splitlines()
     assert len(lines) == 1 * 4 + 2 * 5  # each image once
+
+
+def test_evaluate_bad_scales_refused_before_loading(tmp_path, monkeypatch, capsys):
+    import erasekit.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", _no_pipeline)
+    argv = ["evaluate", "--model", "toy:sd", "--suite", "toy-objects", "--concept", "circle", "--out", "OUT"]
+    assert main([*argv, "--scales", "0.5,one"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--scales" in err and "'0.5,one'" in err
+    assert list(tmp_path.iterdir()) == []

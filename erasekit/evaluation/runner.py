@@ -8,7 +8,8 @@ guidance and size, at most ``batch_size``); a batch's manifest lines are appende
 after its images are on disk, so an interrupted run resumes at the first unfinished batch and
 never regenerates a finished image. Under ``accelerate launch`` each process takes every n-th
 batch; since batches are the same whatever the number of processes, 1 and n processes give the
-same images.
+same images. :func:`generate_in_memory` makes the same batches without a folder and keeps the
+images rounded to 8 bits (:func:`as_8bit`), exactly as the PNGs read back.
 """
 
 from __future__ import annotations
