@@ -177,7 +177,10 @@ def _number(text: str, kind: type, what: str, path: Path, row: int, positive: bo
             value = float(text)
         except (TypeError, ValueError):
             value = math.nan
-    ok = math.isfinite(value) and (kind is float or value == int(value)) and (not positive or value > 0)
+    try:
+        ok = math.isfinite(value) and (kind is float or value == int(value)) and (not positive or value > 0)
+    except OverflowError:  # a whole number too large for a float
+        ok = False
     if not ok:
         need = {int: "a whole number", float: "a number"}[kind] + (" > 0" if positive else "")
         raise PromptFileError(f"{path} row {row} has {what} {text!r}, not {need}")
