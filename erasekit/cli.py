@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 
 from .errors import UserError
@@ -565,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr(args.command)
     if getattr(args, "check", None) is not None:
         args.check(args)
+    previous = _exit_on_sigterm()
     try:
         return args.func(args)
     except UserError as err:
@@ -573,6 +575,24 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line
         print(f"erasekit {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM (``kill``, a timeout, a launcher stopping its workers) exit through the
+    ``finally`` blocks, so that lock files and temporary folders are removed; returns the
+    previous handler (None off the main thread, where handlers cannot be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -256,9 +256,10 @@ def evaluate(
         with lock:
             runs = plan_runs(edits, scales)
             folders = {r["name"]: None if in_memory else out / "runs" / r["name"] for r in runs}
-            message = long_run_warning(pipe, cases, [folders[r["name"]] for r in runs], steps)
-            if message and state.is_main_process:
-                logger.warning(message)
+            if state.is_main_process:
+                message = long_run_warning(pipe, cases, [folders[r["name"]] for r in runs], steps)
+                if message:
+                    logger.warning(message)
             for run in runs:
                 base = runs[0]["images"] if run["edit"] is not None else None
                 run |= evaluate_run(
@@ -317,58 +318,87 @@ def evaluate(
             tmp.cleanup()
 
 
-# Seconds one sampler step takes for one 512x512 image of a Stable Diffusion 1.x-sized denoiser
-# (860M parameters, classifier-free guidance: two passes) on a CPU; other sizes and denoisers
-# scale with pixels x parameters. A rough figure, for an order of magnitude only.
-CPU_SECONDS_PER_STEP = 2.0
-REFERENCE_PIXELS, REFERENCE_PARAMETERS = 512 * 512, 860e6
-LONG_RUN_SECONDS = 3600.0
+LONG_RUN_SECONDS = 3600.0  # a run at least this long on a CPU is announced
+PROBE_PIXELS = 128 * 128  # sizes up to this are timed as they are; larger ones from two smaller probes
 
 
-def estimate_generation_seconds(
-    images: int, height: int, width: int, steps: int, parameters: float, device: str = "cpu"
-) -> float | None:
-    """A rough estimate of the seconds to generate ``images`` images of ``height`` x ``width``
-    pixels in ``steps`` steps with a denoiser of ``parameters`` parameters on ``device``; None
-    for an accelerator (no estimate: its speed varies too much)."""
-    if not str(device).startswith("cpu"):
-        return None
-    scale = (height * width / REFERENCE_PIXELS) * (parameters / REFERENCE_PARAMETERS)
-    return images * steps * CPU_SECONDS_PER_STEP * scale
+def fit_step_cost(p1: float, c1: float, p2: float, c2: float):
+    """The cost model ``seconds(pixels) = a * pixels + b * pixels**2`` (convolutions grow with
+    the pixels, attention with their square) through two timings ``c1`` at ``p1`` pixels and
+    ``c2`` at ``p2`` (``p2 > p1``), with ``a, b >= 0``. Returns the function."""
+    r = p2 / p1
+    b = max(0.0, (c2 - c1 * r) / (p2 * (p2 - p1)))
+    a = max(0.0, (c1 - b * p1 * p1) / p1)
+    if a == 0.0 and b == 0.0:
+        a = max(c1 / p1, c2 / p2)
+    return lambda pixels: a * pixels + b * pixels * pixels
+
+
+def measure_step_seconds(adapter, height: int, width: int):
+    """A function (height, width) -> seconds of one guided sampler step for one image, from
+    timed denoiser calls on ``adapter``'s device: at (``height``, ``width``) itself when it is
+    small, else at an eighth and a quarter of it, extrapolated with :func:`fit_step_cost`."""
+    import torch
+
+    cond = adapter.encode([""])
+
+    def timed(h: int, w: int) -> float:
+        g = torch.Generator().manual_seed(0)
+        x = adapter.sample_noise(1, height=h, width=w, generator=g)
+        t = adapter.sample_timesteps(1, generator=g)
+        with torch.no_grad():
+            start = time.perf_counter()
+            adapter.guided_predict(x, t, cond, cond, adapter.generation_guidance)
+            return time.perf_counter() - start
+
+    def side(n: int, div: int) -> int:
+        return max(16, round(n / div / 16) * 16)
+
+    timed(side(height, 8), side(width, 8))  # warm-up
+    if height * width <= PROBE_PIXELS:
+        c = timed(height, width)
+        return lambda h, w: c * (h * w) / (height * width)
+    (h1, w1), (h2, w2) = (side(height, 8), side(width, 8)), (side(height, 4), side(width, 4))
+    cost = fit_step_cost(h1 * w1, timed(h1, w1), h2 * w2, timed(h2, w2))
+    return lambda h, w: cost(h * w)
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.0f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
-def long_run_warning(pipe, cases, folders, steps: int | None = None) -> str | None:
-    """One line saying the evaluation will take hours on this device (None if it will not):
-    the images still to generate (``folders``: one per run, None for an in-memory run; images
-    already in a folder are not counted) at their size and the sampler's steps, with what to do
-    about it (--quick, a smaller --n, a GPU)."""
+def long_run_warning(pipe, cases, folders, steps: int | None = None, step_seconds=None) -> str | None:
+    """One line saying the evaluation will take hours on this CPU (None if it will not, or on
+    an accelerator): the images still to generate (``folders``: one per run, None for an
+    in-memory run; images already in a folder are not counted) at their sizes and the sampler's
+    steps, with what to do about it (--quick, a smaller --n, a GPU). ``step_seconds(h, w)``: the
+    seconds of one step for one image (default: :func:`measure_step_seconds`, a second or two)."""
     from ..models import adapter_for
 
     adapter = adapter_for(pipe)
+    if adapter.device.type != "cpu":
+        return None
     steps = int(steps or adapter.generation_steps)
-    parameters = sum(p.numel() for p in adapter.denoiser.parameters())
-    todo, seconds, sizes = 0, 0.0, set()
+    todo: dict[tuple[int, int], int] = {}
     for folder in folders:
         done = read_manifest(folder) if folder is not None and Path(folder).is_dir() else {}
         for i, c in enumerate(cases):
-            if i in done:
-                continue
-            h, w = c.height or adapter.default_height, c.width or adapter.default_width
-            estimate = estimate_generation_seconds(1, h, w, steps, parameters, str(adapter.device))
-            if estimate is None:
-                return None
-            todo, seconds = todo + 1, seconds + estimate
-            sizes.add(f"{w}x{h}")
+            if i not in done:
+                size = (c.height or adapter.default_height, c.width or adapter.default_width)
+                todo[size] = todo.get(size, 0) + 1
+    if not todo:
+        return None
+    if step_seconds is None:
+        common = max(todo, key=todo.get)
+        step_seconds = measure_step_seconds(adapter, *common)
+    seconds = sum(n * steps * step_seconds(h, w) for (h, w), n in todo.items())
     if seconds < LONG_RUN_SECONDS:
         return None
-    size = ", ".join(sorted(sizes)[:3]) + (", ..." if len(sizes) > 3 else "")
+    sizes = [f"{w}x{h}" for h, w in sorted(todo, key=todo.get, reverse=True)]  # the most common first
+    size = ", ".join(sizes[:3]) + (", ..." if len(sizes) > 3 else "")
     return (
-        f"warning: about {_duration(seconds)} on this CPU: {todo} images still to generate "
-        f"({len(folders)} runs of {len(cases)} prompts, {size} px, {steps} steps); "
+        f"warning: about {_duration(seconds)} on this CPU: {sum(todo.values())} images still to generate "
+        f"({len(folders)} run{'s' if len(folders) > 1 else ''} of {len(cases)} prompts, {size} px, {steps} steps); "
         "for a first look use --quick or a smaller --n, or run on a GPU"
     )
 
