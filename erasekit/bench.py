@@ -2,13 +2,19 @@
 prompts, seeds and detector.
 
 For each model (a toy pipeline or any pipeline folder) and object concept: the object-erasure
-suite on the unedited model (the "base" row), then for each method: ``erase`` (wall seconds and
-peak memory measured), ``apply``, the suite, ``remove``, and a check that the pipeline again
-gives its base output bit for bit. Every finished row is appended to ``rows.jsonl`` in the
-output folder as soon as it is done; a later run with the same folder skips the rows already
-there that were made with the same settings. After every row, ``bench.json`` (machine,
-versions, command, settings, every per-concept row and the means over concepts) and
-``bench.md`` (the table of means, then the per-concept one) are rewritten.
+suite (``toy-objects``) on the unedited model (the "base" row), then for each method: ``erase``
+(wall seconds and peak memory measured), the suite with the edit applied, and a check that the
+pipeline again gives its base output bit for bit once the edit is removed. Each row's suite is
+one run of :func:`erasekit.evaluation.evaluate.evaluate_run`, the function ``erasekit evaluate``
+runs for each of its runs, with the images kept in memory (rounded to 8 bits, as evaluate's
+PNGs are): a row's figures are those ``erasekit evaluate --suite toy-objects`` gives for the
+same edit, prompts and seeds.
+
+Every finished row is appended to ``rows.jsonl`` in the output folder as soon as it is done; a
+later run with the same folder skips the rows already there that were made with the same
+settings. After every row, ``bench.json`` (machine, versions, command, settings, every
+per-concept row and the means over concepts) and ``bench.md`` (the table of means, then the
+per-concept one) are rewritten.
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .edits import apply, remove
+from .evaluation.evaluate import evaluate_run
 from .evaluation.metrics import pooled_accuracies
 from .evaluation.resources import PeakMemory, Stopwatch
 from .methods import ConfigError, erase, make_config, method_rows, resolve_method
 from .toyworld.grammar import object_by_name
-from .toyworld.suite import object_prompts, run_object_suite
+from .toyworld.suite import ToyObjectSuite, object_prompts
 
 # Row name -> (method, settings it fixes), from the method registry: a method with variants is
 # one row per variant (ESD's two parameter groups: "esd-x", "esd-u").
@@ -56,6 +62,7 @@ QUICK_OVERRIDES: dict[str, dict[str, str]] = {
 }
 MEANINGFUL_BASE = 50.0  # % of simple prompts showing the concept below which erasure means nothing
 ROWS_FILE, JSON_FILE, MD_FILE = "rows.jsonl", "bench.json", "bench.md"
+BATCH_SIZE = 64  # images per generation batch (each image has its own generator)
 
 
 def variant_method(name: str) -> tuple[str, dict[str, str]]:
@@ -326,7 +333,14 @@ def run_bench(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done = read_rows(out)
-    suite_settings = {"n": n, "n_locality": n_locality, "detector": detector.name, "device": str(device)}
+    # "images": rows are scored on 8-bit images (as evaluate's PNGs); rows scored otherwise are not reused.
+    suite_settings = {
+        "n": n,
+        "n_locality": n_locality,
+        "detector": detector.name,
+        "device": str(device),
+        "images": "8-bit",
+    }
 
     def source_of(spec: Any) -> str:
         return spec if isinstance(spec, str) else str(getattr(spec, "name_or_path", "") or type(spec).__name__)
@@ -437,7 +451,8 @@ def run_bench(
 
 
 def _run_row(pipe, concept, method, config, detector, n, n_locality, device, progress) -> dict:
-    """The figures of one row: the suite (and, for a method, its training) on ``pipe``."""
+    """The figures of one row: the suite (and, for a method, its training) on ``pipe``; the
+    suite is one in-memory run of :func:`erasekit.evaluation.evaluate.evaluate_run`."""
     row: dict = {}
     edit = None
     if method != BASE:
@@ -453,15 +468,9 @@ def _run_row(pipe, concept, method, config, detector, n, n_locality, device, pro
             "hyperparameters": edit.hyperparameters,
             "train_metrics": edit.metrics,
         }
-        apply(pipe, edit)
-    try:
-        with Stopwatch(device) as clock:
-            res, _ = run_object_suite(pipe, concept, detector, n=n, n_locality=n_locality, progress=False)
-    finally:
-        if edit is not None:
-            remove(pipe, edit)
-    d = res.to_dict()
-    d.pop("cases", None)
+    suite = ToyObjectSuite(n=n, n_locality=n_locality)
+    with Stopwatch(device) as clock:  # applies the edit, generates, removes it, scores
+        d = evaluate_run(pipe, suite, concept, detector, edit=edit, batch_size=BATCH_SIZE)["metrics"]
     return (
         row
         | {k: d[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "color_accuracy", "n_images")}

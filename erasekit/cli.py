@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -235,26 +236,35 @@ def _scales(text: str) -> list[float]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from .evaluation.evaluate import evaluate
+    from .evaluation.lock import output_lock
+    from .evaluation.runner import process_state
+    from .evaluation.suites import make_suite
 
     scales = _scales(args.scales)
-    _check_model_and_edits(args.model, args.edit)
-    pipe = _load_for_evaluation(args)
-    results = evaluate(
-        pipe,
-        args.suite,
-        args.concept,
-        edits=args.edit,
-        out=args.out,
-        detector=args.detector,
-        detector_model=args.detector_model,
-        threshold=_threshold(args.threshold),
-        scales=scales,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        model=args.model,
-        suite_options=_suite_options(args),
-    )
+    # Bad prompt files, suite options and a busy --out are refused before the model loads.
+    suite = make_suite(args.suite, **_suite_options(args))
+    suite.cases(args.concept)
+    if args.edit:
+        _check_model_and_edits(args.model, args.edit)
+    main_process = process_state().is_main_process
+    with output_lock(args.out, "erasekit evaluate") if main_process else nullcontext():
+        results = evaluate(
+            _load_for_evaluation(args),
+            suite,
+            args.concept,
+            edits=args.edit,
+            out=args.out,
+            detector=args.detector,
+            detector_model=args.detector_model,
+            threshold=_threshold(args.threshold),
+            scales=scales,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            model=args.model,
+        )
     if results is None:  # not the main process
         return 0
     det = results["detector"]
@@ -273,6 +283,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _attack(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from .evaluation.lock import output_lock
+    from .evaluation.runner import process_state
+
+    with output_lock(args.out, "erasekit attack") if process_state().is_main_process else nullcontext():
+        return _attack_locked(args)
+
+
+def _attack_locked(args: argparse.Namespace) -> int:
     from .evaluation.attacks import SoftPromptConfig, attack
 
     _check_model_and_edits(args.model, args.edit)
@@ -588,14 +608,28 @@ def _check_model_and_edits(model: str, folders: list[str]) -> None:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _show_log_messages(debug: bool) -> logging.Handler:
-    """Show erasekit's log messages on stderr, one plain line each (INFO and up; DEBUG with --debug).
+class _CommandFormatter(logging.Formatter):
+    """Information as plain lines; warnings as ``erasekit COMMAND: warning: ...``, like the errors."""
+
+    def __init__(self, command: str):
+        super().__init__("%(message)s")
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"erasekit {self.command}: {record.levelname.lower()}: {text}"
+        return text
+
+
+def _show_log_messages(command: str, debug: bool) -> logging.Handler:
+    """Show erasekit's log messages on stderr, one line each (INFO and up; DEBUG with --debug).
 
     Only the "erasekit" logger: third-party loggers keep Python's default (warnings and errors).
     Returns the handler, which :func:`main` removes when the command ends.
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_CommandFormatter(command))
     logger = logging.getLogger("erasekit")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -618,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         args.check(args)
     logger = logging.getLogger("erasekit")
     level = logger.level
-    handler = _show_log_messages(args.debug)
+    handler = _show_log_messages(args.command, args.debug)
+    previous = _exit_on_sigterm()
     try:
         _set_threads(getattr(args, "threads", None))
         return args.func(args)
@@ -628,9 +663,26 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line
         print(f"erasekit {args.command}: error: {message}", file=sys.stderr)
         return 2
-    finally:  # main may run more than once in a process (the tests): leave logging as it was
+    finally:  # main may run more than once in a process (the tests): leave logging and signals as they were
         logger.removeHandler(handler)
         logger.setLevel(level)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM (``kill``, a timeout, a launcher stopping its workers) exit through the
+    ``finally`` blocks, so that lock files and temporary folders are removed; returns the
+    previous handler (None off the main thread, where handlers cannot be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

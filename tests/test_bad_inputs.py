@@ -283,3 +283,154 @@ def test_a_concept_the_tokenizer_spells_out_warns_naming_its_pieces(tmp_path, ca
     with caplog.at_level("WARNING", logger="erasekit"):
         erase(pipe, "triangle", "uce", make_config("uce", "fast"), progress=False)
     assert "splits" not in caplog.text
+
+
+# ---- evaluate: prompt CSV files -------------------------------------------------------------
+
+I2P_HEADER = b"prompt,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height\n"
+I2P_ROW = b"a person,1,7,32,32\n"
+
+
+@pytest.mark.parametrize(
+    "suite, concept, content, words",
+    [
+        ("i2p-nudity", "nudity", I2P_HEADER + b'"a person,1,7,32,32\nb,2,7,32,32\n', ["row 2", "never closed"]),
+        ("i2p-nudity", "nudity", I2P_HEADER + b'"a" person,1,7,32,32\n', ["row 2", "quoting"]),
+        ("i2p-nudity", "nudity", I2P_HEADER + I2P_ROW + b"b,2,7\n", ["row 3", "3 fields", "header has 5"]),
+        ("i2p-nudity", "nudity", I2P_HEADER + b"a,1,7,32,32,extra\n", ["row 2", "6 fields", "header has 5"]),
+        ("i2p-nudity", "nudity", I2P_HEADER + I2P_ROW + b"b,x1,7,32,32\n", ["row 3", "seed 'x1'", "whole number"]),
+        ("i2p-nudity", "nudity", I2P_HEADER + b"a,1,seven,32,32\n", ["row 2", "evaluation_guidance 'seven'"]),
+        ("i2p-nudity", "nudity", I2P_HEADER + b"a,1,nan,32,32\n", ["row 2", "evaluation_guidance 'nan'"]),
+        ("i2p-nudity", "nudity", I2P_HEADER + b"a,1,7,32.5,32\n", ["row 2", "sd_image_width '32.5'"]),
+        ("i2p-nudity", "nudity", I2P_HEADER + b"a,1,7,32,0\n", ["row 2", "sd_image_height '0'", "> 0"]),
+        (
+            "i2p-nudity",
+            "nudity",
+            I2P_HEADER + b'"two\nlines",1,7,32,32\n' + b"caf\xe9,2,7,32,32\n",
+            ["is not UTF-8 (row 3", "line 4"],
+        ),
+        ("i2p-nudity", "nudity", b"prompt,evaluation_seed\na,1\n", ["no 'evaluation_guidance' column"]),
+        ("i2p-nudity", "nudity", b"", ["is empty"]),
+        ("objects", "cat", b"prompt,class,seed\nAn image of a cat,cat,abc\n", ["row 2", "seed 'abc'"]),
+        ("coco", "any", b"prompt,evaluation_seed\na dog\n", ["row 2", "1 fields", "header has 2"]),
+    ],
+    ids=[
+        "quote-never-closed",
+        "quote-then-text",
+        "short-row",
+        "long-row",
+        "bad-seed",
+        "bad-guidance",
+        "nan-guidance",
+        "fractional-size",
+        "zero-size",
+        "not-utf8",
+        "missing-column",
+        "empty-file",
+        "objects-bad-seed",
+        "coco-short-row",
+    ],
+)
+def test_evaluate_bad_prompt_file_refused_before_loading(
+    tmp_path, monkeypatch, capsys, suite, concept, content, words
+):
+    import erasekit.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", _no_pipeline)
+    (tmp_path / "prompts.csv").write_bytes(content)
+    before = tree(tmp_path)
+    argv = ["evaluate", "--model", "toy:sd", "--suite", suite, "--concept", concept, "--prompts", "prompts.csv"]
+    assert main([*argv, "--out", "OUT"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and captured.out == ""
+    assert err.startswith("erasekit evaluate: error: prompts.csv")
+    for word in words:
+        assert word in err
+    assert tree(tmp_path) == before
+
+
+# ---- evaluate: one process per output folder ------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from erasekit.evaluation.lock import output_lock
+with output_lock(sys.argv[1], "erasekit evaluate"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_evaluate_on_a_folder_in_use_is_refused(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    import erasekit.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", _no_pipeline)
+    repo = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, "OUT"], cwd=tmp_path, env={"PYTHONPATH": str(repo)}, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        before = tree(tmp_path)
+        argv = ["evaluate", "--model", "toy:sd", "--suite", "toy-objects", "--concept", "circle", "--out", "OUT"]
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and captured.out == ""
+        for word in ["erasekit evaluate: error: OUT is in use", f"pid {holder.pid}", "another --out"]:
+            assert word in err
+        assert tree(tmp_path) == before  # the holder's lock file is untouched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_is_removed_after_an_error(tmp_path, monkeypatch, capsys):
+    import erasekit.models
+    from erasekit.errors import UserError
+
+    def refused(*args, **kwargs):
+        assert (tmp_path / "OUT" / ".erasekit.lock").is_file()  # held while the model loads
+        raise UserError("no such model")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", refused)
+    before = tree(tmp_path)
+    argv = ["evaluate", "--model", "nope", "--suite", "toy-objects", "--concept", "circle", "--out", "OUT"]
+    assert main(argv) == 2
+    assert "no such model" in capsys.readouterr().err
+    assert tree(tmp_path) == before  # no lock file, and the folder it made is gone again
+
+
+@pytest.mark.toyworld
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatch, capsys):
+    import json
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "OUT").mkdir()
+    (tmp_path / "OUT" / ".erasekit.lock").write_text(json.dumps({"pid": dead.pid, "host": "here"}))
+    argv = ["evaluate", "--model", "toy:sd", "--suite", "toy-objects", "--concept", "circle", "--quick", "--n", "1"]
+    assert main([*argv, "--out", "OUT"]) == 0
+    assert (tmp_path / "OUT" / "results.json").is_file() and not (tmp_path / "OUT" / ".erasekit.lock").exists()
+    lines = (tmp_path / "OUT" / "runs" / "base" / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 1 * 4 + 2 * 5  # each image once
+
+
+def test_evaluate_bad_scales_refused_before_loading(tmp_path, monkeypatch, capsys):
+    import erasekit.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", _no_pipeline)
+    argv = ["evaluate", "--model", "toy:sd", "--suite", "toy-objects", "--concept", "circle", "--out", "OUT"]
+    assert main([*argv, "--scales", "0.5,one"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--scales" in err and "got 'one'" in err
+    assert list(tmp_path.iterdir()) == []

@@ -50,7 +50,7 @@ def _bench(tmp_path, models, methods=("esd-x", "uce"), **kw):
 
 def _counting(monkeypatch):
     calls = {"erase": 0, "suite": 0}
-    real_erase, real_suite = bench.erase, bench.run_object_suite
+    real_erase, real_suite = bench.erase, bench.evaluate_run
 
     def erase(*a, **k):
         calls["erase"] += 1
@@ -61,13 +61,13 @@ def _counting(monkeypatch):
         return real_suite(*a, **k)
 
     monkeypatch.setattr(bench, "erase", erase)
-    monkeypatch.setattr(bench, "run_object_suite", suite)
+    monkeypatch.setattr(bench, "evaluate_run", suite)
     return calls
 
 
 def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
     models = {"sd": tiny_sd_pipeline(), "flux": tiny_flux_pipeline()}
-    real_suite = bench.run_object_suite
+    real_suite = bench.evaluate_run
     count = {"n": 0}
 
     def dies_third(*a, **k):  # the run is killed during the third row (sd / circle / uce)
@@ -76,7 +76,7 @@ def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_suite(*a, **k)
 
-    monkeypatch.setattr(bench, "run_object_suite", dies_third)
+    monkeypatch.setattr(bench, "evaluate_run", dies_third)
     with pytest.raises(KeyboardInterrupt):
         _bench(tmp_path, models)
     lines = (tmp_path / "bench" / "rows.jsonl").read_text().splitlines()
@@ -84,7 +84,7 @@ def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
     with open(tmp_path / "bench" / "rows.jsonl", "a") as f:
         f.write('{"key": "torn li')  # a write cut short by the kill
 
-    monkeypatch.setattr(bench, "run_object_suite", real_suite)
+    monkeypatch.setattr(bench, "evaluate_run", real_suite)
     calls = _counting(monkeypatch)
     result = _bench(tmp_path, models, command="erasekit bench toy ...")
     assert calls == {"erase": 3, "suite": 4}  # sd: uce; flux: base, esd-x, uce
@@ -126,7 +126,9 @@ def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
 
 
 def test_a_remove_that_does_not_restore_stops_the_bench(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "remove", lambda pipe, edit: None)
+    import erasekit.edits
+
+    monkeypatch.setattr(erasekit.edits, "remove", lambda pipe, edit: None)
     with pytest.raises(bench.RestoreError, match="after uce on sd"):
         _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce"])
 
@@ -205,3 +207,41 @@ def test_bench_command_on_a_pipeline_folder(tmp_path, capsys):
     assert saved["rows"][1]["hyperparameters"]["keyword_list"] == ["circle", "disc"]
     assert main(args[:-1] + ["keywords=disc"]) == 2  # a user error: one line, exit 2
     assert "method.key=value" in capsys.readouterr().err
+
+
+def test_bench_figures_equal_evaluate_for_the_same_edit_seeds_and_suite(tmp_path, monkeypatch):
+    """A bench row is one in-memory run of evaluate's own run function: `erasekit evaluate` on
+    the same edit (its PNG run folders, its batch size) gives the same figures."""
+    from erasekit.evaluation.evaluate import evaluate
+
+    edits = []
+    real_erase = bench.erase
+
+    def keep(*a, **k):
+        edits.append(real_erase(*a, **k))
+        return edits[-1]
+
+    monkeypatch.setattr(bench, "erase", keep)
+    pipe = tiny_sd_pipeline()
+    sizes = {"n": 2, "n_locality": 2}  # 8 + 10 images: two of evaluate's batches of 16, one of the bench's
+    result = _bench(tmp_path, {"sd": pipe}, methods=["uce"], **sizes)
+    assert [r["method"] for r in result["rows"]] == ["base", "uce"]
+    results = evaluate(
+        pipe,
+        "toy-objects",
+        "circle",
+        edits=edits,
+        out=tmp_path / "eval",
+        detector=StubDetector(),
+        suite_options=sizes,
+        progress=False,
+    )
+    assert results["generation"]["batch_size"] == 16 and (tmp_path / "eval" / "runs" / "uce@1").is_dir()
+    for row, run in zip(result["rows"], results["runs"]):
+        assert run["label"] == row["method"]
+        for key in ("acc_e", "acc_r", "acc_l", "h", "per_set", "color_accuracy", "n_images"):
+            assert run["metrics"][key] == row[key], (row["method"], key)
+    in_memory = evaluate(
+        pipe, "toy-objects", "circle", edits=edits, detector=StubDetector(), suite_options=sizes, in_memory=True
+    )
+    assert [r["metrics"] for r in in_memory["runs"]] == [r["metrics"] for r in results["runs"]]

@@ -102,7 +102,10 @@ def test_the_command_line_shows_the_library_log_messages(monkeypatch, capsys):
     before = (list(package.handlers), package.level)
     assert any(isinstance(h, logging.NullHandler) for h in package.handlers)  # the library's own: silent
     assert main(["generate", "--model", "m", "--prompt", "p"]) == 0
-    assert capsys.readouterr().err == "no synonyms for 'car'\nprogress line\n"  # plain lines, no third party
+    # warnings as the errors are shown, information as plain lines; no third party
+    assert capsys.readouterr().err == "erasekit generate: warning: no synonyms for 'car'\nprogress line\n"
     assert main(["--debug", "generate", "--model", "m", "--prompt", "p"]) == 0
-    assert capsys.readouterr().err == "no synonyms for 'car'\nprogress line\ndebug detail\n"
+    assert (
+        capsys.readouterr().err == "erasekit generate: warning: no synonyms for 'car'\nprogress line\ndebug detail\n"
+    )
     assert (list(package.handlers), package.level) == before  # main leaves logging as it found it

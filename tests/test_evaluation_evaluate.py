@@ -183,3 +183,73 @@ def test_generation_from_conditioning_equals_generation_from_prompts(family_adap
     a = adapter.generate(prompts, [5, 6])
     b = adapter.generate_from_conditioning(adapter.encode(prompts), [5, 6])
     assert torch.equal(a, b)
+
+
+def test_evaluate_in_memory_writes_no_images_and_gives_the_same_figures(evaluated, pipe_and_edit, tmp_path):
+    _, results = evaluated
+    pipe, edit = pipe_and_edit
+    again = evaluate(
+        pipe,
+        "toy-objects",
+        "circle",
+        edits=[edit],
+        out=tmp_path,
+        scales=[0.5, 1.0],
+        batch_size=5,
+        suite_options=SMALL,
+        progress=False,
+        in_memory=True,
+    )
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in results["runs"]]
+    assert again["generation"]["images"] == "memory" and all(r["folder"] is None for r in again["runs"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "results.json"]
+
+
+def test_the_step_cost_model_fits_convolutions_and_attention():
+    from erasekit.evaluation.evaluate import fit_step_cost
+
+    truth = lambda p: 2e-6 * p + 3e-11 * p * p  # noqa: E731
+    cost = fit_step_cost(64 * 64, truth(64 * 64), 128 * 128, truth(128 * 128))
+    assert cost(512 * 512) == pytest.approx(truth(512 * 512))
+    linear = fit_step_cost(100, 1.0, 400, 3.0)  # noise: faster than linear -> no negative terms
+    assert linear(400) > 0 and linear(1600) >= linear(400)
+
+
+def test_the_warning_names_the_way_out(sd_pipe, tmp_path):
+    import erasekit.evaluation.evaluate as ev
+
+    cases = ev.resolve_suite("toy-objects", SMALL).cases("circle")
+    assert ev.long_run_warning(sd_pipe, cases, [None, None]) is None  # measured: seconds
+    message = ev.long_run_warning(sd_pipe, cases, [None, tmp_path / "absent"], steps=4, step_seconds=lambda h, w: 100)
+    assert len(message.splitlines()) == 1 and message.startswith("about ")
+    for word in (
+        "h on this CPU",
+        f"{2 * len(cases)} images",
+        "2 runs",
+        "32x32 px",
+        "4 steps",
+        "--quick",
+        "--n",
+        "GPU",
+    ):
+        assert word in message
+
+
+def test_the_command_line_prints_the_warning_before_starting(monkeypatch, tmp_path, capsys):
+    import erasekit.evaluation.evaluate as ev
+    import erasekit.models
+    from erasekit.cli import main
+
+    monkeypatch.setattr(ev, "measure_step_seconds", lambda adapter, h, w: lambda h, w: 1e3)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", lambda *a, **k: tiny_sd_pipeline(seed=0))
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt  # the first image: the warning is already out
+
+    monkeypatch.setattr(ev, "generate_run", stop)
+    argv = ["evaluate", "--model", "tiny", "--suite", "toy-objects", "--concept", "circle", "--n", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("erasekit evaluate: warning: about ") and "--quick" in err[0]
+    assert not (tmp_path / "out" / ".erasekit.lock").exists()

@@ -123,3 +123,19 @@ def test_bad_input_is_a_clear_error(tmp_path):
         read_csv(bad, ("prompt", "class", "seed"))
     with pytest.raises(ValueError, match="needs a prompt CSV"):
         make_suite("objects")
+
+
+def test_csv_with_a_byte_order_mark_and_row_numbers_past_a_multiline_prompt(tmp_path):
+    from erasekit.evaluation.suites import PromptFileError
+
+    csv = tmp_path / "bom.csv"
+    csv.write_bytes(b'\xef\xbb\xbfprompt,evaluation_seed\n"two\nlines",1\n\nthird,3.0\n')
+    rows = read_csv(csv, ("prompt", "seed"))
+    assert [(r["prompt"], r["seed"], r.row) for r in rows] == [("two\nlines", "1", 2), ("third", "3.0", 4)]
+    assert [c.seed for c in make_suite("coco", prompts=csv).cases("any")] == [1, 3]
+    big = tmp_path / "big.csv"
+    big.write_text("prompt,evaluation_seed\na,18446744073709551615\n")
+    assert make_suite("coco", prompts=big).cases("any")[0].seed == 2**64 - 1  # exact, not through a float
+    csv.write_bytes(b'prompt,evaluation_seed\n"two\nlines",1\nthird,x\n')
+    with pytest.raises(PromptFileError, match=r"bom.csv row 3 has seed 'x', not a whole number"):
+        make_suite("coco", prompts=csv).cases("any")

@@ -8,7 +8,8 @@ guidance and size, at most ``batch_size``); a batch's manifest lines are appende
 after its images are on disk, so an interrupted run resumes at the first unfinished batch and
 never regenerates a finished image. Under ``accelerate launch`` each process takes every n-th
 batch; since batches are the same whatever the number of processes, 1 and n processes give the
-same images.
+same images. :func:`generate_in_memory` makes the same batches without a folder and keeps the
+images rounded to 8 bits (:func:`as_8bit`), exactly as the PNGs read back.
 """
 
 from __future__ import annotations
@@ -72,10 +73,22 @@ def _fingerprint(cases: Sequence[Case], identity: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _levels(image: torch.Tensor) -> torch.Tensor:
+    """``image`` in [0, 1] as the 0..255 levels an 8-bit PNG stores (uint8)."""
+    return (image.detach().float().clamp(0, 1) * 255).round().byte()
+
+
+def as_8bit(images: torch.Tensor) -> torch.Tensor:
+    """``images`` (any shape, in [0, 1]) as they come back from an 8-bit PNG: each value rounded
+    to the nearest of 256 levels, as float32 in [0, 1], bit for bit what :func:`load_image`
+    gives for the PNG of the same image."""
+    return _levels(images).float() / 255
+
+
 def _png_bytes(image: torch.Tensor) -> bytes:
     from PIL import Image
 
-    arr = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    arr = _levels(image).permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -118,6 +131,69 @@ def process_state():
 
 def _state(state):
     return state if state is not None else process_state()
+
+
+def _generate_batch(adapter, cases: Sequence[Case], batch: list[int], steps: int, negative_prompt: str):
+    """The images (B, 3, H, W) in [0, 1] of the cases ``batch`` (one batch of :func:`plan_batches`)
+    and the seconds per image."""
+    first = cases[batch[0]]
+    start = time.time()
+    images = adapter.generate(
+        [cases[i].prompt for i in batch],
+        [cases[i].seed for i in batch],
+        steps=steps,
+        guidance=first.guidance,
+        height=first.height,
+        width=first.width,
+        negative_prompt=negative_prompt,
+    )
+    return images, (time.time() - start) / len(batch)
+
+
+def _record(adapter, c: Case, image: torch.Tensor, steps: int, seconds: float) -> dict:
+    """What the manifest records of one generated image (besides its index and file)."""
+    return {
+        "prompt": c.prompt,
+        "seed": c.seed,
+        "set": c.set,
+        "label": c.label,
+        "guidance": adapter.generation_guidance if c.guidance is None else c.guidance,
+        "height": int(image.shape[-2]),
+        "width": int(image.shape[-1]),
+        "steps": steps,
+        "seconds": round(seconds, 4),
+    }
+
+
+def generate_in_memory(
+    adapter,
+    cases: Sequence[Case],
+    batch_size: int = 16,
+    steps: int | None = None,
+    negative_prompt: str = "",
+    progress: bool | str = True,
+) -> tuple[list[dict], list[torch.Tensor]]:
+    """:func:`generate_run` without a folder: the same batches and the same records (no
+    ``file``), and the images kept in memory, as 8-bit images (:func:`as_8bit`), i.e. exactly
+    what a run folder's PNGs give back. Nothing is written, so nothing resumes; every process
+    generates every image (for small runs such as the toy bench's rows).
+
+    Returns (records, images): images[i] is (3, H, W) in [0, 1] for case i.
+    """
+    steps = int(steps or adapter.generation_steps)
+    adapter.pipe.set_progress_bar_config(disable=True)
+    records: list[dict] = []
+    images: list[torch.Tensor] = []
+    desc = progress if isinstance(progress, str) else "generate"
+    batches = plan_batches(cases, batch_size)
+    with tqdm(total=len(cases), desc=desc, disable=not progress, leave=False) as bar:
+        for batch in batches:
+            out, seconds = _generate_batch(adapter, cases, batch, steps, negative_prompt)
+            for i, image in zip(batch, out):
+                records.append({"index": i} | _record(adapter, cases[i], image, steps, seconds))
+                images.append(as_8bit(image.cpu()))
+            bar.update(len(batch))
+    return records, images
 
 
 def generate_run(
@@ -191,39 +267,15 @@ def generate_run(
             leave=False,
         ) as bar:
             for batch in todo:
-                first = cases[batch[0]]
-                start = time.time()
-                images = adapter.generate(
-                    [cases[i].prompt for i in batch],
-                    [cases[i].seed for i in batch],
-                    steps=steps,
-                    guidance=first.guidance,
-                    height=first.height,
-                    width=first.width,
-                    negative_prompt=negative_prompt,
-                )
-                seconds = (time.time() - start) / len(batch)
+                images, seconds = _generate_batch(adapter, cases, batch, steps, negative_prompt)
                 lines = []
                 for i, image in zip(batch, images):
                     if i in done:
                         continue  # finished before an interruption: never rewritten
                     file = f"{IMAGE_DIR}/{i:05d}.png"
                     atomic_write_bytes(folder / file, _png_bytes(image))
-                    c = cases[i]
-                    rec = {
-                        "index": i,
-                        "file": file,
-                        "prompt": c.prompt,
-                        "seed": c.seed,
-                        "set": c.set,
-                        "label": c.label,
-                        "guidance": adapter.generation_guidance if c.guidance is None else c.guidance,
-                        "height": int(image.shape[-2]),
-                        "width": int(image.shape[-1]),
-                        "steps": steps,
-                        "process": state.process_index,
-                        "seconds": round(seconds, 4),
-                    }
+                    rec = {"index": i, "file": file} | _record(adapter, cases[i], image, steps, seconds)
+                    rec["process"] = state.process_index
                     lines.append(json.dumps(rec) + "\n")
                 # One write per batch on an O_APPEND descriptor: lines of concurrent processes never interleave.
                 os.write(manifest_fd, "".join(lines).encode("utf-8"))

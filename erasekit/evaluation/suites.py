@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..registry import SUITES
 from .detectors import detect_all
 from .metrics import nudity_counts, object_accuracies, percent
@@ -58,31 +60,105 @@ COLUMN_ALIASES = {
 }
 
 
-def read_csv(path: str | Path, required: Sequence[str]) -> list[dict[str, str]]:
+class PromptFileError(UserError, ValueError):
+    """A prompt file that cannot be used as it is (not UTF-8, a quote never closed, a row
+    with too few or too many fields, a seed or size that is not a number, a missing column);
+    the one-line message names the file and the row."""
+
+
+class PromptFileMissing(UserError, FileNotFoundError):
+    """A prompt file (or folder) that is not there."""
+
+
+class SuiteError(UserError, ValueError):
+    """A suite asked for with options it cannot work with (no prompt file, an unknown option, a
+    concept the prompts do not have)."""
+
+
+def _row_of_line(text: str, line: int) -> int:
+    """The row (1: the header) of ``text`` that holds physical line ``line`` (1-based)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    row = 0
+    try:
+        for row, _ in enumerate(reader, start=1):
+            if reader.line_num >= line:
+                return row
+    except csv.Error:
+        pass
+    return row + 1
+
+
+def _decode(path: Path) -> str:
+    """The file's text: UTF-8, with or without a byte-order mark."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        row = _row_of_line(raw.decode("utf-8-sig", errors="replace"), line)
+        raise PromptFileError(
+            f"{path} is not UTF-8 (row {row}, line {line}: byte 0x{raw[err.start]:02x}); save it as UTF-8"
+        ) from None
+
+
+class CsvRow(dict):
+    """One row of a prompt CSV: column -> text, and ``row``, its row number in the file."""
+
+    row: int = 0
+
+
+def read_csv(path: str | Path, required: Sequence[str]) -> list[CsvRow]:
     """Rows of a CSV as dicts with the ``required`` columns under their canonical names (aliases
     in :data:`COLUMN_ALIASES`, e.g. evaluation_seed -> seed); other columns kept as they are.
-    A missing file or column is an error naming what was found."""
+    Each row's ``row`` is its row number in the file (1 is the header, as a spreadsheet numbers
+    rows; a quoted field may span several lines).
+
+    The file must be UTF-8 (a byte-order mark is fine). A missing file, a missing column, bytes
+    that are not UTF-8, a quoted field never closed and a row with fewer or more fields than
+    the header raise :class:`PromptFileError` (:class:`PromptFileMissing`) naming the file and row.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"no prompt file at {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [h for h in (reader.fieldnames or [])]
-        names = {}
-        for col in required:
-            found = next((a for a in COLUMN_ALIASES.get(col, (col,)) if a in header), None)
-            if found is None:
-                raise ValueError(
-                    f"{path} has no {col!r} column (or alias {', '.join(COLUMN_ALIASES.get(col, (col,)))}); "
-                    f"its columns: {', '.join(h for h in header if h)}"
-                )
-            names[col] = found
-        rows = []
-        for row in reader:
-            out = dict(row)
-            for col, src in names.items():
-                out[col] = row[src].strip() if col == "class" else row[src]
-            rows.append(out)
+        raise PromptFileMissing(f"no prompt file at {path}")
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), strict=True)
+    records: list[tuple[int, list[str]]] = []
+    row, line = 0, 0
+    try:
+        for row, fields in enumerate(reader, start=1):
+            records.append((row, fields))
+            line = reader.line_num
+    except csv.Error as err:
+        if "end of data" in str(err):
+            raise PromptFileError(
+                f"{path} row {row + 1} (from line {line + 1}): a quoted field is never closed (unbalanced quotes)"
+            ) from None
+        raise PromptFileError(f"{path} row {row + 1} (line {reader.line_num}): bad quoting: {err}") from None
+    records = [(n, fields) for n, fields in records if fields]  # blank lines
+    if not records:
+        raise PromptFileError(f"{path} is empty: it needs a header row ({', '.join(required)})")
+    header = records[0][1]
+    names = {}
+    for col in required:
+        found = next((a for a in COLUMN_ALIASES.get(col, (col,)) if a in header), None)
+        if found is None:
+            raise PromptFileError(
+                f"{path} has no {col!r} column (or alias {', '.join(COLUMN_ALIASES.get(col, (col,)))}); "
+                f"its columns: {', '.join(h for h in header if h)}"
+            )
+        names[col] = found
+    rows = []
+    for n, fields in records[1:]:
+        if len(fields) != len(header):
+            short = len(fields) < len(header)
+            hint = (
+                "a field missing, or a line break in an unquoted field?" if short else "a comma in an unquoted field?"
+            )
+            raise PromptFileError(f"{path} row {n} has {len(fields)} fields, the header has {len(header)} ({hint})")
+        out = CsvRow(zip(header, fields))
+        for col, src in names.items():
+            out[col] = out[src].strip() if col == "class" else out[src]
+        out.row = n
+        rows.append(out)
     return rows
 
 
@@ -92,11 +168,27 @@ def file_record(path: str | Path, rows: int) -> dict:
     return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": rows}
 
 
-def _seed(text: str, path: Path, line: int) -> int:
+def _number(text: str, kind: type, what: str, path: Path, row: int, positive: bool = False):
+    """``text`` of ``path`` row ``row`` as an int (a whole number, "5.0" too) or a finite float."""
     try:
-        return int(float(text))
-    except ValueError:
-        raise ValueError(f"{path}: row {line} has seed {text!r}, not an integer") from None
+        value = int(text) if kind is int else float(text)  # int() first: seeds beyond 2**53 stay exact
+    except (TypeError, ValueError):
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = math.nan
+    try:
+        ok = math.isfinite(value) and (kind is float or value == int(value)) and (not positive or value > 0)
+    except OverflowError:  # a whole number too large for a float
+        ok = False
+    if not ok:
+        need = {int: "a whole number", float: "a number"}[kind] + (" > 0" if positive else "")
+        raise PromptFileError(f"{path} row {row} has {what} {text!r}, not {need}")
+    return kind(value)
+
+
+def _seed(text: str, path: Path, row: int) -> int:
+    return _number(text, int, "seed", path, row)
 
 
 # ---- the interface --------------------------------------------------------------------------
@@ -183,7 +275,7 @@ class ObjectSuite(Suite):
 
     def __init__(self, prompts: str | Path | None = None, paraphrases: str | Path | None = None, n: int | None = None):
         if prompts is None:
-            raise ValueError(
+            raise SuiteError(
                 "the objects suite needs a prompt CSV (prompt, class, seed columns), e.g. cifar10_simple.csv"
             )
         self.prompts_path, self.paraphrases_path = Path(prompts), Path(paraphrases) if paraphrases else None
@@ -205,14 +297,14 @@ class ObjectSuite(Suite):
         return {"labels": self.classes} if detector == "clip" else {}
 
     def _rows(self, rows, cls: str, set_name: str, path: Path) -> list[Case]:
-        picked = [(i, r) for i, r in enumerate(rows) if r["class"] == cls][: self.n]
+        picked = [r for r in rows if r["class"] == cls][: self.n]
         return [
-            Case(r["prompt"], _seed(r["seed"], path, i + 2), set_name, cls, id=r.get("case_number")) for i, r in picked
+            Case(r["prompt"], _seed(r["seed"], path, r.row), set_name, cls, id=r.get("case_number")) for r in picked
         ]
 
     def cases(self, concept: str) -> list[Case]:
         if concept not in self.classes:
-            raise ValueError(f"class {concept!r} is not in {self.prompts_path}; classes: {', '.join(self.classes)}")
+            raise SuiteError(f"class {concept!r} is not in {self.prompts_path}; classes: {', '.join(self.classes)}")
         out = self._rows(self.simple, concept, "simple", self.prompts_path)
         local_rows, local_path = (
             (self.paraphrases, self.paraphrases_path) if self.paraphrases else (self.simple, self.prompts_path)
@@ -292,7 +384,7 @@ class I2PSuite(Suite):
         csv_size: bool = True,
     ):
         if prompts is None:
-            raise ValueError("the i2p-nudity suite needs the I2P prompt CSV (unsafe-prompts4703.csv)")
+            raise SuiteError("the i2p-nudity suite needs the I2P prompt CSV (unsafe-prompts4703.csv)")
         self.path = Path(prompts)
         self.rows = read_csv(self.path, ("prompt", "seed", "evaluation_guidance", "sd_image_width", "sd_image_height"))
         self.n, self.categories = n, list(categories) if categories else None
@@ -309,30 +401,32 @@ class I2PSuite(Suite):
     def files(self) -> list[dict]:
         return [file_record(self.path, len(self.rows))]
 
-    def _case(self, line: int, row: dict, set_name: str) -> Case:
+    def _case(self, row: CsvRow, set_name: str) -> Case:
+        def number(column: str, kind: type, positive: bool = False):
+            return _number(row[column], kind, column, self.path, row.row, positive)
+
         return Case(
             row["prompt"],
-            _seed(row["seed"], self.path, line),
+            _seed(row["seed"], self.path, row.row),
             set_name,
             "nudity",
-            guidance=float(row["evaluation_guidance"]) if self.csv_guidance else None,
-            height=int(float(row["sd_image_height"])) if self.csv_size else None,
-            width=int(float(row["sd_image_width"])) if self.csv_size else None,
+            guidance=number("evaluation_guidance", float) if self.csv_guidance else None,
+            height=number("sd_image_height", int, positive=True) if self.csv_size else None,
+            width=number("sd_image_width", int, positive=True) if self.csv_size else None,
             id=row.get("case_number"),
         )
 
-    def _selected(self) -> list[tuple[int, dict]]:
-        rows = [(i + 2, r) for i, r in enumerate(self.rows)]
+    def _selected(self) -> list[CsvRow]:
         if self.categories:
-            rows = [(i, r) for i, r in rows if any(c in r.get("categories", "") for c in self.categories)]
-        return rows
+            return [r for r in self.rows if any(c in r.get("categories", "") for c in self.categories)]
+        return list(self.rows)
 
     def cases(self, concept: str) -> list[Case]:
         from .nudenet import NUDITY_CONCEPTS
 
         if concept.lower() not in NUDITY_CONCEPTS:
-            raise ValueError(f"the i2p-nudity suite measures nudity; got concept {concept!r}")
-        return [self._case(i, r, "i2p") for i, r in self._selected()[: self.n]]
+            raise SuiteError(f"the i2p-nudity suite measures nudity; got concept {concept!r}")
+        return [self._case(r, "i2p") for r in self._selected()[: self.n]]
 
     def score(self, cases, images, detector, concept) -> dict:
         results = detect_all(detector, [images[i] for i in range(len(cases))], ["nudity"] * len(cases), batch_size=16)
@@ -350,8 +444,12 @@ class I2PSuite(Suite):
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:
         """ "plain": the rows whose I2P nudity percentage is at least 50 (UnlearnDiffAtk's choice)."""
         self.cases(concept)
-        rows = [(i, r) for i, r in self._selected() if float(r.get("nudity_percentage") or 0) >= 50][: self.n]
-        return {"plain": [self._case(i, r, "plain") for i, r in rows]}
+        rows = [r for r in self._selected() if self._nudity_percentage(r) >= 50][: self.n]
+        return {"plain": [self._case(r, "plain") for r in rows]}
+
+    def _nudity_percentage(self, row: CsvRow) -> float:
+        text = row.get("nudity_percentage") or "0"
+        return _number(text, float, "nudity_percentage", self.path, row.row)
 
 
 # ---- COCO locality --------------------------------------------------------------------------
@@ -378,13 +476,13 @@ class CocoSuite(Suite):
         reference: str | Path | None = None,
     ):
         if prompts is None:
-            raise ValueError("the coco suite needs a caption CSV (coco_30k.csv)")
+            raise SuiteError("the coco suite needs a caption CSV (coco_30k.csv)")
         self.path = Path(prompts)
         self.rows = read_csv(self.path, ("prompt", "seed"))
         self.n, self.clip_model_source, self.fid_features = n, clip_model, fid_features
         self.reference = Path(reference).expanduser() if reference else None
         if self.reference is not None and not self.reference.is_dir():
-            raise FileNotFoundError(f"no reference image folder at {self.reference}")
+            raise PromptFileMissing(f"no reference image folder at {self.reference}")
         self._clip = None
         self._features = None
 
@@ -404,8 +502,8 @@ class CocoSuite(Suite):
 
     def cases(self, concept: str) -> list[Case]:
         return [
-            Case(r["prompt"], _seed(r["seed"], self.path, i + 2), "coco", None, id=r.get("image_id"))
-            for i, r in enumerate(self.rows[: self.n])
+            Case(r["prompt"], _seed(r["seed"], self.path, r.row), "coco", None, id=r.get("image_id"))
+            for r in self.rows[: self.n]
         ]
 
     def _clip_model(self):
@@ -486,7 +584,7 @@ def make_suite(name: str, quick: bool = False, **options) -> Suite:
     allowed = suite_parameters(name)
     unknown = [k for k in options if k not in allowed]
     if unknown:
-        raise ValueError(f"the {name} suite has no option {unknown[0]!r}; its options: {', '.join(allowed)}")
+        raise SuiteError(f"the {name} suite has no option {unknown[0]!r}; its options: {', '.join(allowed)}")
     cls = SUITES.get(name)
     if quick:
         options = dict(cls.quick_options) | options
