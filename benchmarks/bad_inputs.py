@@ -138,10 +138,26 @@ def _csv(text: bytes) -> Callable[[Path], None]:
     return make
 
 
+_HOLDERS: list[subprocess.Popen] = []  # processes a case leaves running while it is measured
+
+HOLD_LOCK = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "command": "erasekit evaluate"}).encode())
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
 def _lock_held(root: Path) -> None:
-    # Another live evaluate on the same --out: its lock file names a running process (this one's parent).
+    # Another evaluate at work on the same --out: a live process holds its lock file.
     (root / "ev").mkdir()
-    (root / "ev" / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(root / "ev" / ".erasekit.lock")], stdout=subprocess.PIPE, text=True
+    )
+    holder.stdout.readline()  # "held"
+    _HOLDERS.append(holder)
 
 
 # label, prepare, command
@@ -238,6 +254,10 @@ def measure(label: str, prepare: Callable[[Path], None], argv: list[str]) -> dic
         start = time.time()
         out = _run(argv, root)
         after = _tree(root)
+        for holder in _HOLDERS:
+            holder.kill()
+            holder.wait()
+        _HOLDERS.clear()
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     said = [line for line in lines if "error:" in line or "Traceback" in line]
     message = (said or [line for line in lines if "%|" not in line] or [""])[0]

@@ -434,3 +434,17 @@ def test_evaluate_bad_scales_refused_before_loading(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--scales" in err and "got 'one'" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.toyworld
+def test_a_checkpoint_folder_of_another_concept_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["erase", "--method", "esd", "--model", "toy:sd", "--preset", "fast", "--checkpoint-dir", "ck"]
+    argv += ["--set", "iterations=2", "--set", "checkpoint_every=1", "--set", "rollout_steps=2"]
+    assert main([*argv, "--concept", "triangle", "--out", "E0"]) == 0
+    before = tree(tmp_path)
+    assert main([*argv, "--concept", "circle", "--out", "E1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("erasekit erase: error: ") and "concept 'triangle', not 'circle'" in last
+    assert "--checkpoint-dir" in last
+    assert tree(tmp_path) == before  # no edit written, the checkpoint untouched
