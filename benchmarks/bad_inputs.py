@@ -22,6 +22,9 @@ from pathlib import Path
 
 ERASE = ["erase", "--model", "toy:sd", "--concept", "triangle", "--preset", "fast"]
 GENERATE = ["generate", "--model", "toy:sd", "--prompt", "an image of a wedge"]
+# ESD for two iterations with a checkpoint after each, in the folder "ck"
+CHECKPOINTED = ["--preset", "fast", "--method", "esd", "--set", "iterations=2", "--set", "checkpoint_every=1"]
+CHECKPOINTED += ["--checkpoint-dir", "ck"]
 EVALUATE = ["evaluate", "--model", "toy:sd", "--concept", "automobile", "--out", "ev"]
 
 
@@ -111,22 +114,7 @@ def _flux_edit(root: Path) -> None:
 
 
 def _triangle_checkpoint(root: Path) -> None:
-    out = _run(
-        [
-            *ERASE,
-            "--method",
-            "esd",
-            "--set",
-            "iterations=2",
-            "--set",
-            "checkpoint_every=1",
-            "--checkpoint-dir",
-            "ck",
-            "--out",
-            "E0",
-        ],
-        root,
-    )
+    out = _run(["erase", "--model", "toy:sd", "--concept", "triangle", *CHECKPOINTED, "--out", "E0"], root)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
 
@@ -168,25 +156,7 @@ CASES: list[tuple[str, Callable[[Path], None], list[str]]] = [
     (
         "checkpoint of 'triangle' reused for 'circle'",
         _triangle_checkpoint,
-        [
-            "erase",
-            "--model",
-            "toy:sd",
-            "--concept",
-            "circle",
-            "--preset",
-            "fast",
-            "--method",
-            "esd",
-            "--set",
-            "iterations=2",
-            "--set",
-            "checkpoint_every=1",
-            "--checkpoint-dir",
-            "ck",
-            "--out",
-            "E1",
-        ],
+        ["erase", "--model", "toy:sd", "--concept", "circle", *CHECKPOINTED, "--out", "E1"],
     ),
     ("--set erase_scale=nan (uce)", _nothing, [*ERASE, "--method", "uce", "--set", "erase_scale=nan", "--out", "E"]),
     ("--set eta=inf (receler)", _nothing, [*ERASE, "--method", "receler", "--set", "eta=inf", "--out", "E"]),
