@@ -191,7 +191,8 @@ def folder_sha256(folder: str | Path) -> str:
     digest = hashlib.sha256()
     for p in files:
         digest.update(f"{p.relative_to(folder).as_posix()}\0{file_sha256(p, cache)}\n".encode())
-    fresh = {k: v for k, v in cache.items() if before.get(k) != v}
+    mine = {str(p.resolve()) for p in files}  # the disk cache learns this folder's files only
+    fresh = {k: v for k, v in cache.items() if k in mine and before.get(k) != v}
     _FILE_HASHES.update(cache)
     if fresh:
         _store_hash_cache(fresh)
