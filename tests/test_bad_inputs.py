@@ -438,6 +438,7 @@ def test_evaluate_bad_scales_refused_before_loading(tmp_path, monkeypatch, capsy
 
 @pytest.mark.toyworld
 def test_a_checkpoint_folder_of_another_concept_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))  # the model's file hashes
     monkeypatch.chdir(tmp_path)
     argv = ["erase", "--method", "esd", "--model", "toy:sd", "--preset", "fast", "--checkpoint-dir", "ck"]
     argv += ["--set", "iterations=2", "--set", "checkpoint_every=1", "--set", "rollout_steps=2"]
