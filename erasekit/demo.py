@@ -74,13 +74,11 @@ def run_demo(
     unedited models only. ``overrides`` change the preset's settings. The default (ESD-u, fast
     preset, on the triangle) erases on both toy pipelines in about 30 s each (benchmarks/RESULTS.md).
     """
-    from .bench import variant_method
-
     object_by_name(concept)  # unknown concept -> ValueError before any work
     label = method
     if method:
-        method, fixed = variant_method(method)
-        config = make_config(method, preset, fixed | (overrides or {}))
+        # A variant's fixed settings come with its name; a --set that contradicts them is refused.
+        config = make_config(method, preset, overrides or {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()

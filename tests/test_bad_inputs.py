@@ -449,3 +449,14 @@ def test_a_checkpoint_folder_of_another_concept_is_refused(tmp_path, monkeypatch
     assert last.startswith("erasekit erase: error: ") and "concept 'triangle', not 'circle'" in last
     assert "--checkpoint-dir" in last
     assert tree(tmp_path) == before  # no edit written, the checkpoint untouched
+
+
+def test_demo_refuses_a_setting_that_contradicts_its_method_name(tmp_path, monkeypatch, capsys):
+    import erasekit.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(erasekit.models, "load_pipeline", _no_pipeline)
+    assert main(["demo", "--method", "esd-u", "--set", "group=esd-x", "--out", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("erasekit demo: error: esd-u: group") and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
