@@ -452,10 +452,10 @@ def test_a_checkpoint_folder_of_another_concept_is_refused(tmp_path, monkeypatch
 
 
 def test_demo_refuses_a_setting_that_contradicts_its_method_name(tmp_path, monkeypatch, capsys):
-    import erasekit.models
+    import erasekit.demo  # it imports load_pipeline by name: patch it there
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(erasekit.models, "load_pipeline", _no_pipeline)
+    monkeypatch.setattr(erasekit.demo, "load_pipeline", _no_pipeline)
     assert main(["demo", "--method", "esd-u", "--set", "group=esd-x", "--out", "demo"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("erasekit demo: error: esd-u: group") and len(err.splitlines()) == 1
