@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..files import atomic_write_text
 from ..lexicon import cache_dir
 
 TENSORS_FILE = "checkpoint.safetensors"
@@ -146,12 +146,8 @@ def _load_hash_cache() -> dict[str, dict]:
 
 
 def _store_hash_cache(entries: dict[str, dict]) -> None:
-    path = _hash_cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_load_hash_cache() | entries, indent=0, sort_keys=True))
-        tmp.replace(path)
+        atomic_write_text(_hash_cache_path(), json.dumps(_load_hash_cache() | entries, indent=0, sort_keys=True))
     except OSError:
         pass  # a read-only cache only costs hashing again next time
 
