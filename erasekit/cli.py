@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 import os
@@ -160,9 +161,12 @@ def _erase(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from .edits import apply, load_edit
     from .evaluation.generation import generate_images
     from .evaluation.report import image_grid
+    from .files import atomic_write_bytes
     from .models import adapter_for, load_pipeline
 
     if args.n < 1:
@@ -171,6 +175,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} needs an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a folder; name an image file")
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"--out {args.out} already exists; pass --overwrite to replace it")
     if not math.isfinite(args.scale):
         raise UserError(f"--scale must be a finite number, got {args.scale}")
     _check_model_and_edits(args.model, args.edit)
@@ -181,7 +187,10 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for _ in args.prompt for i in range(args.n)]
     images = generate_images(adapter_for(pipe), prompts, seeds)
-    image_grid(images, cols=args.n, scale=4 if images.shape[-1] <= 64 else 1).save(args.out)
+    grid = image_grid(images, cols=args.n, scale=4 if images.shape[-1] <= 64 else 1)
+    buffer = io.BytesIO()
+    grid.save(buffer, format=Image.registered_extensions()[Path(args.out).suffix.lower()])
+    atomic_write_bytes(args.out, buffer.getvalue())  # an interrupted write leaves no half image
     print(
         f"wrote {len(images)} images to {args.out} "
         f"(rows: prompts; columns: seeds {args.seed}..{args.seed + args.n - 1})"
@@ -433,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scale", type=float, default=1.0, help="strength of the applied edits")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--n", type=int, default=4, help="images per prompt (seeds seed..seed+n-1)")
-    gen.add_argument("--out", default="images.png", help="PNG grid to write")
+    gen.add_argument("--out", default="images.png", help="image grid to write (.png, .jpg, .jpeg, .webp)")
+    gen.add_argument("--overwrite", action="store_true", help="replace --out if the file exists")
     gen.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     gen.set_defaults(func=_generate)
 

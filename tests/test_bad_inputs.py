@@ -202,6 +202,10 @@ GENERATE = ["generate", "--model", "toy:sd", "--prompt", "an image of a wedge"]
         (lambda root: ["--n", "0"], ["--n must be at least 1"]),
         (lambda root: ["--out", "grid.txt"], ["grid.txt", "image file name", ".png"]),
         (lambda root: ["--scale", "nan"], ["--scale", "finite"]),
+        (
+            lambda root: (root / "g.png").write_bytes(b"mine") and ["--out", "g.png"],
+            ["g.png", "already exists", "--overwrite"],
+        ),
         (lambda root: ["--threads", "0"], ["--threads must be at least 1"]),
         (lambda root: ["--model", "nowhere/at/all"], ["no pipeline folder at nowhere/at/all"]),
     ],
@@ -215,6 +219,7 @@ GENERATE = ["generate", "--model", "toy:sd", "--prompt", "an image of a wedge"]
         "n-0",
         "not-an-image-name",
         "scale-nan",
+        "existing-out",
         "threads-0",
         "missing-model",
     ],
