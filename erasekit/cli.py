@@ -301,30 +301,52 @@ def _attack(args: argparse.Namespace) -> int:
         return _attack_locked(args)
 
 
-def _attack_locked(args: argparse.Namespace) -> int:
-    from .evaluation.attacks import SoftPromptConfig, attack
+def attack_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, str]]:
+    """Attack name -> {setting: text} from --attack-set ATTACK.KEY=VALUE, the soft-prompt flags and
+    --attack-seed (for every attack run)."""
+    from .errors import ConfigError
 
+    settings: dict[str, dict[str, str]] = {}
+    for item in args.attack_set:
+        head, eq, value = item.partition("=")
+        name, dot, key = head.rpartition(".")
+        if not eq or not dot or not name or not key:
+            raise ConfigError(f"--attack-set takes ATTACK.KEY=VALUE, got {item!r}")
+        settings.setdefault(name.strip(), {})[key.strip()] = value.strip()
+    soft = {"tokens": args.tokens, "steps": args.attack_steps, "lr": args.lr}
+    for key, value in soft.items():
+        if value is not None and "soft-prompt" in names:
+            settings.setdefault("soft-prompt", {})[key] = str(value)
+    if args.attack_seed is not None:
+        for name in names:
+            settings.setdefault(name, {})["seed"] = str(args.attack_seed)
+    return settings
+
+
+def _attack_locked(args: argparse.Namespace) -> int:
+    from .evaluation.attacks import ATTACKS, PROMPT_ATTACKS, attack, make_attack_config
+
+    names = ATTACKS if args.attacks.strip() == "all" else [a.strip() for a in args.attacks.split(",") if a.strip()]
+    run = [a for a in names if a not in PROMPT_ATTACKS]
+    settings = attack_settings(args, run)
+    for name in run:  # unknown attacks and bad settings fail before any model loads
+        make_attack_config(name, settings.get(name), quick=args.quick)
     _check_model_and_edits(args.model, args.edit)
     pipe = _load_for_evaluation(args)
     quick = args.quick
-    soft = SoftPromptConfig(
-        tokens=args.tokens or (3 if quick else 5),
-        steps=args.attack_steps or (10 if quick else 40),
-        lr=args.lr,
-        seed=args.attack_seed,
-    )
     results = attack(
         pipe,
         args.suite,
         args.concept,
         edits=args.edit,
         out=args.out,
-        attacks=[a.strip() for a in args.attacks.split(",")],
+        attacks=names,
         detector=args.detector,
         detector_model=args.detector_model,
         threshold=_threshold(args.threshold),
         n=args.n or (4 if quick else None),
-        soft_prompt=soft,
+        configs=settings,
+        quick=quick,
         batch_size=args.batch_size,
         steps=args.steps,
         model=args.model,
@@ -519,22 +541,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fid-reference", default=None, help="coco: folder of real images for FID")
     ev.set_defaults(func=_evaluate)
 
+    from .evaluation.attacks import ATTACKS, DEFAULT_ATTACKS
+
     at = sub.add_parser(
-        "attack", help="red-team edits: paraphrase, synonym and soft-prompt attacks, success rates + report"
+        "attack",
+        help="red-team edits: prompt-set, soft-prompt, textual-inversion, ... attacks, success rates + report",
     )
     _add_evaluation_arguments(at)
     at.add_argument("--edit", action="append", required=True, help="Edit folder(s) to attack")
     at.add_argument(
-        "--attacks", default="paraphrase,synonym,soft-prompt", help="comma-separated: paraphrase, synonym, soft-prompt"
+        "--attacks", default=",".join(DEFAULT_ATTACKS), help="comma-separated, or all: " + ", ".join(ATTACKS)
+    )
+    at.add_argument(
+        "--attack-set",
+        action="append",
+        default=[],
+        metavar="ATTACK.KEY=VALUE",
+        help="an attack's setting, e.g. textual-inversion.steps=300 (repeatable; a wrong key lists the settings)",
     )
     at.add_argument("--tokens", type=int, default=None, help="soft-prompt tokens (default 5; --quick 3)")
     at.add_argument(
         "--attack-steps", type=int, default=None, help="soft-prompt optimisation steps (default 40; --quick 10)"
     )
     at.add_argument(
-        "--lr", type=float, default=0.1, help="soft-prompt step size, relative to the token embeddings' scale"
+        "--lr", type=float, default=None, help="soft-prompt step size, relative to the token embeddings' scale"
     )
-    at.add_argument("--attack-seed", type=int, default=0)
+    at.add_argument("--attack-seed", type=int, default=None, help="seed of every attack (default 0)")
     at.set_defaults(func=_attack)
 
     toy = sub.add_parser("toyworld", help="the embedded toy text-to-image world")

@@ -143,7 +143,7 @@ def test_attack_reports_success_rates(pipe_and_edit, tmp_path):
     )
     from safetensors.torch import load_file
 
-    prompts = load_file(str(tmp_path / "soft-prompt" / "uce" / "soft_prompts.safetensors"))
+    prompts = load_file(str(tmp_path / "soft-prompt" / "uce" / "soft-prompt.safetensors"))
     assert len(prompts) == 2 and all(t.shape == (2, 32) for t in prompts.values())
     assert (tmp_path / "report.html").is_file() and json.loads((tmp_path / "results.json").read_text())[
         "kind"

@@ -258,7 +258,8 @@ class FamilyAdapter:
 
     # ---- text ------------------------------------------------------------------------------
 
-    def encode(self, prompts: list[str]) -> Conditioning:
+    def encode(self, prompts: list[str], grad: bool = False) -> Conditioning:
+        """The prompts' Conditioning, as the pipeline encodes them; gradients flow only with ``grad``."""
         raise NotImplementedError
 
     def _main_tokenizer(self):

@@ -117,11 +117,11 @@ class FluxAdapter(FamilyAdapter):
 
     # ---- text ------------------------------------------------------------------------------
 
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """T5 embeddings (B, max_sequence_length, D) and pooled CLIP (B, Dp), no grad, from the
-        pipeline's own ``encode_prompt``."""
+    def encode(self, prompts: list[str], grad: bool = False) -> Conditioning:
+        """T5 embeddings (B, max_sequence_length, D) and pooled CLIP (B, Dp) from the pipeline's
+        own ``encode_prompt``; differentiable only with ``grad``."""
         pipe = self._require_pipe("encode")
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             embeds, pooled, _ = pipe.encode_prompt(
                 prompt=list(prompts),
                 prompt_2=None,

@@ -81,11 +81,11 @@ class SDUNetAdapter(FamilyAdapter):
 
     # ---- text ------------------------------------------------------------------------------
 
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """CLIP last hidden states (B, L, D), L = tokenizer.model_max_length, no grad,
-        computed by the pipeline's own ``encode_prompt``."""
+    def encode(self, prompts: list[str], grad: bool = False) -> Conditioning:
+        """CLIP last hidden states (B, L, D), L = tokenizer.model_max_length, computed by the
+        pipeline's own ``encode_prompt``; differentiable only with ``grad``."""
         pipe = self._require_pipe("encode")
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             embeds, _ = pipe.encode_prompt(list(prompts), self._text_device(), 1, False)
         return Conditioning(embeds.to(self.device), None)
 
