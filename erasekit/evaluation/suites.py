@@ -238,6 +238,16 @@ class Suite:
         soft-prompt attack's), and where the suite has them "paraphrase" and "synonym"."""
         raise NotImplementedError(f"the {self.name} suite has no attack prompts")
 
+    def inversion_word(self, concept: str) -> str:
+        """The word a textual-inversion attack starts its new token from: neutral (it names
+        nothing the suite measures) and one token in the pipeline's tokenizers. Default "object"."""
+        return "object"
+
+    def concept_images(self, concept: str, n: int, seed: int) -> list[torch.Tensor] | None:
+        """``n`` ground-truth images of the concept, (3, H, W) in [0, 1], where the suite can make
+        them (a renderer), drawn with ``seed``; None where it cannot (default)."""
+        return None
+
     def grid_rows(self, cases: Sequence[Case], per_row: int = 8) -> list[tuple[str, list[int]]]:
         """(label, case indices) of the report's image rows: the first cases of every set."""
         rows: dict[str, list[int]] = {}

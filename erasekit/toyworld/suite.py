@@ -26,7 +26,19 @@ import torch
 from ..evaluation.detectors import detect_all
 from ..evaluation.metrics import object_accuracies
 from ..evaluation.suites import Case, Suite, case_records
-from .grammar import BACKGROUNDS, COLORS, HELDOUT_TEMPLATES, OBJECT_NAMES, SIMPLE_TEMPLATE, fill, object_by_name
+from .grammar import (
+    BACKGROUNDS,
+    COLORS,
+    HELDOUT_TEMPLATES,
+    OBJECT_NAMES,
+    SIMPLE_TEMPLATE,
+    TEXTURE_NAMES,
+    Scene,
+    concept_phrases,
+    fill,
+    object_by_name,
+)
+from .render import render_batch
 
 ROBUSTNESS_SETS = ("paraphrase", "synonym", "indirect")
 SETS = ("simple",) + ROBUSTNESS_SETS + ("locality",)
@@ -189,3 +201,20 @@ class ToyObjectSuite(Suite):
         cases = self.cases(concept)
         pick = lambda *sets: [c for c in cases if c.set in sets]
         return {"plain": pick("simple"), "paraphrase": pick("paraphrase"), "synonym": pick("synonym", "indirect")}
+
+    def inversion_word(self, concept: str) -> str:
+        """A filler word of the toy vocabulary that is not part of any name of ``concept``:
+        "mark" (drawn as no particular object by either toy pipeline), else "symbol"."""
+        names = {w for phrase in concept_phrases(concept) for w in phrase.split()}
+        return next(w for w in ("mark", "symbol", "picture") if w not in names)
+
+    def concept_images(self, concept: str, n: int, seed: int) -> list[torch.Tensor]:
+        """``n`` renders of ``concept`` in random colours, textures and backgrounds (the
+        renderer's ground truth), (3, 32, 32) in [0, 1]; the same ``seed`` gives the same images."""
+        object_by_name(concept)
+        rng = random.Random(seed)
+        scenes = [
+            Scene(concept, rng.choice(COLORS), rng.choice(TEXTURE_NAMES), rng.choice(BACKGROUNDS)) for _ in range(n)
+        ]
+        pixels = render_batch(scenes, [rng.randrange(2**31) for _ in range(n)])
+        return [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in pixels]

@@ -103,6 +103,7 @@ def attack(
     steps: int | None = None,
     model: str | None = None,
     suite_options: dict | None = None,
+    include_base: bool = False,
     progress: bool = True,
 ) -> dict | None:
     """Attack each of ``edits`` (Edit objects or folders) on ``pipe`` with ``attacks`` for
@@ -115,6 +116,8 @@ def attack(
     ``configs``: attack name -> its config, or the settings to make it from (text as
     ``--attack-set`` gives it); ``quick`` starts from each attack's quick settings.
     ``soft_prompt`` is the soft-prompt attack's config (the same as ``configs["soft-prompt"]``).
+    ``include_base``: run the attacks on the unedited model too (row "base"): the rate an attack
+    reaches where nothing was erased, the check that the attack works at all.
     Success rates are % in [0, 100]. Returns None on processes other than the main one.
     """
     start = time.time()
@@ -141,8 +144,8 @@ def attack(
                 f"the {suite.name} suite has no {a} prompts for {concept!r}; attacks available: {', '.join(available)}"
             )
     edits = resolve_edits(edits)
-    if not edits:
-        raise ValueError("attack needs at least one edit to attack")
+    if not edits and not include_base:
+        raise ValueError("attack needs at least one edit to attack (or include_base)")
     detector = resolve_detector(suite, detector, detector_model, threshold)
     if detector is None:
         raise ValueError(f"the {suite.name} suite has no detector to judge attacks: pass one")
@@ -167,38 +170,32 @@ def attack(
         from ...models import adapter_for
 
         adapter = adapter_for(pipe)
-        for e, run in zip(edits, runs[1:]):
+        targets = ([(None, "base", runs[0])] if include_base else []) + [
+            (e["edit"], e["label"], run) for e, run in zip(edits, runs[1:])
+        ]
+        for edit, label, run in targets:
             pre = [run["detected"][i] for i in plain_idx]
             for name in run_attacks:
-                folder = out / name / e["label"]
+                folder = out / name / label
                 ctx = AttackContext(
-                    pipe,
-                    adapter,
-                    concept,
-                    suite,
-                    detector,
-                    e["label"],
-                    plain,
-                    base_images,
-                    pre,
-                    folder,
-                    steps,
-                    progress,
+                    pipe, adapter, concept, suite, detector, label, plain, base_images, pre, folder, steps, progress
                 )
                 began = time.time()
-                apply(pipe, e["edit"], scale=1.0)
+                if edit is not None:
+                    apply(pipe, edit, scale=1.0)
                 try:
                     outcome = ATTACK_SPECS[name].run(ctx, configs[name])
                 finally:
-                    remove(pipe, e["edit"])
-                seconds.setdefault(name, {})[e["label"]] = round(time.time() - began, 1)
+                    if edit is not None:
+                        remove(pipe, edit)
+                seconds.setdefault(name, {})[label] = round(time.time() - began, 1)
                 if outcome.tensors:
                     folder.mkdir(parents=True, exist_ok=True)
                     tmp = folder / f".{name}.safetensors"
                     tensors = {k: v.detach().cpu().contiguous() for k, v in outcome.tensors.items()}
                     save_file(tensors, str(tmp), metadata={"attack": name, "concept": concept})
                     tmp.replace(folder / f"{name}.safetensors")
-                outcomes.setdefault(name, {})[e["label"]] = outcome
+                outcomes.setdefault(name, {})[label] = outcome
     results = {
         "kind": "attack",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

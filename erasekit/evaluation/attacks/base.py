@@ -69,16 +69,31 @@ class AttackContext:
         found = detect_all(self.detector, list(images), [self.concept] * len(images))
         return [(bool(f[0]), float(f[1])) for f in found]
 
-    def generate(self, prompts: Sequence[str], cases: Sequence[Case]) -> list[Tensor]:
+    def generate(self, prompts: Sequence[str], cases: Sequence[Case], batch_size: int = 16) -> list[Tensor]:
         """One image per prompt on the pipeline as it is now, at ``cases[i]``'s seed, guidance
-        and size; rounded to 8-bit levels as every scored image is. (N, 3, H, W) as a list."""
-        out = []
-        for p, c in zip(prompts, cases, strict=True):
-            with torch.no_grad():
-                img = self.adapter.generate(
-                    [p], [c.seed], steps=self.steps, guidance=c.guidance, height=c.height, width=c.width
-                )[0]
-            out.append(as_8bit(img.cpu()))
+        and size, rounded to 8-bit levels as every scored image is: a list of (3, H, W). Cases
+        with the same guidance and size are generated in batches (each image has its own
+        generator, so batching does not change an image)."""
+        if len(prompts) != len(cases):
+            raise ValueError(f"{len(prompts)} prompts but {len(cases)} cases")
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(cases):
+            groups.setdefault((c.guidance, c.height, c.width), []).append(i)
+        out: list[Tensor | None] = [None] * len(prompts)
+        for (guidance, height, width), idx in groups.items():
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start : start + batch_size]
+                with torch.no_grad():
+                    images = self.adapter.generate(
+                        [prompts[i] for i in chunk],
+                        [cases[i].seed for i in chunk],
+                        steps=self.steps,
+                        guidance=guidance,
+                        height=height,
+                        width=width,
+                    )
+                for i, img in zip(chunk, images):
+                    out[i] = as_8bit(img.cpu())
         return out
 
     def generate_from_conditioning(self, cond, case: Case) -> Tensor:

@@ -1,0 +1,117 @@
+"""The textual-inversion attack: only the new token's rows learn, plain prompts stay bit-identical,
+the same seed gives the same rows, and the attack runs end to end on both families."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from erasekit.errors import UserError
+from erasekit.evaluation.attacks import attack, make_attack_config
+from erasekit.evaluation.attacks.textual_inversion import TOKEN, TextualInversionConfig, invert, with_word
+from erasekit.methods import uce
+from erasekit.methods.uce import UCEConfig
+from erasekit.models.token_rows import single_token_id, text_towers, token_rows
+from erasekit.toyworld.suite import ToyObjectSuite
+
+WORD = "picture"  # one token in the tiny pipelines' vocabulary
+
+
+def _tables(pipe):
+    return {name: enc.get_input_embeddings().weight.detach().clone() for name, _, enc in text_towers(pipe)}
+
+
+def test_token_rows_change_only_the_placeholder(family_adapter):
+    adapter = family_adapter
+    pipe = adapter.pipe
+    plain = adapter.encode(["a red car", ""])
+    with_word_plain = adapter.encode([f"a {WORD} of a car"])
+    rows = {name: torch.randn(enc.get_input_embeddings().weight.shape[1]) for name, _, enc in text_towers(pipe)}
+    with token_rows(pipe, WORD, rows) as ids:
+        inside = adapter.encode(["a red car", ""])
+        changed = adapter.encode([f"a {WORD} of a car"])
+    assert set(ids) == {name for name, _, _ in text_towers(pipe)}
+    assert torch.equal(inside.embeds, plain.embeds)  # bit-identical without the placeholder
+    if plain.pooled is not None:
+        assert torch.equal(inside.pooled, plain.pooled)
+    assert not torch.allclose(changed.embeds, with_word_plain.embeds)
+    # the table's own row as the override gives the plain encoding back
+    same = {name: enc.get_input_embeddings().weight[ids[name]].detach() for name, _, enc in text_towers(pipe)}
+    with token_rows(pipe, WORD, same):
+        again = adapter.encode([f"a {WORD} of a car"])
+    assert torch.allclose(again.embeds, with_word_plain.embeds, atol=1e-6)
+    # and the hooks are gone afterwards
+    assert torch.equal(adapter.encode([f"a {WORD} of a car"]).embeds, with_word_plain.embeds)
+
+
+def test_a_word_of_several_tokens_is_refused(sd):
+    with pytest.raises(UserError, match="not one token"):
+        single_token_id(sd.pipe.tokenizer, "zebrafish")
+
+
+def test_inversion_trains_only_the_rows_and_repeats_with_the_seed(family_adapter):
+    adapter = family_adapter
+    pipe = adapter.pipe
+    before = _tables(pipe)
+    params = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters()}
+    images = [torch.rand(3, 32, 32) for _ in range(3)]
+    config = TextualInversionConfig(steps=3, batch_size=2, images=3, word=WORD, seed=5)
+    rows, losses = invert(adapter, images, WORD, config)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    for name, table in _tables(pipe).items():
+        assert torch.equal(table, before[name])  # the tables never change
+        token = single_token_id(dict((n, t) for n, t, _ in text_towers(pipe))[name], WORD)
+        assert not torch.equal(rows[name], before[name][token].float())  # the row learned
+    assert all(torch.equal(p, params[n]) for n, p in pipe.text_encoder.named_parameters())
+    assert all(
+        p.grad is None for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()
+    )
+    again, losses2 = invert(adapter, images, WORD, config)
+    assert losses2 == losses and all(torch.equal(again[n], rows[n]) for n in rows)
+
+
+def test_with_word_replaces_the_concept_and_fixes_the_article():
+    assert with_word("an image of a circle", ["circle"], "orb") == "an image of an orb"
+    assert with_word("An image of an orb", ["orb"], "mark") == "An image of a mark"
+    assert with_word("a red Circle, big", ["circle"], "mark") == "a red mark, big"
+    assert with_word("a circled word", ["circle"], "mark") == "mark a circled word"
+
+
+def test_toy_suite_renders_the_concept_and_picks_a_neutral_word():
+    suite = ToyObjectSuite()
+    images = suite.concept_images("heart", 4, seed=1)
+    assert len(images) == 4 and images[0].shape == (3, 32, 32) and 0 <= float(images[0].min()) <= 1
+    assert all(torch.equal(a, b) for a, b in zip(images, suite.concept_images("heart", 4, seed=1)))
+    assert suite.inversion_word("circle") == "mark" and suite.inversion_word("cross") == "symbol"
+
+
+def test_config_checks_templates():
+    with pytest.raises(Exception, match="templates"):
+        make_attack_config("textual-inversion", {"templates": "an image of a thing"})
+
+
+@pytest.mark.parametrize("family", ["sd_pipe", "flux_pipe"])
+def test_attack_end_to_end(family, request, tmp_path):
+    pipe = request.getfixturevalue(family)
+    edit = uce.fit(pipe, "circle", UCEConfig(), progress=False)
+    settings = {"word": WORD, "steps": "2", "images": "3", "source": "renderer"}
+    results = attack(
+        pipe,
+        "toy-objects",
+        "circle",
+        edits=[edit],
+        out=tmp_path,
+        attacks=["textual-inversion"],
+        n=2,
+        configs={"textual-inversion": settings},
+        batch_size=4,
+        include_base=True,
+        progress=False,
+    )
+    res = results["attack_results"]["textual-inversion"]
+    assert set(res) == {"base", "uce"}
+    assert set(results["asr"]["uce"]) == {"no attack", "textual-inversion"}
+    assert len(res["uce"]["cases"]) == 2 and "<token>" in res["uce"]["cases"][0]["prompt"]
+    assert 0 <= res["uce"]["figures"]["init_asr"] <= 100 and res["uce"]["figures"]["training_images"] == 3
+    rows = load_file(str(tmp_path / "textual-inversion" / "uce" / "textual-inversion.safetensors"))
+    assert set(rows) == {f"{name}.{TOKEN}" for name, _, _ in text_towers(pipe)}
+    assert (tmp_path / "report.html").read_text().count("textual-inversion on") == 2
