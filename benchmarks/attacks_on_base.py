@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
 
@@ -38,13 +37,12 @@ def main() -> None:
         head, _, value = item.partition("=")
         name, _, key = head.rpartition(".")
         configs.setdefault(name, {})[key] = value
-    print(f"| model | concept | attack | no attack | success | figures | seconds |\n|---|---|---|---|---|---|---|")
+    print("| model | concept | attack | no attack | success | figures | seconds |\n|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         pipe = load_pipeline(f"toy:{model}")
         pipe.set_progress_bar_config(disable=True)
         for concept in args.concepts.split(","):
             with tempfile.TemporaryDirectory() as out:
-                start = time.time()
                 r = attack(
                     pipe,
                     "toy-objects",
