@@ -118,3 +118,28 @@ def test_attack_end_to_end(family, request, tmp_path):
     rows = load_file(str(tmp_path / "textual-inversion" / "uce" / "textual-inversion.safetensors"))
     assert set(rows) == {f"{name}.{TOKEN}" for name, _, _ in text_towers(pipe)}
     assert (tmp_path / "report.html").read_text().count("textual-inversion on") == 2
+
+
+def test_learned_rows_load_in_stock_diffusers(sd_pipe, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from erasekit.evaluation.attacks.textual_inversion import save_learned_embeds
+    from erasekit.models import adapter_for
+
+    row = torch.randn(sd_pipe.text_encoder.get_input_embeddings().weight.shape[1])
+    assert save_learned_embeds(tmp_path, {"text_encoder": row}) == ["learned_embeds.safetensors"]
+    with token_rows(sd_pipe, WORD, {"text_encoder": row}):
+        ours = adapter_for(sd_pipe).encode([f"a {WORD} of a car"]).embeds
+    stock = StableDiffusionPipeline(**sd_pipe.components)
+    stock.tokenizer = type(sd_pipe.tokenizer).from_pretrained(_save_tokenizer(sd_pipe.tokenizer, tmp_path))
+    stock.text_encoder = type(sd_pipe.text_encoder)(sd_pipe.text_encoder.config)
+    stock.text_encoder.load_state_dict(sd_pipe.text_encoder.state_dict())
+    stock.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"), token=TOKEN)
+    theirs, _ = stock.encode_prompt([f"a {TOKEN} of a car"], "cpu", 1, False)
+    assert torch.allclose(theirs, ours, atol=1e-5)
+
+
+def _save_tokenizer(tokenizer, tmp_path):
+    folder = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(folder)
+    return str(folder)

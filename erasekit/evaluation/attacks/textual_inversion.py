@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -168,6 +169,27 @@ def invert(
     return {n: r.detach() for n, r in rows.items()}, losses
 
 
+def save_learned_embeds(folder: Path, rows: dict[str, Tensor]) -> list[str]:
+    """Write each encoder's row in diffusers' textual-inversion layout ({TOKEN: (1, D)}):
+    ``learned_embeds.safetensors`` for ``text_encoder``, ``learned_embeds_2.safetensors`` for
+    ``text_encoder_2``, so that ``pipe.load_textual_inversion(file, token=TOKEN)`` (with
+    ``text_encoder=``/``tokenizer=`` for the second) adds the token to a stock pipeline.
+    Returns the file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name, row in rows.items():
+        file = (
+            "learned_embeds.safetensors"
+            if name == "text_encoder"
+            else f"learned_embeds_{name.rsplit('_', 1)[-1]}.safetensors"
+        )
+        tmp = folder / f".{file}"
+        save_file({TOKEN: row.detach().cpu().float().reshape(1, -1).contiguous()}, str(tmp))
+        tmp.replace(folder / file)
+        names.append(file)
+    return names
+
+
 def run_textual_inversion(ctx: AttackContext, config: TextualInversionConfig) -> AttackOutcome:
     """Learn the token on the edited model, then judge the plain prompts with the concept's words
     replaced by it; the same prompts with the token at its initial embedding give ``init_asr``."""
@@ -179,6 +201,7 @@ def run_textual_inversion(ctx: AttackContext, config: TextualInversionConfig) ->
     rows, losses = invert(ctx.adapter, images, word, config, ctx.progress)
     with token_rows(ctx.pipe, word, rows):
         attacked = ctx.generate(prompts, ctx.cases)
+    files = save_learned_embeds(ctx.folder, rows)
     found, found_init = ctx.judge(attacked), ctx.judge(init)
     records = [
         {
@@ -208,6 +231,7 @@ def run_textual_inversion(ctx: AttackContext, config: TextualInversionConfig) ->
             "loss_first": losses[0],
             "loss_last_tenth": sum(tail) / len(tail),
             "seconds": round(time.time() - start, 1),
+            "files": files,
         },
         tensors={f"{name}.{TOKEN}": row.reshape(1, -1) for name, row in rows.items()},
     )
