@@ -58,7 +58,7 @@ class TextualInversionConfig(AttackConfig):
 
     steps: int = setting(150, "AdamW steps (CCE: 5000 at batch 16 on SD 1.4)", low=1)
     batch_size: int = setting(4, "images per step", low=1)
-    lr: float = setting(0.5, "learning rate, in units of the token-embedding table's standard deviation", above=0)
+    lr: float = setting(1.0, "learning rate, in units of the token-embedding table's standard deviation", above=0)
     weight_decay: float = setting(0.01, "AdamW weight decay (CCE: 1e-2)", low=0)
     images: int = setting(32, "training images of the concept (CCE: 25)", low=1)
     source: str = setting(
