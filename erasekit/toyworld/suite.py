@@ -25,8 +25,19 @@ import torch
 
 from ..evaluation.detectors import detect_all
 from ..evaluation.metrics import object_accuracies
-from ..evaluation.suites import Case, Suite, case_records
-from .grammar import BACKGROUNDS, COLORS, HELDOUT_TEMPLATES, OBJECT_NAMES, SIMPLE_TEMPLATE, fill, object_by_name
+from ..evaluation.suites import Case, Suite, case_records, replace_phrase
+from .grammar import (
+    BACKGROUNDS,
+    COLORS,
+    HELDOUT_TEMPLATES,
+    OBJECT_NAMES,
+    SIMPLE_TEMPLATE,
+    TEXTURES,
+    TRAIN_TEMPLATES,
+    concept_phrases,
+    fill,
+    object_by_name,
+)
 
 ROBUSTNESS_SETS = ("paraphrase", "synonym", "indirect")
 SETS = ("simple",) + ROBUSTNESS_SETS + ("locality",)
@@ -189,3 +200,37 @@ class ToyObjectSuite(Suite):
         cases = self.cases(concept)
         pick = lambda *sets: [c for c in cases if c.set in sets]
         return {"plain": pick("simple"), "paraphrase": pick("paraphrase"), "synonym": pick("synonym", "indirect")}
+
+    def concept_words(self, concept: str) -> list[str]:
+        """The object's name, synonyms and indirect mentions (the grammar's)."""
+        return list(concept_phrases(concept))
+
+    def without_concept(self, concept: str, prompt: str, index: int = 0) -> str:
+        """``prompt`` with every phrase naming the object replaced by another object's name: the
+        other objects in turn by ``index`` (the toy world has no neutral object word; an image of
+        another shape shows no ``concept``)."""
+        object_by_name(concept)
+        other = _others(concept)[index % (len(OBJECT_NAMES) - 1)]
+        for phrase in sorted(self.concept_words(concept), key=len, reverse=True):
+            prompt = replace_phrase(prompt, phrase, other)
+        return prompt
+
+    def concept_pairs(self, concept: str, n: int) -> list[tuple[str, str]]:
+        """``n`` training-grammar captions of the object (by its own name), each paired with the
+        same caption (colour, texture, background) naming another object, the others in turn;
+        templates in turn, attributes drawn with a seed fixed by the concept."""
+        object_by_name(concept)
+        rng = random.Random(_seed("pairs", concept))
+        others = _others(concept)
+        textures = [t for words in TEXTURES.values() for t in words]
+        pairs = []
+        for i in range(n):
+            template = TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]
+            color, texture, bg = rng.choice(COLORS), rng.choice(textures), rng.choice(BACKGROUNDS)
+            other = others[i % len(others)]
+            pairs.append((fill(template, concept, color, texture, bg), fill(template, other, color, texture, bg)))
+        return pairs
+
+
+def _others(concept: str) -> list[str]:
+    return [o for o in OBJECT_NAMES if o != concept]
