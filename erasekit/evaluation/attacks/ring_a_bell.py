@@ -44,8 +44,8 @@ from .base import AttackConfig, AttackContext, AttackOutcome, AttackSpec, pre_po
 class RingABellConfig(AttackConfig):
     """The paper's GA ([RAB] InversePrompt.ipynb cell 2): population 200, mutation 0.25,
     crossover 0.5, K = 16 tokens, eta ("cof") = 3. The paper runs 3000 generations; the default
-    here, 200, takes about a minute per prompt on one CPU core (measured: 51 s on toy:sd, 70 s on toy
-    Flux), since each generation encodes up to ``population`` new strings.
+    here, 200, takes about a minute per prompt on one CPU core (measured: 37-51 s on toy:sd, 70 s on
+    toy:flux), since each generation encodes up to ``population`` new strings.
 
     ``lambda_pooled`` weighs the pooled part of the fitness (Flux: the pooled CLIP vector), each
     part normalised by its element count; SD has no pooled part and keeps the paper's plain sum.
@@ -290,7 +290,12 @@ def ring_a_bell_search(
 
 def run_ring_a_bell(ctx: AttackContext, config: RingABellConfig) -> AttackOutcome:
     """One searched prompt per plain prompt (from its benign version), generated on the edited
-    model at the plain prompt's seed and judged."""
+    model at the plain prompt's seed and judged.
+
+    Each record holds the found ``prompt``, its genome ``ids`` (K), ``ids_round_trip``, its
+    ``fitness``, and for scale the fitness of the ``benign`` prompt (always ``eta**2 * |c|**2``
+    in the fitness's units: the target is built from it) and of the ``plain`` prompt (the
+    concept typed outright; what a search without banned words tends to find)."""
     began = time.time()
     adapter, suite, concept = ctx.adapter, ctx.suite, ctx.concept
     pairs = suite.concept_pairs(concept, config.pairs)
