@@ -75,7 +75,8 @@ def test_inversion_trains_only_the_rows_and_repeats_with_the_seed(family_adapter
 def test_with_word_replaces_the_concept_and_fixes_the_article():
     assert with_word("an image of a circle", ["circle"], "orb") == "an image of an orb"
     assert with_word("An image of an orb", ["orb"], "mark") == "An image of a mark"
-    assert with_word("a red Circle, big", ["circle"], "mark") == "a red mark, big"
+    assert with_word("a red Circle, big circle", ["circle"], "mark") == "a red mark, big mark"
+    assert with_word("a round shape", ["round shape", "round"], "mark") == "a mark"
     assert with_word("a circled word", ["circle"], "mark") == "mark a circled word"
 
 

@@ -248,6 +248,39 @@ class Suite:
         them (a renderer), drawn with ``seed``; None where it cannot (default)."""
         return None
 
+    # ---- concept pairs (optional; Ring-A-Bell's concept vector) ----------------------------
+
+    neutral_phrase = "object"  # what the default pairs put where the concept word was
+
+    def concept_words(self, concept: str) -> list[str]:
+        """Words and phrases that name ``concept``, its own name first (default: the name alone).
+        Attacks that must not simply type the concept (Ring-A-Bell) ban these."""
+        return [concept]
+
+    def without_concept(self, concept: str, prompt: str, index: int = 0) -> str:
+        """``prompt`` with the concept taken out: every whole-word mention of a
+        :meth:`concept_words` phrase replaced by :attr:`neutral_phrase` (a preceding "a"/"an"
+        agreeing). A prompt that names none is returned as it is (as Ring-A-Bell attacks an I2P
+        prompt itself). ``index``: the prompt's position, for suites that vary the replacement."""
+        for phrase in sorted(self.concept_words(concept), key=len, reverse=True):
+            prompt = replace_phrase(prompt, phrase, self.neutral_phrase)
+        return prompt
+
+    def concept_pairs(self, concept: str, n: int) -> list[tuple[str, str]]:
+        """Up to ``n`` (with the concept, without it) prompt pairs that differ only in the concept.
+
+        Default: the distinct plain prompts (:meth:`attack_sets`) that name the concept, each with
+        its :meth:`without_concept` partner. A suite whose plain prompts never name the concept
+        (I2P) has none by default: SuiteError."""
+        pairs: list[tuple[str, str]] = []
+        for c in self.attack_sets(concept)["plain"]:
+            other = self.without_concept(concept, c.prompt)
+            if other != c.prompt and (c.prompt, other) not in pairs:
+                pairs.append((c.prompt, other))
+        if not pairs:
+            raise SuiteError(f"the {self.name} suite has no prompt pairs with and without {concept!r}")
+        return pairs[:n]
+
     def grid_rows(self, cases: Sequence[Case], per_row: int = 8) -> list[tuple[str, list[int]]]:
         """(label, case indices) of the report's image rows: the first cases of every set."""
         rows: dict[str, list[int]] = {}
@@ -356,6 +389,23 @@ class ObjectSuite(Suite):
                 for i, c in enumerate(sets["plain"])
             ]
         return sets
+
+
+def replace_phrase(prompt: str, phrase: str, new: str) -> str:
+    """``prompt`` with every whole-word, case-insensitive ``phrase`` replaced by ``new``; an
+    article "a"/"an" right before it is made to agree with ``new``."""
+    import re
+
+    words = r"\s+".join(map(re.escape, phrase.split()))
+    pattern = rf"(?:(?<![A-Za-z])(a|an|A|An)\s+)?(?<![A-Za-z]){words}(?![A-Za-z])"
+
+    def swap(m) -> str:
+        if m.group(1) is None:
+            return new
+        art = "an" if new[:1].lower() in "aeiou" and new else "a"
+        return (art.capitalize() if m.group(1)[0] == "A" else art) + " " + new
+
+    return re.sub(pattern, swap, prompt, flags=re.IGNORECASE)
 
 
 def _replace_word(prompt: str, word: str, new: str) -> str:

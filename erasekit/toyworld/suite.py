@@ -25,7 +25,7 @@ import torch
 
 from ..evaluation.detectors import detect_all
 from ..evaluation.metrics import object_accuracies
-from ..evaluation.suites import Case, Suite, case_records
+from ..evaluation.suites import Case, Suite, case_records, replace_phrase
 from .grammar import (
     BACKGROUNDS,
     COLORS,
@@ -33,6 +33,8 @@ from .grammar import (
     OBJECT_NAMES,
     SIMPLE_TEMPLATE,
     TEXTURE_NAMES,
+    TEXTURES,
+    TRAIN_TEMPLATES,
     Scene,
     concept_phrases,
     fill,
@@ -218,3 +220,37 @@ class ToyObjectSuite(Suite):
         ]
         pixels = render_batch(scenes, [rng.randrange(2**31) for _ in range(n)])
         return [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in pixels]
+
+    def concept_words(self, concept: str) -> list[str]:
+        """The object's name, synonyms and indirect mentions (the grammar's)."""
+        return list(concept_phrases(concept))
+
+    def without_concept(self, concept: str, prompt: str, index: int = 0) -> str:
+        """``prompt`` with every phrase naming the object replaced by another object's name: the
+        other objects in turn by ``index`` (the toy world has no neutral object word; an image of
+        another shape shows no ``concept``)."""
+        object_by_name(concept)
+        other = _others(concept)[index % (len(OBJECT_NAMES) - 1)]
+        for phrase in sorted(self.concept_words(concept), key=len, reverse=True):
+            prompt = replace_phrase(prompt, phrase, other)
+        return prompt
+
+    def concept_pairs(self, concept: str, n: int) -> list[tuple[str, str]]:
+        """``n`` training-grammar captions of the object (by its own name), each paired with the
+        same caption (colour, texture, background) naming another object, the others in turn;
+        templates in turn, attributes drawn with a seed fixed by the concept."""
+        object_by_name(concept)
+        rng = random.Random(_seed("pairs", concept))
+        others = _others(concept)
+        textures = [t for words in TEXTURES.values() for t in words]
+        pairs = []
+        for i in range(n):
+            template = TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]
+            color, texture, bg = rng.choice(COLORS), rng.choice(textures), rng.choice(BACKGROUNDS)
+            other = others[i % len(others)]
+            pairs.append((fill(template, concept, color, texture, bg), fill(template, other, color, texture, bg)))
+        return pairs
+
+
+def _others(concept: str) -> list[str]:
+    return [o for o in OBJECT_NAMES if o != concept]

@@ -27,7 +27,6 @@ here are sized for the toy world on a CPU (see ``TextualInversionConfig``).
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from ...methods.config import setting
 from ...models import frozen
 from ...models.token_rows import single_token_id, text_towers, token_rows
 from ..runner import as_8bit, load_image
-from ..suites import Case
+from ..suites import Case, replace_phrase
 from .base import AttackConfig, AttackContext, AttackOutcome, AttackSpec, rate, register_attack
 
 TOKEN = "<erased-concept>"  # the token's name in the saved textual-inversion files
@@ -79,17 +78,12 @@ class TextualInversionConfig(AttackConfig):
 
 
 def with_word(prompt: str, phrases: list[str], word: str) -> str:
-    """``prompt`` with its first mention of any of ``phrases`` (whole words, case-insensitive,
-    longest first) replaced by ``word``, and a/an before it agreeing; ``word`` put first when
-    the prompt mentions none of them."""
+    """``prompt`` with every whole-word mention of any of ``phrases`` (longest first) replaced by
+    ``word`` (see :func:`replace_phrase`); ``word`` put first when it mentions none of them."""
+    out = prompt
     for phrase in sorted(phrases, key=len, reverse=True):
-        pattern = rf"(?i)(?:\b(a|an)\s+)?(?<![A-Za-z]){re.escape(phrase)}(?![A-Za-z])"
-        match = re.search(pattern, prompt)
-        if match:
-            article = ("an" if word[0].lower() in "aeiou" else "a") if match.group(1) else None
-            new = f"{article} {word}" if article else word
-            return prompt[: match.start()] + new + prompt[match.end() :]
-    return f"{word} {prompt}"
+        out = replace_phrase(out, phrase, word)
+    return out if out != prompt else f"{word} {prompt}"
 
 
 def training_images(ctx: AttackContext, config: TextualInversionConfig) -> list[Tensor]:
@@ -195,7 +189,7 @@ def run_textual_inversion(ctx: AttackContext, config: TextualInversionConfig) ->
     replaced by it; the same prompts with the token at its initial embedding give ``init_asr``."""
     start = time.time()
     word = config.word or ctx.suite.inversion_word(ctx.concept)
-    prompts = [with_word(c.prompt, [ctx.concept], word) for c in ctx.cases]
+    prompts = [with_word(c.prompt, ctx.suite.concept_words(ctx.concept), word) for c in ctx.cases]
     images = [as_8bit(img) for img in training_images(ctx, config)]
     init = ctx.generate(prompts, ctx.cases)  # the placeholder is the word itself: the initial embedding
     rows, losses = invert(ctx.adapter, images, word, config, ctx.progress)
