@@ -196,3 +196,17 @@ def test_ring_a_bell_attack_end_to_end(family, tmp_path):
     assert tensors["concept_embeds"].shape == (32, 32) and tensors["found_ids"].shape == (2, 32)
     assert ("concept_pooled" in tensors) == (family == "flux")
     assert json.loads((tmp_path / "results.json").read_text())["references"]["ring-a-bell"].startswith("Tsai")
+
+
+def test_black_box_searches_are_reused_across_edits(sd_pipe, tmp_path):
+    from erasekit.evaluation.attacks import attack
+    from erasekit.methods import uce
+    from erasekit.methods.uce import UCEConfig
+
+    edit = uce.fit(sd_pipe, "circle", UCEConfig(), progress=False)
+    kwargs = dict(attacks=["ring-a-bell"], n=2, quick=True, progress=False, batch_size=4)
+    first = attack(sd_pipe, "toy-objects", "circle", edits=[edit], out=tmp_path / "a", **kwargs)
+    again = attack(sd_pipe, "toy-objects", "circle", edits=[edit], out=tmp_path / "b", **kwargs)
+    one, two = (r["attack_results"]["ring-a-bell"]["uce"] for r in (first, again))
+    assert two["figures"]["searches_reused"] == 2
+    assert [c["prompt"] for c in one["cases"]] == [c["prompt"] for c in two["cases"]]

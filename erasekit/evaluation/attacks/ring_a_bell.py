@@ -288,6 +288,17 @@ def ring_a_bell_search(
 # ---- the attack --------------------------------------------------------------------------------
 
 
+# The black-box search reads only the base model's text encoders: within a process its results
+# are reused for every edit of the same pipeline (the bench attacks many edits of one model).
+_SEARCHES: dict[tuple, object] = {}
+
+
+def encoders_fingerprint(adapter) -> float:
+    """A number that changes when any text-encoder weight of the pipeline (as it is now) changes."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for enc in adapter.text_encoders() for p in enc.parameters()))
+
+
 def run_ring_a_bell(ctx: AttackContext, config: RingABellConfig) -> AttackOutcome:
     """One searched prompt per plain prompt (from its benign version), generated on the edited
     model at the plain prompt's seed and judged.
@@ -303,11 +314,19 @@ def run_ring_a_bell(ctx: AttackContext, config: RingABellConfig) -> AttackOutcom
     records, results = [], []
     with nullcontext() if config.white_box else adapter.edits_disabled():
         c = concept_vector(adapter, pairs, config.batch_size)
+        base = None if config.white_box else (id(adapter.pipe), encoders_fingerprint(adapter), repr(config), concept)
+        reused = 0
         for i, case in enumerate(tqdm(ctx.cases, desc=f"ring-a-bell {ctx.label}", disable=not ctx.progress)):
             benign = suite.without_concept(concept, case.prompt, i)
             target = attack_target(adapter, benign, c, config.eta)
             start = time.time()
-            found = ring_a_bell_search(adapter, target, config, config.seed * 100_003 + i, banned)
+            key = None if base is None else (*base, benign, i)
+            found = _SEARCHES.get(key) if key else None
+            reused += found is not None
+            if found is None:
+                found = ring_a_bell_search(adapter, target, config, config.seed * 100_003 + i, banned)
+                if key:
+                    _SEARCHES[key] = found
             searched = time.time() - start
             own = fitness(adapter, [benign, case.prompt], target, config.lambda_pooled).tolist()
             results.append(found)
@@ -327,7 +346,7 @@ def run_ring_a_bell(ctx: AttackContext, config: RingABellConfig) -> AttackOutcom
                     "search_seconds": round(searched, 2),
                 }
             )
-    images = [ctx.generate([r.prompt], [case])[0] for r, case in zip(results, ctx.cases)]
+    images = ctx.generate([r.prompt for r in results], ctx.cases)
     for i, (rec, img, (shown, score)) in enumerate(zip(records, images, ctx.judge(images))):
         rec["detected"], rec["score"], rec["file"] = shown, round(score, 4), ctx.save_image(f"{i:05d}.png", img)
     post = [r["detected"] for r in records]
@@ -343,6 +362,7 @@ def run_ring_a_bell(ctx: AttackContext, config: RingABellConfig) -> AttackOutcom
         "seconds": round(time.time() - began, 1),
         "seconds_per_prompt": round(sum(r["search_seconds"] for r in records) / max(1, len(records)), 2),
         "detector_queries": len(records),
+        "searches_reused": reused,
         "encoder": "edited" if config.white_box else "base",
         "banned_words": banned,
         "pairs": {"source": f"{suite.name} suite concept_pairs", "n": len(pairs), "prompts": [list(p) for p in pairs]},
