@@ -454,7 +454,9 @@ def markdown(result: dict) -> str:
         lines += ["", "| model | method | chosen | eta | worst H (dev) | H (dev) |", "|---|---|---|---|---|---|"]
         for c in tune["choices"]:
             lines.append(
-                f"| {c['model']} | {c['method']} | {_settings_text(c['settings'])} | {_eta(c.get('eta'))} "
+                f"| {c['model']} | {c['method']} | {_settings_text(c['settings'])}"
+                + (" (nothing to tune)" if not c["tried"] else "")
+                + f" | {_eta(c.get('eta'))} "
                 f"| {_cell(c.get('worst_h'))} | {_cell(c.get('h'))} |"
             )
     lines += [
@@ -671,7 +673,7 @@ def run_bench(
         _write_atomic(out / MD_FILE, markdown(result))
 
     n_rows = len(models) * len(concepts) * (1 + sum(len(seeded(configs[m])) for m in methods))
-    n_rows += len(models) * sum(len(g) * len(seeded(configs[m])[:1]) for m, g in grids.items())
+    n_rows += len(models) * sum(len(g) for g in grids.values() if len(g) > 1)
     bar = tqdm(total=n_rows, desc="bench", disable=not progress, unit="row")
     try:
 
@@ -755,6 +757,12 @@ def run_bench(
                 chosen: dict[str, dict[str, str]] = {}
                 for m in methods:
                     grid = grids[m]
+                    if len(grid) == 1:  # nothing to choose: no tuning rows
+                        chosen[m] = grid[0]
+                        result["tune"]["choices"].append(
+                            {"model": label, "method": m, "settings": grid[0], "index": 0, "tried": []}
+                        )
+                        continue
                     tried = []
                     for g in grid:
                         mine = {k: v for k, v in (overrides or {}).items() if k in (m, variant_method(m)[0])}

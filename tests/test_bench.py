@@ -360,17 +360,18 @@ def test_tune_picks_the_best_worst_case_h_on_the_dev_concept_and_runs_the_concep
     with pytest.raises(ValueError, match="development concept 'circle' is one of the reported"):
         _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce"], tune=True, dev_concept="circle")
     assert not seen
-    result = _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce"], tune=True)
+    result = _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce", "keyword_zeroing"], tune=True)
     grid = bench.TUNE_GRIDS["uce"]
     assert [c for c, m, _ in seen[: len(grid)]] == ["square"] * len(grid)
     assert {(cfg.template_set, cfg.token_span) for _, _, cfg in seen[: len(grid)]} == {
         (g["template_set"], g["token_span"]) for g in grid
     }
-    (choice,) = result["tune"]["choices"]
+    choice, single = result["tune"]["choices"]
+    assert single["method"] == "keyword_zeroing" and single["tried"] == []  # one setting: no tuning rows
     assert choice["model"] == "sd" and choice["settings"] == {"template_set": "objects", "token_span": "to-end"}
     assert choice["worst_h"] == max(r["worst_h"] for r in result["tune"]["rows"])
     reported = [(c, m, cfg) for c, m, cfg in seen[len(grid) :]]
-    assert [(c, m) for c, m, _ in reported] == [("circle", "base"), ("circle", "uce")]
+    assert [(c, m) for c, m, _ in reported] == [("circle", "base"), ("circle", "uce"), ("circle", "keyword_zeroing")]
     assert (reported[1][2].template_set, reported[1][2].token_span) == ("objects", "to-end")
     assert all(r["concept"] == "circle" for r in result["rows"])  # tuning rows are not reported
     md = (tmp_path / "bench" / "bench.md").read_text()
