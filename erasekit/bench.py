@@ -15,6 +15,22 @@ later run with the same folder skips the rows already there that were made with 
 settings. After every row, ``bench.json`` (machine, versions, command, settings, every
 per-concept row and the means over concepts) and ``bench.md`` (the table of means, then the
 per-concept one) are rewritten.
+
+Fair comparison:
+
+- Every ESD-family row (ESD, Receler, EraseAnything) records its negative guidance in
+  ALGORITHMS' form, target = e(anchor) - eta * (e(c) - e(anchor)) (column "eta"; the configs'
+  ``guidance_eta()``). With the fast preset the bench runs ESD in that form at eta 3, as the
+  Receler and EraseAnything fast presets do, and UCE on prompt templates (:data:`BENCH_FAST`).
+- ``seeds``: each method row is trained once per seed (the config's ``seed``); the table gives
+  the mean and the spread (sample standard deviation, and min-max in bench.json) over seeds.
+- ``attacks``: after an edited row's suite, those attacks
+  (:func:`erasekit.evaluation.attacks.attack`) run on the edit with a few prompts; each one's
+  success rate is a column, and the worst-case H, the harmonic mean of (100 - Acc_E,
+  100 - max(Acc_R, every attack's success), Acc_L), orders the table within each model.
+- ``tune``: every method's grid (:data:`TUNE_GRIDS`, at most 6 settings) is run on a development
+  concept that is not reported (default "square"); the setting with the best worst-case H is
+  chosen per method and model and the reported concepts run with it.
 """
 
 from __future__ import annotations
@@ -35,11 +51,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .evaluation.attacks import PROMPT_ATTACKS, attack, attack_spec
 from .evaluation.evaluate import evaluate_run
-from .evaluation.metrics import pooled_accuracies
+from .evaluation.metrics import harmonic_h, pooled_accuracies
 from .evaluation.resources import PeakMemory, Stopwatch
 from .methods import ConfigError, erase, make_config, method_rows, resolve_method
-from .toyworld.grammar import object_by_name
+from .toyworld.grammar import OBJECT_NAMES, object_by_name
 from .toyworld.suite import ToyObjectSuite, object_prompts
 
 # Row name -> (method, settings it fixes), from the method registry: a method with variants is
@@ -60,6 +77,27 @@ QUICK_OVERRIDES: dict[str, dict[str, str]] = {
     "esd": {"iterations": "3", "rollout_steps": "5"},
     "uce": {"samples": "1"},
 }
+# With the fast preset, settings the bench adds so that rows compare at equal settings (the presets
+# themselves are pinned by tests/test_golden.py): ESD's negative guidance in ALGORITHMS' form at
+# eta 3, as the Receler and EraseAnything fast presets; UCE fitted on prompt templates (on the bare
+# word it erased nothing on either toy pipeline).
+BENCH_FAST: dict[str, dict[str, str]] = {
+    "esd": {"target_base": "uncond", "eta": "3"},
+    "uce": {"template_set": "objects"},
+}
+# --tune: the grid of every method (method name -> settings, at most 6), run on the development
+# concept; ESD's eta in ALGORITHMS' form (target_base uncond), as Receler's and EraseAnything's.
+TUNE_GRIDS: dict[str, list[dict[str, str]]] = {
+    "esd": [{"target_base": "uncond", "eta": e, "lr": lr} for e in ("1", "3") for lr in ("1e-4", "2e-4", "4e-4")],
+    "receler": [{"eta": e, "lr": lr} for e in ("1", "3") for lr in ("2e-3", "5e-3", "1e-2")],
+    "eraseanything": [{"eta": e, "lr": lr} for e in ("1", "3") for lr in ("5e-4", "1e-3", "2e-3")],
+    "uce": [{"template_set": t, "token_span": sp} for t in ("none", "objects") for sp in ("last", "to-end")],
+    "keyword_zeroing": [{}],
+    "sld": [{}],
+}
+MAX_GRID = 6
+DEV_CONCEPT = "square"  # --tune's development concept: drawn on every simple prompt by both toy pipelines
+ATTACK_N, QUICK_ATTACK_N = 4, 1  # prompts per attack set (and plain prompts) after each edited row
 MEANINGFUL_BASE = 50.0  # % of simple prompts showing the concept below which erasure means nothing
 ROWS_FILE, JSON_FILE, MD_FILE = "rows.jsonl", "bench.json", "bench.md"
 BATCH_SIZE = 64  # images per generation batch (each image has its own generator)
@@ -87,12 +125,19 @@ def model_source(spec: str) -> tuple[str, str]:
 
 
 def method_configs(
-    methods: Sequence[str], preset: str, overrides: Mapping[str, Mapping[str, str]] | None, quick: bool
+    methods: Sequence[str],
+    preset: str,
+    overrides: Mapping[str, Mapping[str, str]] | None,
+    quick: bool,
+    tuned: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Row name -> config. Settings are layered: the preset, the --quick sizes, the row's fixed
-    settings, then ``overrides`` keyed by method name (every row of that method) and by row
-    name (that row only). Overrides for a name not in ``methods`` are an error."""
+    """Row name -> config. Settings are layered: the preset, the bench's additions to the fast
+    preset (:data:`BENCH_FAST`, with ``preset="fast"``), the --quick sizes, the row's ``tuned``
+    settings (row name -> settings, from a grid), the row's fixed settings, then ``overrides``
+    keyed by method name (every row of that method) and by row name (that row only). Overrides
+    for a name not in ``methods`` are an error."""
     overrides = dict(overrides or {})
+    tuned = dict(tuned or {})
     planned = {m: variant_method(m)[0] for m in methods}
     unknown = [k for k in overrides if k not in planned and k not in planned.values()]
     if unknown:
@@ -100,10 +145,51 @@ def method_configs(
     configs = {}
     for name, method in planned.items():
         fixed = variant_method(name)[1]
-        layered = (QUICK_OVERRIDES.get(method, {}) if quick else {}) | fixed
+        layered = dict(BENCH_FAST.get(method, {})) if preset == "fast" else {}
+        layered |= (QUICK_OVERRIDES.get(method, {}) if quick else {}) | dict(tuned.get(name, {})) | fixed
         layered |= dict(overrides.get(method, {})) | dict(overrides.get(name, {}) if name != method else {})
         configs[name] = make_config(method, preset, layered)
     return configs
+
+
+def tune_grid(name: str) -> list[dict[str, str]]:
+    """The --tune grid of row or method ``name`` (:data:`TUNE_GRIDS`; a method without one: its
+    preset alone, ``[{}]``)."""
+    grid = TUNE_GRIDS.get(variant_method(name)[0], [{}])
+    if not 1 <= len(grid) <= MAX_GRID:
+        raise ValueError(f"the tune grid of {name} has {len(grid)} settings; 1 to {MAX_GRID} allowed")
+    return [dict(g) for g in grid]
+
+
+def with_seed(config, seed: int | None):
+    """``config`` with its ``seed`` field set to ``seed`` (a copy, checked); unchanged when
+    ``seed`` is None or the method has no seed (nothing random in it)."""
+    if seed is None or "seed" not in type(config).field_specs():
+        return config
+    return dataclasses.replace(config, seed=int(seed))
+
+
+def config_seed(config) -> int | None:
+    """The seed a config trains with; None for a method without one."""
+    return getattr(config, "seed", None) if config is not None and "seed" in type(config).field_specs() else None
+
+
+def worst_case_h(acc_e: float, acc_r: float, acc_l: float, attacks: Mapping[str, float] | None = None) -> float:
+    """Harmonic mean of (100 - Acc_E, 100 - max(Acc_R, every attack's success rate), Acc_L), all %:
+    H with the robustness term at its worst. Attack rates that are NaN (not measured) are left out;
+    without attacks it is H."""
+    rates = [float(v) for v in (attacks or {}).values() if v is not None and not math.isnan(float(v))]
+    return harmonic_h(acc_e, max([acc_r, *rates]), acc_l)
+
+
+def pick_best(rows: Sequence[dict]) -> int:
+    """Index of the row with the highest worst-case H (``worst_h``); the first on a tie, NaN last."""
+
+    def score(i: int) -> float:
+        v = rows[i].get("worst_h")
+        return -math.inf if v is None or math.isnan(v) else v
+
+    return max(range(len(rows)), key=score)
 
 
 def _key(*parts: Any) -> str:
@@ -181,33 +267,87 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def mean_rows(rows: Sequence[dict], models: Sequence[str], methods: Sequence[str]) -> list[dict]:
-    """One row per model x method (base first): accuracies averaged over the concepts present,
-    H from the averaged accuracies (Receler protocol), fit seconds and suite seconds
-    averaged, fit peak memory the largest over concepts."""
+def _spread(values: Sequence[float]) -> dict:
+    """mean, sample std (0 for one value), min and max of ``values`` (NaNs left out)."""
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(v), "max": max(v)}
+
+
+def pooled(rows: Sequence[dict], attacks: Sequence[str] = ()) -> dict:
+    """Accuracies and attack success rates averaged over ``rows`` (concepts), H and worst-case H
+    of the averages (the Receler protocol's way of reporting a mean)."""
+    m = pooled_accuracies(rows)
+    rates = {}
+    for a in attacks:
+        got = [r["attacks"][a] for r in rows if a in r.get("attacks", {})]
+        rates[a] = sum(got) / len(got) if got else math.nan
+    return m | {"attacks": rates, "worst_h": worst_case_h(m["acc_e"], m["acc_r"], m["acc_l"], rates)}
+
+
+SPREAD_KEYS = ("acc_e", "acc_r", "acc_l", "h", "worst_h")
+
+
+def mean_rows(
+    rows: Sequence[dict], models: Sequence[str], methods: Sequence[str], attacks: Sequence[str] = ()
+) -> list[dict]:
+    """One row per model x method: accuracies, attack rates, H and worst-case H averaged over
+    the concepts present for each seed (H from the averaged accuracies, Receler protocol), then
+    their mean over seeds (``per_seed`` keeps each seed's; ``<key>_std``, ``<key>_min``,
+    ``<key>_max`` the spread); fit seconds and suite seconds averaged, fit peak memory the
+    largest. Within each model the base row comes first, then the methods by worst-case H
+    (highest first)."""
     out = []
     for model in models:
+        mine = []
         for method in (BASE, *methods):
             sel = [r for r in rows if r["model"] == model and r["method"] == method and "error" not in r]
             if not sel:
                 continue
-            m = pooled_accuracies(sel)
+            seeds = list(dict.fromkeys(r.get("seed") for r in sel))
+            per_seed = [{"seed": sd} | pooled([r for r in sel if r.get("seed") == sd], attacks) for sd in seeds]
             fit = [r["fit_seconds"] for r in sel if r.get("fit_seconds") is not None]
             mem = [r["fit_peak_mb"] for r in sel if r.get("fit_peak_mb") is not None]
-            out.append(
-                {
-                    "model": model,
-                    "family": sel[0]["family"],
-                    "method": method,
-                    "concepts": [r["concept"] for r in sel],
-                    **m,
-                    "suite_seconds": sum(r["suite_seconds"] for r in sel) / len(sel),
-                    "fit_seconds": sum(fit) / len(fit) if fit else None,
-                    "fit_peak_mb": max(mem) if mem else None,
-                    "memory_kind": sel[0].get("memory_kind"),
-                }
-            )
+            row = {
+                "model": model,
+                "family": sel[0]["family"],
+                "method": method,
+                "eta": sel[0].get("eta"),
+                "concepts": list(dict.fromkeys(r["concept"] for r in sel)),
+                "seeds": seeds,
+                "per_seed": per_seed,
+            }
+            for key in SPREAD_KEYS:
+                sp = _spread([p[key] for p in per_seed])
+                row |= {key: sp["mean"], f"{key}_std": sp["std"], f"{key}_min": sp["min"], f"{key}_max": sp["max"]}
+            row["attacks"] = {}
+            row["attacks_std"] = {}
+            for a in attacks:
+                sp = _spread([p["attacks"][a] for p in per_seed])
+                row["attacks"][a], row["attacks_std"][a] = sp["mean"], sp["std"]
+            row |= {
+                "suite_seconds": sum(r["suite_seconds"] for r in sel) / len(sel),
+                "fit_seconds": sum(fit) / len(fit) if fit else None,
+                "fit_peak_mb": max(mem) if mem else None,
+                "memory_kind": sel[0].get("memory_kind"),
+            }
+            mine.append(row)
+        out += sort_rows(mine)
     return out
+
+
+def sort_rows(rows: Sequence[dict]) -> list[dict]:
+    """``rows`` of one model with the base row first, then the others by worst-case H, highest
+    first (NaN last; ties keep their order)."""
+
+    def key(r: dict) -> tuple:
+        w = r.get("worst_h")
+        return (r["method"] != BASE, -(w if w is not None and not math.isnan(w) else -math.inf))
+
+    return sorted(rows, key=key)
 
 
 def _cell(v: Any, fmt: str = "{:.1f}") -> str:
@@ -216,37 +356,78 @@ def _cell(v: Any, fmt: str = "{:.1f}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) else str(v)
 
 
+def _pm(r: dict, key: str) -> str:
+    """A mean row's figure: "m" for one seed, "m ± std" over several."""
+    if len(r.get("seeds", [])) > 1:
+        std = r.get(f"{key}_std")
+        if std is not None and not math.isnan(std):
+            return f"{_cell(r[key])} ± {_cell(std)}"
+    return _cell(r[key])
+
+
+def _attack_pm(r: dict, a: str) -> str:
+    v = r.get("attacks", {}).get(a)
+    std = r.get("attacks_std", {}).get(a)
+    if len(r.get("seeds", [])) > 1 and v is not None and std is not None and not math.isnan(std):
+        return f"{_cell(v)} ± {_cell(std)}"
+    return _cell(v)
+
+
+def _eta(v: Any) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def _settings_text(settings: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "(the preset)"
+
+
 def markdown(result: dict) -> str:
-    """The bench as Markdown: a header line, the table of means, notes, the per-concept table."""
+    """The bench as Markdown: a header line, the table of means, notes, the tuning (with
+    --tune), the per-concept table."""
     s = result["settings"]
     mach = result["machine"]
+    attacks = list(s.get("attacks") or [])
     on_cuda = str(s["device"]).startswith("cuda") and mach["cuda"]
     where = (
         mach["cuda"]
         if on_cuda
         else f"{mach['machine']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads"
     )
+    seeds = s.get("seeds")
     lines = [
         f"{result['created'][:10]} · {where} · torch {result['versions']['torch']}, "
         f"diffusers {result['versions']['diffusers']}"
         f" · preset {s['preset']}{' (quick: a smoke run, the figures mean nothing)' if s['quick'] else ''}"
         f" · n {s['n']} per set, {s['n_locality']} per other object · concepts {', '.join(s['concepts'])}"
-        f" · detector {result['detector']['name']} · `{result['command'] or 'run_bench(...)'}`",
+        + (f" · training seeds {', '.join(map(str, seeds))}" if seeds else "")
+        + (f" · attacks {', '.join(attacks)} ({s['attack_n']} prompts each)" if attacks else "")
+        + (f" · tuned on {s['dev_concept']}" if s.get("tune") else "")
+        + f" · detector {result['detector']['name']} · `{result['command'] or 'run_bench(...)'}`",
         "",
-        "| model | method | Acc_E | Acc_R | Acc_L | H | fit s | fit peak MiB | suite s |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    head = ["model", "method", "eta", "Acc_E", "Acc_R", "Acc_L", "H", *attacks, "worst H", "fit s", "fit peak MiB"]
+    head.append("suite s")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["means"]:
-        lines.append(
-            f"| {r['model']} | {r['method']} | {_cell(r['acc_e'])} | {_cell(r['acc_r'])} | {_cell(r['acc_l'])} "
-            f"| {_cell(r['h'])}"
-            f" | {_cell(r['fit_seconds'])} | {_cell(r['fit_peak_mb'], '{:.0f}')} | {_cell(r['suite_seconds'])} |"
-        )
+        cells = [r["model"], r["method"], _eta(r.get("eta"))]
+        cells += [_pm(r, k) for k in ("acc_e", "acc_r", "acc_l", "h")]
+        cells += [_attack_pm(r, a) for a in attacks] + [_pm(r, "worst_h")]
+        cells += [_cell(r["fit_seconds"]), _cell(r["fit_peak_mb"], "{:.0f}"), _cell(r["suite_seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
     kind = next((r["memory_kind"] for r in result["means"] if r.get("memory_kind")), "cpu-rss")
     lines += [
         "",
         "Means over concepts; H is the harmonic mean of (100 - Acc_E, 100 - Acc_R, Acc_L) of the mean "
-        "accuracies. fit s: wall seconds of `erase` per concept (mean; its CPU seconds are in bench.json); "
+        "accuracies; worst H the same with 100 - max(Acc_R, every attack's success rate) as its middle term"
+        + (f" (attack columns: success rate in %, {s['attack_n']} prompts per set; '-' not run)" if attacks else "")
+        + "; rows are ordered by worst H within each model, the unedited model first. "
+        "eta: the negative guidance in ALGORITHMS' form, target = e(anchor) - eta (e(c) - e(anchor)). "
+        + (
+            "With several training seeds: mean ± sample standard deviation over seeds (min and max in bench.json). "
+            if seeds and len(seeds) > 1
+            else ""
+        )
+        + "fit s: wall seconds of `erase` per concept (mean; its CPU seconds are in bench.json); "
         "fit peak MiB: the largest growth of "
         + ("allocated CUDA memory" if kind == "cuda-allocated" else "the process's resident memory")
         + " during `erase` (max over concepts); suite s: seconds to generate and score the suite's images "
@@ -260,19 +441,43 @@ def markdown(result: dict) -> str:
             )
     for e in result["errors"]:
         lines.append(f"\n**failed**: {e['model']} / {e['method']} / {e['concept']}: {e['error']}")
+    tune = result.get("tune")
+    if tune:
+        lines += [
+            "",
+            f"Tuning: every method's grid on the development concept {tune['dev_concept']!r} (not reported), "
+            "the setting with the highest worst H chosen per model and method:",
+            "",
+        ]
+        for method, grid in tune["grids"].items():
+            lines.append(f"- {method}: " + "; ".join(_settings_text(g) for g in grid))
+        lines += ["", "| model | method | chosen | eta | worst H (dev) | H (dev) |", "|---|---|---|---|---|---|"]
+        for c in tune["choices"]:
+            lines.append(
+                f"| {c['model']} | {c['method']} | {_settings_text(c['settings'])}"
+                + (" (nothing to tune)" if not c["tried"] else "")
+                + f" | {_eta(c.get('eta'))} "
+                f"| {_cell(c.get('worst_h'))} | {_cell(c.get('h'))} |"
+            )
     lines += [
         "",
         "Per concept:",
         "",
-        "| model | concept | method | Acc_E | Acc_R | Acc_L | H | fit s | fit peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | concept | method | seed | eta | Acc_E | Acc_R | Acc_L | H | "
+        + "".join(f"{a} | " for a in attacks)
+        + "worst H | fit s | fit peak MiB |",
+        "|" + "---|" * (12 + len(attacks)),
     ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['model']} | {r['concept']} | {r['method']} | {_cell(r['acc_e'])} | {_cell(r['acc_r'])} "
-            f"| {_cell(r['acc_l'])}"
-            f" | {_cell(r['h'])} | {_cell(r.get('fit_seconds'))} | {_cell(r.get('fit_peak_mb'), '{:.0f}')} |"
-        )
+    order = {(r["model"], r["method"]): i for i, r in enumerate(result["means"])}
+    per_concept = sorted(
+        result["rows"], key=lambda r: (order.get((r["model"], r["method"]), len(order)), r["concept"])
+    )
+    for r in per_concept:
+        cells = [r["model"], r["concept"], r["method"], _cell(r.get("seed"), "{}"), _eta(r.get("eta"))]
+        cells += [_cell(r[k]) for k in ("acc_e", "acc_r", "acc_l", "h")]
+        cells += [_cell(r.get("attacks", {}).get(a)) for a in attacks] + [_cell(r.get("worst_h"))]
+        cells += [_cell(r.get("fit_seconds")), _cell(r.get("fit_peak_mb"), "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -295,6 +500,12 @@ def run_bench(
     command: str = "",
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
+    seeds: Sequence[int] | None = None,
+    attacks: Sequence[str] = (),
+    attack_n: int | None = None,
+    attack_configs: Mapping[str, Mapping[str, str]] | None = None,
+    tune: bool = False,
+    dev_concept: str = DEV_CONCEPT,
 ) -> dict:
     """Run the toy bench; returns the result also written to ``out/bench.json``.
 
@@ -304,8 +515,15 @@ def run_bench(
     ``quick`` the first only). ``overrides``: method or row name -> {setting: text}, as
     ``--set`` gives them. ``n`` prompts per suite set and ``n_locality`` per other object
     (default 24 and 8; 2 and 1 with ``quick``). ``detector``: default the shipped toy
-    detector. ``on_row(row)`` is called with each finished (or failed) row.
-    Accuracies are % in [0, 100], times seconds, memory MiB.
+    detector. ``on_row(row)`` is called with each finished (or failed) row, tuning rows included.
+
+    ``seeds``: training seeds; each method with a ``seed`` setting is trained once per seed
+    (None: once, with its config's seed). ``attacks``: attack names run on each edit after its
+    suite (``attack_n`` prompts per set, default 4, 1 with ``quick``; ``attack_configs``: attack
+    name -> settings as ``--attack-set`` gives them; with ``quick`` each attack starts from its
+    quick settings). ``tune``: pick each method's setting from :data:`TUNE_GRIDS` by worst-case H
+    on ``dev_concept`` (which must not be among ``concepts``), per model.
+    Accuracies and attack success rates are % in [0, 100], times seconds, memory MiB.
     """
     from .models import adapter_for, load_pipeline
 
@@ -322,9 +540,37 @@ def run_bench(
         concepts = concepts[:1]
     for c in concepts:
         object_by_name(c)  # unknown concept -> ValueError before any work
+    if tune:
+        if dev_concept not in OBJECT_NAMES:
+            raise ValueError(f"unknown development concept {dev_concept!r}; toy objects: {', '.join(OBJECT_NAMES)}")
+        if dev_concept in concepts:
+            raise ValueError(
+                f"the development concept {dev_concept!r} is one of the reported concepts ({', '.join(concepts)}): "
+                "tuning on a reported concept would overstate its figures; choose another with --dev-concept"
+            )
+    seeds = [int(x) for x in dict.fromkeys(seeds)] if seeds else None
+    attacks = list(dict.fromkeys(attacks or ()))
+    for a in attacks:  # an unknown attack is an error before any work
+        if a not in PROMPT_ATTACKS:
+            attack_spec(a)
+    attack_n = attack_n or (QUICK_ATTACK_N if quick else ATTACK_N)
+    attack_configs = {k: dict(v) for k, v in (attack_configs or {}).items()}
+    unknown = [a for a in attack_configs if a not in attacks]
+    if unknown:
+        raise ConfigError(f"settings given for attacks {unknown}, which the bench does not run")
     n = n or (QUICK_N if quick else N)
     n_locality = n_locality or (QUICK_N_LOCALITY if quick else N_LOCALITY)
-    configs = method_configs(methods, preset, overrides, quick)
+    configs = method_configs(methods, preset, overrides, quick)  # checks every setting before any work
+    grids = {m: tune_grid(m) for m in methods} if tune else {}
+    for m, grid in grids.items():
+        for g in grid:  # every grid setting makes a valid config
+            method_configs(
+                [m],
+                preset,
+                {k: v for k, v in (overrides or {}).items() if k in (m, variant_method(m)[0])},
+                quick,
+                tuned={m: g},
+            )
     if detector is None:
         from .toyworld.detector import ToyDetector
 
@@ -341,22 +587,38 @@ def run_bench(
         "device": str(device),
         "images": "8-bit",
     }
+    attack_settings = (
+        {"attacks": attacks, "attack_n": attack_n, "attack_quick": quick, "attack_configs": attack_configs}
+        if attacks
+        else {}
+    )
 
     def source_of(spec: Any) -> str:
         return spec if isinstance(spec, str) else str(getattr(spec, "name_or_path", "") or type(spec).__name__)
 
-    plan = []  # (model, concept, method, key, settings)
-    for label, spec in models.items():
-        for concept in concepts:
-            base_settings = suite_settings | {"source": source_of(spec)}
-            plan.append((label, concept, BASE, _key(label, concept, BASE, base_settings), base_settings))
-            for m in methods:
-                settings = base_settings | {
-                    "method": variant_method(m)[0],
-                    "preset": preset,
-                    "config": dataclasses.asdict(configs[m]),
-                }
-                plan.append((label, concept, m, _key(label, concept, m, settings), settings))
+    def planned(label, spec, concept, method, config, phase="report", extra=None) -> dict:
+        """One row to run: its key is made of everything its figures depend on."""
+        settings = suite_settings | {"source": source_of(spec)}
+        if method != BASE:
+            settings |= {"method": variant_method(method)[0], "preset": preset, "config": dataclasses.asdict(config)}
+            settings |= attack_settings
+        if phase != "report":
+            settings |= {"phase": phase} | (extra or {})
+        key = _key(label, concept, method, settings)
+        return {
+            "label": label,
+            "concept": concept,
+            "method": method,
+            "config": config,
+            "key": key,
+            "settings": settings,
+            "phase": phase,
+        }
+
+    def seeded(config) -> list:
+        if seeds is None or "seed" not in type(config).field_specs():
+            return [config]
+        return [with_seed(config, sd) for sd in seeds]
 
     result = {
         "erasekit": __version__,
@@ -370,89 +632,191 @@ def run_bench(
             "methods": methods,
             "concepts": concepts,
             "preset": preset,
+            "bench_fast": BENCH_FAST if preset == "fast" else {},
             "quick": quick,
             "n": n,
             "n_locality": n_locality,
             "device": str(device),
             "overrides": {k: dict(v) for k, v in (overrides or {}).items()},
+            "seeds": seeds,
+            "attacks": attacks,
+            "attack_n": attack_n if attacks else None,
+            "attack_configs": attack_configs,
+            "tune": tune,
+            "dev_concept": dev_concept if tune else None,
         },
         "rows": [],
         "means": [],
         "errors": [],
         "skipped": 0,
     }
+    if tune:
+        result["tune"] = {
+            "dev_concept": dev_concept,
+            "grids": {m: grids[m] for m in methods},
+            "choices": [],
+            "rows": [],
+        }
     errors: list[dict] = []
+    order: list[dict] = []  # every planned row, in order (those of later models are added as they are known)
+    skipped = 0
 
     def write() -> None:
-        rows = [done[key] for *_, key, _ in plan if key in done]
+        rows = [done[p["key"]] for p in order if p["phase"] == "report" and p["key"] in done]
         result["rows"] = rows
-        result["means"] = mean_rows(rows, list(models), methods)
+        result["means"] = mean_rows(rows, list(models), methods, attacks)
         result["errors"] = errors
+        result["skipped"] = skipped
+        if tune:
+            result["tune"]["rows"] = [done[p["key"]] for p in order if p["phase"] == "tune" and p["key"] in done]
         _write_atomic(out / JSON_FILE, json.dumps(result, indent=2) + "\n")
         _write_atomic(out / MD_FILE, markdown(result))
 
-    todo = [p for p in plan if p[3] not in done]
-    result["skipped"] = len(plan) - len(todo)
-    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="bench", disable=not progress, unit="row")
+    n_rows = len(models) * len(concepts) * (1 + sum(len(seeded(configs[m])) for m in methods))
+    n_rows += len(models) * sum(len(g) for g in grids.values() if len(g) > 1)
+    bar = tqdm(total=n_rows, desc="bench", disable=not progress, unit="row")
     try:
+
+        def run(p: dict, st: dict) -> dict | None:
+            """The row of plan entry ``p``: the finished one of an earlier run, or run now. ``st``:
+            the model's label, spec, and its pipeline, adapter and base fingerprints once loaded."""
+            nonlocal skipped
+            label, spec = st["label"], st["spec"]
+            order.append(p)
+            if p["key"] in done:
+                skipped += 1
+                bar.update(1)
+                return done[p["key"]]
+            if st.get("pipe") is None:
+                st["pipe"] = load_pipeline(spec, device=device) if isinstance(spec, (str, os.PathLike)) else spec
+                st["adapter"] = adapter_for(st["pipe"])
+                st["pipe"].set_progress_bar_config(disable=True)
+            pipe, adapter, references = st["pipe"], st["adapter"], st.setdefault("references", {})
+            concept, method = p["concept"], p["method"]
+            prompt = object_prompts(concept, n=1, n_locality=0)[0].prompt
+            if concept not in references:
+                references[concept] = _fingerprint(adapter, prompt)
+            reference = references[concept]
+            bar.set_postfix_str(f"{label} / {concept} / {method}")
+            row = {
+                "key": p["key"],
+                "model": label,
+                "family": adapter.family,
+                "concept": concept,
+                "method": method,
+                "seed": config_seed(p["config"]),
+                "eta": p["config"].guidance_eta() if p["config"] is not None else None,
+                "settings": p["settings"],
+            }
+            if p["phase"] != "report":
+                row["phase"] = p["phase"]
+            try:
+                row |= _run_row(
+                    pipe,
+                    concept,
+                    method,
+                    p["config"],
+                    detector,
+                    n,
+                    n_locality,
+                    device,
+                    progress,
+                    attacks=attacks,
+                    attack_n=attack_n,
+                    attack_configs=attack_configs,
+                    quick=quick,
+                    attack_out=out / "attacks" / p["key"],
+                )
+            except (KeyboardInterrupt, RestoreError):
+                raise
+            except Exception as err:  # one method's failure must not stop a long bench
+                row["error"] = f"{type(err).__name__}: {err}"
+                row["traceback"] = traceback.format_exc()
+            now = _fingerprint(adapter, prompt)
+            if now[1] != reference[1] or not torch.equal(now[0], reference[0]):
+                raise RestoreError(
+                    f"after {method} on {label} the pipeline no longer gives its base output; "
+                    "the remaining rows would be wrong"
+                )
+            row["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            _append_row(out, row)
+            if "error" in row:
+                errors.append({k: row[k] for k in ("model", "concept", "method", "error")})
+            else:
+                done[p["key"]] = row
+            write()
+            bar.update(1)
+            if on_row is not None:
+                on_row(row)
+            return row if "error" not in row else None
+
         for label, spec in models.items():
-            mine = [p for p in todo if p[0] == label]
-            if not mine:
-                continue
-            pipe = load_pipeline(spec, device=device) if isinstance(spec, (str, os.PathLike)) else spec
-            adapter = adapter_for(pipe)
-            pipe.set_progress_bar_config(disable=True)
+            st = {"label": label, "spec": spec}
+            here = configs
+            if tune:
+                chosen: dict[str, dict[str, str]] = {}
+                for m in methods:
+                    grid = grids[m]
+                    if len(grid) == 1:  # nothing to choose: no tuning rows
+                        chosen[m] = grid[0]
+                        result["tune"]["choices"].append(
+                            {"model": label, "method": m, "settings": grid[0], "index": 0, "tried": []}
+                        )
+                        continue
+                    tried = []
+                    for g in grid:
+                        mine = {k: v for k, v in (overrides or {}).items() if k in (m, variant_method(m)[0])}
+                        config = method_configs([m], preset, mine, quick, tuned={m: g})[m]
+                        config = seeded(config)[0]  # tuned with the first seed
+                        got = run(planned(label, spec, dev_concept, m, config, "tune", {"grid": g}), st)
+                        tried.append(got or {"worst_h": math.nan})
+                    best = pick_best(tried)
+                    chosen[m] = grid[best]
+                    result["tune"]["choices"].append(
+                        {
+                            "model": label,
+                            "method": m,
+                            "settings": grid[best],
+                            "index": best,
+                            "eta": tried[best].get("eta"),
+                            "worst_h": tried[best].get("worst_h"),
+                            "h": tried[best].get("h"),
+                            "tried": [{"settings": g, "worst_h": t.get("worst_h")} for g, t in zip(grid, tried)],
+                        }
+                    )
+                here = method_configs(methods, preset, overrides, quick, tuned=chosen)
             for concept in concepts:
-                rows_here = [p for p in mine if p[1] == concept]
-                if not rows_here:
-                    continue
-                prompt = object_prompts(concept, n=1, n_locality=0)[0].prompt
-                reference = _fingerprint(adapter, prompt)
-                for _, _, method, key, settings in rows_here:
-                    bar.set_postfix_str(f"{label} / {concept} / {method}")
-                    row = {
-                        "key": key,
-                        "model": label,
-                        "family": adapter.family,
-                        "concept": concept,
-                        "method": method,
-                        "settings": settings,
-                    }
-                    try:
-                        row |= _run_row(
-                            pipe, concept, method, configs.get(method), detector, n, n_locality, device, progress
-                        )
-                    except (KeyboardInterrupt, RestoreError):
-                        raise
-                    except Exception as err:  # one method's failure must not stop a long bench
-                        row["error"] = f"{type(err).__name__}: {err}"
-                        row["traceback"] = traceback.format_exc()
-                    now = _fingerprint(adapter, prompt)
-                    if now[1] != reference[1] or not torch.equal(now[0], reference[0]):
-                        raise RestoreError(
-                            f"after {method} on {label} the pipeline no longer gives its base output; "
-                            "the remaining rows would be wrong"
-                        )
-                    row["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                    _append_row(out, row)
-                    if "error" in row:
-                        errors.append({k: row[k] for k in ("model", "concept", "method", "error")})
-                    else:
-                        done[key] = row
-                    write()
-                    bar.update(1)
-                    if on_row is not None:
-                        on_row(row)
-            del pipe, adapter
+                run(planned(label, spec, concept, BASE, None), st)
+                for m in methods:
+                    for config in seeded(here[m]):
+                        run(planned(label, spec, concept, m, config), st)
+            st.clear()  # the pipeline is freed before the next model's is loaded
     finally:
         bar.close()
     write()
     return result
 
 
-def _run_row(pipe, concept, method, config, detector, n, n_locality, device, progress) -> dict:
+def _run_row(
+    pipe,
+    concept,
+    method,
+    config,
+    detector,
+    n,
+    n_locality,
+    device,
+    progress,
+    attacks: Sequence[str] = (),
+    attack_n: int = ATTACK_N,
+    attack_configs: Mapping[str, Mapping[str, str]] | None = None,
+    quick: bool = False,
+    attack_out: Path | None = None,
+) -> dict:
     """The figures of one row: the suite (and, for a method, its training) on ``pipe``; the
-    suite is one in-memory run of :func:`erasekit.evaluation.evaluate.evaluate_run`."""
+    suite is one in-memory run of :func:`erasekit.evaluation.evaluate.evaluate_run`. With
+    ``attacks`` and a method, those attacks then run on the edit (their success rates in
+    ``attacks``, their results in ``attack_out``); every row gets ``worst_h``."""
     row: dict = {}
     edit = None
     if method != BASE:
@@ -471,8 +835,28 @@ def _run_row(pipe, concept, method, config, detector, n, n_locality, device, pro
     suite = ToyObjectSuite(n=n, n_locality=n_locality)
     with Stopwatch(device) as clock:  # applies the edit, generates, removes it, scores
         d = evaluate_run(pipe, suite, concept, detector, edit=edit, batch_size=BATCH_SIZE)["metrics"]
-    return (
-        row
-        | {k: d[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "color_accuracy", "n_images")}
-        | {"suite_seconds": round(clock.seconds, 3)}
-    )
+    row |= {k: d[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "color_accuracy", "n_images")}
+    row["suite_seconds"] = round(clock.seconds, 3)
+    if attacks and edit is not None:
+        with Stopwatch(device) as clock:
+            res = attack(
+                pipe,
+                "toy-objects",
+                concept,
+                edits=[edit],
+                out=attack_out or Path("erasekit-bench-attacks"),
+                attacks=list(attacks),
+                detector=detector,
+                n=attack_n,
+                configs=attack_configs or None,
+                quick=quick,
+                batch_size=BATCH_SIZE,
+                suite_options={"n": attack_n, "n_locality": 1},
+                progress=False,
+            )
+        asr = res["asr"][edit.method]
+        row["attacks"] = {a: asr.get(a, math.nan) for a in attacks}
+        row["attack_no_attack"] = asr.get("no attack")
+        row["attack_seconds"] = round(clock.seconds, 3)
+    row["worst_h"] = worst_case_h(row["acc_e"], row["acc_r"], row["acc_l"], row.get("attacks"))
+    return row

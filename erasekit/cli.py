@@ -88,9 +88,13 @@ def _bench_toy(args: argparse.Namespace) -> int:
             tqdm.write(f"{where} FAILED: {row['error']}")
             return
         fit = f"  fit {row['fit_seconds']:.1f} s, +{row['fit_peak_mb']:.0f} MiB" if "fit_seconds" in row else ""
+        seed = f" seed {row['seed']}" if row.get("seed") is not None and args.seeds else ""
+        tuning = " (tuning)" if row.get("phase") == "tune" else ""
+        attacked = "".join(f"  {a} {v:5.1f}" for a, v in row.get("attacks", {}).items())
+        worst = f"  worst H {row['worst_h']:5.1f}" if row.get("attacks") else ""
         tqdm.write(
-            f"{where} Acc_E {row['acc_e']:5.1f}  Acc_R {row['acc_r']:5.1f}  Acc_L {row['acc_l']:5.1f}  "
-            f"H {row['h']:5.1f}{fit}"
+            f"{where}{seed}{tuning} Acc_E {row['acc_e']:5.1f}  Acc_R {row['acc_r']:5.1f}  Acc_L {row['acc_l']:5.1f}  "
+            f"H {row['h']:5.1f}{attacked}{worst}{fit}"
         )
 
     overrides: dict[str, dict[str, str]] = {}
@@ -100,6 +104,17 @@ def _bench_toy(args: argparse.Namespace) -> int:
             raise UserError(f"bench --set expects method.key=value (e.g. receler.iterations=50), got {key!r}")
         overrides.setdefault(method, {})[setting] = value
     optional = {"methods": split_list(args.methods)} if args.methods else {}
+    try:
+        seeds = [int(x) for x in split_list(args.seeds)] if args.seeds else None
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    attack_configs: dict[str, dict[str, str]] = {}
+    for item in args.attack_set:
+        head, eq, value = item.partition("=")
+        name, dot, key = head.rpartition(".")
+        if not eq or not dot or not name or not key:
+            raise UserError(f"--attack-set takes ATTACK.KEY=VALUE, got {item!r}")
+        attack_configs.setdefault(name.strip(), {})[key.strip()] = value.strip()
     result = run_bench(
         models=split_list(args.models),
         **optional,
@@ -113,6 +128,12 @@ def _bench_toy(args: argparse.Namespace) -> int:
         device=args.device,
         command="erasekit " + shlex.join(args.argv),
         on_row=show,
+        seeds=seeds,
+        attacks=split_list(args.attacks) if args.attacks else (),
+        attack_n=args.attack_n,
+        attack_configs=attack_configs,
+        tune=args.tune,
+        dev_concept=args.dev_concept,
     )
     from .bench import MD_FILE, markdown
 
@@ -521,6 +542,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default="erasekit-bench",
         help="output folder (bench.json, bench.md, rows.jsonl); a rerun skips its finished rows",
+    )
+    bt.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated training seeds: each method is trained once per seed, the table gives mean ± std",
+    )
+    bt.add_argument(
+        "--attacks",
+        default=None,
+        help="comma-separated attacks run on every edit after its suite (paraphrase, synonym, soft-prompt, ...); "
+        "adds a column per attack and the worst-case H that orders the table",
+    )
+    bt.add_argument("--attack-n", type=int, default=None, help="prompts per attack set (default 4; 1 with --quick)")
+    bt.add_argument(
+        "--attack-set",
+        action="append",
+        default=[],
+        metavar="ATTACK.KEY=VALUE",
+        help="an attack's setting, e.g. soft-prompt.steps=20 (repeatable)",
+    )
+    bt.add_argument(
+        "--tune",
+        action="store_true",
+        help="pick each method's setting from its small grid by worst-case H on --dev-concept, then run the concepts",
+    )
+    bt.add_argument(
+        "--dev-concept",
+        default="square",
+        help="--tune's development concept (default square); must not be one of --concepts",
     )
     bt.add_argument("--device", default="cpu")
     bt.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -495,3 +495,29 @@ def test_call_inputs_repeat_a_stock_pipeline_call(name, request):
         with torch.no_grad():
             again = adapter.predict(latents, t, cond, guidance)
         torch.testing.assert_close(again, out[0] if isinstance(out, tuple) else out.sample)
+
+
+def test_uce_token_span_to_end_and_the_objects_template_set():
+    """token_span "to-end" (the original release) maps every position from the concept's last
+    token to the end of the sequence onto the guide's aligned positions; template_set "objects"
+    adds the object templates to the erased prompts; the defaults are the current release."""
+    pipe = tiny_sd_pipeline()
+    adapter = adapter_for(pipe)
+    assert (UCEConfig().token_span, UCEConfig().template_set) == ("last", "none")
+    edit = _fit("uce", pipe, "car", token_span="to-end", erase_scale=1e6)
+    start = adapter.token_indices("car", "car")[-1]
+    length = adapter.encode(["car"]).embeds.shape[1]
+    assert edit.hyperparameters["token_rows"] == length - start
+    car, guide = adapter.encode(["car"]).embeds[0], adapter.encode([""]).embeds[0]
+    points = [p for p in adapter.attachment_points("text_proj") if p.role in ("k", "v")]
+    rows = [start, length - 1]  # the concept's last token and the last padding position
+    before = {p.name: p.module(guide[[r - start for r in rows]]) for p in points}
+    apply(pipe, edit)
+    for p in points:
+        torch.testing.assert_close(p.module(car[rows]), before[p.name], atol=1e-2, rtol=1e-2)
+    remove(pipe, edit)
+    objects = _fit("uce", pipe, "car", template_set="objects")
+    assert objects.hyperparameters["erase_prompts"] == ["car"] + [
+        t.format(concept="car") for t in uce.OBJECT_TEMPLATES
+    ]
+    assert objects.hyperparameters["token_rows"] == 1 + len(uce.OBJECT_TEMPLATES)

@@ -30,8 +30,13 @@ class StubDetector:
         feats = torch.nn.functional.adaptive_avg_pool2d(images.float(), 2).flatten(1)  # (B, 12)
         return {h: (feats @ w * 50).softmax(-1) for h, w in self.w.items()}
 
-    def detect(self, images, concept):  # the Detector protocol (the suite uses classify)
-        raise NotImplementedError
+    def detect(self, images, concept):  # the Detector protocol (the attacks use it)
+        from erasekit.evaluation.detectors import Detection
+
+        head = next(h for h, classes in HEADS.items() if concept in classes)
+        probs = self.classify(images)[head]
+        k = HEADS[head].index(concept)
+        return Detection(probs[:, k], probs.argmax(1) == k, concept, self.name, self.threshold)
 
 
 def _bench(tmp_path, models, methods=("esd-x", "uce"), **kw):
@@ -105,8 +110,9 @@ def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
             assert r["hyperparameters"]["iterations" if r["method"] == "esd-x" else "samples"] == 1
     assert rows[1]["hyperparameters"]["group"] == "esd-x"
     means = result["means"]
-    assert [(m["model"], m["method"]) for m in means] == [(r["model"], r["method"]) for r in rows]
-    assert means[1]["acc_e"] == rows[1]["acc_e"] and means[1]["concepts"] == ["circle"]
+    assert sorted((m["model"], m["method"]) for m in means) == sorted((r["model"], r["method"]) for r in rows)
+    by_name = {(m["model"], m["method"]): m for m in means}
+    assert by_name["sd", "esd-x"]["acc_e"] == rows[1]["acc_e"] and by_name["sd", "esd-x"]["concepts"] == ["circle"]
 
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert saved["rows"] == rows and saved["command"] == "erasekit bench toy ..."
@@ -114,10 +120,9 @@ def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
     assert saved["machine"]["cpu_count"] >= 1 and saved["settings"]["n"] == 1
     md = (tmp_path / "bench" / "bench.md").read_text()
     table = [line for line in md.split("Per concept")[0].splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| model | method | Acc_E | Acc_R | Acc_L | H | fit s | fit peak MiB |")
-    assert [line.split(" | ")[:2] for line in table[1:]] == [
-        ["| " + m, k] for m in ("sd", "flux") for k in ("base", "esd-x", "uce")
-    ]
+    assert table[0].startswith("| model | method | eta | Acc_E | Acc_R | Acc_L | H | worst H | fit s | fit peak MiB |")
+    assert [line.split(" | ")[:2] for line in table[1:]] == [["| " + m["model"], m["method"]] for m in means]
+    assert [m["method"] for m in means][::3] == ["base", "base"]  # base first within each model
 
     again = _bench(tmp_path, models)  # everything is there: nothing runs
     assert calls == {"erase": 3, "suite": 4} and again["skipped"] == 6 and again["rows"] == rows
@@ -201,7 +206,7 @@ def test_bench_command_on_a_pipeline_folder(tmp_path, capsys):
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| model | method | Acc_E" in printed and "| model | keyword_zeroing |" in printed
+    assert "| model | method | eta | Acc_E" in printed and "| model | keyword_zeroing |" in printed
     saved = json.loads((out / "bench.json").read_text())
     assert saved["command"].startswith("erasekit ") and saved["detector"]["name"] == "toyworld-classifier"
     assert saved["rows"][1]["hyperparameters"]["keyword_list"] == ["circle", "disc"]
@@ -245,3 +250,140 @@ def test_bench_figures_equal_evaluate_for_the_same_edit_seeds_and_suite(tmp_path
         pipe, "toy-objects", "circle", edits=edits, detector=StubDetector(), suite_options=sizes, in_memory=True
     )
     assert [r["metrics"] for r in in_memory["runs"]] == [r["metrics"] for r in results["runs"]]
+
+
+# ---- a fair bench: eta in ALGORITHMS' form, seeds, attacks and worst-case H, tuning -----------
+
+
+def test_every_esd_family_config_states_its_eta_in_algorithms_form():
+    from erasekit.methods import make_config
+
+    assert make_config("esd", "paper").guidance_eta() == 1.0  # the release's eta 2 in its own form
+    assert make_config("esd", "fast", {"target_base": "uncond", "eta": "3"}).guidance_eta() == 3.0
+    assert make_config("receler", "fast").guidance_eta() == make_config("eraseanything", "fast").guidance_eta() == 3.0
+    assert make_config("uce", "fast").guidance_eta() is None
+    cfg = bench.method_configs(["esd-u", "receler", "eraseanything"], "fast", None, quick=True)
+    assert {m: c.guidance_eta() for m, c in cfg.items()} == {"esd-u": 3.0, "receler": 3.0, "eraseanything": 3.0}
+    assert bench.method_configs(["esd-u"], "paper", None, quick=True)["esd-u"].guidance_eta() == 1.0
+
+
+def test_worst_case_h_and_the_order_of_the_table():
+    from erasekit.evaluation.metrics import harmonic_h
+
+    assert bench.worst_case_h(10, 20, 90) == harmonic_h(10, 20, 90)
+    assert bench.worst_case_h(10, 20, 90, {"a": 50.0, "b": 5.0, "c": float("nan")}) == harmonic_h(10, 50, 90)
+    assert bench.worst_case_h(10, 20, 90, {"a": 100.0}) == 0.0
+    rows = [
+        {"method": "x", "worst_h": 50.0},
+        {"method": "y", "worst_h": float("nan")},
+        {"method": "base", "worst_h": 0.0},
+        {"method": "z", "worst_h": 80.0},
+    ]
+    assert [r["method"] for r in bench.sort_rows(rows)] == ["base", "z", "x", "y"]
+    assert bench.pick_best([{"worst_h": 1.0}, {"worst_h": float("nan")}, {"worst_h": 3.0}, {"worst_h": 3.0}]) == 2
+
+
+def test_seeds_give_per_seed_rows_and_mean_and_spread(tmp_path, monkeypatch):
+    models = {"sd": tiny_sd_pipeline()}
+    result = _bench(tmp_path, models, methods=["esd-x", "keyword_zeroing"], seeds=[0, 1])
+    rows = result["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("base", None),
+        ("esd-x", 0),
+        ("esd-x", 1),
+        ("keyword_zeroing", None),
+    ]
+    assert [r["hyperparameters"]["seed"] for r in rows[1:3]] == [0, 1]
+    assert rows[1]["eta"] == 3.0 and rows[0]["eta"] is None and rows[3]["eta"] is None  # ALGORITHMS' form
+    lines = [json.loads(x) for x in (tmp_path / "bench" / "rows.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"]) for r in lines] == [(r["method"], r["seed"]) for r in rows]
+    esd = next(m for m in result["means"] if m["method"] == "esd-x")
+    assert esd["seeds"] == [0, 1] and [p["seed"] for p in esd["per_seed"]] == [0, 1]
+    values = [rows[1]["acc_e"], rows[2]["acc_e"]]
+    assert esd["acc_e"] == pytest.approx(sum(values) / 2)
+    assert esd["acc_e_std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    assert (esd["acc_e_min"], esd["acc_e_max"]) == (min(values), max(values))
+    assert esd["eta"] == 3.0
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert "training seeds 0, 1" in md and "| sd | esd-x | 3 | " in md and " ± " in md
+
+    calls = _counting(monkeypatch)  # a rerun with the same seeds runs nothing; one more seed runs one row
+    again = _bench(tmp_path, models, methods=["esd-x", "keyword_zeroing"], seeds=[0, 1, 2])
+    assert calls == {"erase": 1, "suite": 1} and again["skipped"] == 4
+    assert [r["seed"] for r in again["rows"] if r["method"] == "esd-x"] == [0, 1, 2]
+
+
+def test_attacks_add_columns_and_order_the_table_by_worst_case_h(tmp_path, monkeypatch):
+    """A real prompt attack through erasekit.evaluation.attacks.attack, then a stubbed one whose
+    success decides the order."""
+    pipe = tiny_sd_pipeline()
+    result = _bench(tmp_path / "real", {"sd": pipe}, methods=["uce"], attacks=["paraphrase"], attack_n=1)
+    base, row = result["rows"]
+    assert "attacks" not in base and 0 <= row["attacks"]["paraphrase"] <= 100
+    assert row["worst_h"] == bench.worst_case_h(row["acc_e"], row["acc_r"], row["acc_l"], row["attacks"])
+    assert (tmp_path / "real" / "bench" / "attacks" / row["key"] / "results.json").is_file()
+
+    success = {"uce": 100.0, "keyword_zeroing": 0.0}
+
+    def fake_attack(pipe, suite, concept, edits, out, attacks, **kw):
+        assert kw["n"] == 1 and suite == "toy-objects"
+        return {"asr": {edits[0].method: {"no attack": 0.0} | {a: success[edits[0].method] for a in attacks}}}
+
+    monkeypatch.setattr(bench, "attack", fake_attack)
+    result = _bench(
+        tmp_path / "fake", {"sd": pipe}, methods=["uce", "keyword_zeroing"], attacks=["soft-prompt"], attack_n=1
+    )
+    means = {m["method"]: m for m in result["means"]}
+    assert means["uce"]["attacks"] == {"soft-prompt": 100.0} and means["uce"]["worst_h"] == 0.0
+    assert [m["method"] for m in result["means"]] == ["base", "keyword_zeroing", "uce"]
+    md = (tmp_path / "fake" / "bench" / "bench.md").read_text()
+    assert "| model | method | eta | Acc_E | Acc_R | Acc_L | H | soft-prompt | worst H |" in md
+    assert "| sd | base | - |" in md
+    with pytest.raises(ValueError, match="nope"):
+        _bench(tmp_path / "bad", {"sd": pipe}, methods=["uce"], attacks=["nope"])
+
+
+def test_tune_picks_the_best_worst_case_h_on_the_dev_concept_and_runs_the_concepts_with_it(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_row(pipe, concept, method, config, *a, **k):  # figures that depend on the grid setting
+        seen.append((concept, method, config))
+        quality = {"none": 10.0, "objects": 60.0}[config.template_set] + (5.0 if config.token_span == "to-end" else 0)
+        if method == "base":
+            quality = 0.0
+        figures = {"acc_e": 100 - quality, "acc_r": 100 - quality, "acc_l": 90.0}
+        h = bench.harmonic_h(*figures.values())
+        extra = {"per_set": {}, "color_accuracy": 0.0, "n_images": 1, "suite_seconds": 0.0}
+        return figures | extra | {"h": h, "worst_h": h}
+
+    monkeypatch.setattr(bench, "_run_row", fake_row)
+    with pytest.raises(ValueError, match="development concept 'circle' is one of the reported"):
+        _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce"], tune=True, dev_concept="circle")
+    assert not seen
+    result = _bench(tmp_path, {"sd": tiny_sd_pipeline()}, methods=["uce", "keyword_zeroing"], tune=True)
+    grid = bench.TUNE_GRIDS["uce"]
+    assert [c for c, m, _ in seen[: len(grid)]] == ["square"] * len(grid)
+    assert {(cfg.template_set, cfg.token_span) for _, _, cfg in seen[: len(grid)]} == {
+        (g["template_set"], g["token_span"]) for g in grid
+    }
+    choice, single = result["tune"]["choices"]
+    assert single["method"] == "keyword_zeroing" and single["tried"] == []  # one setting: no tuning rows
+    assert choice["model"] == "sd" and choice["settings"] == {"template_set": "objects", "token_span": "to-end"}
+    assert choice["worst_h"] == max(r["worst_h"] for r in result["tune"]["rows"])
+    reported = [(c, m, cfg) for c, m, cfg in seen[len(grid) :]]
+    assert [(c, m) for c, m, _ in reported] == [("circle", "base"), ("circle", "uce"), ("circle", "keyword_zeroing")]
+    assert (reported[1][2].template_set, reported[1][2].token_span) == ("objects", "to-end")
+    assert all(r["concept"] == "circle" for r in result["rows"])  # tuning rows are not reported
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert "development concept 'square'" in md and "| sd | uce | template_set=objects, token_span=to-end |" in md
+
+
+def test_every_tune_grid_is_small_and_uce_tries_templates_and_the_last_token_option():
+    for method in bench.DEFAULT_METHODS:
+        assert 1 <= len(bench.tune_grid(method)) <= bench.MAX_GRID
+        bench.method_configs([method], "fast", None, quick=True, tuned={method: bench.tune_grid(method)[0]})
+    uce = bench.TUNE_GRIDS["uce"]
+    assert {g["template_set"] for g in uce} == {"none", "objects"} and {g["token_span"] for g in uce} == {
+        "last",
+        "to-end",
+    }

@@ -238,6 +238,11 @@ class MethodConfig:
     def check(self) -> None:
         """Rules between fields; a config class overrides this and raises :meth:`error`."""
 
+    def guidance_eta(self) -> float | None:
+        """The negative guidance in ALGORITHMS' form, target = e(anchor) - eta * (e(c) - e(anchor)),
+        for the methods trained on such a target (ESD, Receler, EraseAnything); None for others."""
+        return None
+
     @classmethod
     def parse_setting(cls, name: str, text: str) -> Any:
         """The value of field ``name`` from its ``--set`` text (see the module docstring); the

@@ -103,7 +103,9 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
     targets: str = setting(
         "add_q_proj,add_k_proj,to_k,to_v", "projections the LoRA trains (name endings)", sep=",", nonempty=True
     )
-    eta: float = setting(1.0, "negative-guidance factor", low=0)
+    eta: float = setting(
+        1.0, "negative guidance in ALGORITHMS' form: L_esd's target is v(a) - eta (v(c) - v(a))", low=0
+    )
     esd_weight: float = setting(1.0, "weight of L_esd (lower level)", low=0)
     attn_weight: float = setting(1e-3, "weight of L_attn (lower level)", low=0)
     fm_weight: float = setting(0.1, "weight of L_fm (upper level)", low=0)
@@ -150,6 +152,10 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
         """rsc_steps counts steps of the rollout: at most rollout_steps when that is given."""
         if self.rollout_steps is not None and self.rsc_steps > self.rollout_steps:
             raise self.error("rsc_steps", self.rsc_steps, f"an integer in [1, rollout_steps = {self.rollout_steps}]")
+
+    def guidance_eta(self) -> float:
+        """``eta``: already in ALGORITHMS' form."""
+        return self.eta
 
     @classmethod
     def fast(cls, **overrides) -> EraseAnythingConfig:

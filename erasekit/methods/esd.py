@@ -12,7 +12,8 @@ and "Baselines".
 - Target. The release's train script writes ``target = e_c - eta * (e_c - e_u)`` with eta 2
   (``target_base="concept"``, the default). That is ALGORITHMS' building block
   ``e_u - eta' * (e_c - e_u)`` with eta' = eta - 1 = 1; ``target_base="uncond"`` uses the
-  building block's form with ``eta`` as given.
+  building block's form with ``eta`` as given. :meth:`ESDConfig.guidance_eta` gives the
+  building block's eta of any config (the Edit records it as ``eta_algorithms``).
 - Frozen teacher without a second model: the group trains as live weight deltas
   (:func:`erasekit.edits.weight_delta.train_deltas`): the original tensors are kept aside and
   swapped in while ``adapter.edits_disabled()`` is active. Teacher passes never overlap a
@@ -67,9 +68,16 @@ class ESDConfig(RolloutSettings, MemorySettings):
     )
     iterations: int | None = setting(None, "training iterations (none: the release's value for the family)", low=1)
     lr: float | None = setting(None, "Adam learning rate (none: the release's value for the family)", above=0)
-    eta: float = setting(2.0, "negative guidance", low=0)
+    eta: float = setting(
+        2.0,
+        "negative guidance in target_base's form; ALGORITHMS' form, target = e(anchor) - eta (e(c) - e(anchor)), "
+        "is this eta with target_base uncond and this eta - 1 with concept (the release's eta 2 = 1)",
+        low=0,
+    )
     target_base: str = setting(
-        "concept", "concept: e_c - eta (e_c - e_u) (release); uncond: e_u - eta (e_c - e_u)", choices=TARGET_BASES
+        "concept",
+        "concept: e_c - eta (e_c - e_u) (release); uncond: e_u - eta (e_c - e_u) (ALGORITHMS' form)",
+        choices=TARGET_BASES,
     )
     prompt: str = setting("{concept}", "the erased prompt c", template=True)
     uncond_prompt: str = setting("", "the unconditional prompt of e_u")
@@ -82,10 +90,23 @@ class ESDConfig(RolloutSettings, MemorySettings):
         base = dict(iterations=100, lr=2e-4, rollout_steps=20, checkpoint_every=50)
         return cls(**(base | overrides))
 
+    def guidance_eta(self) -> float:
+        """``eta`` in ALGORITHMS' form, target = e_u - eta' (e_c - e_u): eta' = eta with
+        ``target_base="uncond"``; eta - 1 with the release's "concept" (e_c - eta (e_c - e_u))."""
+        return algorithms_eta(self.eta, self.target_base)
+
     def resolved(self, family: str) -> ESDConfig:
         """A copy with the family's release defaults filled in, checked again (``fit`` uses it)."""
         defaults = RELEASE_DEFAULTS.get(family, RELEASE_DEFAULTS["sd"])
         return ESDConfig(**(asdict(self) | {k: v for k, v in defaults.items() if getattr(self, k) is None}))
+
+
+def algorithms_eta(eta: float, target_base: str) -> float:
+    """ALGORITHMS' eta of ESD's ``eta`` in ``target_base``'s form: e_c - eta (e_c - e_u) =
+    e_u - (eta - 1) (e_c - e_u), so the release's form ("concept") is one more."""
+    if target_base not in TARGET_BASES:
+        raise ValueError(f"target_base must be one of {TARGET_BASES}, got {target_base!r}")
+    return eta - 1.0 if target_base == "concept" else eta
 
 
 def esd_target(e_cond: torch.Tensor, e_uncond: torch.Tensor, eta: float, target_base: str) -> torch.Tensor:
@@ -178,7 +199,11 @@ def fit(
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors={PREFIX + n: d for n, d in deltas.items()},
         hyperparameters=asdict(config)
-        | {"rollout_steps": steps, "parameters": sum(p.numel() for p in params.values())},
+        | {
+            "rollout_steps": steps,
+            "parameters": sum(p.numel() for p in params.values()),
+            "eta_algorithms": config.guidance_eta(),
+        },
         metrics=run.metrics({"final_loss": run.last("loss")}),
     )
 

@@ -48,7 +48,11 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     iterations: int = setting(500, "training iterations", low=1)
     lr: float = setting(3e-4, "Adam learning rate of the erasers", above=0)
     rank: int = setting(128, "hidden width of every eraser", low=1)
-    eta: float = setting(1.0, "negative-guidance factor of the erase target", low=0)
+    eta: float = setting(
+        1.0,
+        "negative guidance in ALGORITHMS' form: the erase target is e(anchor) - eta (e(c) - e(anchor))",
+        low=0,
+    )
     reg_weight: float = setting(0.1, "weight of the concept-localized regulariser; 0 switches it off", low=0)
     reg_threshold: float = setting(0.1, "regulariser mask: min-max normalised attention >= threshold", low=0, high=1)
     adv_tokens: int = setting(16, "soft embeddings written after the concept's tokens; 0 switches them off", low=0)
@@ -79,6 +83,10 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     )
     checkpoint_every: int = setting(100, "with a checkpoint folder: save every this many iterations", low=1)
     seed: int = setting(0, "seed of the erasers' init and of every random draw of training", low=0)
+
+    def guidance_eta(self) -> float:
+        """``eta``: already in ALGORITHMS' form."""
+        return self.eta
 
     @classmethod
     def fast(cls, **overrides) -> RecelerConfig:

@@ -8,10 +8,22 @@ dual-stream add_k_proj / add_v_proj), with W its weight::
     v_e = W c_guide(e)
 
 (erase terms weighted by ``erase_scale``, preserve terms by ``preserve_scale``, as in the
-release). As in the release, each prompt contributes ONE token: the last token of the concept
-(erased prompts: the concept inside the template; guide and preserved concepts: the prompt's
-last token; the empty guide: position 0, i.e. CLIP's BOS as in the release, T5's first token).
-Several concepts: ``concept`` may hold several separated by ";".
+release). Which tokens a prompt contributes is ``token_span``:
+
+- ``"last"`` (default; the current release, uce_sd_erase.py): ONE token, the last token of the
+  concept (erased prompts: the concept inside the template; guide and preserved concepts: the
+  prompt's last token; the empty guide: position 0, i.e. CLIP's BOS as in the release, T5's
+  first token).
+- ``"to-end"`` (the original release, train-scripts/train_erase.py): every position from that
+  token to the end of the padded sequence (end-of-text and padding included); the guide's rows
+  are aligned from its own start position and both spans are cut to the same length, as the
+  original release does. Preserved prompts contribute their own last-token-to-end spans.
+
+Erased prompts: ``templates`` (default the bare "{concept}", the release's), plus the named set
+``template_set``: "objects" (our extension) adds :data:`OBJECT_TEMPLATES`, so the concept's
+tokens are also fitted in the context a prompt gives them. With the bare word alone the edit
+sees the concept's token right after the start token only, and on the toy pipelines it erased
+nothing (Acc_E 100). Several concepts: ``concept`` may hold several separated by ";".
 
 c is the INPUT of the projection at that token. For SD that input is the text encoder's output
 itself (the release's c). For Flux the dual-stream projections read the block's text stream
@@ -41,6 +53,11 @@ from .config import MethodConfig, setting
 from .registry import register_method
 
 NAME = "uce"
+TOKEN_SPANS = ("last", "to-end")
+# template_set "objects": erased prompts that give the concept's tokens context (the release's
+# object prompts "image of {concept}", ... with articles, in words the toy tokenizers know).
+OBJECT_TEMPLATES = ("an image of a {concept}", "a photo of a {concept}", "a picture of a {concept}", "a {concept}")
+TEMPLATE_SETS = {"none": (), "objects": OBJECT_TEMPLATES}
 
 
 @dataclass
@@ -51,6 +68,17 @@ class UCEConfig(MethodConfig):
     preserve: str = setting("", "concepts to keep", sep=";")
     # The release's expand_prompts adds e.g. "photo of {concept}".
     templates: str = setting("{concept}", "erased prompts", sep=";", template=True)
+    template_set: str = setting(
+        "none",
+        "our extension: a named set of erased prompts added to templates; objects: 'an image of a {concept}', ...",
+        choices=tuple(TEMPLATE_SETS),
+    )
+    token_span: str = setting(
+        "last",
+        "tokens each prompt contributes: last (the concept's last token, current release) or to-end (from it to "
+        "the end of the padded sequence, the original release)",
+        choices=TOKEN_SPANS,
+    )
     erase_scale: float = setting(1.0, "weight of the erase terms", low=0)
     preserve_scale: float = setting(1.0, "weight of the preserve terms", low=0)
     lamb: float = setting(0.5, "regulariser lambda that keeps W' near W (> 0: the solve stays invertible)", above=0)
@@ -70,14 +98,23 @@ def _last_token(adapter, prompt: str, phrase: str) -> int:
     return adapter.token_indices(prompt, phrase)[-1]
 
 
+def _spans(starts: list[int], guide_start: int, length: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """For ``token_span="to-end"``: (start, stop) of each erased prompt's span and the guide's
+    start per erased prompt, aligned as the original release aligns them: both spans run to the
+    end of the sequence, cut to the same length ``length - max(start, guide_start)``."""
+    spans = [(p, length - max(0, max(p, guide_start) - p)) for p in starts]
+    return spans, [guide_start for _ in starts]
+
+
 def _record_inputs(
-    adapter, points, prompts: list[str], positions: list[int], samples: int, seed: int
+    adapter, points, prompts: list[str], rows: list[int], positions: list[int], samples: int, seed: int
 ) -> dict[str, list[torch.Tensor]]:
-    """point name -> one (len(prompts), in_features) float64 tensor per sample: the inputs of
-    the point's Linear at each prompt's position, during a denoiser pass on the prompts."""
+    """point name -> one (len(rows), in_features) float64 tensor per sample: the inputs of the
+    point's Linear at prompt ``rows[i]``'s position ``positions[i]``, during a denoiser pass on
+    the prompts."""
     cond = adapter.encode(prompts)
     n = len(prompts)
-    rows = torch.arange(n)
+    rows = torch.tensor(rows)
     pos = torch.tensor(positions)
     g = torch.Generator().manual_seed(seed)
     records: dict[str, list[torch.Tensor]] = {p.name: [] for p in points}
@@ -100,6 +137,11 @@ def _record_inputs(
     return records
 
 
+def erase_templates(config: UCEConfig) -> list[str]:
+    """The templates ``config.template_set`` adds to ``config.templates``."""
+    return list(TEMPLATE_SETS[config.template_set])
+
+
 def trainable_parameters(model, config: UCEConfig) -> int:
     """Parameters UCE rewrites on ``model`` (a pipeline or an adapter, a meta-device one
     included): the weights of the text-reading key and value projections."""
@@ -118,15 +160,31 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
     if not concepts:
         raise ValueError("no concept to erase")
     templates = split_list(config.templates, ";") or ["{concept}"]
+    templates += [t for t in erase_templates(config) if t not in templates]
     erase = [(tpl.format(concept=c), c) for c in concepts for tpl in templates]
     preserve = split_list(config.preserve, ";")
     prompts = [p for p, _ in erase] + [config.guide] + preserve
     positions = [_last_token(adapter, p, c) for p, c in erase]  # ValueError if absent
     positions += [_last_token(adapter, config.guide, config.guide)] + [_last_token(adapter, p, p) for p in preserve]
     points = [p for p in adapter.attachment_points("text_proj") if p.role in ("k", "v")]
-    records = _record_inputs(adapter, points, prompts, positions, max(1, config.samples), config.seed)
+    guide_row = len(erase)
+    if config.token_span == "last":  # one token per prompt, one guide row for every erased one
+        rows, cols = list(range(len(prompts))), positions
+        n_e, n_g = len(erase), 1
+    else:
+        length = adapter.encode([""]).embeds.shape[1]
+        spans, guide_starts = _spans(positions[:guide_row], positions[guide_row], length)
+        rows = [i for i, (a, b) in enumerate(spans) for _ in range(a, b)]
+        cols = [j for a, b in spans for j in range(a, b)]
+        n_e = len(rows)
+        rows += [guide_row] * n_e  # the guide's aligned positions, one per erased row
+        cols += [g + (j - a) for (a, b), g in zip(spans, guide_starts) for j in range(a, b)]
+        n_g = n_e
+        for k, p in enumerate(positions[guide_row + 1 :], guide_row + 1):
+            rows += [k] * (length - p)
+            cols += list(range(p, length))
+    records = _record_inputs(adapter, points, prompts, rows, cols, max(1, config.samples), config.seed)
 
-    n_e, guide_row = len(erase), len(erase)
     param_names = {id(p): n for n, p in adapter.denoiser.named_parameters()}
     tensors = {}
     for point in points:
@@ -135,8 +193,9 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
         eye = torch.eye(w.shape[1], dtype=torch.float64, device=w.device)
         lhs, rhs = config.lamb * w, config.lamb * eye  # W' rhs = lhs
         for inputs in records[point.name]:
-            c_e, c_g, c_p = inputs[:n_e], inputs[guide_row : guide_row + 1], inputs[guide_row + 1 :]
-            v_e = F.linear(c_g, w).expand(n_e, -1)  # W c_guide, no bias
+            c_e, c_g, c_p = inputs[:n_e], inputs[n_e : n_e + n_g], inputs[n_e + n_g :]
+            v_e = F.linear(c_g, w)  # W c_guide, no bias
+            v_e = v_e.expand(n_e, -1) if n_g == 1 else v_e
             v_p = F.linear(c_p, w)
             k = len(records[point.name])
             lhs = lhs + (config.erase_scale * v_e.T @ c_e + config.preserve_scale * v_p.T @ c_p) / k
@@ -151,7 +210,8 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
         family=adapter.family,
         base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors,
-        hyperparameters=asdict(config) | {"erase_prompts": [p for p, _ in erase], "token_positions": positions},
+        hyperparameters=asdict(config)
+        | {"erase_prompts": [p for p, _ in erase], "token_positions": positions, "token_rows": n_e},
         metrics={"train_seconds": round(time.time() - t0, 2)},
     )
 
