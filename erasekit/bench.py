@@ -815,8 +815,9 @@ def _run_row(
 ) -> dict:
     """The figures of one row: the suite (and, for a method, its training) on ``pipe``; the
     suite is one in-memory run of :func:`erasekit.evaluation.evaluate.evaluate_run`. With
-    ``attacks`` and a method, those attacks then run on the edit (their success rates in
-    ``attacks``, their results in ``attack_out``); every row gets ``worst_h``."""
+    ``attacks``, those attacks then run on the edit, or for the base row on the unedited model
+    (their success rates in ``attacks``, their results in ``attack_out``); every row gets
+    ``worst_h``."""
     row: dict = {}
     edit = None
     if method != BASE:
@@ -837,13 +838,14 @@ def _run_row(
         d = evaluate_run(pipe, suite, concept, detector, edit=edit, batch_size=BATCH_SIZE)["metrics"]
     row |= {k: d[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "color_accuracy", "n_images")}
     row["suite_seconds"] = round(clock.seconds, 3)
-    if attacks and edit is not None:
+    if attacks:
         with Stopwatch(device) as clock:
             res = attack(
                 pipe,
                 "toy-objects",
                 concept,
-                edits=[edit],
+                edits=[edit] if edit is not None else [],
+                include_base=edit is None,
                 out=attack_out or Path("erasekit-bench-attacks"),
                 attacks=list(attacks),
                 detector=detector,
@@ -854,7 +856,7 @@ def _run_row(
                 suite_options={"n": attack_n, "n_locality": 1},
                 progress=False,
             )
-        asr = res["asr"][edit.method]
+        asr = res["asr"][edit.method if edit is not None else "base"]
         row["attacks"] = {a: asr.get(a, math.nan) for a in attacks}
         row["attack_no_attack"] = asr.get("no attack")
         row["attack_seconds"] = round(clock.seconds, 3)
