@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .evaluation.attacks import PROMPT_ATTACKS, attack, attack_spec
+from .evaluation.attacks import PROMPT_ATTACKS, attack, attack_spec, make_attack_config
 from .evaluation.evaluate import evaluate_run
 from .evaluation.metrics import harmonic_h, pooled_accuracies
 from .evaluation.resources import PeakMemory, Stopwatch
@@ -587,8 +587,17 @@ def run_bench(
         "device": str(device),
         "images": "8-bit",
     }
+    # Rows are keyed by the attacks' resolved settings, so a changed default is never mixed with old rows.
     attack_settings = (
-        {"attacks": attacks, "attack_n": attack_n, "attack_quick": quick, "attack_configs": attack_configs}
+        {
+            "attacks": attacks,
+            "attack_n": attack_n,
+            "attack_configs": {
+                a: dataclasses.asdict(make_attack_config(a, (attack_configs or {}).get(a), quick=quick))
+                for a in attacks
+                if a not in PROMPT_ATTACKS
+            },
+        }
         if attacks
         else {}
     )
@@ -601,7 +610,7 @@ def run_bench(
         settings = suite_settings | {"source": source_of(spec)}
         if method != BASE:
             settings |= {"method": variant_method(method)[0], "preset": preset, "config": dataclasses.asdict(config)}
-            settings |= attack_settings
+        settings |= attack_settings
         if phase != "report":
             settings |= {"phase": phase} | (extra or {})
         key = _key(label, concept, method, settings)
