@@ -144,3 +144,46 @@ def _save_tokenizer(tokenizer, tmp_path):
     folder = tmp_path / "tokenizer"
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def test_a_reference_model_gives_the_targets_and_training_images(sd_pipe, tmp_path, monkeypatch):
+    """An oracle (a model that never learned the concept) is attacked with the shipped model's
+    images: the reference run's images are the attacks' base images, extra training images too."""
+    from tiny_pipelines import tiny_sd_pipeline
+
+    from erasekit.evaluation.attacks import textual_inversion as ti
+    from erasekit.evaluation.attacks.base import AttackContext
+    from erasekit.models import adapter_for
+
+    reference = tiny_sd_pipeline(seed=1)
+    seen = {}
+    real = ti.invert
+
+    def spy(adapter, images, word, config, progress=False):
+        seen["images"] = images
+        return real(adapter, images, word, config, progress)
+
+    monkeypatch.setattr(ti, "invert", spy)
+    results = attack(
+        sd_pipe,
+        "toy-objects",
+        "circle",
+        out=tmp_path,
+        attacks=["textual-inversion"],
+        n=2,
+        configs={"textual-inversion": {"word": WORD, "steps": "1", "images": "3"}},
+        include_base=True,
+        reference=reference,
+        progress=False,
+    )
+    assert results["reference"]["class"] == "StableDiffusionPipeline"
+    assert (tmp_path / "reference" / "base").is_dir()
+    first = ToyObjectSuite().attack_sets("circle")["plain"][0]
+
+    def image_of(pipe):
+        ctx = AttackContext(pipe, adapter_for(pipe), "circle", None, None, "", [], [], [], tmp_path)
+        return ctx.generate([first.prompt], [first])[0]
+
+    assert len(seen["images"]) == 3
+    assert torch.equal(seen["images"][0], image_of(reference))  # the reference's image, not the attacked one's
+    assert not torch.equal(seen["images"][0], image_of(sd_pipe))

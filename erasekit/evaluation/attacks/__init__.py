@@ -104,6 +104,7 @@ def attack(
     model: str | None = None,
     suite_options: dict | None = None,
     include_base: bool = False,
+    reference=None,
     progress: bool = True,
 ) -> dict | None:
     """Attack each of ``edits`` (Edit objects or folders) on ``pipe`` with ``attacks`` for
@@ -117,7 +118,10 @@ def attack(
     ``--attack-set`` gives it); ``quick`` starts from each attack's quick settings.
     ``soft_prompt`` is the soft-prompt attack's config (the same as ``configs["soft-prompt"]``).
     ``include_base``: run the attacks on the unedited model too (row "base"): the rate an attack
-    reaches where nothing was erased, the check that the attack works at all.
+    reaches where nothing was erased, the check that the attack works at all. ``reference``: a
+    pipeline whose images of the plain prompts stand for the concept in the attacks (their
+    targets and training images) instead of ``pipe``'s own: the shipped model when ``pipe`` is
+    one retrained without the concept (an oracle).
     Success rates are % in [0, 100]. Returns None on processes other than the main one.
     """
     start = time.time()
@@ -162,6 +166,9 @@ def attack(
     plain_idx = [i for i, c in enumerate(cases) if c.set == "plain"]
     plain = [cases[i] for i in plain_idx]
     base_images = [runs[0]["images"][i] for i in plain_idx]
+    if reference is not None:  # the attacks' targets come from the reference model
+        ref = generate_runs(reference, plain, out, [], [1.0], batch_size, steps, progress, folder_name="reference")[0]
+        base_images = [ref["images"][i] for i in range(len(plain))]
     outcomes: dict[str, dict[str, AttackOutcome]] = {}
     seconds: dict[str, dict[str, float]] = {}
     run_attacks = [a for a in attacks if a not in PROMPT_ATTACKS]
@@ -178,7 +185,19 @@ def attack(
             for name in run_attacks:
                 folder = out / name / label
                 ctx = AttackContext(
-                    pipe, adapter, concept, suite, detector, label, plain, base_images, pre, folder, steps, progress
+                    pipe,
+                    adapter,
+                    concept,
+                    suite,
+                    detector,
+                    label,
+                    plain,
+                    base_images,
+                    pre,
+                    folder,
+                    steps,
+                    progress,
+                    reference,
                 )
                 began = time.time()
                 if edit is not None:
@@ -201,6 +220,7 @@ def attack(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "concept": concept,
         "model": model_record(pipe, model),
+        "reference": model_record(reference, None) if reference is not None else None,
         "suite": suite.record()
         | {"n_cases": len(cases), "sets": {name: sum(c.set == name for c in cases) for name in names}},
         "detector": describe(detector),

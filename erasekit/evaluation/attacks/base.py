@@ -46,7 +46,8 @@ class AttackContext:
     ``adapter.edits_disabled()`` gives the base model.
 
     ``cases``: the suite's plain prompts for the concept (at most n). ``base_images``: the base
-    model's image of each case, (3, H, W) in [0, 1], 8-bit levels. ``pre``: whether the edited
+    model's image of each case (or the ``reference`` model's), (3, H, W) in [0, 1], 8-bit levels.
+    ``pre``: whether the edited
     model's image of each case shows the concept (no attack). ``folder``: where this attack
     writes its files for this edit. ``steps``: sampler steps for images (None: the model's).
     """
@@ -63,6 +64,19 @@ class AttackContext:
     folder: Path
     steps: int | None = None
     progress: bool = True
+    reference: Any = None
+
+    def generate_reference(self, prompts: Sequence[str], cases: Sequence[Case]) -> list[Tensor]:
+        """Like :meth:`generate`, on the reference model: ``reference`` (a pipeline whose images
+        stand for the concept, e.g. the shipped model when the attacked one never learned it),
+        or else this pipeline with every edit off (the base model)."""
+        if self.reference is None:
+            with self.adapter.edits_disabled():
+                return self.generate(prompts, cases)
+        from ...models import adapter_for
+
+        ctx = dataclasses.replace(self, pipe=self.reference, adapter=adapter_for(self.reference), reference=None)
+        return ctx.generate(prompts, cases)
 
     def judge(self, images: Sequence[Tensor]) -> list[tuple[bool, float]]:
         """(shows the concept, detector score) per image (3, H, W) in [0, 1]."""

@@ -99,8 +99,7 @@ def training_images(ctx: AttackContext, config: TextualInversionConfig) -> list[
         ]
         extra = extra[: n - len(images)]
         if extra:
-            with ctx.adapter.edits_disabled():
-                images += ctx.generate([c.prompt for c in extra], extra)
+            images += ctx.generate_reference([c.prompt for c in extra], extra)
         return images
     if config.source == "renderer":
         images = ctx.suite.concept_images(ctx.concept, n, config.seed)
