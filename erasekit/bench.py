@@ -68,6 +68,7 @@ DEFAULT_METHODS = tuple(VARIANTS)
 DEFAULT_CONCEPTS = ("circle", "triangle", "heart")
 DEFAULT_MODELS = ("toy:sd", "toy:flux")
 BASE = "base"
+ORACLE = "oracle"  # the pipeline retrained without the concept (see ``oracles`` in run_bench)
 N, N_LOCALITY = 24, 8
 # --quick: a smoke run (figures mean nothing): tiny suite, one concept, fewest iterations.
 QUICK_N, QUICK_N_LOCALITY = 2, 1
@@ -303,7 +304,7 @@ def mean_rows(
     out = []
     for model in models:
         mine = []
-        for method in (BASE, *methods):
+        for method in (BASE, ORACLE, *methods):
             sel = [r for r in rows if r["model"] == model and r["method"] == method and "error" not in r]
             if not sel:
                 continue
@@ -340,14 +341,41 @@ def mean_rows(
 
 
 def sort_rows(rows: Sequence[dict]) -> list[dict]:
-    """``rows`` of one model with the base row first, then the others by worst-case H, highest
-    first (NaN last; ties keep their order)."""
+    """``rows`` of one model with the base row first, the oracle row next, then the others by
+    worst-case H, highest first (NaN last; ties keep their order)."""
 
     def key(r: dict) -> tuple:
         w = r.get("worst_h")
-        return (r["method"] != BASE, -(w if w is not None and not math.isnan(w) else -math.inf))
+        fixed = {BASE: 0, ORACLE: 1}.get(r["method"], 2)
+        return (fixed, -(w if w is not None and not math.isnan(w) else -math.inf))
 
     return sorted(rows, key=key)
+
+
+GAP_KEYS = ("acc_e", "acc_r", "acc_l", "h", "worst_h")
+
+
+def oracle_gaps(rows: Sequence[dict], attacks: Sequence[str] = ()) -> list[dict]:
+    """Per model, concept and method (mean over its seeds): each figure minus the oracle's on the
+    same concept (Acc_E, Acc_R, Acc_L, H, worst-case H, every attack's success), in points.
+    Only concepts with an oracle row; a method at the oracle has gaps of 0."""
+    out = []
+    oracles = {(r["model"], r["concept"]): r for r in rows if r["method"] == ORACLE and "error" not in r}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["method"] not in (BASE, ORACLE) and "error" not in r and (r["model"], r["concept"]) in oracles:
+            groups.setdefault((r["model"], r["concept"], r["method"]), []).append(r)
+    for (model, concept, method), sel in groups.items():
+        o = oracles[(model, concept)]
+        gap = {"model": model, "concept": concept, "method": method, "seeds": len(sel)}
+        for key in GAP_KEYS:
+            gap[key] = _spread([r.get(key) for r in sel])["mean"] - o[key]
+        gap["attacks"] = {
+            a: _spread([r.get("attacks", {}).get(a) for r in sel])["mean"] - o.get("attacks", {}).get(a, math.nan)
+            for a in attacks
+        }
+        out.append(gap)
+    return out
 
 
 def _cell(v: Any, fmt: str = "{:.1f}") -> str:
@@ -371,6 +399,12 @@ def _attack_pm(r: dict, a: str) -> str:
     if len(r.get("seeds", [])) > 1 and v is not None and std is not None and not math.isnan(std):
         return f"{_cell(v)} ± {_cell(std)}"
     return _cell(v)
+
+
+def _gap(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:+.1f}"
 
 
 def _eta(v: Any) -> str:
@@ -420,7 +454,8 @@ def markdown(result: dict) -> str:
         "Means over concepts; H is the harmonic mean of (100 - Acc_E, 100 - Acc_R, Acc_L) of the mean "
         "accuracies; worst H the same with 100 - max(Acc_R, every attack's success rate) as its middle term"
         + (f" (attack columns: success rate in %, {s['attack_n']} prompts per set; '-' not run)" if attacks else "")
-        + "; rows are ordered by worst H within each model, the unedited model first. "
+        + "; rows are ordered by worst H within each model, the unedited model first, then the oracle "
+        "(the pipeline retrained without the concept) where there is one. "
         "eta: the negative guidance in ALGORITHMS' form, target = e(anchor) - eta (e(c) - e(anchor)). "
         + (
             "With several training seeds: mean ± sample standard deviation over seeds (min and max in bench.json). "
@@ -459,6 +494,26 @@ def markdown(result: dict) -> str:
                 + f" | {_eta(c.get('eta'))} "
                 f"| {_cell(c.get('worst_h'))} | {_cell(c.get('h'))} |"
             )
+    gaps = result.get("oracle_gaps") or []
+    if gaps:
+        lines += [
+            "",
+            "Gap to oracle (the pipeline retrained without the concept), per concept: each method's figure "
+            "(mean over its seeds) minus the oracle's, in points. An edit at the oracle has gap 0 everywhere; "
+            "a positive attack gap is success the attack gets beyond what it teaches a model that never "
+            "learned the concept.",
+            "",
+            "| model | concept | method | Acc_E | Acc_R | Acc_L | H | "
+            + "".join(f"{a} | " for a in attacks)
+            + "worst H |",
+            "|" + "---|" * (8 + len(attacks)),
+        ]
+        for g in gaps:
+            cells = [g["model"], g["concept"], g["method"]] + [_gap(g[k]) for k in ("acc_e", "acc_r", "acc_l", "h")]
+            cells += [_gap(g["attacks"].get(a)) for a in attacks] + [_gap(g["worst_h"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    for name in result.get("oracles_missing") or []:
+        lines.append(f"\nNo oracle {name} in {result['settings'].get('oracles')}: its row and gaps are left out.")
     lines += [
         "",
         "Per concept:",
@@ -485,6 +540,15 @@ class RestoreError(RuntimeError):
     """Removing an edit did not give the base pipeline back."""
 
 
+def oracle_folder(oracles: str | Path | None, label: str, concept: str) -> str | None:
+    """The oracle pipeline of model ``label`` and ``concept``: ``oracles/LABEL-no-CONCEPT`` when it
+    holds a diffusers pipeline (model_index.json), else None."""
+    if oracles is None:
+        return None
+    folder = Path(oracles).expanduser() / f"{label}-no-{concept}"
+    return str(folder.resolve()) if (folder / "model_index.json").is_file() else None
+
+
 def run_bench(
     models: Mapping[str, Any] | Sequence[str] = DEFAULT_MODELS,
     methods: Sequence[str] = DEFAULT_METHODS,
@@ -506,6 +570,7 @@ def run_bench(
     attack_configs: Mapping[str, Mapping[str, str]] | None = None,
     tune: bool = False,
     dev_concept: str = DEV_CONCEPT,
+    oracles: str | Path | None = None,
 ) -> dict:
     """Run the toy bench; returns the result also written to ``out/bench.json``.
 
@@ -522,7 +587,11 @@ def run_bench(
     suite (``attack_n`` prompts per set, default 4, 1 with ``quick``; ``attack_configs``: attack
     name -> settings as ``--attack-set`` gives them; with ``quick`` each attack starts from its
     quick settings). ``tune``: pick each method's setting from :data:`TUNE_GRIDS` by worst-case H
-    on ``dev_concept`` (which must not be among ``concepts``), per model.
+    on ``dev_concept`` (which must not be among ``concepts``), per model. ``oracles``: a folder of
+    pipelines retrained without one concept each, ``LABEL-no-CONCEPT`` (:func:`oracle_folder`):
+    where one exists, an ``oracle`` row (its suite and attacks, the attacks' targets from the
+    model ``LABEL``) follows the base row, and every method gets its gaps to it
+    (:func:`oracle_gaps`); missing ones are listed in ``oracles_missing``.
     Accuracies and attack success rates are % in [0, 100], times seconds, memory MiB.
     """
     from .models import adapter_for, load_pipeline
@@ -608,7 +677,7 @@ def run_bench(
     def planned(label, spec, concept, method, config, phase="report", extra=None) -> dict:
         """One row to run: its key is made of everything its figures depend on."""
         settings = suite_settings | {"source": source_of(spec)}
-        if method != BASE:
+        if method not in (BASE, ORACLE):
             settings |= {"method": variant_method(method)[0], "preset": preset, "config": dataclasses.asdict(config)}
         settings |= attack_settings
         if phase != "report":
@@ -653,9 +722,12 @@ def run_bench(
             "attack_configs": attack_configs,
             "tune": tune,
             "dev_concept": dev_concept if tune else None,
+            "oracles": str(oracles) if oracles is not None else None,
         },
         "rows": [],
         "means": [],
+        "oracle_gaps": [],
+        "oracles_missing": [],
         "errors": [],
         "skipped": 0,
     }
@@ -674,6 +746,7 @@ def run_bench(
         rows = [done[p["key"]] for p in order if p["phase"] == "report" and p["key"] in done]
         result["rows"] = rows
         result["means"] = mean_rows(rows, list(models), methods, attacks)
+        result["oracle_gaps"] = oracle_gaps(rows, attacks)
         result["errors"] = errors
         result["skipped"] = skipped
         if tune:
@@ -686,22 +759,31 @@ def run_bench(
     bar = tqdm(total=n_rows, desc="bench", disable=not progress, unit="row")
     try:
 
+        def loaded(st: dict) -> dict:
+            """``st`` with its pipeline (and adapter) loaded."""
+            if st.get("pipe") is None:
+                spec = st["spec"]
+                st["pipe"] = load_pipeline(spec, device=device) if isinstance(spec, (str, os.PathLike)) else spec
+                st["adapter"] = adapter_for(st["pipe"])
+                st["pipe"].set_progress_bar_config(disable=True)
+            return st
+
         def run(p: dict, st: dict) -> dict | None:
             """The row of plan entry ``p``: the finished one of an earlier run, or run now. ``st``:
             the model's label, spec, and its pipeline, adapter and base fingerprints once loaded."""
             nonlocal skipped
-            label, spec = st["label"], st["spec"]
+            label = st["label"]
             order.append(p)
             if p["key"] in done:
                 skipped += 1
                 bar.update(1)
                 return done[p["key"]]
-            if st.get("pipe") is None:
-                st["pipe"] = load_pipeline(spec, device=device) if isinstance(spec, (str, os.PathLike)) else spec
-                st["adapter"] = adapter_for(st["pipe"])
-                st["pipe"].set_progress_bar_config(disable=True)
+            loaded(st)
             pipe, adapter, references = st["pipe"], st["adapter"], st.setdefault("references", {})
             concept, method = p["concept"], p["method"]
+            # The oracle row is the suite and attacks on the oracle pipeline as it is (a base row),
+            # with the shipped model's images as the attacks' targets.
+            shipped = loaded(st["reference"])["pipe"] if method == ORACLE else None
             prompt = object_prompts(concept, n=1, n_locality=0)[0].prompt
             if concept not in references:
                 references[concept] = _fingerprint(adapter, prompt)
@@ -723,7 +805,7 @@ def run_bench(
                 row |= _run_row(
                     pipe,
                     concept,
-                    method,
+                    BASE if method == ORACLE else method,
                     p["config"],
                     detector,
                     n,
@@ -735,6 +817,7 @@ def run_bench(
                     attack_configs=attack_configs,
                     quick=quick,
                     attack_out=out / "attacks" / p["key"],
+                    reference=shipped,
                 )
             except (KeyboardInterrupt, RestoreError):
                 raise
@@ -761,6 +844,7 @@ def run_bench(
 
         for label, spec in models.items():
             st = {"label": label, "spec": spec}
+            oracle_states: dict[str, dict] = {}
             here = configs
             if tune:
                 chosen: dict[str, dict[str, str]] = {}
@@ -796,10 +880,17 @@ def run_bench(
                 here = method_configs(methods, preset, overrides, quick, tuned=chosen)
             for concept in concepts:
                 run(planned(label, spec, concept, BASE, None), st)
+                folder = oracle_folder(oracles, label, concept)
+                if folder is not None:
+                    oracle_st = oracle_states.setdefault(concept, {"label": label, "spec": folder, "reference": st})
+                    run(planned(label, folder, concept, ORACLE, None), oracle_st)
+                elif oracles is not None:
+                    result["oracles_missing"].append(f"{label}-no-{concept}")
                 for m in methods:
                     for config in seeded(here[m]):
                         run(planned(label, spec, concept, m, config), st)
-            st.clear()  # the pipeline is freed before the next model's is loaded
+            st.clear()  # the pipelines are freed before the next model's are loaded
+            oracle_states.clear()
     finally:
         bar.close()
     write()
@@ -821,6 +912,7 @@ def _run_row(
     attack_configs: Mapping[str, Mapping[str, str]] | None = None,
     quick: bool = False,
     attack_out: Path | None = None,
+    reference=None,
 ) -> dict:
     """The figures of one row: the suite (and, for a method, its training) on ``pipe``; the
     suite is one in-memory run of :func:`erasekit.evaluation.evaluate.evaluate_run`. With
@@ -855,6 +947,7 @@ def _run_row(
                 concept,
                 edits=[edit] if edit is not None else [],
                 include_base=edit is None,
+                reference=reference,
                 out=attack_out or Path("erasekit-bench-attacks"),
                 attacks=list(attacks),
                 detector=detector,

@@ -134,6 +134,7 @@ def _bench_toy(args: argparse.Namespace) -> int:
         attack_configs=attack_configs,
         tune=args.tune,
         dev_concept=args.dev_concept,
+        oracles=None if args.oracles.lower() == "none" else args.oracles,
     )
     from .bench import MD_FILE, markdown
 
@@ -571,6 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dev-concept",
         default="square",
         help="--tune's development concept (default square); must not be one of --concepts",
+    )
+    bt.add_argument(
+        "--oracles",
+        default="benchmarks/oracles",
+        help="folder of pipelines retrained without a concept, LABEL-no-CONCEPT (an oracle row and gaps to it "
+        "where one exists; default benchmarks/oracles; none: no oracle rows)",
     )
     bt.add_argument("--device", default="cpu")
     bt.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -388,3 +388,41 @@ def test_every_tune_grid_is_small_and_uce_tries_templates_and_the_last_token_opt
         "last",
         "to-end",
     }
+
+
+def test_oracle_row_and_gaps(tmp_path):
+    """A pipeline retrained without the concept (here another tiny pipeline) in oracles/sd-no-circle
+    gets its own row after the base row, attacked with the shipped model's images as targets, and
+    every method its gaps to it; a missing oracle is named."""
+    oracles = tmp_path / "oracles"
+    tiny_sd_pipeline(seed=3).save_pretrained(oracles / "sd-no-circle")
+    pipe = tiny_sd_pipeline()
+    result = _bench(
+        tmp_path,
+        {"sd": pipe},
+        methods=["uce"],
+        concepts=["circle", "square"],
+        oracles=oracles,
+        attacks=["paraphrase"],
+        attack_n=1,
+    )
+    methods = [(r["concept"], r["method"]) for r in result["rows"]]
+    assert methods == [
+        ("circle", "base"),
+        ("circle", "oracle"),
+        ("circle", "uce"),
+        ("square", "base"),
+        ("square", "uce"),
+    ]
+    oracle = result["rows"][1]
+    assert oracle["settings"]["source"] == str((oracles / "sd-no-circle").resolve()) and "attacks" in oracle
+    assert (tmp_path / "bench" / "attacks" / oracle["key"] / "reference").is_dir()  # targets from the shipped model
+    uce_row = result["rows"][2]
+    (gap,) = result["oracle_gaps"]
+    assert gap["method"] == "uce" and gap["concept"] == "circle"
+    assert gap["acc_e"] == pytest.approx(uce_row["acc_e"] - oracle["acc_e"])
+    assert gap["worst_h"] == pytest.approx(uce_row["worst_h"] - oracle["worst_h"])
+    assert [m["method"] for m in result["means"]][:2] == ["base", "oracle"]
+    assert result["oracles_missing"] == ["sd-no-square"]
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert "Gap to oracle" in md and "No oracle sd-no-square" in md
