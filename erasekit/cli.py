@@ -108,13 +108,7 @@ def _bench_toy(args: argparse.Namespace) -> int:
         seeds = [int(x) for x in split_list(args.seeds)] if args.seeds else None
     except ValueError:
         raise UserError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
-    attack_configs: dict[str, dict[str, str]] = {}
-    for item in args.attack_set:
-        head, eq, value = item.partition("=")
-        name, dot, key = head.rpartition(".")
-        if not eq or not dot or not name or not key:
-            raise UserError(f"--attack-set takes ATTACK.KEY=VALUE, got {item!r}")
-        attack_configs.setdefault(name.strip(), {})[key.strip()] = value.strip()
+    attack_configs = parse_attack_set(args.attack_set)
     result = run_bench(
         models=split_list(args.models),
         **optional,
@@ -323,18 +317,25 @@ def _attack(args: argparse.Namespace) -> int:
         return _attack_locked(args)
 
 
-def attack_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, str]]:
-    """Attack name -> {setting: text} from --attack-set ATTACK.KEY=VALUE, the soft-prompt flags and
-    --attack-seed (for every attack run)."""
+def parse_attack_set(items: list[str]) -> dict[str, dict[str, str]]:
+    """Attack name -> {setting: text} from ``--attack-set ATTACK.KEY=VALUE`` items; a malformed
+    item is a ConfigError."""
     from .errors import ConfigError
 
     settings: dict[str, dict[str, str]] = {}
-    for item in args.attack_set:
+    for item in items:
         head, eq, value = item.partition("=")
         name, dot, key = head.rpartition(".")
         if not eq or not dot or not name or not key:
             raise ConfigError(f"--attack-set takes ATTACK.KEY=VALUE, got {item!r}")
         settings.setdefault(name.strip(), {})[key.strip()] = value.strip()
+    return settings
+
+
+def attack_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, str]]:
+    """Attack name -> {setting: text} from --attack-set ATTACK.KEY=VALUE, the soft-prompt flags and
+    --attack-seed (for every attack run)."""
+    settings = parse_attack_set(args.attack_set)
     soft = {"tokens": args.tokens, "steps": args.attack_steps, "lr": args.lr}
     for key, value in soft.items():
         if value is not None and "soft-prompt" in names:

@@ -26,7 +26,7 @@ from ..files import atomic_write_text
 from .detectors import describe, make_detector
 from .lock import output_lock
 from .records import edit_record, library_versions, model_record
-from .report import figure, html_table, image_grid, page, svg_bar_chart, svg_line_chart, thumbnails
+from .report import html_table, page, seed_grids, svg_bar_chart, svg_line_chart
 from .runner import RunImages, generate_in_memory, generate_run, process_state, read_manifest
 from .suites import Suite, make_suite
 
@@ -470,14 +470,7 @@ def evaluation_report(results: dict, suite: Suite, cases, runs: list[dict], per_
         sections.append("<p>Images of this suite are shown pixelated.</p>")
     for row_label, idx in suite.grid_rows(cases, per_row):
         sections.append(f"<h3>{_esc(row_label)}</h3>")
-        for r in image_runs:
-            imgs = thumbnails([r["images"][i] for i in idx], pixelate=pix)
-            sections.append(
-                figure(
-                    image_grid(imgs, cols=len(idx), scale=max(1, 96 // imgs.shape[-1])),
-                    f"{r['name']}: seeds {', '.join(str(cases[i].seed) for i in idx)}",
-                )
-            )
+        sections += seed_grids(image_runs, cases, idx, pix)
     sections.append("<h2>Provenance</h2>")
     sections.append(
         html_table(["library", "version"], [[k, _fmt(v)] for k, v in results["versions"].items()], cls="versions")

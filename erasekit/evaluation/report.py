@@ -182,3 +182,18 @@ def svg_line_chart(
             f'fill="{color}">{html.escape(name)}</text>'
         )
     return "".join(parts) + "</svg>"
+
+
+def seed_grids(runs, cases, idx: list[int], pixelate: int | None = None) -> list[str]:
+    """One figure per run: the images of cases ``idx`` in a row, captioned with the run's name
+    and the seeds (the base-vs-edited grids of every report)."""
+    out = []
+    for r in runs:
+        imgs = thumbnails([r["images"][i] for i in idx], pixelate=pixelate)
+        out.append(
+            figure(
+                image_grid(imgs, cols=len(idx), scale=max(1, 96 // imgs.shape[-1])),
+                f"{r['name']}: seeds {', '.join(str(cases[i].seed) for i in idx)}",
+            )
+        )
+    return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import math
 
-from ..report import figure, html_table, image_grid, page, svg_bar_chart, thumbnails
+from ..report import figure, html_table, image_grid, page, seed_grids, svg_bar_chart, thumbnails
 from ..suites import Suite
 from .base import PROMPT_ATTACKS
 
@@ -48,14 +48,7 @@ def attack_report(
         if not idx:
             continue
         sections.append(f"<h2>{_esc(name)} prompts</h2><p>{_esc(cases[idx[0]].prompt)}, ...</p>")
-        for r in runs:
-            imgs = thumbnails([r["images"][i] for i in idx], pixelate=pix)
-            sections.append(
-                figure(
-                    image_grid(imgs, cols=len(idx), scale=max(1, 96 // imgs.shape[-1])),
-                    f"{r['name']}: seeds {', '.join(str(cases[i].seed) for i in idx)}",
-                )
-            )
+        sections += seed_grids(runs, cases, idx, pix)
     for name, per_edit in outcomes.items():
         for label, outcome in per_edit.items():
             k = min(per_row, len(outcome.images))
