@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from attack_helpers import attack_uce_circle
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from erasekit.evaluation.attacks import attack, make_attack_config
@@ -163,20 +164,7 @@ def test_suites_give_prompt_pairs_that_differ_only_in_the_concept():
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_ring_a_bell_attack_end_to_end(family, tmp_path):
     pipe = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}[family](seed=0)
-    edit = uce.fit(pipe, "circle", UCEConfig(), progress=False)
-    results = attack(
-        pipe,
-        "toy-objects",
-        "circle",
-        edits=[edit],
-        out=tmp_path,
-        attacks=["ring-a-bell"],
-        n=2,
-        quick=True,
-        batch_size=8,
-        suite_options={"n": 2, "n_locality": 1},
-        progress=False,
-    )
+    results = attack_uce_circle(pipe, tmp_path, ["ring-a-bell"], quick=True)
     assert set(results["asr"]["uce"]) == {"no attack", "ring-a-bell"}
     assert 0 <= results["asr"]["uce"]["ring-a-bell"] <= 100
     assert results["configs"]["ring-a-bell"] == asdict(make_attack_config("ring-a-bell", quick=True))
@@ -199,9 +187,6 @@ def test_ring_a_bell_attack_end_to_end(family, tmp_path):
 
 
 def test_black_box_searches_are_reused_across_edits(sd_pipe, tmp_path):
-    from erasekit.evaluation.attacks import attack
-    from erasekit.methods import uce
-    from erasekit.methods.uce import UCEConfig
 
     edit = uce.fit(sd_pipe, "circle", UCEConfig(), progress=False)
     kwargs = dict(attacks=["ring-a-bell"], n=2, quick=True, progress=False, batch_size=4)

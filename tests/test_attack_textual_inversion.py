@@ -3,13 +3,12 @@ the same seed gives the same rows, and the attack runs end to end on both famili
 
 import pytest
 import torch
+from attack_helpers import attack_uce_circle
 from safetensors.torch import load_file
 
 from erasekit.errors import UserError
 from erasekit.evaluation.attacks import attack, make_attack_config
 from erasekit.evaluation.attacks.textual_inversion import TOKEN, TextualInversionConfig, invert, with_word
-from erasekit.methods import uce
-from erasekit.methods.uce import UCEConfig
 from erasekit.models.token_rows import single_token_id, text_towers, token_rows
 from erasekit.toyworld.suite import ToyObjectSuite
 
@@ -96,20 +95,9 @@ def test_config_checks_templates():
 @pytest.mark.parametrize("family", ["sd_pipe", "flux_pipe"])
 def test_attack_end_to_end(family, request, tmp_path):
     pipe = request.getfixturevalue(family)
-    edit = uce.fit(pipe, "circle", UCEConfig(), progress=False)
     settings = {"word": WORD, "steps": "2", "images": "3", "source": "renderer"}
-    results = attack(
-        pipe,
-        "toy-objects",
-        "circle",
-        edits=[edit],
-        out=tmp_path,
-        attacks=["textual-inversion"],
-        n=2,
-        configs={"textual-inversion": settings},
-        batch_size=4,
-        include_base=True,
-        progress=False,
+    results = attack_uce_circle(
+        pipe, tmp_path, ["textual-inversion"], configs={"textual-inversion": settings}, include_base=True
     )
     res = results["attack_results"]["textual-inversion"]
     assert set(res) == {"base", "uce"}

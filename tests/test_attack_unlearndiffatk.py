@@ -5,10 +5,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from attack_helpers import attack_uce_circle
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from erasekit.edits import apply, remove
-from erasekit.evaluation.attacks import AttackContext, attack, make_attack_config, pre_post_rates
+from erasekit.evaluation.attacks import AttackContext, make_attack_config, pre_post_rates
 from erasekit.evaluation.attacks.unlearndiffatk import (
     TokenPrompt,
     UnlearnDiffAtkConfig,
@@ -234,20 +235,7 @@ def test_settings_and_quick():
 @pytest.mark.parametrize("make", [tiny_sd_pipeline, tiny_flux_pipeline])
 def test_end_to_end(make, tmp_path):
     pipe = make(seed=0)
-    edit = uce.fit(pipe, "circle", UCEConfig(), progress=False)
-    results = attack(
-        pipe,
-        "toy-objects",
-        "circle",
-        edits=[edit],
-        out=tmp_path,
-        attacks=["unlearndiffatk"],
-        quick=True,
-        n=2,
-        batch_size=8,
-        suite_options=SMALL,
-        progress=False,
-    )
+    results = attack_uce_circle(pipe, tmp_path, ["unlearndiffatk"], quick=True, suite_options=SMALL)
     found = results["attack_results"]["unlearndiffatk"]["uce"]
     assert results["configs"]["unlearndiffatk"]["grid"] == 2
     assert "Zhang et al., ECCV 2024" in results["references"]["unlearndiffatk"]
