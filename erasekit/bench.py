@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import json
 import math
 import os
@@ -100,7 +101,8 @@ MAX_GRID = 6
 DEV_CONCEPT = "square"  # --tune's development concept: drawn on every simple prompt by both toy pipelines
 ATTACK_N, QUICK_ATTACK_N = 4, 1  # prompts per attack set (and plain prompts) after each edited row
 MEANINGFUL_BASE = 50.0  # % of simple prompts showing the concept below which erasure means nothing
-ROWS_FILE, JSON_FILE, MD_FILE = "rows.jsonl", "bench.json", "bench.md"
+ROWS_FILE, JSON_FILE, MD_FILE, REPORT_FILE = "rows.jsonl", "bench.json", "bench.md", "report.html"
+GRIDS, GRID_IMAGES = "grids", 8  # per row: the first simple prompts' images, in out/grids/KEY.png
 BATCH_SIZE = 64  # images per generation batch (each image has its own generator)
 
 
@@ -536,6 +538,56 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_grid(path: Path, images: Sequence[torch.Tensor]) -> None:
+    """``images`` ((3, H, W) in [0, 1]) in one row, written to ``path`` as a PNG (atomically)."""
+    from .evaluation.report import image_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}")
+    image_grid(torch.stack(list(images)), cols=len(images), scale=1).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def bench_report(result: dict, out: Path) -> str:
+    """The bench's HTML page: per model and concept, the simple prompts' images of the base model,
+    the oracle (where there is one) and every method (its first seed), at the same seeds, each
+    captioned with the row's figures."""
+    from PIL import Image
+
+    from .evaluation.report import figure, page
+
+    sections = [
+        f"<p>{html.escape(markdown(result).splitlines()[0])}</p>",
+        "<p>Each row: the first simple prompts of the concept ('an image of a CONCEPT'), one image per "
+        "seed, the same seeds in every row.</p>",
+    ]
+    rows = result["rows"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for concept in dict.fromkeys(r["concept"] for r in rows if r["model"] == model):
+            sections.append(f"<h2>{html.escape(model)}: {html.escape(concept)}</h2>")
+            shown = set()
+            mine = [r for r in rows if r["model"] == model and r["concept"] == concept]
+            for r in sorted(mine, key=lambda r: {BASE: 0, ORACLE: 1}.get(r["method"], 2)):
+                grid = r.get("grid")
+                if r["method"] in shown or not grid or not (out / GRIDS / grid["file"]).is_file():
+                    continue
+                shown.add(r["method"])
+                with Image.open(out / GRIDS / grid["file"]) as img:
+                    img.load()
+                    scaled = img.resize((img.width * 3, img.height * 3), Image.NEAREST)
+                attacks = ", ".join(f"{a} {_cell(v)}" for a, v in (r.get("attacks") or {}).items())
+                caption = (
+                    f"{r['method']}"
+                    + (f" (seed {r['seed']})" if r.get("seed") is not None else "")
+                    + f": Acc_E {_cell(r['acc_e'])}, Acc_R {_cell(r['acc_r'])}, Acc_L {_cell(r['acc_l'])}, "
+                    f"H {_cell(r['h'])}"
+                    + (f"; {attacks}; worst H {_cell(r.get('worst_h'))}" if attacks else "")
+                    + f"; seeds {', '.join(str(x) for x in grid['seeds'])}"
+                )
+                sections.append(figure(scaled, caption))
+    return page("erasekit bench toy", sections)
+
+
 class RestoreError(RuntimeError):
     """Removing an edit did not give the base pipeline back."""
 
@@ -753,6 +805,7 @@ def run_bench(
             result["tune"]["rows"] = [done[p["key"]] for p in order if p["phase"] == "tune" and p["key"] in done]
         _write_atomic(out / JSON_FILE, json.dumps(result, indent=2) + "\n")
         _write_atomic(out / MD_FILE, markdown(result))
+        _write_atomic(out / REPORT_FILE, bench_report(result, out))
 
     n_rows = len(models) * len(concepts) * (1 + sum(len(seeded(configs[m])) for m in methods))
     n_rows += len(models) * sum(len(g) for g in grids.values() if len(g) > 1)
@@ -818,6 +871,7 @@ def run_bench(
                     quick=quick,
                     attack_out=out / "attacks" / p["key"],
                     reference=shipped,
+                    grid_file=out / GRIDS / f"{p['key']}.png",
                 )
             except (KeyboardInterrupt, RestoreError):
                 raise
@@ -913,6 +967,7 @@ def _run_row(
     quick: bool = False,
     attack_out: Path | None = None,
     reference=None,
+    grid_file: Path | None = None,
 ) -> dict:
     """The figures of one row: the suite (and, for a method, its training) on ``pipe``; the
     suite is one in-memory run of :func:`erasekit.evaluation.evaluate.evaluate_run`. With
@@ -936,7 +991,13 @@ def _run_row(
         }
     suite = ToyObjectSuite(n=n, n_locality=n_locality)
     with Stopwatch(device) as clock:  # applies the edit, generates, removes it, scores
-        d = evaluate_run(pipe, suite, concept, detector, edit=edit, batch_size=BATCH_SIZE)["metrics"]
+        run = evaluate_run(pipe, suite, concept, detector, edit=edit, batch_size=BATCH_SIZE)
+        d = run["metrics"]
+    if grid_file is not None:  # the simple prompts' images, for the report's base / oracle / edited rows
+        cases = suite.cases(concept)
+        idx = [i for i, c in enumerate(cases) if c.set == "simple"][:GRID_IMAGES]
+        save_grid(grid_file, [run["images"][i] for i in idx])
+        row["grid"] = {"file": grid_file.name, "seeds": [cases[i].seed for i in idx]}
     row |= {k: d[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "color_accuracy", "n_images")}
     row["suite_seconds"] = round(clock.seconds, 3)
     if attacks:

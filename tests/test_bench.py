@@ -426,3 +426,8 @@ def test_oracle_row_and_gaps(tmp_path):
     assert result["oracles_missing"] == ["sd-no-square"]
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert "Gap to oracle" in md and "No oracle sd-no-square" in md
+    # the report shows base / oracle / edited images of the same seeds
+    assert all((tmp_path / "bench" / "grids" / r["grid"]["file"]).is_file() for r in result["rows"])
+    assert oracle["grid"]["seeds"] == uce_row["grid"]["seeds"] == result["rows"][0]["grid"]["seeds"]
+    report = (tmp_path / "bench" / "report.html").read_text()
+    assert [report.count(f"<figcaption>{m}") for m in ("base", "oracle", "uce")] == [2, 1, 2]
