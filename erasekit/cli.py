@@ -136,7 +136,7 @@ def _bench_toy(args: argparse.Namespace) -> int:
     print(markdown(result).split("\n\nPer concept:")[0])
     if result["skipped"]:
         print(f"{result['skipped']} rows were already in {args.out} and were not run again")
-    print(f"wrote {args.out}/{MD_FILE} and {args.out}/bench.json")
+    print(f"wrote {args.out}/{MD_FILE}, {args.out}/bench.json and {args.out}/report.html")
     return 1 if result["errors"] else 0
 
 
