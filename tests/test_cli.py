@@ -109,3 +109,18 @@ def test_the_command_line_shows_the_library_log_messages(monkeypatch, capsys):
         capsys.readouterr().err == "erasekit generate: warning: no synonyms for 'car'\nprogress line\ndebug detail\n"
     )
     assert (list(package.handlers), package.level) == before  # main leaves logging as it found it
+
+
+def test_a_busy_machine_is_named_before_torch_oversubscribes_it():
+    from erasekit.cli import busy_machine_warning, running_elsewhere
+
+    assert busy_machine_warning(2, 2, 1) == (
+        "the machine is busy (1 other running threads on 2 cores): torch's 2 threads would oversubscribe it "
+        "and can run many times slower; pass --threads 1"
+    )
+    assert busy_machine_warning(2, 2, 0) is None  # idle
+    assert busy_machine_warning(1, 2, 5) is None  # one thread never spins
+    assert busy_machine_warning(4, 16, 3) is None  # enough free cores
+    assert "--threads 1" in busy_machine_warning(16, 16, 40)  # overloaded: at least one
+    others = running_elsewhere(samples=2, pause=0)
+    assert others is None or others >= 0
