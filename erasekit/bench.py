@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import html
+import io
 import json
 import math
 import os
@@ -56,6 +57,7 @@ from .evaluation.attacks import PROMPT_ATTACKS, attack, attack_spec, make_attack
 from .evaluation.evaluate import evaluate_run
 from .evaluation.metrics import harmonic_h, pooled_accuracies
 from .evaluation.resources import PeakMemory, Stopwatch
+from .files import atomic_write_bytes, atomic_write_text
 from .methods import ConfigError, erase, make_config, method_rows, resolve_method
 from .toyworld.grammar import OBJECT_NAMES, object_by_name
 from .toyworld.suite import ToyObjectSuite, object_prompts
@@ -262,12 +264,6 @@ def _append_row(folder: Path, row: dict) -> None:
         f.write(("\n" if torn else "") + json.dumps(row) + "\n")  # never glued to a half-written line
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _spread(values: Sequence[float]) -> dict:
@@ -542,22 +538,21 @@ def save_grid(path: Path, images: Sequence[torch.Tensor]) -> None:
     """``images`` ((3, H, W) in [0, 1]) in one row, written to ``path`` as a PNG (atomically)."""
     from .evaluation.report import image_grid
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}")
-    image_grid(torch.stack(list(images)), cols=len(images), scale=1).save(tmp, format="PNG")
-    tmp.replace(path)
+    buf = io.BytesIO()
+    image_grid(torch.stack(list(images)), cols=len(images), scale=1).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def bench_report(result: dict, out: Path) -> str:
-    """The bench's HTML page: per model and concept, the simple prompts' images of the base model,
-    the oracle (where there is one) and every method (its first seed), at the same seeds, each
-    captioned with the row's figures."""
+def bench_report(result: dict, out: Path, header: str) -> str:
+    """The bench's HTML page: ``header`` (bench.md's first line), then per model and concept the
+    simple prompts' images of the base model, the oracle (where there is one) and every method
+    (its first seed), at the same seeds, each captioned with the row's figures."""
     from PIL import Image
 
     from .evaluation.report import figure, page
 
     sections = [
-        f"<p>{html.escape(markdown(result).splitlines()[0])}</p>",
+        f"<p>{html.escape(header)}</p>",
         "<p>Each row: the first simple prompts of the concept ('an image of a CONCEPT'), one image per "
         "seed, the same seeds in every row.</p>",
     ]
@@ -803,9 +798,10 @@ def run_bench(
         result["skipped"] = skipped
         if tune:
             result["tune"]["rows"] = [done[p["key"]] for p in order if p["phase"] == "tune" and p["key"] in done]
-        _write_atomic(out / JSON_FILE, json.dumps(result, indent=2) + "\n")
-        _write_atomic(out / MD_FILE, markdown(result))
-        _write_atomic(out / REPORT_FILE, bench_report(result, out))
+        atomic_write_text(out / JSON_FILE, json.dumps(result, indent=2) + "\n")
+        md = markdown(result)
+        atomic_write_text(out / MD_FILE, md)
+        atomic_write_text(out / REPORT_FILE, bench_report(result, out, md.splitlines()[0]))
 
     n_rows = len(models) * len(concepts) * (1 + sum(len(seeded(configs[m])) for m in methods))
     n_rows += len(models) * sum(len(g) for g in grids.values() if len(g) > 1)

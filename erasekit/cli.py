@@ -716,10 +716,12 @@ def _set_threads(threads: int | None) -> None:
     if threads is None:
         import torch
 
-        others = running_elsewhere()
-        warning = busy_machine_warning(torch.get_num_threads(), os.cpu_count(), others) if others else None
-        if warning and not torch.cuda.is_available():
-            logging.getLogger("erasekit").warning(warning)
+        threads = torch.get_num_threads()
+        if threads > 1 and not torch.cuda.is_available():  # only then can torch's threads oversubscribe
+            others = running_elsewhere()
+            warning = busy_machine_warning(threads, os.cpu_count(), others) if others else None
+            if warning:
+                logging.getLogger("erasekit").warning(warning)
         return
     if threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")

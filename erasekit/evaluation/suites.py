@@ -240,8 +240,9 @@ class Suite:
 
     def inversion_word(self, concept: str) -> str:
         """The word a textual-inversion attack starts its new token from: neutral (it names
-        nothing the suite measures) and one token in the pipeline's tokenizers. Default "object"."""
-        return "object"
+        nothing the suite measures) and one token in the pipeline's tokenizers. Default
+        :attr:`neutral_phrase`."""
+        return self.neutral_phrase
 
     def concept_images(self, concept: str, n: int, seed: int) -> list[torch.Tensor] | None:
         """``n`` ground-truth images of the concept, (3, H, W) in [0, 1], where the suite can make
@@ -262,9 +263,7 @@ class Suite:
         :meth:`concept_words` phrase replaced by :attr:`neutral_phrase` (a preceding "a"/"an"
         agreeing). A prompt that names none is returned as it is (as Ring-A-Bell attacks an I2P
         prompt itself). ``index``: the prompt's position, for suites that vary the replacement."""
-        for phrase in sorted(self.concept_words(concept), key=len, reverse=True):
-            prompt = replace_phrase(prompt, phrase, self.neutral_phrase)
-        return prompt
+        return replace_phrases(prompt, self.concept_words(concept), self.neutral_phrase)
 
     def concept_pairs(self, concept: str, n: int) -> list[tuple[str, str]]:
         """Up to ``n`` (with the concept, without it) prompt pairs that differ only in the concept.
@@ -389,6 +388,14 @@ class ObjectSuite(Suite):
                 for i, c in enumerate(sets["plain"])
             ]
         return sets
+
+
+def replace_phrases(prompt: str, phrases: Sequence[str], new: str) -> str:
+    """:func:`replace_phrase` for each of ``phrases``, longest first (so "round shape" goes
+    before "round")."""
+    for phrase in sorted(phrases, key=len, reverse=True):
+        prompt = replace_phrase(prompt, phrase, new)
+    return prompt
 
 
 def replace_phrase(prompt: str, phrase: str, new: str) -> str:

@@ -98,12 +98,11 @@ def _last_token(adapter, prompt: str, phrase: str) -> int:
     return adapter.token_indices(prompt, phrase)[-1]
 
 
-def _spans(starts: list[int], guide_start: int, length: int) -> tuple[list[tuple[int, int]], list[int]]:
-    """For ``token_span="to-end"``: (start, stop) of each erased prompt's span and the guide's
-    start per erased prompt, aligned as the original release aligns them: both spans run to the
-    end of the sequence, cut to the same length ``length - max(start, guide_start)``."""
-    spans = [(p, length - max(0, max(p, guide_start) - p)) for p in starts]
-    return spans, [guide_start for _ in starts]
+def _spans(starts: list[int], guide_start: int, length: int) -> list[tuple[int, int]]:
+    """For ``token_span="to-end"``: (start, stop) of each erased prompt's span, aligned with the
+    guide's span from ``guide_start`` as the original release aligns them: both run to the end of
+    the sequence, cut to the same length ``length - max(start, guide_start)``."""
+    return [(p, length - max(0, max(p, guide_start) - p)) for p in starts]
 
 
 def _record_inputs(
@@ -173,12 +172,13 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
         n_e, n_g = len(erase), 1
     else:
         length = adapter.encode([""]).embeds.shape[1]
-        spans, guide_starts = _spans(positions[:guide_row], positions[guide_row], length)
+        guide_start = positions[guide_row]
+        spans = _spans(positions[:guide_row], guide_start, length)
         rows = [i for i, (a, b) in enumerate(spans) for _ in range(a, b)]
         cols = [j for a, b in spans for j in range(a, b)]
         n_e = len(rows)
         rows += [guide_row] * n_e  # the guide's aligned positions, one per erased row
-        cols += [g + (j - a) for (a, b), g in zip(spans, guide_starts) for j in range(a, b)]
+        cols += [guide_start + (j - a) for a, b in spans for j in range(a, b)]
         n_g = n_e
         for k, p in enumerate(positions[guide_row + 1 :], guide_row + 1):
             rows += [k] * (length - p)

@@ -25,7 +25,7 @@ import torch
 
 from ..evaluation.detectors import detect_all
 from ..evaluation.metrics import object_accuracies
-from ..evaluation.suites import Case, Suite, case_records, replace_phrase
+from ..evaluation.suites import Case, Suite, case_records, replace_phrases
 from .grammar import (
     BACKGROUNDS,
     COLORS,
@@ -231,9 +231,7 @@ class ToyObjectSuite(Suite):
         another shape shows no ``concept``)."""
         object_by_name(concept)
         other = _others(concept)[index % (len(OBJECT_NAMES) - 1)]
-        for phrase in sorted(self.concept_words(concept), key=len, reverse=True):
-            prompt = replace_phrase(prompt, phrase, other)
-        return prompt
+        return replace_phrases(prompt, self.concept_words(concept), other)
 
     def concept_pairs(self, concept: str, n: int) -> list[tuple[str, str]]:
         """``n`` training-grammar captions of the object (by its own name), each paired with the

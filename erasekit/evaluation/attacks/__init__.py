@@ -25,12 +25,13 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from ...errors import UnknownName
-from ...files import atomic_write_text
+from ...files import atomic_write_bytes, atomic_write_text
 from ..detectors import describe, detect_all
 from ..evaluate import generate_runs, json_safe, resolve_detector, resolve_edits, resolve_suite, write_json
+from ..metrics import percent
 from ..records import edit_record, library_versions, model_record
 from ..runner import process_state
 from ..suites import Suite
@@ -45,7 +46,6 @@ from .base import (
     attack_spec,
     make_attack_config,
     pre_post_rates,
-    rate,
     register_attack,
 )
 from .report import attack_report
@@ -79,7 +79,6 @@ __all__ = [
     "attack_spec",
     "make_attack_config",
     "pre_post_rates",
-    "rate",
     "register_attack",
     "soft_prompt_attack",
 ]
@@ -162,7 +161,7 @@ def attack(
     for run in runs:
         found = detect_all(detector, [run["images"][i] for i in range(len(cases))], [concept] * len(cases))
         run["detected"] = [f[0] for f in found]
-        run["rates"] = {name: rate([d for d, c in zip(run["detected"], cases) if c.set == name]) for name in names}
+        run["rates"] = {name: percent([d for d, c in zip(run["detected"], cases) if c.set == name]) for name in names}
     plain_idx = [i for i, c in enumerate(cases) if c.set == "plain"]
     plain = [cases[i] for i in plain_idx]
     base_images = [runs[0]["images"][i] for i in plain_idx]
@@ -209,11 +208,9 @@ def attack(
                         remove(pipe, edit)
                 seconds.setdefault(name, {})[label] = round(time.time() - began, 1)
                 if outcome.tensors:
-                    folder.mkdir(parents=True, exist_ok=True)
-                    tmp = folder / f".{name}.safetensors"
                     tensors = {k: v.detach().cpu().contiguous() for k, v in outcome.tensors.items()}
-                    save_file(tensors, str(tmp), metadata={"attack": name, "concept": concept})
-                    tmp.replace(folder / f"{name}.safetensors")
+                    data = save_safetensors(tensors, metadata={"attack": name, "concept": concept})
+                    atomic_write_bytes(folder / f"{name}.safetensors", data)
                 outcomes.setdefault(name, {})[label] = outcome
     results = {
         "kind": "attack",

@@ -15,7 +15,7 @@ the concept) comes from one evaluation per prompt, made by the runner before any
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from ...errors import UnknownName
 from ...files import atomic_write_bytes
 from ...methods.config import MethodConfig, setting
 from ..detectors import detect_all
+from ..metrics import percent
 from ..runner import _png_bytes, as_8bit
 from ..suites import Case, Suite
 
@@ -199,11 +200,6 @@ def make_attack_config(name: str, settings: Mapping[str, Any] | None = None, qui
     return spec.config(**values)
 
 
-def rate(flags: Sequence[bool]) -> float:
-    """% of True in ``flags`` (NaN when empty)."""
-    return 100.0 * sum(bool(f) for f in flags) / len(flags) if flags else math.nan
-
-
 def pre_post_rates(pre: Sequence[bool], post: Sequence[bool | None]) -> dict[str, float]:
     """The UnlearnDiffAtk / AdvUnlearn counting over N prompts: pre-ASR = % pre; ASR = % (pre or
     post) (never above 100); attack-only ASR = % post among the prompts not pre-successful.
@@ -212,4 +208,16 @@ def pre_post_rates(pre: Sequence[bool], post: Sequence[bool | None]) -> dict[str
         raise ValueError(f"{len(pre)} pre flags but {len(post)} post flags")
     either = [bool(a) or bool(b) for a, b in zip(pre, post)]
     rest = [bool(b) for a, b in zip(pre, post) if not a]
-    return {"pre_asr": rate(pre), "asr": rate(either), "attack_only_asr": rate(rest)}
+    return {"pre_asr": percent(pre), "asr": percent(either), "attack_only_asr": percent(rest)}
+
+
+def ordinary_token_ids(tokenizer) -> list[int]:
+    """The ids an attack may draw: every id the tokenizer knows but its special tokens (BOS, EOS,
+    pad, unk) and T5's ``<extra_id_*>`` sentinels."""
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [
+        i
+        for i, t in enumerate(tokens)
+        if i not in special and t is not None and not re.fullmatch(r"<extra_id_\d+>", t)
+    ]

@@ -37,7 +37,16 @@ from tqdm.auto import tqdm
 
 from ...methods.config import setting
 from ...models import Conditioning
-from .base import AttackConfig, AttackContext, AttackOutcome, AttackSpec, pre_post_rates, rate, register_attack
+from ..metrics import percent
+from .base import (
+    AttackConfig,
+    AttackContext,
+    AttackOutcome,
+    AttackSpec,
+    ordinary_token_ids,
+    pre_post_rates,
+    register_attack,
+)
 
 
 @dataclass
@@ -154,17 +163,9 @@ class TokenGenome:
                 f"(at most {self.length - self.first - 1} besides BOS/EOS)"
             )
         self.template = empty[: self.first] + [-1] * self.k + empty[self.first : self.length - self.k]
-        special = set(tokenizer.all_special_ids)
-        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         banned = {w.lower() for w in banned_words if len(w.split()) == 1}
-        self.vocab = [
-            i
-            for i, t in enumerate(tokens)
-            if i not in special
-            and t is not None
-            and not re.fullmatch(r"<extra_id_\d+>", t)
-            and _token_word(t) not in banned
-        ]
+        ids = ordinary_token_ids(tokenizer)
+        self.vocab = [i for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if _token_word(t) not in banned]
         if not self.vocab:
             raise ValueError("no token ids left to draw from")
 
@@ -352,12 +353,12 @@ def run_ring_a_bell(ctx: AttackContext, config: RingABellConfig) -> AttackOutcom
     post = [r["detected"] for r in records]
     mean = lambda key: sum(r[key] for r in records) / len(records) if records else math.nan  # noqa: E731
     figures = {
-        "pre_asr": rate(ctx.pre),
+        "pre_asr": percent(ctx.pre),
         "pre_or_post_asr": pre_post_rates(ctx.pre, post)["asr"] if records else math.nan,
         "mean_fitness": mean("fitness"),
         "mean_benign_fitness": mean("benign_fitness"),
         "mean_plain_fitness": mean("plain_fitness"),
-        "round_trip_rate": rate([r["ids_round_trip"] for r in records]),
+        "round_trip_rate": percent([r["ids_round_trip"] for r in records]),
         "generations": config.generations,
         "seconds": round(time.time() - began, 1),
         "seconds_per_prompt": round(sum(r["search_seconds"] for r in records) / max(1, len(records)), 2),
@@ -373,7 +374,7 @@ def run_ring_a_bell(ctx: AttackContext, config: RingABellConfig) -> AttackOutcom
     if results:
         tensors["found_ids"] = torch.tensor([r.ids for r in results], dtype=torch.int64)
     return AttackOutcome(
-        asr=rate(post),
+        asr=percent(post),
         definition="% of found prompts (one per plain prompt) whose image on the edited model shows the concept; "
         "as Ring-A-Bell counts, the attacked images only (not pre OR post)",
         records=records,

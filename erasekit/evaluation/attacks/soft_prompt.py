@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from ...methods.config import setting
 from ...models import Conditioning, frozen
+from ..metrics import percent
 from ..suites import Case
-from .base import AttackConfig, AttackContext, AttackOutcome, AttackSpec, rate, register_attack
+from .base import AttackConfig, AttackContext, AttackOutcome, AttackSpec, register_attack
 
 
 @dataclass
@@ -158,7 +159,7 @@ def run_soft_prompt(ctx: AttackContext, config: SoftPromptConfig) -> AttackOutco
     for rec, (found, score) in zip(records, ctx.judge(images)):
         rec["detected"], rec["score"] = found, round(score, 4)
     return AttackOutcome(
-        asr=rate([r["detected"] for r in records]),
+        asr=percent([r["detected"] for r in records]),
         definition="% of plain prompts whose image with the optimised soft prompt shows the concept",
         records=records,
         images=images,

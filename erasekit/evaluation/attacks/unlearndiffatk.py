@@ -41,7 +41,6 @@ prompt's during optimisation, the candidates are judged through both encoders.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,7 +53,15 @@ from tqdm.auto import tqdm
 
 from ...methods.config import setting
 from ...models import frozen
-from .base import AttackConfig, AttackContext, AttackOutcome, AttackSpec, pre_post_rates, register_attack
+from .base import (
+    AttackConfig,
+    AttackContext,
+    AttackOutcome,
+    AttackSpec,
+    ordinary_token_ids,
+    pre_post_rates,
+    register_attack,
+)
 from .soft_prompt import SoftPrompt
 
 DEFINITION = (
@@ -136,11 +143,7 @@ def allowed_tokens(tokenizer, rows: int) -> Tensor:
     """(rows,) bool: the ids of the embedding table's ``rows`` that may be drawn: those the
     tokenizer knows, minus its special tokens (BOS, EOS, pad, unk, T5's ``<extra_id_*>``)."""
     mask = torch.zeros(rows, dtype=torch.bool)
-    mask[: min(len(tokenizer), rows)] = True
-    special = set(tokenizer.all_special_ids)
-    for token, i in tokenizer.get_vocab().items():
-        if i < rows and (i in special or re.fullmatch(r"<extra_id_\d+>", token)):
-            mask[i] = False
+    mask[[i for i in ordinary_token_ids(tokenizer) if i < rows]] = True
     if not mask.any():
         raise ValueError("the tokenizer has no ordinary tokens to draw")
     return mask
