@@ -587,6 +587,31 @@ class RestoreError(RuntimeError):
     """Removing an edit did not give the base pipeline back."""
 
 
+def source_name(spec: str) -> str:
+    """How a pipeline folder enters the rows' keys: "toy:sd" / "toy:flux" for the shipped toy
+    pipelines and "oracle:NAME" for a folder holding a toy pipeline retrained without a concept
+    (a training.json with ``exclude``), so a clone elsewhere or a worktree reuses the same rows;
+    any other folder by its resolved path."""
+    from .models.loading import resolve_pipeline_name
+    from .registry import PIPELINES
+
+    path = Path(os.path.expanduser(spec))
+    if not path.is_dir():
+        return spec
+    resolved = path.resolve()
+    for name in PIPELINES:
+        if name.startswith("toy:") and Path(resolve_pipeline_name(name)).resolve() == resolved:
+            return name
+    record = resolved / "training.json"
+    if record.is_file():
+        try:
+            if json.loads(record.read_text()).get("config", {}).get("exclude"):
+                return f"oracle:{resolved.name}"
+        except (OSError, ValueError, AttributeError):
+            pass
+    return str(resolved)
+
+
 def oracle_folder(oracles: str | Path | None, label: str, concept: str) -> str | None:
     """The oracle pipeline of model ``label`` and ``concept``: ``oracles/LABEL-no-CONCEPT`` when it
     holds a diffusers pipeline (model_index.json), else None."""
@@ -719,7 +744,7 @@ def run_bench(
     )
 
     def source_of(spec: Any) -> str:
-        return spec if isinstance(spec, str) else str(getattr(spec, "name_or_path", "") or type(spec).__name__)
+        return source_name(spec) if isinstance(spec, str) else str(getattr(spec, "name_or_path", "") or type(spec).__name__)
 
     def planned(label, spec, concept, method, config, phase="report", extra=None) -> dict:
         """One row to run: its key is made of everything its figures depend on."""

@@ -431,3 +431,17 @@ def test_oracle_row_and_gaps(tmp_path):
     assert oracle["grid"]["seeds"] == uce_row["grid"]["seeds"] == result["rows"][0]["grid"]["seeds"]
     report = (tmp_path / "bench" / "report.html").read_text()
     assert [report.count(f"<figcaption>{m}") for m in ("base", "oracle", "uce")] == [2, 1, 2]
+
+
+def test_rows_are_keyed_by_location_independent_source_names(tmp_path):
+    from erasekit.bench import source_name
+    from erasekit.models.loading import resolve_pipeline_name
+
+    assert source_name(str(resolve_pipeline_name("toy:sd"))) == "toy:sd"
+    oracle = tmp_path / "sd-no-circle"
+    oracle.mkdir()
+    (oracle / "training.json").write_text(json.dumps({"config": {"exclude": ["circle"]}}))
+    assert source_name(str(oracle)) == "oracle:sd-no-circle"
+    other = tmp_path / "mine"
+    other.mkdir()
+    assert source_name(str(other)) == str(other.resolve())
