@@ -744,7 +744,9 @@ def run_bench(
     )
 
     def source_of(spec: Any) -> str:
-        return source_name(spec) if isinstance(spec, str) else str(getattr(spec, "name_or_path", "") or type(spec).__name__)
+        if isinstance(spec, str):
+            return source_name(spec)
+        return str(getattr(spec, "name_or_path", "") or type(spec).__name__)
 
     def planned(label, spec, concept, method, config, phase="report", extra=None) -> dict:
         """One row to run: its key is made of everything its figures depend on."""
