@@ -110,16 +110,18 @@ def atomic_folder(
             shutil.rmtree(old)
 
 
-def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``target`` through a temporary file in the same folder renamed into
-    place: readers see the old file or the whole new one, never a part."""
+def atomic_write_file(target: str | Path, write: Callable[[Path], object]) -> Path:
+    """Have ``write(path)`` write a temporary file in ``target``'s folder (a writer that wants a
+    path, e.g. ``safetensors.torch.save_file``, so that a large file is never held in memory),
+    then rename it into place: readers see the old file or the whole new one, never a part; if
+    ``write`` raises, the temporary file is deleted and ``target`` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _normal_mode(Path(tmp), folder=False)
         os.replace(tmp, target)
@@ -127,6 +129,12 @@ def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``target`` through a temporary file in the same folder renamed into
+    place: readers see the old file or the whole new one, never a part."""
+    return atomic_write_file(target, lambda path: path.write_bytes(data))
 
 
 def atomic_write_text(target: str | Path, text: str) -> Path:

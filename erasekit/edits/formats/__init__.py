@@ -1,0 +1,1 @@
+"""File formats other tools read: kohya LoRA files, original-layout checkpoints."""
