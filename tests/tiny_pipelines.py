@@ -45,14 +45,19 @@ def _tiny_vae(**extra) -> AutoencoderKL:
 
 
 def _tiny_clip(tokenizer) -> CLIPTextModel:
-    return clip_text_encoder(tokenizer, width=32, layers=2, max_positions=TEXT_LEN, mlp_ratio=2)
+    positions = max(TEXT_LEN, tokenizer.model_max_length)
+    return clip_text_encoder(tokenizer, width=32, layers=2, max_positions=positions, mlp_ratio=2)
 
 
-def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
-    """A random StableDiffusionPipeline: 32x32 images, DDIM, epsilon or v_prediction."""
+def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", tokenizer=None) -> StableDiffusionPipeline:
+    """A random StableDiffusionPipeline: 32x32 images, DDIM, epsilon or v_prediction.
+
+    ``tokenizer``: a CLIP tokenizer to use instead of the tiny word-level one (the text encoder
+    gets one row per token and reads its ``model_max_length`` positions)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer = clip_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
+        if tokenizer is None:
+            tokenizer = clip_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
         unet = UNet2DConditionModel(
             sample_size=IMAGE_SIZE // 2,
             in_channels=4,

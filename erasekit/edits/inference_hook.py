@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from ..models.conditioning import id_run_starts, phrase_ids
+from ..models.conditioning import id_run_starts, phrase_ids, run_is_whole_words
 from .artifact import Edit
 from .kind import Attachment, EditKind, register_kind
 
@@ -217,13 +217,17 @@ def keyword_id_runs(tokenizer, keywords: list[str], case_variants: bool = True) 
     return runs
 
 
-def find_runs(ids: list[int], runs: list[list[int]], special: set[int]) -> list[int]:
+def find_runs(ids: list[int], runs: list[list[int]], special: set[int], tokenizer=None) -> list[int]:
     """Sorted positions of ``ids`` covered by any occurrence of any run (overlapping occurrences
-    included; a run holding a special id never matches), found by the models' id-run search."""
+    included; a run holding a special id never matches), found by the models' id-run search.
+    With the ``tokenizer`` of ``ids``, only occurrences that are whole words count, as in the
+    models' token spans (:func:`erasekit.models.conditioning.run_is_whole_words`): "gun" is
+    not found in "handgun"."""
     hit = set()
     for run in runs:
         for i in id_run_starts(ids, run, special):
-            hit.update(range(i, i + len(run)))
+            if tokenizer is None or run_is_whole_words(tokenizer, ids, i, i + len(run), special):
+                hit.update(range(i, i + len(run)))
     return sorted(hit)
 
 
@@ -232,11 +236,11 @@ class KeywordZeroing(Attachment):
     """Zero (scale 1) or damp (0 < scale < 1: factor 1 - scale) the attention to the keywords
     (``hyperparameters["keyword_list"]``, ``["case_variants"]``); scale 0 changes nothing.
 
-    A forward hook on the main text encoder finds the keywords' token-id runs in each prompt and
-    remembers a fingerprint of the embedding rows; a pre-hook on the denoiser matches the rows
-    of the conditioning it receives; output edits on the adapter's "text_proj" points of role
-    "v" multiply the keyword's rows of the values by ``1 - scale``. Only prompts encoded after
-    attaching are recognised.
+    A forward hook on the main text encoder finds the keywords' token-id runs (whole words only)
+    in each prompt and remembers a fingerprint of the embedding rows; a pre-hook on the denoiser
+    matches the rows of the conditioning it receives; output edits on the adapter's "text_proj"
+    points of role "v" multiply the keyword's rows of the values by ``1 - scale``. Only prompts
+    encoded after attaching are recognised.
     """
 
     def __init__(self, adapter, edit: Edit, scale: float = 1.0):
@@ -244,6 +248,7 @@ class KeywordZeroing(Attachment):
         keywords, case_variants = hp.get("keyword_list", edit.concepts), hp.get("case_variants", True)
         self.adapter = adapter
         tokenizer, encoder = adapter.main_text_encoder()
+        self.tokenizer = tokenizer
         self.runs = keyword_id_runs(tokenizer, keywords, case_variants)
         self.special = set(tokenizer.all_special_ids)
         self.factor = 1.0 - float(scale)
@@ -269,7 +274,7 @@ class KeywordZeroing(Attachment):
         if ids is None or hidden is None:
             return
         for row_ids, row in zip(ids.tolist(), hidden):
-            positions = find_runs(row_ids, self.runs, self.special)
+            positions = find_runs(row_ids, self.runs, self.special, self.tokenizer)
             if positions:
                 mask = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)
                 mask[positions] = True

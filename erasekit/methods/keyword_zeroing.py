@@ -15,7 +15,8 @@ blocks (text and image already in one sequence) are not covered.
 
 Where is the keyword? Per prompt, at inference, by a token-id rule: a forward hook on the
 adapter's main text encoder sees each prompt's ids and finds the keyword's ids (tokenized alone,
-no special tokens; also its lower-case, Capitalised and UPPER-case spellings) as contiguous runs.
+no special tokens; also its lower-case, Capitalised and UPPER-case spellings) as contiguous runs
+that are whole words of the prompt (the keyword "gun" leaves "handgun" alone, as token spans do).
 It remembers a fingerprint of the resulting embedding rows; a pre-hook on the denoiser matches
 each row of the conditioning it receives against those fingerprints (once per conditioning
 tensor), so stock pipeline calls, adapter.generate and adapter.predict on adapter.encode(...)

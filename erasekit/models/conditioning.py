@@ -169,6 +169,29 @@ def id_run_starts(ids: Sequence[int], run: Sequence[int], special: Collection[in
     return [i for i in range(len(ids) - k + 1) if ids[i : i + k] == run]
 
 
+def run_is_whole_words(tokenizer, ids: Sequence[int], start: int, stop: int, special: Collection[int] = ()) -> bool:
+    """Whether ``ids[start:stop]`` are whole words of the text ``ids`` stand for, as
+    :func:`find_token_spans` requires of a match, when only ids are known (a text-encoder hook):
+    decoded together with the token just before (after) it, the run's text has no letter or
+    digit right before (after) it. "gun" is not a word of "handgun" (CLIP: "hand" + "gun</w>"),
+    nor "car" of "cars" (T5: "\u2581car" + "s"). Special tokens (BOS/EOS/pad) and the ends of
+    ``ids`` are boundaries."""
+    ids = list(ids)
+    decode = lambda part: tokenizer.decode(part, clean_up_tokenization_spaces=False)
+    text = decode(ids[start:stop])
+    if not text:
+        return True
+    if start > 0 and ids[start - 1] not in special:
+        wider = decode(ids[start - 1 : stop])
+        if len(wider) > len(text) and wider.endswith(text) and wider[-len(text) - 1].isalnum():
+            return False
+    if stop < len(ids) and ids[stop] not in special:
+        wider = decode(ids[start : stop + 1])
+        if len(wider) > len(text) and wider.startswith(text) and wider[len(text)].isalnum():
+            return False
+    return True
+
+
 def _spans_from_text(prompt, phrase, ids, offsets, special) -> list[list[int]]:
     """The fallback of :func:`find_token_spans`: each case-insensitive whole-word match of
     ``phrase`` in the prompt text, as the non-special token positions its characters overlap

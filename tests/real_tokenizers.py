@@ -1,0 +1,94 @@
+"""Real tokenizers for tests, built offline: CLIP's byte-level BPE with its 49408-token vocabulary.
+
+The released CLIP vocabulary (SD 1.x's tokenizer) splits words such as "nudity", "Van Gogh" or
+"Pikachu" into several pieces, where the word-level toy tokenizers keep them whole. Built from
+the merges file vendored in tests/data/clip_bpe (see its LICENSE), the way CLIP defines its
+vocabulary:
+
+- every byte 0..255 is a symbol: the printable bytes ('!'..'~', then U+00A1..U+00AC, then
+  U+00AE..U+00FF) stand for themselves, in that order, and the remaining 68 bytes (space, control
+  characters, ...) are mapped in increasing order to U+0100, U+0101, ...; ids 0..255 are these
+  256 symbols in that order, ids 256..511 the same symbols with "</w>" (end of word) appended;
+- the merges file's first line is a version header; its lines 1..48894 (48894 = 49152 - 256 - 2)
+  are the merges, and merge line n adds the joined pair as id 511 + n;
+- "<|startoftext|>" is 49406 and "<|endoftext|>" 49407 (also the padding, as in SD 1.x).
+
+So "a" alone is byte 97, the 65th printable byte (97 - 33 = 64): "a</w>" is 256 + 64 = 320; the
+merge "o f</w>" is line 28 of the file: "of</w>" is 511 + 28 = 539; "c at</w>" is line 1857:
+"cat</w>" is 2368. tests/test_real_tokenizers.py checks these against the built tokenizer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+BPE_FILE = Path(__file__).resolve().parent / "data" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+N_MERGES = 49152 - 256 - 2  # 48894
+VOCAB_SIZE = 2 * 256 + N_MERGES + 2  # 49408
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+BOS_ID, EOS_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1  # 49406, 49407
+
+
+def byte_symbols() -> list[str]:
+    """The 256 one-character symbols of byte-level BPE, in vocabulary order (see the module doc)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    rest = [b for b in range(256) if b not in set(printable)]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(rest))]
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[str, ...]]:
+    """(token -> id for all 49408 tokens, the 48894 merge lines "left right") from the vendored file."""
+    lines = gzip.decompress(BPE_FILE.read_bytes()).decode("utf-8").split("\n")
+    merges = tuple(lines[1 : N_MERGES + 1])
+    symbols = byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges] + [BOS, EOS]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != VOCAB_SIZE:
+        raise AssertionError(f"CLIP's vocabulary must hold {VOCAB_SIZE} distinct tokens, got {len(vocab)}")
+    return vocab, merges
+
+
+def clip_bpe_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """SD 1.x's CLIP tokenizer (49408 tokens, BOS 49406, EOS = pad = 49407), built offline:
+    vocab.json and merges.txt are written into a temporary folder and loaded from there."""
+    vocab, merges = clip_vocab_and_merges()
+    with tempfile.TemporaryDirectory(prefix="clip-bpe-") as folder:
+        Path(folder, "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        Path(folder, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(
+            folder,
+            model_max_length=model_max_length,
+            bos_token=BOS,
+            eos_token=EOS,
+            unk_token=EOS,
+            pad_token=EOS,
+        )
+
+
+def tiny_sd_pipeline_with(tokenizer, seed: int = 0):
+    """The tiny SD pipeline of tests/tiny_pipelines.py with ``tokenizer``: its CLIP text encoder
+    (width 32) has one embedding row per token (49408 with :func:`clip_bpe_tokenizer`) and reads
+    ``tokenizer.model_max_length`` positions."""
+    from tiny_pipelines import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=seed, tokenizer=tokenizer)
+    assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    return pipe
+
+
+def pieces(tokenizer, text: str) -> list[str]:
+    """How ``tokenizer`` splits ``text`` (no special tokens), as token strings."""
+    return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """``prompt``'s ids as the SD pipeline encodes it (BOS, EOS, padding to the maximum length)."""
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)["input_ids"]
