@@ -27,6 +27,7 @@ _LAZY = {
     "remove": "edits",
     "evaluate": "evaluation.evaluate",
     "attack": "evaluation.attacks",
+    "export": "export",
 }
 __all__ = ["__version__", *_LAZY]
 

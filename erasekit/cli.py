@@ -176,6 +176,30 @@ def _erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export
+
+    _check_model_and_edits(args.model, [args.edit])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = export(
+        args.edit,
+        args.model,
+        format=args.format,
+        out=args.out,
+        rank=args.rank,
+        distill_rank=args.distill_rank,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    err = record.get("relative_error", 0.0)
+    print(f"exported {record['edit']['method']} edit as {args.format}: {', '.join(record['files'])}")
+    print(f"approximation: {record['approximation']}; relative error {err:.4f}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -626,6 +650,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     at.add_argument("--attack-seed", type=int, default=None, help="seed of every attack (default 0)")
     at.set_defaults(func=_attack)
+
+    from .export import FORMATS
+
+    ex = sub.add_parser(
+        "export", help="write an edit as files other tools load: diffusers LoRA, kohya (A1111 / ComfyUI), merged model"
+    )
+    ex.add_argument("edit", help="Edit folder to export")
+    ex.add_argument("--model", required=True, help=_model_help() + " (the edit's base model)")
+    ex.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="diffusers-lora (folder), kohya (one .safetensors), merged (pipeline folder; SD: + one A1111 checkpoint)",
+    )
+    ex.add_argument(
+        "--out", required=True, help="folder (diffusers-lora, merged) or .safetensors file (kohya) to write"
+    )
+    ex.add_argument("--rank", type=int, default=64, help="LoRA rank of a weight-delta edit (ESD, UCE): truncated SVD")
+    ex.add_argument(
+        "--distill-rank", type=int, default=16, help="LoRA rank a Receler edit (erasers) is distilled into"
+    )
+    ex.add_argument(
+        "--dtype",
+        default=None,
+        choices=("fp16", "bf16", "fp32"),
+        help="merged checkpoint's weights (default: as loaded)",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    ex.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ex.set_defaults(func=_export)
 
     toy = sub.add_parser("toyworld", help="the embedded toy text-to-image world")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)

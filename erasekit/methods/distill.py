@@ -1,0 +1,254 @@
+"""Distil an output-adapter edit (Receler's erasers) into a LoRA that stock tools load.
+
+An eraser adds ``E(h)`` to an attention output ``h``; a LoRA adds ``B A x`` to a Linear's output.
+Per attachment point, the Linear that carries the LoRA and its input ``x`` are:
+
+- cross / joint attention (SD ``attn2``, Flux dual-stream ``attn``): the output projection
+  ``to_out.0``, whose output is ``h`` (dropout is the identity at inference); target ``E(h)``;
+- Flux single-stream attention (no output projection of its own): the block's ``proj_out``,
+  which reads ``[h, mlp]``; the LoRA reads the ``h`` columns only, target ``E(h)`` on the image
+  tokens and 0 on the text tokens, and its up-projection is ``proj_out``'s ``h`` columns times
+  the fitted map (so ``proj_out([h + E(h), mlp]) = proj_out([h, mlp]) + W_h E(h)``).
+
+The data are the edited model's own forwards while it generates ``prompts`` (the concept's) and
+``other_prompts`` (what must stay as it was, the empty prompt included: the unconditional branch
+sees the erasers too), every denoising step and both guidance branches. For each carrier the
+fit is a reduced-rank ridge regression on accumulated second moments (float64, no sample kept):
+
+    W_ols = S_yx (S_xx + lam I)^-1,   C = W_ols S_xx W_ols^T,   U_r = top-r eigenvectors of C,
+    B = U_r (out, r),  A = U_r^T W_ols (r, in)
+
+which is the rank-r map closest to the targets over the recorded inputs (Izenman 1975). The
+result is an ordinary LoRA edit (diffusers layout, alpha folded into B). A linear map cannot
+reproduce the erasers' GELU and biases exactly: :func:`distil_to_lora` reports the fit's
+relative residual per carrier, and the suite's figures before and after tell what it costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..edits import Edit
+from ..edits.kind import kind_of
+from ..edits.lora import NAME as LORA
+from ..edits.lora import lora_prefix
+from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
+from ..edits.output_adapter import attach_modules, erasers_from_tensors, points
+from ..models import adapter_for
+
+DISTILL_TEMPLATES = ("an image of a {}", "a photo of a {}", "a picture of a {}", "{}")
+
+
+@dataclass
+class _Moments:
+    """Running sums over recorded rows: S_xx = sum x x^T (in, in), S_yx = sum y x^T (out, in),
+    sum ||y||^2, and the row count; float64."""
+
+    width_in: int
+    width_out: int
+    xx: Tensor = field(init=False)
+    yx: Tensor = field(init=False)
+    yy: float = 0.0
+    rows: int = 0
+
+    def __post_init__(self):
+        self.xx = torch.zeros(self.width_in, self.width_in, dtype=torch.float64)
+        self.yx = torch.zeros(self.width_out, self.width_in, dtype=torch.float64)
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        """x (..., in), y (..., out): one row per leading index."""
+        x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
+        y = y.detach().reshape(-1, y.shape[-1]).double().cpu()
+        self.xx += x.T @ x
+        self.yx += y.T @ x
+        self.yy += float((y * y).sum())
+        self.rows += x.shape[0]
+
+
+def reduced_rank_fit(m: _Moments, rank: int, ridge: float = 1e-6) -> tuple[Tensor, Tensor, float]:
+    """(A (r, in), B (out, r), relative residual) of the rank-``rank`` linear map y ~ B A x that
+    fits the moments best; ``ridge`` is relative to the mean diagonal of S_xx. The residual is
+    ||Y - B A X|| / ||Y|| over the recorded rows (0 when every target was 0)."""
+    lam = ridge * float(m.xx.diagonal().mean().clamp(min=1e-12))
+    w = torch.linalg.solve(m.xx + lam * torch.eye(m.width_in, dtype=torch.float64), m.yx.T).T  # (out, in)
+    c = w @ m.xx @ w.T
+    _, vectors = torch.linalg.eigh((c + c.T) / 2)
+    r = max(1, min(rank, m.width_in, m.width_out))
+    u = vectors[:, -r:].flip(-1)  # (out, r), largest first
+    a = u.T @ w
+    fitted = u @ a
+    # ||Y - F X||^2 = sum y^2 - 2 tr(F S_xy) + tr(F S_xx F^T)
+    residual = m.yy - 2 * float((fitted * m.yx).sum()) + float((fitted @ m.xx * fitted).sum())
+    rel = (max(residual, 0.0) / m.yy) ** 0.5 if m.yy > 0 else 0.0
+    return a, u, rel
+
+
+class _RecordingEraser(nn.Module):
+    """Returns ``E(h)`` as the eraser does and keeps ``h`` (pre-eraser) and ``E(h)`` of the last call."""
+
+    def __init__(self, eraser: nn.Module):
+        super().__init__()
+        self.eraser = eraser
+        self.seen: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.eraser(h)
+        self.seen = (h, out)
+        return out
+
+
+def _carrier(adapter, point_name: str) -> tuple[str, nn.Linear, bool]:
+    """(module name, Linear, single-stream?) of the Linear that carries the LoRA for a point."""
+    den = adapter.denoiser
+    if point_name.startswith("single_transformer_blocks."):
+        block = point_name.rsplit(".", 1)[0]
+        return f"{block}.proj_out", den.get_submodule(f"{block}.proj_out"), True
+    return f"{point_name}.to_out.0", den.get_submodule(f"{point_name}.to_out.0"), False
+
+
+def distil_to_lora(
+    pipe,
+    edit: Edit,
+    prompts: Sequence[str],
+    other_prompts: Sequence[str] = ("",),
+    rank: int = 16,
+    seeds: Sequence[int] = (0, 1),
+    ridge: float = 1e-6,
+    steps: int | None = None,
+    progress: bool = True,
+) -> tuple[Edit, dict]:
+    """A LoRA edit (kind "lora") that approximates the output-adapter ``edit`` on ``pipe``.
+
+    ``prompts``: prompts of the erased concept; ``other_prompts``: prompts that must stay as the
+    edited model has them (include "" for the unconditional branch). Each prompt is generated once
+    per seed in ``seeds`` with the edit attached (``steps`` denoising steps, default the
+    adapter's), recording every forward. ``rank``: the LoRA's rank per carrier. Returns the edit
+    (method ``<method>-distilled``, ``distilled_from`` in its hyper-parameters)
+    and a report: per carrier the relative residual ||E - B A x|| / ||E|| on the recorded rows,
+    the row count, and the mean residual weighted by ||E||^2.
+    """
+    adapter = adapter_for(pipe)
+    if kind_of(edit).name != OUTPUT_ADAPTER:
+        raise ValueError(f"only output-adapter edits are distilled; edit {edit.id} ({edit.method}) is a {edit.kind}")
+    if edit.family != adapter.family:
+        raise ValueError(
+            f"edit {edit.method}/{edit.concepts} was made for {edit.family!r}, the pipeline is {adapter.family!r}"
+        )
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    erasers = erasers_from_tensors(edit.tensors, adapter.device, adapter.dtype)
+    known = {p.name for p in points(adapter)}
+    missing = sorted(set(erasers) - known)
+    if missing:
+        raise ValueError(f"the edit has erasers for points this model lacks: {missing[:3]}")
+    recorders = {name: _RecordingEraser(e) for name, e in erasers.items()}
+    moments: dict[str, _Moments] = {}
+    carriers = {name: _carrier(adapter, name) for name in recorders}
+    inputs: dict[str, Tensor] = {}
+    hooks = []
+    for name, (_, linear, single) in carriers.items():
+        if not single:
+
+            def keep(_module, args, name=name):
+                inputs[name] = args[0]
+
+            hooks.append(linear.register_forward_pre_hook(keep))
+
+    def collect() -> None:
+        for name, rec in recorders.items():
+            if rec.seen is None:
+                continue
+            h, e = rec.seen
+            rec.seen = None
+            _, linear, single = carriers[name]
+            if single:
+                # h: image tokens only; the text tokens of the same forward reach proj_out too, with target 0
+                x, y = h, e
+                text = inputs.pop(name + ":text", None)
+                m = moments.setdefault(name, _Moments(h.shape[-1], e.shape[-1]))
+                if text is not None:
+                    m.add(text, torch.zeros(*text.shape[:-1], e.shape[-1]))
+            else:
+                x, y = inputs.pop(name), e
+                m = moments.setdefault(name, _Moments(x.shape[-1], e.shape[-1]))
+            m.add(x, y)
+
+    single_names = [n for n, (_, _, s) in carriers.items() if s]
+    for name in single_names:
+        block = adapter.denoiser.get_submodule(name.rsplit(".", 1)[0])
+        width = recorders[name].eraser.down.in_features
+
+        def text_part(_module, args, kwargs, name=name, width=width):
+            joint = kwargs.get("hidden_states", args[0] if args else None)
+            text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            if joint is not None and text is not None:
+                inputs[name + ":text_len"] = text.shape[1]
+
+        hooks.append(block.register_forward_pre_hook(text_part, with_kwargs=True))
+        attn = adapter.denoiser.get_submodule(name)
+
+        def attn_out(_module, _args, output, name=name):
+            h = output[0] if isinstance(output, tuple) else output
+            n = inputs.pop(name + ":text_len", None)
+            if n:
+                inputs[name + ":text"] = h[:, :n]
+
+        hooks.append(attn.register_forward_hook(attn_out))
+
+    den_hook = adapter.denoiser.register_forward_hook(lambda *_: collect())
+    attachment = attach_modules(adapter, recorders, "distill")
+    runs = [(p, s) for p in list(prompts) + list(other_prompts) for s in seeds]
+    try:
+        with torch.no_grad():
+            for p, s in tqdm(runs, desc="distil", disable=not progress, leave=False):
+                adapter.generate([p], [s], steps=steps)
+                collect()
+    finally:
+        attachment.detach()
+        den_hook.remove()
+        for h in hooks:
+            h.remove()
+
+    prefix = lora_prefix(adapter)
+    tensors: dict[str, Tensor] = {}
+    report: dict = {"carriers": {}, "rank": rank, "prompts": list(prompts), "other_prompts": list(other_prompts)}
+    num = den = 0.0
+    for name, m in moments.items():
+        module_name, linear, single = carriers[name]
+        a, b, rel = reduced_rank_fit(m, rank, ridge)
+        if single:  # LoRA on proj_out: reads the h columns, writes through proj_out's h columns
+            w_h = linear.weight.detach().double().cpu()[:, : m.width_in]
+            a = torch.cat([a, torch.zeros(a.shape[0], linear.in_features - m.width_in, dtype=a.dtype)], dim=1)
+            b = w_h @ b
+        tensors[f"{prefix}.{module_name}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"{prefix}.{module_name}.lora_B.weight"] = b.float().contiguous()
+        report["carriers"][module_name] = {"relative_residual": rel, "rows": m.rows}
+        num += rel**2 * m.yy
+        den += m.yy
+    report["relative_residual"] = (num / den) ** 0.5 if den > 0 else 0.0
+    out = Edit(
+        kind=LORA,
+        method=f"{edit.method}-distilled",
+        concepts=list(edit.concepts),
+        family=edit.family,
+        base_model=edit.base_model,
+        tensors=tensors,
+        hyperparameters=dict(edit.hyperparameters)
+        | {"distilled_from": edit.id, "distill_rank": rank, "distill_seeds": list(seeds)},
+        metrics=dict(edit.metrics) | {"distill_relative_residual": report["relative_residual"]},
+    )
+    return out, report
+
+
+def distil_prompts(concepts: Sequence[str], others: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The prompts :func:`distil_to_lora` records by default: each concept and each other word in
+    :data:`DISTILL_TEMPLATES`, and the empty prompt among the others."""
+    concept_prompts = [t.format(c) for c in concepts for t in DISTILL_TEMPLATES]
+    other_prompts = [""] + [t.format(o) for o in others for t in DISTILL_TEMPLATES[:2]]
+    return concept_prompts, other_prompts
