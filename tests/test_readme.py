@@ -34,7 +34,8 @@ def test_examples_make_their_edits_before_using_them():
     made: set[str] = set()
     for argv in readme_commands():
         args = build_parser().parse_args(argv)
-        for folder in getattr(args, "edit", None) or []:
+        edits = getattr(args, "edit", None) or []
+        for folder in [edits] if isinstance(edits, str) else edits:
             assert folder in made, f"`erasekit {' '.join(argv)}` uses {folder}, which no earlier example makes"
         if args.command == "erase":
             made.add(args.out)

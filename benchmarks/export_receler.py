@@ -1,0 +1,96 @@
+"""What exporting a Receler edit costs: its erasers distilled into a LoRA (erasekit export) against
+the erasers themselves, on the toy suite and under the attacks, on both toy pipelines.
+
+For each pipeline: Receler (fast preset, seed 0) erases the concept; `erasekit.export` writes the
+distilled LoRA (diffusers-lora; the kohya file holds the same factors); the LoRA read back from
+the exported file and the original edit are scored on the same prompts, seeds and detector
+(Acc_E, Acc_R, Acc_L, H) and attacked with the same attacks (success %). Prints one table row per
+pipeline x edit, and the distillation's residual and seconds.
+
+    python benchmarks/export_receler.py [--models sd,flux] [--concept triangle] [--n 12]
+        [--attacks textual-inversion,ring-a-bell,unlearndiffatk] [--attack-n 4] [--rank 16]
+        [--threads 1] [--iterations N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="sd,flux")
+    ap.add_argument("--concept", default="triangle")
+    ap.add_argument("--n", type=int, default=12)
+    ap.add_argument("--n-locality", type=int, default=8)
+    ap.add_argument("--attacks", default="textual-inversion,ring-a-bell,unlearndiffatk")
+    ap.add_argument("--attack-n", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--iterations", type=int, default=None, help="Receler's iterations (default: the fast preset's)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from safetensors.torch import load_file
+
+    from erasekit import Edit, erase, evaluate
+    from erasekit.evaluation.attacks import attack
+    from erasekit.export import LORA_WEIGHTS, export
+    from erasekit.methods import make_config
+    from erasekit.models import load_pipeline
+
+    attacks = [a for a in args.attacks.split(",") if a]
+    iters = {"iterations": str(args.iterations)} if args.iterations else {}
+    cols = " | ".join(attacks)
+    print(f"| model | edit | Acc_E | Acc_R | Acc_L | H | {cols} | residual | seconds |")
+    print("|---|---|---|---|---|---|" + "---|" * len(attacks) + "---|---|")
+    for model in args.models.split(","):
+        pipe = load_pipeline(f"toy:{model}")
+        pipe.set_progress_bar_config(disable=True)
+        began = time.time()
+        edit = erase(pipe, args.concept, "receler", make_config("receler", "fast", iters), progress=False)
+        fit_s = time.time() - began
+        with tempfile.TemporaryDirectory() as tmp:
+            began = time.time()
+            record = export(edit, pipe, "diffusers-lora", Path(tmp) / "lora", distill_rank=args.rank, progress=False)
+            export_s = time.time() - began
+            tensors = load_file(str(Path(tmp) / "lora" / LORA_WEIGHTS))
+            distilled = Edit(
+                "receler-distilled", list(edit.concepts), edit.family, edit.base_model, tensors, kind="lora"
+            )
+            suite = {"n": args.n, "n_locality": args.n_locality}
+            ev = evaluate(
+                pipe, "toy-objects", args.concept, edits=[edit, distilled], suite_options=suite, progress=False
+            )
+            at = attack(
+                pipe,
+                "toy-objects",
+                args.concept,
+                edits=[edit, distilled],
+                out=Path(tmp) / "attack",
+                attacks=attacks,
+                n=args.attack_n,
+                suite_options=suite,
+                progress=False,
+            )
+        metrics = {r["edit_id"]: r["metrics"] for r in ev["runs"] if r["edit_id"]}
+        for e, label, residual, seconds in (
+            (edit, "receler (erasers)", "", fit_s),
+            (distilled, f"exported LoRA (rank {args.rank})", f"{record['relative_error']:.3f}", export_s),
+        ):
+            m = metrics[e.id]
+            asr = at["asr"][e.method]
+            rates = " | ".join(f"{asr.get(a, float('nan')):.1f}" for a in attacks)
+            print(
+                f"| toy:{model} | {label} | {m['acc_e']:.1f} | {m['acc_r']:.1f} | {m['acc_l']:.1f} | {m['h']:.1f} "
+                f"| {rates} | {residual} | {seconds:.0f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
