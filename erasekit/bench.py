@@ -21,7 +21,7 @@ Fair comparison:
 - Every ESD-family row (ESD, Receler, EraseAnything) records its negative guidance in
   ALGORITHMS' form, target = e(anchor) - eta * (e(c) - e(anchor)) (column "eta"; the configs'
   ``guidance_eta()``). With the fast preset the bench runs ESD in that form at eta 3, as the
-  Receler and EraseAnything fast presets do, and UCE on prompt templates (:data:`BENCH_FAST`).
+  Receler and EraseAnything fast presets do, and UCE and RECE on prompt templates (:data:`BENCH_FAST`).
 - ``seeds``: each method row is trained once per seed (the config's ``seed``); the table gives
   the mean and the spread (sample standard deviation, and min-max in bench.json) over seeds.
 - ``attacks``: after an edited row's suite, those attacks
@@ -80,14 +80,16 @@ QUICK_OVERRIDES: dict[str, dict[str, str]] = {
     "eraseanything": {"iterations": "4", "preserve_images": "2", "rollout_steps": "5"},
     "esd": {"iterations": "3", "rollout_steps": "5"},
     "uce": {"samples": "1"},
+    "rece": {"samples": "1"},
 }
 # With the fast preset, settings the bench adds so that rows compare at equal settings (the presets
 # themselves are pinned by tests/test_golden.py): ESD's negative guidance in ALGORITHMS' form at
 # eta 3, as the Receler and EraseAnything fast presets; UCE fitted on prompt templates (on the bare
-# word it erased nothing on either toy pipeline).
+# word it erased nothing on either toy pipeline), and RECE, which starts from UCE's edit, likewise.
 BENCH_FAST: dict[str, dict[str, str]] = {
     "esd": {"target_base": "uncond", "eta": "3"},
     "uce": {"template_set": "objects"},
+    "rece": {"template_set": "objects"},
 }
 # --tune: the grid of every method (method name -> settings, at most 6), run on the development
 # concept; ESD's eta in ALGORITHMS' form (target_base uncond), as Receler's and EraseAnything's.
@@ -96,6 +98,8 @@ TUNE_GRIDS: dict[str, list[dict[str, str]]] = {
     "receler": [{"eta": e, "lr": lr} for e in ("1", "3") for lr in ("2e-3", "5e-3", "1e-2")],
     "eraseanything": [{"eta": e, "lr": lr} for e in ("1", "3") for lr in ("5e-4", "1e-3", "2e-3")],
     "uce": [{"template_set": t, "token_span": sp} for t in ("none", "objects") for sp in ("last", "to-end")],
+    # RECE: the release's regulariser strengths for objects UCE fails on (1e-3) and erases easily (1e-1) x rounds.
+    "rece": [{"regular_scale": r, "rounds": n} for r in ("1e-3", "1e-1") for n in ("1", "2", "3")],
     "keyword_zeroing": [{}],
     "sld": [{}],
 }

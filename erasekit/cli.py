@@ -471,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     er = sub.add_parser("erase", help="train an erasure and save it as an Edit folder")
     er.add_argument(
-        "--method", default="receler", help="receler, eraseanything, esd (or esd-x / esd-u), uce, keyword_zeroing, sld"
+        "--method",
+        default="receler",
+        help="receler, eraseanything, esd (or esd-x / esd-u), uce, keyword_zeroing, sld, rece",
     )
     er.add_argument(
         "--help-method",
@@ -546,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument(
         "--methods",
         default=None,
-        help="comma-separated rows (default all: receler, eraseanything, esd-x, esd-u, uce, keyword_zeroing, sld)",
+        help="comma-separated rows (default all: receler, eraseanything, esd-x, esd-u, uce, keyword_zeroing, sld, "
+        "rece)",
     )
     bt.add_argument("--concepts", default=None, help="comma-separated toy objects (default circle,triangle,heart)")
     bt.add_argument("--preset", default="fast", help="every method's preset (fast: the toy-world one; paper)")

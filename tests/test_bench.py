@@ -388,6 +388,10 @@ def test_every_tune_grid_is_small_and_uce_tries_templates_and_the_last_token_opt
         "last",
         "to-end",
     }
+    rece = bench.TUNE_GRIDS["rece"]  # the release's regulariser strengths for objects x rounds
+    assert {g["regular_scale"] for g in rece} == {"1e-3", "1e-1"} and {g["rounds"] for g in rece} == {"1", "2", "3"}
+    tuned = bench.method_configs(["rece"], "fast", None, quick=False, tuned={"rece": rece[-1]})["rece"]
+    assert (tuned.regular_scale, tuned.rounds, tuned.template_set) == (0.1, 3, "objects")
 
 
 def test_oracle_row_and_gaps(tmp_path):

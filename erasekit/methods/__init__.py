@@ -1,4 +1,4 @@
-"""Erasure methods: one module each (receler, eraseanything, esd, uce, keyword_zeroing, sld).
+"""Erasure methods: one module each (receler, eraseanything, esd, uce, keyword_zeroing, sld, rece).
 
 Architecture
 ------------
