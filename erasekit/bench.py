@@ -1,14 +1,18 @@
 """``erasekit bench toy``: every erasure method on the toy-world pipelines, with the same
 prompts, seeds and detector.
 
-For each model (a toy pipeline or any pipeline folder) and object concept: the object-erasure
-suite (``toy-objects``) on the unedited model (the "base" row), then for each method: ``erase``
+For each model (a toy pipeline or any pipeline folder) and concept: the concept's suite (an
+object: ``toy-objects``; a texture such as "striped": ``toy-styles``; a colour: ``toy-colors``,
+see :func:`erasekit.toyworld.attributes.suite_for_concept`) on the unedited model (the "base"
+row), then for each method: ``erase``
 (wall seconds and peak memory measured), the suite with the edit applied, and a check that the
 pipeline again gives its base output bit for bit once the edit is removed. Each row's suite is
 one run of :func:`erasekit.evaluation.evaluate.evaluate_run`, the function ``erasekit evaluate``
 runs for each of its runs, with the images kept in memory (rounded to 8 bits, as evaluate's
-PNGs are): a row's figures are those ``erasekit evaluate --suite toy-objects`` gives for the
-same edit, prompts and seeds.
+PNGs are): a row's figures are those ``erasekit evaluate --suite SUITE`` gives for the same
+edit, prompts and seeds. Attribute rows also carry the content kept (``content``), which their H
+holds as a fourth term; the means are taken per model and suite, so that H is never averaged
+across the object and attribute definitions.
 
 Every finished row is appended to ``rows.jsonl`` in the output folder as soon as it is done; a
 later run with the same folder skips the rows already there that were made with the same
@@ -57,10 +61,10 @@ from .evaluation.attacks import PROMPT_ATTACKS, attack, attack_spec, make_attack
 from .evaluation.evaluate import evaluate_run
 from .evaluation.metrics import harmonic_h, pooled_accuracies
 from .evaluation.resources import PeakMemory, Stopwatch
+from .evaluation.suites import make_suite
 from .files import atomic_write_bytes, atomic_write_text
 from .methods import ConfigError, erase, make_config, method_rows, resolve_method
-from .toyworld.grammar import OBJECT_NAMES, object_by_name
-from .toyworld.suite import ToyObjectSuite, object_prompts
+from .toyworld.attributes import suite_for_concept
 
 # Row name -> (method, settings it fixes), from the method registry: a method with variants is
 # one row per variant (ESD's two parameter groups: "esd-x", "esd-u").
@@ -183,12 +187,18 @@ def config_seed(config) -> int | None:
     return getattr(config, "seed", None) if config is not None and "seed" in type(config).field_specs() else None
 
 
-def worst_case_h(acc_e: float, acc_r: float, acc_l: float, attacks: Mapping[str, float] | None = None) -> float:
+def worst_case_h(
+    acc_e: float,
+    acc_r: float,
+    acc_l: float,
+    attacks: Mapping[str, float] | None = None,
+    content: float | None = None,
+) -> float:
     """Harmonic mean of (100 - Acc_E, 100 - max(Acc_R, every attack's success rate), Acc_L), all %:
     H with the robustness term at its worst. Attack rates that are NaN (not measured) are left out;
-    without attacks it is H."""
+    without attacks it is H. ``content`` (attribute suites) is a fourth term, as in their H."""
     rates = [float(v) for v in (attacks or {}).values() if v is not None and not math.isnan(float(v))]
-    return harmonic_h(acc_e, max([acc_r, *rates]), acc_l)
+    return harmonic_h(acc_e, max([acc_r, *rates]), acc_l, content=content)
 
 
 def pick_best(rows: Sequence[dict]) -> int:
@@ -288,58 +298,80 @@ def pooled(rows: Sequence[dict], attacks: Sequence[str] = ()) -> dict:
     for a in attacks:
         got = [r["attacks"][a] for r in rows if a in r.get("attacks", {})]
         rates[a] = sum(got) / len(got) if got else math.nan
-    return m | {"attacks": rates, "worst_h": worst_case_h(m["acc_e"], m["acc_r"], m["acc_l"], rates)}
+    worst = worst_case_h(m["acc_e"], m["acc_r"], m["acc_l"], rates, content=m.get("content"))
+    return m | {"attacks": rates, "worst_h": worst}
 
 
 SPREAD_KEYS = ("acc_e", "acc_r", "acc_l", "h", "worst_h")
+OBJECT_SUITE = "toy-objects"  # the suite of rows written before rows named theirs
+
+
+def row_suite(row: Mapping) -> str:
+    """The suite a row was measured with."""
+    return row.get("suite") or OBJECT_SUITE
 
 
 def mean_rows(
     rows: Sequence[dict], models: Sequence[str], methods: Sequence[str], attacks: Sequence[str] = ()
 ) -> list[dict]:
-    """One row per model x method: accuracies, attack rates, H and worst-case H averaged over
-    the concepts present for each seed (H from the averaged accuracies, Receler protocol), then
-    their mean over seeds (``per_seed`` keeps each seed's; ``<key>_std``, ``<key>_min``,
-    ``<key>_max`` the spread); fit seconds and suite seconds averaged, fit peak memory the
-    largest. Within each model the base row comes first, then the methods by worst-case H
-    (highest first)."""
+    """One row per model x suite x method: accuracies (and, for attribute suites, the content
+    kept), attack rates, H and worst-case H averaged over the concepts present for each seed (H
+    from the averaged figures, Receler protocol), then their mean over seeds (``per_seed`` keeps
+    each seed's; ``<key>_std``, ``<key>_min``, ``<key>_max`` the spread); fit seconds and suite
+    seconds averaged, fit peak memory the largest. Concepts of different suites are never
+    averaged together (their H are defined differently). Within each model and suite the base
+    row comes first, then the methods by worst-case H (highest first)."""
     out = []
     for model in models:
-        mine = []
-        for method in (BASE, ORACLE, *methods):
-            sel = [r for r in rows if r["model"] == model and r["method"] == method and "error" not in r]
-            if not sel:
-                continue
-            seeds = list(dict.fromkeys(r.get("seed") for r in sel))
-            per_seed = [{"seed": sd} | pooled([r for r in sel if r.get("seed") == sd], attacks) for sd in seeds]
-            fit = [r["fit_seconds"] for r in sel if r.get("fit_seconds") is not None]
-            mem = [r["fit_peak_mb"] for r in sel if r.get("fit_peak_mb") is not None]
-            row = {
-                "model": model,
-                "family": sel[0]["family"],
-                "method": method,
-                "eta": sel[0].get("eta"),
-                "concepts": list(dict.fromkeys(r["concept"] for r in sel)),
-                "seeds": seeds,
-                "per_seed": per_seed,
-            }
-            for key in SPREAD_KEYS:
-                sp = _spread([p[key] for p in per_seed])
-                row |= {key: sp["mean"], f"{key}_std": sp["std"], f"{key}_min": sp["min"], f"{key}_max": sp["max"]}
-            row["attacks"] = {}
-            row["attacks_std"] = {}
-            for a in attacks:
-                sp = _spread([p["attacks"][a] for p in per_seed])
-                row["attacks"][a], row["attacks_std"][a] = sp["mean"], sp["std"]
-            row |= {
-                "suite_seconds": sum(r["suite_seconds"] for r in sel) / len(sel),
-                "fit_seconds": sum(fit) / len(fit) if fit else None,
-                "fit_peak_mb": max(mem) if mem else None,
-                "memory_kind": sel[0].get("memory_kind"),
-            }
-            mine.append(row)
-        out += sort_rows(mine)
+        suites = list(dict.fromkeys(row_suite(r) for r in rows if r["model"] == model))
+        for suite in suites:
+            out += sort_rows(_suite_means(rows, model, suite, methods, attacks))
     return out
+
+
+def _suite_means(rows: Sequence[dict], model: str, suite: str, methods: Sequence[str], attacks: Sequence[str]):
+    """The mean rows (see :func:`mean_rows`) of ``model`` and ``suite``, unsorted."""
+    mine = []
+    for method in (BASE, ORACLE, *methods):
+        sel = [
+            r
+            for r in rows
+            if r["model"] == model and r["method"] == method and row_suite(r) == suite and "error" not in r
+        ]
+        if not sel:
+            continue
+        seeds = list(dict.fromkeys(r.get("seed") for r in sel))
+        per_seed = [{"seed": sd} | pooled([r for r in sel if r.get("seed") == sd], attacks) for sd in seeds]
+        fit = [r["fit_seconds"] for r in sel if r.get("fit_seconds") is not None]
+        mem = [r["fit_peak_mb"] for r in sel if r.get("fit_peak_mb") is not None]
+        row = {
+            "model": model,
+            "family": sel[0]["family"],
+            "method": method,
+            "eta": sel[0].get("eta"),
+            "concepts": list(dict.fromkeys(r["concept"] for r in sel)),
+            "seeds": seeds,
+            "per_seed": per_seed,
+        }
+        if suite != OBJECT_SUITE:
+            row["suite"] = suite
+        keys = SPREAD_KEYS + (("content",) if all("content" in p for p in per_seed) else ())
+        for key in keys:
+            sp = _spread([p[key] for p in per_seed])
+            row |= {key: sp["mean"], f"{key}_std": sp["std"], f"{key}_min": sp["min"], f"{key}_max": sp["max"]}
+        row["attacks"] = {}
+        row["attacks_std"] = {}
+        for a in attacks:
+            sp = _spread([p["attacks"][a] for p in per_seed])
+            row["attacks"][a], row["attacks_std"][a] = sp["mean"], sp["std"]
+        row |= {
+            "suite_seconds": sum(r["suite_seconds"] for r in sel) / len(sel),
+            "fit_seconds": sum(fit) / len(fit) if fit else None,
+            "fit_peak_mb": max(mem) if mem else None,
+            "memory_kind": sel[0].get("memory_kind"),
+        }
+        mine.append(row)
+    return mine
 
 
 def sort_rows(rows: Sequence[dict]) -> list[dict]:
@@ -441,12 +473,16 @@ def markdown(result: dict) -> str:
         + f" · detector {result['detector']['name']} · `{result['command'] or 'run_bench(...)'}`",
         "",
     ]
-    head = ["model", "method", "eta", "Acc_E", "Acc_R", "Acc_L", "H", *attacks, "worst H", "fit s", "fit peak MiB"]
-    head.append("suite s")
+    # Attribute concepts (toy-styles, toy-colors): a suite column and the content kept.
+    attributes = any(row_suite(r) != OBJECT_SUITE for r in result["rows"] + result["means"])
+    suite_col, content_col = (["suite"], ["content"]) if attributes else ([], [])
+    head = ["model", *suite_col, "method", "eta", "Acc_E", "Acc_R", "Acc_L", *content_col, "H", *attacks, "worst H"]
+    head += ["fit s", "fit peak MiB", "suite s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["means"]:
-        cells = [r["model"], r["method"], _eta(r.get("eta"))]
-        cells += [_pm(r, k) for k in ("acc_e", "acc_r", "acc_l", "h")]
+        cells = [r["model"], *([row_suite(r)] if attributes else []), r["method"], _eta(r.get("eta"))]
+        cells += [_pm(r, k) for k in ("acc_e", "acc_r", "acc_l")]
+        cells += ([_pm(r, "content") if "content" in r else "-"] if attributes else []) + [_pm(r, "h")]
         cells += [_attack_pm(r, a) for a in attacks] + [_pm(r, "worst_h")]
         cells += [_cell(r["fit_seconds"]), _cell(r["fit_peak_mb"], "{:.0f}"), _cell(r["suite_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -464,6 +500,13 @@ def markdown(result: dict) -> str:
             if seeds and len(seeds) > 1
             else ""
         )
+        + (
+            "Attribute concepts are averaged per suite (toy-styles: textures, toy-colors: colours); their content "
+            "is the % of the concept's images whose object (and other named attribute) still match the prompt, "
+            "and their H and worst H hold it as a fourth term. "
+            if attributes
+            else ""
+        )
         + "fit s: wall seconds of `erase` per concept (mean; its CPU seconds are in bench.json); "
         "fit peak MiB: the largest growth of "
         + ("allocated CUDA memory" if kind == "cuda-allocated" else "the process's resident memory")
@@ -472,8 +515,9 @@ def markdown(result: dict) -> str:
     ]
     for r in result["means"]:
         if r["method"] == BASE and r["acc_e"] < MEANINGFUL_BASE:
+            which = f" ({row_suite(r)})" if attributes else ""
             lines.append(
-                f"\n**{r['model']}**: the unedited model draws the concept on only {r['acc_e']:.0f}% of simple "
+                f"\n**{r['model']}**{which}: the unedited model draws the concept on only {r['acc_e']:.0f}% of simple "
                 "prompts: its erasure figures are not meaningful."
             )
     for e in result["errors"]:
@@ -520,18 +564,22 @@ def markdown(result: dict) -> str:
         "",
         "Per concept:",
         "",
-        "| model | concept | method | seed | eta | Acc_E | Acc_R | Acc_L | H | "
+        "| model | concept | method | seed | eta | Acc_E | Acc_R | Acc_L | "
+        + ("content | " if attributes else "")
+        + "H | "
         + "".join(f"{a} | " for a in attacks)
         + "worst H | fit s | fit peak MiB |",
-        "|" + "---|" * (12 + len(attacks)),
+        "|" + "---|" * (12 + len(attacks) + bool(attributes)),
     ]
-    order = {(r["model"], r["method"]): i for i, r in enumerate(result["means"])}
+    order = {(r["model"], row_suite(r), r["method"]): i for i, r in enumerate(result["means"])}
     per_concept = sorted(
-        result["rows"], key=lambda r: (order.get((r["model"], r["method"]), len(order)), r["concept"])
+        result["rows"],
+        key=lambda r: (order.get((r["model"], row_suite(r), r["method"]), len(order)), r["concept"]),
     )
     for r in per_concept:
         cells = [r["model"], r["concept"], r["method"], _cell(r.get("seed"), "{}"), _eta(r.get("eta"))]
-        cells += [_cell(r[k]) for k in ("acc_e", "acc_r", "acc_l", "h")]
+        cells += [_cell(r[k]) for k in ("acc_e", "acc_r", "acc_l")]
+        cells += ([_cell(r.get("content"))] if attributes else []) + [_cell(r["h"])]
         cells += [_cell(r.get("attacks", {}).get(a)) for a in attacks] + [_cell(r.get("worst_h"))]
         cells += [_cell(r.get("fit_seconds")), _cell(r.get("fit_peak_mb"), "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -557,7 +605,8 @@ def bench_report(result: dict, out: Path, header: str) -> str:
 
     sections = [
         f"<p>{html.escape(header)}</p>",
-        "<p>Each row: the first simple prompts of the concept ('an image of a CONCEPT'), one image per "
+        "<p>Each row: the first simple prompts of the concept (an object: 'an image of a CONCEPT'; an "
+        "attribute: the training templates naming it, e.g. 'a red striped circle'), one image per "
         "seed, the same seeds in every row.</p>",
     ]
     rows = result["rows"]
@@ -579,7 +628,8 @@ def bench_report(result: dict, out: Path, header: str) -> str:
                     f"{r['method']}"
                     + (f" (seed {r['seed']})" if r.get("seed") is not None else "")
                     + f": Acc_E {_cell(r['acc_e'])}, Acc_R {_cell(r['acc_r'])}, Acc_L {_cell(r['acc_l'])}, "
-                    f"H {_cell(r['h'])}"
+                    + (f"content {_cell(r['content'])}, " if r.get("content") is not None else "")
+                    + f"H {_cell(r['h'])}"
                     + (f"; {attacks}; worst H {_cell(r.get('worst_h'))}" if attacks else "")
                     + f"; seeds {', '.join(str(x) for x in grid['seeds'])}"
                 )
@@ -652,11 +702,13 @@ def run_bench(
 
     ``models``: specs for :func:`model_source` ("toy:sd", a pipeline folder, ...), or a mapping
     label -> spec or already loaded pipeline. ``methods``: row names (:data:`VARIANTS` keys or
-    method names). ``concepts``: toy-world objects (default :data:`DEFAULT_CONCEPTS`; with
-    ``quick`` the first only). ``overrides``: method or row name -> {setting: text}, as
-    ``--set`` gives them. ``n`` prompts per suite set and ``n_locality`` per other object
-    (default 24 and 8; 2 and 1 with ``quick``). ``detector``: default the shipped toy
-    detector. ``on_row(row)`` is called with each finished (or failed) row, tuning rows included.
+    method names). ``concepts``: toy-world objects and attribute values (textures such as
+    "striped", colours), each measured with its suite (:func:`suite_for_concept`; default
+    :data:`DEFAULT_CONCEPTS`; with ``quick`` the first only). ``overrides``: method or row name
+    -> {setting: text}, as ``--set`` gives them. ``n`` prompts per suite set and ``n_locality``
+    per other object, or for an attribute per name of each other value (default 24 and 8; 2 and
+    1 with ``quick``). ``detector``: default the shipped toy detector. ``on_row(row)`` is called
+    with each finished (or failed) row, tuning rows included.
 
     ``seeds``: training seeds; each method with a ``seed`` setting is trained once per seed
     (None: once, with its config's seed). ``attacks``: attack names run on each edit after its
@@ -684,10 +736,12 @@ def run_bench(
     if quick:
         concepts = concepts[:1]
     for c in concepts:
-        object_by_name(c)  # unknown concept -> ValueError before any work
+        suite_for_concept(c)  # unknown concept -> ValueError before any work
     if tune:
-        if dev_concept not in OBJECT_NAMES:
-            raise ValueError(f"unknown development concept {dev_concept!r}; toy objects: {', '.join(OBJECT_NAMES)}")
+        try:
+            suite_for_concept(dev_concept)
+        except ValueError as err:
+            raise ValueError(f"unknown development concept: {err}") from None
         if dev_concept in concepts:
             raise ValueError(
                 f"the development concept {dev_concept!r} is one of the reported concepts ({', '.join(concepts)}): "
@@ -755,6 +809,8 @@ def run_bench(
     def planned(label, spec, concept, method, config, phase="report", extra=None) -> dict:
         """One row to run: its key is made of everything its figures depend on."""
         settings = suite_settings | {"source": source_of(spec)}
+        if suite_for_concept(concept) != OBJECT_SUITE:  # object rows keep the keys they always had
+            settings["suite"] = suite_for_concept(concept)
         if method not in (BASE, ORACLE):
             settings |= {"method": variant_method(method)[0], "preset": preset, "config": dataclasses.asdict(config)}
         settings |= attack_settings
@@ -864,7 +920,7 @@ def run_bench(
             # The oracle row is the suite and attacks on the oracle pipeline as it is (a base row),
             # with the shipped model's images as the attacks' targets.
             shipped = loaded(st["reference"])["pipe"] if method == ORACLE else None
-            prompt = object_prompts(concept, n=1, n_locality=0)[0].prompt
+            prompt = make_suite(suite_for_concept(concept), n=1, n_locality=0).cases(concept)[0].prompt
             if concept not in references:
                 references[concept] = _fingerprint(adapter, prompt)
             reference = references[concept]
@@ -874,6 +930,7 @@ def run_bench(
                 "model": label,
                 "family": adapter.family,
                 "concept": concept,
+                "suite": suite_for_concept(concept),
                 "method": method,
                 "seed": config_seed(p["config"]),
                 "eta": p["config"].guidance_eta() if p["config"] is not None else None,
@@ -1016,7 +1073,8 @@ def _run_row(
             "hyperparameters": edit.hyperparameters,
             "train_metrics": edit.metrics,
         }
-    suite = ToyObjectSuite(n=n, n_locality=n_locality)
+    suite_name = suite_for_concept(concept)
+    suite = make_suite(suite_name, n=n, n_locality=n_locality)
     with Stopwatch(device) as clock:  # applies the edit, generates, removes it, scores
         run = evaluate_run(pipe, suite, concept, detector, edit=edit, batch_size=BATCH_SIZE)
         d = run["metrics"]
@@ -1025,13 +1083,14 @@ def _run_row(
         idx = [i for i, c in enumerate(cases) if c.set == "simple"][:GRID_IMAGES]
         save_grid(grid_file, [run["images"][i] for i in idx])
         row["grid"] = {"file": grid_file.name, "seeds": [cases[i].seed for i in idx]}
-    row |= {k: d[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "color_accuracy", "n_images")}
+    extra = ("color_accuracy",) if suite_name == OBJECT_SUITE else ("content", "h_no_content", "content_per_set")
+    row |= {k: d[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "n_images", *extra)}
     row["suite_seconds"] = round(clock.seconds, 3)
     if attacks:
         with Stopwatch(device) as clock:
             res = attack(
                 pipe,
-                "toy-objects",
+                suite_name,
                 concept,
                 edits=[edit] if edit is not None else [],
                 include_base=edit is None,
@@ -1050,5 +1109,5 @@ def _run_row(
         row["attacks"] = {a: asr.get(a, math.nan) for a in attacks}
         row["attack_no_attack"] = asr.get("no attack")
         row["attack_seconds"] = round(clock.seconds, 3)
-    row["worst_h"] = worst_case_h(row["acc_e"], row["acc_r"], row["acc_l"], row.get("attacks"))
+    row["worst_h"] = worst_case_h(row["acc_e"], row["acc_r"], row["acc_l"], row.get("attacks"), row.get("content"))
     return row

@@ -425,7 +425,11 @@ def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help=_model_help())
     p.add_argument("--suite", required=True, help=", ".join(SUITES.names()))
-    p.add_argument("--concept", required=True, help="the erased concept (an object class, or nudity)")
+    p.add_argument(
+        "--concept",
+        required=True,
+        help="the erased concept (an object class, a toy attribute such as striped, or nudity)",
+    )
     p.add_argument("--out", required=True, help="folder for results.json, report.html and the images")
     p.add_argument(
         "--prompts",
@@ -434,7 +438,10 @@ def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--paraphrases", default=None, help="objects suite: paraphrased prompts CSV")
     p.add_argument(
-        "--n", type=int, default=None, help="prompts per set (toy-objects, objects) or rows (i2p-nudity, coco)"
+        "--n",
+        type=int,
+        default=None,
+        help="prompts per set (toy-objects, toy-styles, toy-colors, objects) or rows (i2p-nudity, coco)",
     )
     p.add_argument("--quick", action="store_true", help="small sizes for a first look")
     p.add_argument("--detector", default=None, help=", ".join(DETECTORS.names()) + " (default: the suite's)")
@@ -551,7 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated rows (default all: receler, eraseanything, esd-x, esd-u, uce, keyword_zeroing, sld, "
         "rece)",
     )
-    bt.add_argument("--concepts", default=None, help="comma-separated toy objects (default circle,triangle,heart)")
+    bt.add_argument(
+        "--concepts",
+        default=None,
+        help="comma-separated toy objects and attributes, each with its suite: objects (toy-objects), textures such "
+        "as striped (toy-styles), colours such as red (toy-colors) (default circle,triangle,heart)",
+    )
     bt.add_argument("--preset", default="fast", help="every method's preset (fast: the toy-world one; paper)")
     bt.add_argument(
         "--set",
@@ -562,7 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bt.add_argument("--n", type=int, default=None, help="prompts per suite set (default 24; 2 with --quick)")
     bt.add_argument(
-        "--n-locality", type=int, default=None, help="locality prompts per other object (default 8; 1 with --quick)"
+        "--n-locality",
+        type=int,
+        default=None,
+        help="locality prompts per other object, or per name of each other attribute value (default 8; --quick 1)",
     )
     bt.add_argument(
         "--quick", action="store_true", help="a smoke run in minutes: tiny suite, one concept, fewest iterations"

@@ -268,14 +268,20 @@ TIER_DISTANCES: dict[str, tuple[int, int]] = {"close": (2, 3), "mid": (4, 6), "f
 class WordNetLexicon(Lexicon):
     """WordNet 3.0 (NLTK's reader over local files; nothing is downloaded).
 
-    ``synonyms``: lemma names of the concept's first ``senses`` noun synsets (all parts of
-    speech if it is not a noun), most frequent sense first. The release takes every synset
+    ``synonyms``: lemma names of the concept's first ``senses`` noun synsets, most frequent sense
+    first; for a word that is no noun, of its adjective synsets that hold the word itself
+    ("striped": "stripy"; not the verb "stripe" that WordNet's lemmatiser also finds), else of
+    every part of speech. The release takes every synset
     (``senses=None``), which mixes senses of polysemous words ("dog": "frump", "hotdog";
     "circle": "roundabout"): training on those erases unrelated things, so the default keeps the
     first sense. ``irrelevant``: common nouns (SemCor frequency > 0 first, lower-case words only)
     at the tier's path distance from the concept's first noun sense; a candidate that is an
     ancestor or descendant of the concept (a vehicle for a car, a sedan for a car) or shares a
-    word with it is never irrelevant. ``folder``: a dict folder (default :func:`wordnet_dir`).
+    word with it is never irrelevant. An adjective that is no noun (an attribute: "striped") has
+    no hypernym hierarchy; its tiers come from WordNet's adjective clusters instead
+    (:meth:`_adjective_tiers`): close = the other adjectives of its cluster ("floral", "marbled"),
+    mid = the opposite cluster ("plain", "solid-colored"); far and unrelated are empty.
+    ``folder``: a dict folder (default :func:`wordnet_dir`).
     ``visits_per_ancestor``: how many synsets the tier search reads below each ancestor.
     """
 
@@ -316,9 +322,18 @@ class WordNetLexicon(Lexicon):
             self._counts = counts
         return self._counts.get(lemma.key(), 0)
 
+    def _adjectives(self, concept: str) -> list:
+        """The adjective synsets (heads and satellites) that hold ``concept`` itself as a lemma."""
+        key = "_".join(concept.strip().lower().split())
+        return [
+            s
+            for s in self._lookup(concept)
+            if s.pos() in ("a", "s") and any(lemma.name().lower() == key for lemma in s.lemmas())
+        ]
+
     def synonyms(self, concept: str) -> list[str]:
         synsets = self._lookup(concept)
-        nouns = [s for s in synsets if s.pos() == "n"] or synsets
+        nouns = [s for s in synsets if s.pos() == "n"] or self._adjectives(concept) or synsets
         if self.senses is not None:
             nouns = nouns[: self.senses]
         words = [self._word(lemma.name()) for s in nouns for lemma in s.lemmas()]
@@ -333,8 +348,12 @@ class WordNetLexicon(Lexicon):
 
     def _all_tiers(self, concept: str) -> dict[str, list[str]]:
         nouns = [s for s in self._lookup(concept) if s.pos() == "n"]
+        if not nouns and self._adjectives(concept):
+            return self._adjective_tiers(concept)
         if not nouns:
-            raise ValueError(f"{concept!r} is not a noun in WordNet: give irrelevant concepts as a list")
+            raise ValueError(
+                f"{concept!r} is not a noun (nor an adjective) in WordNet: give irrelevant concepts as a list"
+            )
         s = nouns[0]
         path = max(s.hypernym_paths(), key=len)  # root ... s
         related = set(s.closure(lambda x: x.hypernyms() + x.instance_hypernyms()))
@@ -387,6 +406,35 @@ class WordNetLexicon(Lexicon):
             items.sort(key=lambda x: (x[0], x[2], x[1], x[3]))
             out[tier] = unique_words([w for *_, w in items], exclude=own_words)
         return out
+
+    def _adjective_tiers(self, concept: str) -> dict[str, list[str]]:
+        """Tiers of an adjective (see the class), from its first sense's cluster: close = the
+        other members of the cluster (its head adjective and the head's satellites), mid = the
+        opposite cluster (the head's antonyms and their satellites); each by SemCor frequency,
+        most frequent first, lower-case words only, none holding the concept or a synonym."""
+        sense = self._adjectives(concept)[0]
+        head = sense if sense.pos() == "a" else (sense.similar_tos() or [sense])[0]
+        opposite = [a.synset() for lemma in head.lemmas() for a in lemma.antonyms()]
+        own = [w.lower() for w in [concept, *self.synonyms(concept)]]
+
+        def words(synsets) -> list[str]:
+            found = []
+            for rank, s in enumerate(synsets):
+                if s == sense:
+                    continue
+                lemma = s.lemmas()[0]
+                word = self._word(lemma.name())
+                low = word.lower()
+                if any(o in low for o in own) or not word.replace(" ", "").replace("-", "").isalpha():
+                    continue
+                if not word.islower():
+                    continue
+                found.append((-self._count(lemma), rank, word))
+            return unique_words([w for *_, w in sorted(found)], exclude=own)
+
+        close = words([head, *head.similar_tos()])
+        mid = words([s for o in opposite for s in (o, *o.similar_tos())])
+        return {"close": close, "mid": unique_words(mid, exclude=close), "far": [], "unrelated": []}
 
     @staticmethod
     def _tier_of(d: int) -> str | None:

@@ -9,6 +9,6 @@ by name and look them up in the registries of :mod:`erasekit.registry`:
 - ``DETECTORS`` (:func:`detectors.make_detector`): the core registers ``nudenet``, ``clip``,
   ``q16`` and ``grounding-dino`` (:mod:`.detectors`).
 
-Plug-ins register more: the toy world (:mod:`erasekit.toyworld`) adds suite ``toy-objects`` and
-detector ``toy``. Nothing in this package imports the toy world.
+Plug-ins register more: the toy world (:mod:`erasekit.toyworld`) adds suites ``toy-objects``,
+``toy-styles`` and ``toy-colors`` and detector ``toy``. Nothing in this package imports the toy world.
 """

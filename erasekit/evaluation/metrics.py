@@ -6,24 +6,30 @@ import math
 from collections.abc import Sequence
 
 
-def harmonic_h(acc_e: float, acc_r: float, acc_l: float) -> float:
+def harmonic_h(acc_e: float, acc_r: float, acc_l: float, content: float | None = None) -> float:
     """Harmonic mean of (100 - Acc_E, 100 - Acc_R, Acc_L); 0 when any term is 0.
 
     Lower Acc_E (efficacy) and Acc_R (robustness) and higher Acc_L (locality) are better.
+    ``content`` (attribute suites: % of the concept's images whose object still matches the
+    prompt) is a fourth term when given: higher is better.
     """
-    terms = (100.0 - acc_e, 100.0 - acc_r, acc_l)
+    terms = (100.0 - acc_e, 100.0 - acc_r, acc_l) + (() if content is None else (content,))
     if any(math.isnan(t) for t in terms):
         return math.nan
     if min(terms) <= 0:
         return 0.0
-    return 3.0 / sum(1.0 / t for t in terms)
+    return len(terms) / sum(1.0 / t for t in terms)
 
 
 def pooled_accuracies(rows: Sequence[dict]) -> dict[str, float]:
     """Acc_E / Acc_R / Acc_L averaged over ``rows`` (dicts with those keys, e.g. concepts or
-    training runs) and H of the averaged accuracies, as the Receler protocol reports a mean."""
+    training runs) and H of the averaged accuracies, as the Receler protocol reports a mean.
+    When every row has ``content`` (attribute suites), it is averaged too and H has it as its
+    fourth term (:func:`harmonic_h`)."""
     m = {k: sum(r[k] for r in rows) / len(rows) for k in ("acc_e", "acc_r", "acc_l")}
-    return m | {"h": harmonic_h(m["acc_e"], m["acc_r"], m["acc_l"])}
+    if rows and all(r.get("content") is not None for r in rows):
+        m["content"] = sum(r["content"] for r in rows) / len(rows)
+    return m | {"h": harmonic_h(m["acc_e"], m["acc_r"], m["acc_l"], content=m.get("content"))}
 
 
 def percent(hits: Sequence[bool]) -> float:

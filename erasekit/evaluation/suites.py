@@ -9,8 +9,8 @@ sets attacks use. :func:`make_suite` builds one by name from the suite registry
 - ``coco``: COCO captions for locality: CLIP score, and FID (to reference images and to the
   base model's images at the same seeds).
 
-and plug-ins add theirs (the toy world: ``toy-objects``). Prompt files are user input: the
-package ships none of the CSVs.
+and plug-ins add theirs (the toy world: ``toy-objects``, ``toy-styles``, ``toy-colors``). Prompt
+files are user input: the package ships none of the CSVs.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ registers, by lazy reference, so at no import cost (see :mod:`erasekit.registry`
 
 - detector ``toy``: the classifier trained on the renderer's ground truth (``detector.py``);
 - suite ``toy-objects``: the object-erasure suite with Receler's definitions (``suite.py``);
-- lexicon ``toyworld``: the grammar's synonyms and other objects, which ``lexicon="auto"``
-  picks for the toy pipelines and objects (``lexicon.py``);
+- suites ``toy-styles`` and ``toy-colors``: erase a texture ("striped") or a colour ("red") and
+  keep the content (``attributes.py``);
+- lexicon ``toyworld``: the grammar's synonyms and other objects and attributes, which
+  ``lexicon="auto"`` picks for the toy pipelines and the grammar's concepts (``lexicon.py``);
 - pipeline names ``toy:sd`` and ``toy:flux``: the shipped pipelines, for ``load_pipeline`` and
   every ``--model`` option.
 
@@ -47,6 +49,8 @@ def toy_pipeline(name: str) -> Path:
 
 DETECTORS.register("toy", "erasekit.toyworld.detector:toy_detector")
 SUITES.register("toy-objects", "erasekit.toyworld.suite:ToyObjectSuite")
+SUITES.register("toy-styles", "erasekit.toyworld.attributes:ToyStyleSuite")
+SUITES.register("toy-colors", "erasekit.toyworld.attributes:ToyColorSuite")
 LEXICONS.register("toyworld", "erasekit.toyworld.lexicon:ToyWorldLexicon", auto="erasekit.toyworld.lexicon:claims")
 for _family in FAMILIES:
     PIPELINES.register(f"toy:{_family}", "erasekit.toyworld:toy_pipeline")

@@ -37,6 +37,9 @@ BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray")
 
 OBJECT_NAMES = tuple(o.name for o in OBJECTS)
 TEXTURE_NAMES = tuple(TEXTURES)
+# The attributes an object is drawn with, by kind: the values (canonical names) of each. Their
+# kinds are the detector's heads of the same names.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"texture": TEXTURE_NAMES, "color": COLORS}
 
 # {a} is the article agreeing with the word after it; {obj} any name of the object.
 TRAIN_TEMPLATES: tuple[str, ...] = (
@@ -84,6 +87,24 @@ def object_by_name(name: str) -> ObjectConcept:
         if o.name == name:
             return o
     raise ValueError(f"unknown toy-world object {name!r}; known objects: {', '.join(OBJECT_NAMES)}")
+
+
+def attribute_kind(value: str) -> str:
+    """The kind ("texture" or "color") of attribute value ``value`` ("striped", "red");
+    ValueError listing the known values otherwise."""
+    for kind, values in ATTRIBUTES.items():
+        if value in values:
+            return kind
+    known = [v for values in ATTRIBUTES.values() for v in values]
+    raise ValueError(f"unknown toy-world attribute {value!r}; known attributes: {', '.join(known)}")
+
+
+def attribute_words(value: str) -> tuple[str, ...]:
+    """Every word that names attribute ``value``, its own name first: a texture's synonyms
+    ("striped", "stripy", "lined"); a colour has only its name."""
+    if attribute_kind(value) == "texture":
+        return TEXTURES[value]
+    return (value,)
 
 
 def fill(template: str, obj: str, color: str, texture: str, bg: str) -> str:
