@@ -84,6 +84,7 @@ QUICK_OVERRIDES: dict[str, dict[str, str]] = {
     "eraseanything": {"iterations": "4", "preserve_images": "2", "rollout_steps": "5"},
     "esd": {"iterations": "3", "rollout_steps": "5"},
     "uce": {"samples": "1"},
+    "mace": {"iterations": "3", "images": "2", "mask_samples": "1", "samples": "1"},
     "rece": {"samples": "1"},
 }
 # With the fast preset, settings the bench adds so that rows compare at equal settings (the presets
@@ -106,6 +107,12 @@ TUNE_GRIDS: dict[str, list[dict[str, str]]] = {
     "rece": [{"regular_scale": r, "rounds": n} for r in ("1e-3", "1e-1") for n in ("1", "2", "3")],
     "keyword_zeroing": [{}],
     "sld": [{}],
+    # MACE: the LoRAs' step size against the weight of the preserved concepts in both closed forms.
+    "mace": [
+        {"lr": lr, "train_preserve_scale": s, "fuse_preserve_scale": s}
+        for s in ("1", "10")
+        for lr in ("1e-3", "3e-3", "1e-2")
+    ],
 }
 MAX_GRID = 6
 DEV_CONCEPT = "square"  # --tune's development concept: drawn on every simple prompt by both toy pipelines

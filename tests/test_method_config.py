@@ -219,7 +219,7 @@ def test_cross_field_check():
 
 
 def test_every_registered_method_and_preset_is_valid():
-    assert method_names()[:6] == ("receler", "eraseanything", "esd", "uce", "keyword_zeroing", "sld")
+    assert method_names()[:7] == ("receler", "eraseanything", "esd", "uce", "keyword_zeroing", "sld", "mace")
     for name in method_names():
         spec = get_method(name)
         assert {"paper", "fast"} <= set(spec.presets) and callable(spec.fit)
@@ -242,6 +242,7 @@ def test_variants_are_the_bench_rows():
         "uce": ("uce", {}),
         "keyword_zeroing": ("keyword_zeroing", {}),
         "sld": ("sld", {}),
+        "mace": ("mace", {}),
         "rece": ("rece", {}),
     }
     spec, fixed = resolve_method("esd-u")
@@ -253,7 +254,7 @@ def test_variants_are_the_bench_rows():
 
 
 def test_unknown_method_and_preset():
-    known = "known: receler, eraseanything, esd, esd-x, esd-u, uce, keyword_zeroing, sld, rece"
+    known = "known: receler, eraseanything, esd, esd-x, esd-u, uce, keyword_zeroing, sld, mace, rece"
     with pytest.raises(ConfigError, match=f"unknown erasure method 'nope'; {known}"):
         make_config("nope")
     with pytest.raises(ConfigError, match="unknown preset 'huge' for sld; known: paper, medium, weak"):

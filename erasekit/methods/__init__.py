@@ -1,4 +1,4 @@
-"""Erasure methods: one module each (receler, eraseanything, esd, uce, keyword_zeroing, sld, rece).
+"""Erasure methods: one module each (receler, eraseanything, esd, uce, keyword_zeroing, sld, mace, rece).
 
 Architecture
 ------------
@@ -24,7 +24,7 @@ cross-field :meth:`MethodConfig.check`; ``--set KEY=VALUE`` text is parsed stric
 ``ValueError``) with a one-line message naming the method, the field, the value and what is
 allowed, so the command line refuses bad settings before loading any model.
 
-Training-run helper (:mod:`.training`). The trained methods (Receler, ESD, EraseAnything) write
+Training-run helper (:mod:`.training`). The trained methods (Receler, ESD, EraseAnything, MACE) write
 only their step; a :class:`~.training.TrainingRun` owns the rest: resume from the last checkpoint
 (:mod:`.checkpoints`), a checkpoint every ``checkpoint_every`` iterations and at the end, the
 progress bar, the loss history, wall time, and a check after every step that each loss and each

@@ -1,4 +1,4 @@
-"""The training-run helper of the trained methods (Receler, ESD, EraseAnything).
+"""The training-run helper of the trained methods (Receler, ESD, EraseAnything, MACE).
 
 A :class:`TrainingRun` owns what every training loop needs besides its step: the checkpoint
 identity and resume, periodic checkpoints, the progress bar, the loss history, wall time, the
