@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from real_configs import FLUX1_DEV_TRANSFORMER, SD14_UNET
 
 
