@@ -71,6 +71,19 @@ def split_list(text: str, sep: str = ",") -> list[str]:
     return [part.strip() for part in text.split(sep) if part.strip()]
 
 
+def split_concepts(concept: str) -> list[str]:
+    """The concepts of a methods' ``concept`` argument that erases several at once (UCE, RECE,
+    MACE): separated by ";" when there is one (so a concept may hold a comma), else by ",":
+    "car, dog" and "car; dog" -> ["car", "dog"]. ``ConfigError`` when none is left or one is
+    given twice."""
+    concepts = split_list(concept, ";" if ";" in concept else ",")
+    if not concepts:
+        raise ConfigError("no concept to erase")
+    if len({c.lower() for c in concepts}) != len(concepts):
+        raise ConfigError(f"a concept is given twice in {concept!r}")
+    return concepts
+
+
 __all__ = [
     "METHODS",
     "ConfigError",
@@ -86,5 +99,6 @@ __all__ = [
     "register_method",
     "resolve_method",
     "setting",
+    "split_concepts",
     "split_list",
 ]

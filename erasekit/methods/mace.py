@@ -101,7 +101,7 @@ from ..edits.weight_delta import PREFIX, attach_deltas, attached_parameters
 from ..errors import NotFound
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
 from ..models import FamilyAdapter, adapter_for, frozen
-from . import split_list
+from . import split_concepts, split_list
 from .config import setting
 from .losses import attention_feature
 from .memory import MemorySettings, training_memory
@@ -298,16 +298,6 @@ class MACEConfig(MemorySettings):
 
 PRESETS = {"paper": MACEConfig, "fast": MACEConfig.fast, "nudity": MACEConfig.nudity}
 PRESETS["nudity-release"] = MACEConfig.nudity_release
-
-
-def split_concepts(concept: str) -> list[str]:
-    """The comma-separated concepts of ``concept`` (ValueError when there are none)."""
-    concepts = split_list(concept, ",")
-    if not concepts:
-        raise ValueError("no concept to erase")
-    if len({c.lower() for c in concepts}) != len(concepts):
-        raise ValueError(f"a concept is given twice in {concept!r}")
-    return concepts
 
 
 def mappings(config: MACEConfig, concepts: list[str]) -> list[str]:

@@ -87,7 +87,7 @@ from ..edits import Edit
 from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX
 from ..models import adapter_for
-from . import split_list
+from . import split_concepts, split_list
 from .config import MethodConfig, setting
 from .registry import register_method
 from .uce import TEMPLATE_SETS, _last_token, _spans, trainable_parameters
@@ -277,14 +277,14 @@ def _base_layer(module):
 
 
 def fit(pipe, concept: str, config: RECEConfig | None = None, checkpoint_dir=None, progress: bool = True) -> Edit:
-    """Compute the RECE edit erasing ``concept`` (several: separated by ";", as uce's). Returns the
+    """Compute the RECE edit erasing ``concept`` (several: "a, b" or "a; b", as uce's). Returns the
     Edit (weight deltas from the original weights, not applied). ``checkpoint_dir`` is accepted
     for the common interface and unused (closed forms, no training loop); ``progress`` shows the
     rounds."""
     config = config or RECEConfig()
     adapter = adapter_for(pipe)
     t0 = time.time()
-    concepts = split_list(concept, ";")
+    concepts = split_concepts(concept)
     if not concepts:
         raise ValueError("no concept to erase")
     templates = split_list(config.templates, ";") or ["{concept}"]

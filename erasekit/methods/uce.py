@@ -23,7 +23,8 @@ Erased prompts: ``templates`` (default the bare "{concept}", the release's), plu
 ``template_set``: "objects" (our extension) adds :data:`OBJECT_TEMPLATES`, so the concept's
 tokens are also fitted in the context a prompt gives them. With the bare word alone the edit
 sees the concept's token right after the start token only, and on the toy pipelines it erased
-nothing (Acc_E 100). Several concepts: ``concept`` may hold several separated by ";".
+nothing (Acc_E 100). Several concepts: ``concept`` may hold several, separated by "," (or ";":
+see :func:`erasekit.methods.split_concepts`).
 
 c is the INPUT of the projection at that token. For SD that input is the text encoder's output
 itself (the release's c). For Flux the dual-stream projections read the block's text stream
@@ -48,7 +49,7 @@ from ..edits import Edit
 from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, export_merged  # noqa: F401 (re-exported)
 from ..models import FamilyAdapter, adapter_for
-from . import split_list
+from . import split_concepts, split_list
 from .config import MethodConfig, setting
 from .registry import register_method
 
@@ -149,13 +150,13 @@ def trainable_parameters(model, config: UCEConfig) -> int:
 
 
 def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None, progress: bool = True) -> Edit:
-    """Compute the closed-form UCE edit erasing ``concept`` (several: separated by ";").
+    """Compute the closed-form UCE edit erasing ``concept`` (several: "a, b" or "a; b").
     Returns the Edit (weight deltas, not applied). ``checkpoint_dir`` and ``progress`` are
     accepted for the common interface and unused (there is no training loop)."""
     config = config or UCEConfig()
     adapter = adapter_for(pipe)
     t0 = time.time()
-    concepts = split_list(concept, ";")
+    concepts = split_concepts(concept)
     if not concepts:
         raise ValueError("no concept to erase")
     templates = split_list(config.templates, ";") or ["{concept}"]
