@@ -222,6 +222,47 @@ def _key(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def edit_fingerprint(edit) -> str:
+    """A hash of what an edit does to a model: its kind, method, tensors (names, dtypes, shapes,
+    bytes) and settings other than ``seed``. Two training seeds that give this same hash gave
+    the same edit (UCE and RECE on SD: their seed only draws Flux's noise), so their rows share
+    every figure (:func:`run_bench` reuses them)."""
+    h = hashlib.sha1()
+    settings = {k: v for k, v in (edit.hyperparameters or {}).items() if k != "seed"}
+    h.update(json.dumps([edit.kind, edit.method, settings], sort_keys=True, default=str).encode())
+    for name in sorted(edit.tensors):
+        t = edit.tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _without_seed(settings: Mapping[str, Any]) -> dict:
+    """A row's settings with its config's training seed left out."""
+    out = dict(settings)
+    if isinstance(out.get("config"), Mapping):
+        out["config"] = {k: v for k, v in out["config"].items() if k != "seed"}
+    return out
+
+
+SHARED_FIGURES = (
+    "acc_e",
+    "acc_r",
+    "acc_l",
+    "h",
+    "per_set",
+    "n_images",
+    "color_accuracy",
+    "content",
+    "h_no_content",
+    "content_per_set",
+    "grid",
+    "attacks",
+    "attack_no_attack",
+    "worst_h",
+)
+
+
 def _fingerprint(adapter, prompt: str) -> tuple[torch.Tensor, tuple]:
     """The denoiser's output for ``prompt`` (encoded now, so text-side hooks act) on fixed
     noise and timestep, and its parameter names and shapes."""
@@ -963,6 +1004,16 @@ def run_bench(
                     attack_out=out / "attacks" / p["key"],
                     reference=shipped,
                     grid_file=out / GRIDS / f"{p['key']}.png",
+                    same_edit=lambda fp: next(
+                        (
+                            r
+                            for r in done.values()
+                            if r.get("edit_fingerprint") == fp
+                            and (r["model"], r["concept"], r["method"]) == (label, concept, method)
+                            and _without_seed(r["settings"]) == _without_seed(p["settings"])
+                        ),
+                        None,
+                    ),
                 )
             except (KeyboardInterrupt, RestoreError):
                 raise
@@ -1059,12 +1110,15 @@ def _run_row(
     attack_out: Path | None = None,
     reference=None,
     grid_file: Path | None = None,
+    same_edit: Callable[[str], dict | None] | None = None,
 ) -> dict:
     """The figures of one row: the suite (and, for a method, its training) on ``pipe``; the
     suite is one in-memory run of :func:`erasekit.evaluation.evaluate.evaluate_run`. With
     ``attacks``, those attacks then run on the edit, or for the base row on the unedited model
     (their success rates in ``attacks``, their results in ``attack_out``); every row gets
-    ``worst_h``."""
+    ``worst_h``. ``same_edit(fingerprint)``: a finished row whose edit had this
+    :func:`edit_fingerprint` at the same settings, whose figures are then this row's (the same
+    edit on the same prompts, seeds and attacks gives the same images), or None."""
     row: dict = {}
     edit = None
     if method != BASE:
@@ -1079,7 +1133,17 @@ def _run_row(
             "memory_kind": mem.kind,
             "hyperparameters": edit.hyperparameters,
             "train_metrics": edit.metrics,
+            "edit_fingerprint": edit_fingerprint(edit),
         }
+        earlier = same_edit(row["edit_fingerprint"]) if same_edit is not None else None
+        if earlier is not None:
+            spent = {"suite_seconds": 0.0} | ({"attack_seconds": 0.0} if "attack_seconds" in earlier else {})
+            return (
+                row
+                | {k: earlier[k] for k in SHARED_FIGURES if k in earlier}
+                | spent
+                | {"same_edit_as": earlier["key"]}
+            )
     suite_name = suite_for_concept(concept)
     suite = make_suite(suite_name, n=n, n_locality=n_locality)
     with Stopwatch(device) as clock:  # applies the edit, generates, removes it, scores

@@ -449,3 +449,17 @@ def test_rows_are_keyed_by_location_independent_source_names(tmp_path):
     other = tmp_path / "mine"
     other.mkdir()
     assert source_name(str(other)) == str(other.resolve())
+
+
+def test_a_seed_that_gives_the_same_edit_shares_the_figures_of_the_first(tmp_path, monkeypatch):
+    """UCE's seed draws only Flux's noise: on SD its seeds give one edit, run once; ESD's differ."""
+    models = {"sd": tiny_sd_pipeline()}
+    calls = _counting(monkeypatch)
+    result = _bench(tmp_path, models, methods=["uce", "esd-x"], seeds=[0, 1])
+    rows = {(r["method"], r["seed"]): r for r in result["rows"]}
+    first, second = rows[("uce", 0)], rows[("uce", 1)]
+    assert second["same_edit_as"] == first["key"] and second["edit_fingerprint"] == first["edit_fingerprint"]
+    assert all(second[k] == first[k] for k in ("acc_e", "acc_r", "acc_l", "h", "per_set", "worst_h"))
+    assert "same_edit_as" not in first and "same_edit_as" not in rows[("esd-x", 1)]
+    assert rows[("esd-x", 0)]["edit_fingerprint"] != rows[("esd-x", 1)]["edit_fingerprint"]
+    assert calls == {"erase": 4, "suite": 4}  # base, uce seed 0, esd-x seeds 0 and 1: one suite each
