@@ -28,6 +28,8 @@ Fair comparison:
   Receler and EraseAnything fast presets do, and UCE and RECE on prompt templates (:data:`BENCH_FAST`).
 - ``seeds``: each method row is trained once per seed (the config's ``seed``); the table gives
   the mean and the spread (sample standard deviation, and min-max in bench.json) over seeds.
+  A seed whose edit is bit-identical to an earlier seed's (:func:`edit_fingerprint`; UCE and RECE
+  on SD, whose seed only draws Flux's noise) takes that row's figures (``same_edit_as``).
 - ``attacks``: after an edited row's suite, those attacks
   (:func:`erasekit.evaluation.attacks.attack`) run on the edit with a few prompts; each one's
   success rate is a column, and the worst-case H, the harmonic mean of (100 - Acc_E,
