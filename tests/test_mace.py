@@ -17,7 +17,7 @@ from erasekit.edits.weight_delta import PREFIX
 from erasekit.errors import ConfigError
 from erasekit.methods import get_method, mace, make_config, method_help
 from erasekit.methods.mace import MACEConfig, fit
-from erasekit.models import FamilyAdapter, adapter_for
+from erasekit.models import FamilyAdapter, adapter_for, base_linear
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
 FAMILIES = ["sd", "flux"]
@@ -52,14 +52,14 @@ def _out(adapter, x, t, prompt="a photo of a car"):
 
 
 def _weights(adapter, points):
-    return {p.name: mace._base_weight(p).detach().double() for p in points}
+    return {p.name: base_linear(p.module).weight.detach().double() for p in points}
 
 
 def _delta_edit(adapter, deltas: dict[str, torch.Tensor]) -> Edit:
     """A weight-delta edit from point name -> delta (float64)."""
     names = {id(p): n for n, p in adapter.denoiser.named_parameters()}
     points = {p.name: p for p in mace.kv_points(adapter)}
-    tensors = {PREFIX + names[id(mace._base_weight(points[n]))]: d.float() for n, d in deltas.items()}
+    tensors = {PREFIX + names[id(base_linear(points[n].module).weight)]: d.float() for n, d in deltas.items()}
     return Edit(
         method="mace", concepts=["test"], family=adapter.family, base_model="", tensors=tensors, kind="weight_delta"
     )
@@ -241,7 +241,7 @@ def test_preserve_scale_enters_once(sd_pipe):
         adapter, ["car"], _cfg(preserve="cat", train_preserve_scale=s, lamb=lamb, samples=1), sd_pipe
     )
     p = mace.kv_points(adapter)[0]
-    w0 = mace._base_weight(p).detach().double()
+    w0 = base_linear(p.module).weight.detach().double()
     c_ff = ref.stage.moment(p.name, "cfr.aa", None)
     c_gf = ref.stage.moment(p.name, "cfr.ba", None)
     b_dom = ref.stage.moment(p.name, "domain", None)
@@ -462,7 +462,7 @@ def test_prior_captions_and_weight_edits_in_the_way(sd_pipe, tmp_path):
     assert ref.stage.prior_factor == 10 and len(ref.stage.captions) == 3
     p = mace.kv_points(adapter)[0]
     assert ref.stage.moment(p.name, "prior", None).abs().max() > 0
-    edit = _delta_edit(adapter, {p.name: torch.ones_like(mace._base_weight(p), dtype=torch.float64)})
+    edit = _delta_edit(adapter, {p.name: torch.ones_like(base_linear(p.module).weight, dtype=torch.float64)})
     apply(sd_pipe, edit)
     try:
         with pytest.raises(ValueError, match="remove them first"):

@@ -100,7 +100,7 @@ from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, attach_deltas, attached_parameters
 from ..errors import NotFound
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
-from ..models import FamilyAdapter, adapter_for, frozen
+from ..models import FamilyAdapter, adapter_for, base_linear, frozen
 from . import split_concepts, split_list
 from .config import setting
 from .losses import attention_feature
@@ -679,17 +679,12 @@ def trainable_parameters(model, config: MACEConfig) -> int:
     included): the weights of the text-reading key and value projections (SD 1.4: 19,169,280).
     Each concept's LoRA, trained in between, has :func:`lora_parameters`."""
     adapter = model if isinstance(model, FamilyAdapter) else adapter_for(model)
-    return sum(_base_weight(p).numel() for p in kv_points(adapter))
+    return sum(base_linear(p.module).weight.numel() for p in kv_points(adapter))
 
 
 def iterations(config: MACEConfig, family: str, concept: str) -> int:
     """LoRA steps ``fit`` runs: each concept's, summed."""
     return sum(config.resolved_iterations(c) for c in split_concepts(concept))
-
-
-def _base_weight(point):
-    base = point.module.get_base_layer() if hasattr(point.module, "get_base_layer") else point.module
-    return base.weight
 
 
 class _Stage1:
@@ -763,7 +758,7 @@ def refinement(adapter, concepts: list[str], config: MACEConfig, pipe=None) -> R
     l1 = config.train_preserve_scale
     deltas, residuals, errors = {}, [], []
     for p in points:
-        w0 = _base_weight(p).detach().to(torch.float64)
+        w0 = base_linear(p.module).weight.detach().to(torch.float64)
         c_ff = stage.moment(p.name, "cfr.aa", w0.new_zeros(w0.shape[1], w0.shape[1]))
         c_gf = stage.moment(p.name, "cfr.ba", c_ff)
         c_gg = stage.moment(p.name, "cfr.bb", c_ff)
@@ -812,7 +807,7 @@ def fit(pipe, concept: str, config: MACEConfig | None = None, checkpoint_dir=Non
     taken = [
         n
         for n, p in adapter.denoiser.named_parameters()
-        if n in busy and id(p) in {id(_base_weight(q)) for q in points}
+        if n in busy and id(p) in {id(base_linear(q.module).weight) for q in points}
     ]
     if taken:
         raise ValueError(f"weight edits are applied to projections MACE rewrites ({taken[0]}, ...); remove them first")
@@ -868,7 +863,10 @@ def fit(pipe, concept: str, config: MACEConfig | None = None, checkpoint_dir=Non
         concepts=concepts,
         family=adapter.family,
         base_model="",
-        tensors={PREFIX + names[id(_base_weight(p))]: d1s[p.name].to(_base_weight(p).dtype).cpu() for p in points},
+        tensors={
+            PREFIX + names[id(base_linear(p.module).weight)]: d1s[p.name].to(base_linear(p.module).weight.dtype).cpu()
+            for p in points
+        },
     )
     losses: dict[int, list[float]] = {k: [] for k in range(len(concepts))}
     lora_weights: list[dict[str, torch.Tensor]] = []
@@ -949,7 +947,7 @@ def fit(pipe, concept: str, config: MACEConfig | None = None, checkpoint_dir=Non
             miss = d_star - d1 - dw
             lost += float(torch.trace(miss @ gram @ miss.T))
             total += float(torch.trace(dw @ gram @ dw.T))
-        weight = _base_weight(p)
+        weight = base_linear(p.module).weight
         tensors[PREFIX + names[id(weight)]] = d_star.to(weight.dtype).cpu()
     fusion_seconds = time.time() - t_fuse
 

@@ -86,7 +86,7 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX
-from ..models import adapter_for
+from ..models import adapter_for, base_linear
 from . import split_concepts, split_list
 from .config import MethodConfig, setting
 from .registry import register_method
@@ -269,10 +269,6 @@ def _record_moments(
     return groups, [{k: v / samples for k, v in s.items()} for s in sums]
 
 
-def _base_layer(module):
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
 # ---- fit -------------------------------------------------------------------------------------
 
 
@@ -324,7 +320,7 @@ def fit(pipe, concept: str, config: RECEConfig | None = None, checkpoint_dir=Non
     groups, moments = _record_moments(adapter, points, prompts, pairs, max(1, config.samples), config.seed)
     record_seconds = time.time() - t0
 
-    base = {p.name: _base_layer(p.module).weight.detach().double() for p in points}
+    base = {p.name: base_linear(p.module).weight.detach().double() for p in points}
     d_of = {p.name: base[p.name].shape[1] for p in points}
 
     def moment(gid: int, key: str, d: int, like: Tensor) -> Tensor:
@@ -391,7 +387,7 @@ def fit(pipe, concept: str, config: RECEConfig | None = None, checkpoint_dir=Non
     param_names = {id(p): n for n, p in adapter.denoiser.named_parameters()}
     tensors = {}
     for p in points:
-        weight = _base_layer(p.module).weight
+        weight = base_linear(p.module).weight
         tensors[PREFIX + param_names[id(weight)]] = (current[p.name] - base[p.name]).to(weight.dtype).cpu()
 
     return Edit(

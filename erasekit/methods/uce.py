@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ..edits import Edit
 from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, export_merged  # noqa: F401 (re-exported)
-from ..models import FamilyAdapter, adapter_for
+from ..models import FamilyAdapter, adapter_for, base_linear
 from . import split_concepts, split_list
 from .config import MethodConfig, setting
 from .registry import register_method
@@ -189,7 +189,7 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
     param_names = {id(p): n for n, p in adapter.denoiser.named_parameters()}
     tensors = {}
     for point in points:
-        base = point.module.get_base_layer() if hasattr(point.module, "get_base_layer") else point.module
+        base = base_linear(point.module)
         w = base.weight.detach().double()
         eye = torch.eye(w.shape[1], dtype=torch.float64, device=w.device)
         lhs, rhs = config.lamb * w, config.lamb * eye  # W' rhs = lhs

@@ -27,6 +27,7 @@ from .base import (
     AttachmentPoint,
     FamilyAdapter,
     UnsupportedPipelineError,
+    base_linear,
     frozen,
 )
 from .conditioning import Conditioning, find_token_spans
@@ -41,6 +42,7 @@ from .loading import adapter_for, family_of, load_pipeline, write_defaults
 
 __all__ = [
     "AttachmentPoint",
+    "base_linear",
     "AttentionProbe",
     "Conditioning",
     "FamilyAdapter",

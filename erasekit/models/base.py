@@ -63,9 +63,14 @@ class AttachmentPoint:
     role: str | None = None
 
 
+def base_linear(module: nn.Module) -> nn.Module:
+    """The Linear itself: the one peft wraps when it has wrapped ``module``, else ``module``."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, also when peft has wrapped it."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    base = base_linear(module)
     return base.in_features, base.out_features
 
 
