@@ -36,6 +36,7 @@ import torch
 
 from .edits import Edit, apply, load_edit, remove
 from .edits.artifact import legacy_kind
+from .edits.formats.kohya import DENOISER_PREFIX
 from .edits.kind import check_edit
 from .edits.lora import NAME as LORA
 from .edits.weight_delta import NAME as WEIGHT_DELTA
@@ -46,7 +47,6 @@ from .files import atomic_folder, check_output_folder
 FORMATS = ("diffusers-lora", "kohya", "merged")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights(folder) looks for
 RECORD = "erasekit_export.json"
-DENOISER_PREFIX = {"sd": "unet", "flux": "transformer"}
 
 
 class ExportError(UserError, ValueError):
@@ -80,6 +80,7 @@ def _lora_from_weight_deltas(edit: Edit, rank: int) -> tuple[dict[str, torch.Ten
     from .edits.formats.kohya import lora_from_deltas
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    norms_sq: dict[tuple[str, str], float] = {}  # (prefix, parameter) -> ||delta||^2
     dropped: dict[str, float] = {}
     total = 0.0
     for (component, parameter), delta in targets_of(edit).items():
@@ -90,6 +91,7 @@ def _lora_from_weight_deltas(edit: Edit, rank: int) -> tuple[dict[str, torch.Ten
             continue
         prefix = component or DENOISER_PREFIX.get(edit.family, "unet")
         groups.setdefault(prefix, {})[parameter] = delta
+        norms_sq[prefix, parameter] = norm_sq
     if not groups:
         raise ExportError(
             f"the {edit.method} edit changes no 2-D weight a LoRA can carry ({', '.join(list(dropped)[:3])}); "
@@ -102,8 +104,7 @@ def _lora_from_weight_deltas(edit: Edit, rank: int) -> tuple[dict[str, torch.Ten
         part, report = lora_from_deltas(deltas, rank, prefix)
         tensors |= part
         for name, p in report["parameters"].items():
-            norm_sq = float(deltas[name].double().pow(2).sum())
-            err_sq += p["relative_error"] ** 2 * norm_sq
+            err_sq += p["relative_error"] ** 2 * norms_sq[prefix, name]
             parameters[f"{prefix}.{name}"] = p
     err_sq += sum(dropped.values())
     rel = (err_sq / total) ** 0.5 if total > 0 else 0.0
