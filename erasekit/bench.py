@@ -107,6 +107,7 @@ TUNE_GRIDS: dict[str, list[dict[str, str]]] = {
     "uce": [{"template_set": t, "token_span": sp} for t in ("none", "objects") for sp in ("last", "to-end")],
     # RECE: the release's regulariser strengths for objects UCE fails on (1e-3) and erases easily (1e-1) x rounds.
     "rece": [{"regular_scale": r, "rounds": n} for r in ("1e-3", "1e-1") for n in ("1", "2", "3")],
+    "advunlearn": [{"eta": e, "lr": lr} for e in ("1", "3") for lr in ("1e-4", "2e-4", "5e-4")],
     "keyword_zeroing": [{}],
     "sld": [{}],
     # MACE: the LoRAs' step size against the weight of the preserved concepts in both closed forms.
