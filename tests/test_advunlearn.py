@@ -13,7 +13,8 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 from erasekit.edits import apply, load_edit, remove
 from erasekit.edits.weight_delta import export_merged
 from erasekit.methods import ConfigError, advunlearn, make_config
-from erasekit.methods.advunlearn import AdvUnlearnConfig, attack, encoder_parameters, placeholder_words
+from erasekit.methods.adversary import placeholder_words, random_rows, with_soft_tokens
+from erasekit.methods.advunlearn import AdvUnlearnConfig, attack, encoder_parameters
 from erasekit.methods.hooks import TrainingHooks, training_hooks
 from erasekit.methods.losses import prediction_loss
 from erasekit.models import adapter_for
@@ -98,12 +99,12 @@ def test_the_adversary_changes_only_its_tokens_and_lowers_its_loss(family):
     source = _Fixed(adapter)
     cond, uncond = adapter.encode(["a car"]), adapter.encode([""])
     words = placeholder_words(pipe, "a car", 1)
-    init = advunlearn.random_rows(pipe, ["text_encoder", "text_encoder_2"], 1, torch.Generator().manual_seed(0))
+    init = random_rows(pipe, ["text_encoder", "text_encoder_2"], 1, torch.Generator().manual_seed(0))
     state = {name: _state(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
 
     def loss(rows):
         x, t = source.draw(cond, uncond, None)
-        with torch.no_grad(), advunlearn.with_soft_tokens(pipe, words, rows):
+        with torch.no_grad(), with_soft_tokens(pipe, words, rows):
             return float(
                 prediction_loss(
                     adapter.predict(x, t, adapter.encode([f"{words[0]} a car"])), adapter.predict(x, t, cond)
@@ -125,7 +126,7 @@ def test_each_attack_step_uses_its_own_gradient(monkeypatch):
     adapter = adapter_for(pipe)
     cond, uncond = adapter.encode(["a car"]), adapter.encode([""])
     words = placeholder_words(pipe, "a car", 1)
-    init = advunlearn.random_rows(pipe, ["text_encoder"], 1, torch.Generator().manual_seed(0))
+    init = random_rows(pipe, ["text_encoder"], 1, torch.Generator().manual_seed(0))
     real_step = torch.optim.Adam.step
 
     def grads_of(accumulate):

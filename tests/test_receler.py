@@ -8,6 +8,7 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from erasekit.edits import apply, load_edit, remove
 from erasekit.edits.output_adapter import attach_modules, recording
+from erasekit.errors import UserError
 from erasekit.methods import receler
 from erasekit.methods.receler import RecelerConfig, build_erasers, fit
 from erasekit.models import FamilyAdapter, adapter_for
@@ -280,3 +281,49 @@ def test_the_erase_target_is_anchored_on_anchor_prompt(family):
     assert same.metrics["final_erase_loss"] == 0.0
     assert all(torch.count_nonzero(u) == 0 for u in ups(same))
     assert plain.metrics["final_erase_loss"] > 0 and any(torch.count_nonzero(u) > 0 for u in ups(plain))
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_input_space_adversary_moves_only_the_concept_words_rows(family, tmp_path, interrupted_at_draw):
+    """adv_space="input": the adversary is the concept word's input row in every text encoder;
+    the text encoders never change, the edit holds erasers only, and resume restores the rows."""
+    cfg = RecelerConfig(adv_space="input", **TINY)
+    pipe = BUILDERS[family]()
+    encoders = {
+        n: {k: v.clone() for k, v in m.state_dict().items()}
+        for n, m in pipe.components.items()
+        if n.startswith("text_encoder") and m is not None
+    }
+    seen = []
+    real = receler.input_attack
+
+    def spy(adapter, erasers, rows, *a, **k):
+        before = {n: r.detach().clone() for n, r in rows.items()}
+        out = real(adapter, erasers, rows, *a, **k)
+        seen.append({n: not torch.equal(before[n], r) for n, r in rows.items()})
+        assert all(p.grad is None for m in adapter.text_encoders() for p in m.parameters())
+        assert all(p.grad is None for p in adapter.denoiser.parameters())
+        return out
+
+    receler.input_attack = spy
+    try:
+        full = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    finally:
+        receler.input_attack = real
+    towers = {"sd": {"text_encoder"}, "flux": {"text_encoder", "text_encoder_2"}}[family]
+    # iteration 1: the erasers start at zero, so the attack's loss and gradient are zero there
+    assert len(seen) == cfg.iterations and all(set(s) == towers for s in seen)
+    assert all(all(s.values()) for s in seen[1:])
+    for n, state in encoders.items():
+        assert all(torch.equal(v, getattr(pipe, n).state_dict()[k]) for k, v in state.items())
+    assert all(k.startswith("erasers.") for k in full.tensors)
+    with interrupted_at_draw(4):  # iteration 4 of 4: after the checkpoint at 2
+        fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    for k in full.tensors:
+        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+
+
+def test_input_space_adversary_needs_a_one_token_concept(sd_pipe):
+    with pytest.raises(UserError, match="'teddy bear' is not one token for the text_encoder tokenizer"):
+        fit(sd_pipe, "teddy bear", RecelerConfig(adv_space="input", **TINY), progress=False)

@@ -45,7 +45,7 @@ in every encoder's input space. On FLUX.1-dev's 4.7B-parameter T5 a full fine-tu
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,8 +57,9 @@ from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import attached_parameters, delta_key, train_deltas
 from ..lexicon import LEXICONS, WordNetUnavailable, lexicon_for
 from ..models import Conditioning, FamilyAdapter, adapter_for, frozen
-from ..models.token_rows import text_towers, token_rows
+from ..models.token_rows import text_towers
 from . import split_list
+from .adversary import PLACEHOLDERS, placeholder_words, random_rows, with_soft_tokens
 from .config import setting
 from .losses import frozen_predictions, negative_guidance, prediction_loss
 from .registry import register_method
@@ -71,9 +72,6 @@ logger = logging.getLogger(__name__)
 INITS = ("random", "latest")
 ATTACKS = ("pgd", "fast_at")
 RETAIN_SOURCES = ("coco", "lexicon")
-# Placeholder words for the soft tokens, in order of preference: each must be one token in every
-# text encoder and absent from the erased prompt.
-PLACEHOLDERS = ("mark", "the", "a", "of", "an", "and", "with", "on", "in", "at")
 # The 80 COCO object classes: the release's retain set is "a photo of {object}" over COCO objects.
 COCO_OBJECTS = (
     "person, bicycle, car, motorcycle, airplane, bus, train, truck, boat, traffic light, fire hydrant, "
@@ -215,23 +213,6 @@ def iterations(config: AdvUnlearnConfig, family: str, concept: str) -> int:
 # ---- prompts -------------------------------------------------------------------------------
 
 
-def placeholder_words(pipe, prompt: str, k: int) -> list[str]:
-    """``k`` words of :data:`PLACEHOLDERS` that are one token in every text encoder and not in
-    ``prompt``: the soft tokens' stand-ins. ValueError when fewer exist."""
-    used = {w.lower() for w in prompt.split()}
-    out = []
-    for word in PLACEHOLDERS:
-        if word in used:
-            continue
-        if all(len(tok(word, add_special_tokens=False)["input_ids"]) == 1 for _, tok, _ in text_towers(pipe)):
-            out.append(word)
-        if len(out) == k:
-            return out
-    raise ValueError(
-        f"only {len(out)} placeholder words fit this pipeline's tokenizers; lower attack_tokens to {len(out)}"
-    )
-
-
 def retain_objects(config: AdvUnlearnConfig, pipe, concept: str) -> tuple[list[str], str]:
     """(retained objects without the concept and its synonyms, where they came from)."""
     synonyms: list[str] = []
@@ -254,26 +235,6 @@ def retain_objects(config: AdvUnlearnConfig, pipe, concept: str) -> tuple[list[s
     if not objects:
         raise ValueError(f"no retained objects left for {concept!r}: give them with retain='a, b, ...'")
     return objects, source
-
-
-def random_rows(pipe, names: list[str], k: int, generator: torch.Generator) -> dict[str, Tensor]:
-    """Tower name -> (k, D) input-embedding rows of ``k`` vocabulary tokens drawn from ``generator``."""
-    out = {}
-    for name, _, enc in text_towers(pipe):
-        if name in names:
-            table = enc.get_input_embeddings().weight
-            ids = torch.randint(0, table.shape[0], (k,), generator=generator)
-            out[name] = table[ids].detach().float().clone()
-    return out
-
-
-def with_soft_tokens(pipe, words: list[str], rows: dict[str, Tensor] | None) -> ExitStack:
-    """A context in which ``words[j]`` embeds as ``rows[tower][j]`` in every tower (none: a no-op)."""
-    stack = ExitStack()
-    if rows:
-        for j, word in enumerate(words):
-            stack.enter_context(token_rows(pipe, word, {n: r[j] for n, r in rows.items()}))
-    return stack
 
 
 # ---- training ------------------------------------------------------------------------------

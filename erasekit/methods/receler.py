@@ -18,7 +18,7 @@ partial rollout of the edited model (the paper's recipe) or a pool of them.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +29,9 @@ from ..edits import Edit
 from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
 from ..edits.output_adapter import Eraser, attach_modules, eraser_state, eraser_tensors, recording
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
-from ..models import FamilyAdapter, adapter_for, frozen
+from ..models import Conditioning, FamilyAdapter, adapter_for, frozen
 from . import split_list
+from .adversary import table_scales, with_soft_tokens, word_rows
 from .config import setting
 from .losses import attention_feature, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
@@ -39,6 +40,7 @@ from .rollouts import RolloutSettings, source_from_config
 from .training import TrainingRun
 
 NAME = "receler"
+ADV_SPACES = ("output", "input")
 
 
 @dataclass
@@ -57,8 +59,21 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     reg_threshold: float = setting(0.1, "regulariser mask: min-max normalised attention >= threshold", low=0, high=1)
     adv_tokens: int = setting(16, "soft embeddings written after the concept's tokens; 0 switches them off", low=0)
     adv_steps: int = setting(50, "adversarial prompt steps per iteration", low=0)
-    adv_lr: float = setting(0.1, "Adam learning rate of the adversarial prompt", above=0)
+    adv_lr: float = setting(
+        0.1,
+        "Adam learning rate of the adversarial prompt (adv_space input: in units of each token-embedding table's std)",
+        above=0,
+    )
     adv_weight_decay: float = setting(0.1, "weight decay of the adversarial prompt", low=0)
+    # Our extension (the paper: output): the adversary replaces the concept word's INPUT embedding
+    # in every text encoder (what textual inversion learns) instead of writing soft embeddings
+    # after the concept's tokens in the encoder's output; adv_tokens > 0 switches it on.
+    adv_space: str = setting(
+        "output",
+        "where the adversary acts: output (paper: soft embeddings after the concept's tokens) or input "
+        "(our extension: the concept word's input embedding in every text encoder; keeps the text encoders in memory)",
+        choices=ADV_SPACES,
+    )
     # Our extension (off in the paper preset): the eraser step also fits the erase target on the
     # clean prompt, not only on the adversarial one, averaging the two losses.
     adv_clean_erase: bool = setting(False, "our extension: also fit the erase target on the clean prompt")
@@ -225,7 +240,12 @@ def fit(
     length = cond.embeds.shape[1]
     adv_pos = list(range(concept_idx[-1] + 1, min(length, concept_idx[-1] + 1 + config.adv_tokens)))
     adv = adv_opt = None
-    if config.adv_tokens and adv_pos:
+    rows: dict[str, nn.Parameter] = {}  # adv_space "input": tower -> (1, D) row standing in for the concept word
+    if config.adv_tokens and config.adv_space == "input":
+        scales = table_scales(pipe)
+        rows = {n: nn.Parameter(r) for n, r in word_rows(pipe, concept).items()}
+        adv_opt = torch.optim.Adam([{"params": [r], "lr": config.adv_lr * scales[n]} for n, r in rows.items()])
+    elif config.adv_tokens and adv_pos:
         adv = nn.Parameter(cond.embeds[0, adv_pos].detach().clone().float())
         adv_opt = torch.optim.Adam([adv], lr=config.adv_lr, weight_decay=config.adv_weight_decay)
 
@@ -236,12 +256,18 @@ def fit(
     if saved is not None:
         for n, e in erasers.items():
             e.load_state_dict(eraser_state(saved, n))
-        if adv is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if adv is not None:
                 adv.copy_(saved["adv"])
+            for n, r in rows.items():
+                r.copy_(saved[f"adv_row.{n}"])
 
     def state() -> dict[str, torch.Tensor]:
-        return eraser_tensors(erasers) | ({"adv": adv} if adv is not None else {})
+        return (
+            eraser_tensors(erasers)
+            | ({"adv": adv} if adv is not None else {})
+            | {f"adv_row.{n}": r for n, r in rows.items()}
+        )
 
     mid_layers = adapter.middle_resolution_layers()
     attachment = attach_modules(adapter, erasers, "training", 1.0)
@@ -251,9 +277,11 @@ def fit(
         {"opt": opt, "adv_opt": adv_opt},
         generator=g,
         sources=[source, keep_source],
-        auxiliary=[adv],
+        auxiliary=[adv, *rows.values()],
     )
-    with frozen(adapter.denoiser), training_memory(adapter, config):  # only the edit trains
+    # The input-space adversary encodes prompts inside the loop: the text encoders stay.
+    memory = replace(config, release_text_encoders=config.release_text_encoders and not rows)
+    with frozen(adapter.denoiser, *adapter.text_encoders()), training_memory(adapter, memory):  # only the edit trains
         try:
             for _ in loop:
                 x_t, t = source.draw(cond, uncond, g)
@@ -276,6 +304,10 @@ def fit(
                             adv_loss.backward()
                             adv_opt.step()
                     student_cond = cond.with_tokens(adv_pos, adv.detach())
+                elif rows:
+                    student_cond = input_attack(
+                        adapter, erasers, rows, concept, prompt, x_t, t, e_cond, adv_opt, config
+                    )
 
                 with recording(adapter) as outputs:
                     pred = adapter.predict(x_t, t, student_cond)
@@ -318,6 +350,23 @@ def fit(
         | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},
         metrics=run.metrics({"final_erase_loss": run.last("erase")}),
     )
+
+
+def input_attack(adapter, erasers, rows, concept, prompt, x_t, t, e_cond, opt, config) -> Conditioning:
+    """``adv_space="input"``: ``config.adv_steps`` steps of ``opt`` on the concept word's input rows
+    (tower -> (1, D) Parameters, updated in place) towards the frozen model's concept prediction
+    ``e_cond`` at ``(x_t, t)``, the erasers frozen; returns the prompt's conditioning with the
+    rows, without gradient."""
+    with frozen(*erasers.values()):
+        for _ in range(config.adv_steps):
+            with with_soft_tokens(adapter.pipe, [concept], rows):
+                attack = adapter.predict(x_t, t, adapter.encode([prompt], grad=True))
+            adv_loss = prediction_loss(attack, e_cond)
+            opt.zero_grad(set_to_none=True)
+            adv_loss.backward()
+            opt.step()
+    with torch.no_grad(), with_soft_tokens(adapter.pipe, [concept], {n: r.detach() for n, r in rows.items()}):
+        return adapter.encode([prompt])
 
 
 PRESETS = {"paper": RecelerConfig, "fast": RecelerConfig.fast}

@@ -1,0 +1,90 @@
+"""Adversaries in the token-INPUT space, shared by the methods that train against them.
+
+A soft token is a free vector in a text encoder's input-embedding space (before position
+embeddings), one per text encoder (SD: CLIP; Flux: CLIP and T5), standing in for a word of the
+prompt: while a prompt is encoded inside :func:`with_soft_tokens`, each occurrence of the word's
+token embeds as the vector instead of the table's row (:func:`erasekit.models.token_rows.token_rows`),
+differentiably; the tables and every other position stay exactly as they were. This is the space
+textual inversion (Pham et al. 2024) and AdvUnlearn's attacker (Zhang et al. 2024) work in: a
+prompt whose words carry no trace of the concept can still bring it back through such a vector.
+
+- AdvUnlearn inserts soft tokens after BOS, standing in for :func:`placeholder_words`;
+- Receler's ``adv_space="input"`` (our extension) replaces the concept's own word.
+
+Rows are float32 tensors keyed by the tower's component name: ``{"text_encoder": (k, D), ...}``.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from ..models.token_rows import single_token_id, text_towers, token_rows
+
+# Placeholder words for inserted soft tokens, in order of preference: each must be one token in
+# every text encoder and absent from the prompt.
+PLACEHOLDERS = ("mark", "the", "a", "of", "an", "and", "with", "on", "in", "at")
+
+
+def placeholder_words(pipe, prompt: str, k: int) -> list[str]:
+    """``k`` words of :data:`PLACEHOLDERS` that are one token in every text encoder and not in
+    ``prompt``: the soft tokens' stand-ins. ValueError when fewer exist."""
+    used = {w.lower() for w in prompt.split()}
+    out = []
+    for word in PLACEHOLDERS:
+        if word in used:
+            continue
+        if all(len(tok(word, add_special_tokens=False)["input_ids"]) == 1 for _, tok, _ in text_towers(pipe)):
+            out.append(word)
+        if len(out) == k:
+            return out
+    raise ValueError(
+        f"only {len(out)} placeholder words fit this pipeline's tokenizers; lower attack_tokens to {len(out)}"
+    )
+
+
+def random_rows(pipe, names: list[str], k: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Tower name -> (k, D) input-embedding rows of ``k`` vocabulary tokens drawn from ``generator``."""
+    out = {}
+    for name, _, enc in text_towers(pipe):
+        if name in names:
+            table = enc.get_input_embeddings().weight
+            ids = torch.randint(0, table.shape[0], (k,), generator=generator)
+            out[name] = table[ids].detach().float().clone()
+    return out
+
+
+def with_soft_tokens(pipe, words: list[str], rows: dict[str, Tensor] | None) -> ExitStack:
+    """A context in which ``words[j]`` embeds as ``rows[tower][j]`` in every tower (none: a no-op)."""
+    stack = ExitStack()
+    if rows:
+        for j, word in enumerate(words):
+            stack.enter_context(token_rows(pipe, word, {n: r[j] for n, r in rows.items()}))
+    return stack
+
+
+def word_rows(pipe, word: str) -> dict[str, Tensor]:
+    """Tower name -> (1, D) float32 copy of ``word``'s input-embedding row; a UserError naming the
+    pieces when ``word`` is not one token in every text encoder."""
+    out = {}
+    for name, tok, enc in text_towers(pipe):
+        pieces = tok.tokenize(word)
+        if len(pieces) != 1:
+            raise UserError(
+                f"{word!r} is not one token for the {name} tokenizer (pieces {pieces}): an input-space "
+                "adversary stands in for one token"
+            )
+        row = enc.get_input_embeddings().weight[single_token_id(tok, word)]
+        out[name] = row.detach().float().clone()[None]
+    return out
+
+
+def table_scales(pipe) -> dict[str, float]:
+    """Tower name -> the standard deviation of its token-embedding table: a step size in these
+    units fits CLIP (std ~0.01) and T5 (std ~1) alike."""
+    return {
+        name: float(enc.get_input_embeddings().weight.detach().float().std()) for name, _, enc in text_towers(pipe)
+    }
