@@ -109,6 +109,8 @@ TUNE_GRIDS: dict[str, list[dict[str, str]]] = {
     "rece": [{"regular_scale": r, "rounds": n} for r in ("1e-3", "1e-1") for n in ("1", "2", "3")],
     "keyword_zeroing": [{}],
     "sld": [{}],
+    # SAFREE: the step-budget curve (calibrated release / paper Eq. 6) x the projection order.
+    "safree": [{"budget": b, "order": o} for b in ("release", "paper") for o in ("paper", "release")],
     # MACE: the LoRAs' step size against the weight of the preserved concepts in both closed forms.
     "mace": [
         {"lr": lr, "train_preserve_scale": s, "fuse_preserve_scale": s}
