@@ -29,14 +29,14 @@ OTHER = "a dog in the garden"
 STEPS = 3
 
 
-def _plant(pipe, word: str = "car", strength: float = 30.0):
+def _plant(pipe, word: str = "car", strength: float = 30.0, token_id: int | None = None):
     """The main text encoder of ``pipe`` now carries ``word`` in a fixed direction v: in a prompt
     holding it, every output state (and the pooled output) h becomes |h| normalize(h + strength
     v), so that, as in a trained encoder whose states have about one norm, the concept crowds
-    out the rest of the prompt."""
+    out the rest of the prompt. ``token_id``: the token that carries it (default the word's first)."""
     adapter = adapter_for(pipe)
     tokenizer, encoder = adapter.main_text_encoder()
-    word_id = tokenizer(word, add_special_tokens=False)["input_ids"][0]
+    word_id = tokenizer(word, add_special_tokens=False)["input_ids"][0] if token_id is None else token_id
     width = encoder.get_input_embeddings().weight.shape[1]
     v = torch.nn.functional.normalize(torch.randn(width, generator=torch.Generator().manual_seed(7)), dim=0)
 
@@ -184,6 +184,31 @@ def test_a_planted_concept_word_is_flagged(family):
     # projection moves the prompt little: the release's budget is 0 (step 0 only).
     assert hook.analyse(OTHER).t_prime == 0
     assert hook.analyse("car") is None  # one word: nothing to compare it with
+    remove(pipe, edit)
+
+
+@pytest.mark.parametrize("word", ["nude", "nudity"])  # one token; two pieces ("nu", "dity</w>")
+def test_detection_with_sd_1x_real_clip_tokenizer(word):
+    """SD 1.x's tokenizer pads with EOS (49407): padding and EOS are never words, the
+    leave-one-out prompts keep 77 ids, and the planted word is flagged (the spec's "a photo of a
+    nude woman on the beach" check, on a tiny encoder whose concept sits in the word's first
+    piece: flags are per token, so only that piece of "nudity" stands out)."""
+    from real_tokenizers import EOS_ID, clip_bpe_tokenizer, tiny_sd_pipeline_with
+
+    tokenizer = clip_bpe_tokenizer()
+    pipe = tiny_sd_pipeline_with(tokenizer)
+    first_piece = tokenizer(word, add_special_tokens=False)["input_ids"][0]
+    _plant(pipe, token_id=first_piece)
+    adapter = adapter_for(pipe)
+    edit = _fit(pipe, concept=word)
+    apply(pipe, edit)
+    hook = _hook(adapter, edit)
+    prompt = f"a photo of a {word} woman on the beach"
+    ids = adapter.main_token_ids([prompt])[0].tolist()
+    found = hook.analyse(prompt)
+    assert tokenizer.pad_token_id == EOS_ID and ids.count(EOS_ID) > 1
+    assert found.words == list(range(1, ids.index(EOS_ID)))  # BOS, EOS and padding are not words
+    assert found.flagged == adapter.token_indices(prompt, word)[:1] and found.t_prime == 10
     remove(pipe, edit)
 
 
