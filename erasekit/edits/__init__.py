@@ -33,7 +33,7 @@ Methods produce Edits and never attach them. This package imports torch and safe
 from __future__ import annotations
 
 from ..errors import EditError
-from . import inference_hook, lora, output_adapter, weight_delta  # noqa: F401 (registers the kinds)
+from . import inference_hook, lora, output_adapter, safree_hook, weight_delta  # noqa: F401 (registers kinds, hooks)
 from .artifact import (
     FORMAT,
     LEGACY_KINDS,

@@ -13,7 +13,8 @@ active. Several hook edits compose in the order they were applied.
 - ``keyword_zeroing``: the keyword's rows of every text value projection are multiplied by
   ``1 - scale`` in prompts that hold the keyword (see :class:`KeywordZeroing`);
 - ``safree`` (SAFREE): the trigger words' text embeddings are projected away from the keywords'
-  subspace for the first denoising steps (:mod:`.safree_hook`, its own module).
+  subspace for the first denoising steps (:mod:`.safree_hook`, its own module, registered when
+  :mod:`erasekit.edits` is imported).
 """
 
 from __future__ import annotations
@@ -319,6 +320,3 @@ class KeywordZeroing(Attachment):
         for h in self.handles:
             h.remove()
         self.handles = []
-
-
-from . import safree_hook  # noqa: E402, F401 (registers the hook "safree"; it imports register_hook from here)
