@@ -110,6 +110,8 @@ TUNE_GRIDS: dict[str, list[dict[str, str]]] = {
     "advunlearn": [{"eta": e, "lr": lr} for e in ("1", "3") for lr in ("1e-4", "2e-4", "5e-4")],
     "keyword_zeroing": [{}],
     "sld": [{}],
+    # SAFREE: the step-budget curve (calibrated release / paper Eq. 6) x the projection order.
+    "safree": [{"budget": b, "order": o} for b in ("release", "paper") for o in ("paper", "release")],
     # MACE: the LoRAs' step size against the weight of the preserved concepts in both closed forms.
     "mace": [
         {"lr": lr, "train_preserve_scale": s, "fuse_preserve_scale": s}

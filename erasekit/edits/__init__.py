@@ -4,14 +4,14 @@ An :class:`Edit` is an artifact (a folder of ``edit.safetensors`` + ``edit.json`
 :mod:`.artifact`) whose ``kind`` says how it changes a model. An **edit kind** is one way of
 changing a model, with one module each:
 
-==================== ==================================================== =====================
+==================== ==================================================== ============================
 kind                 what the edit holds / does                           methods
-==================== ==================================================== =====================
+==================== ==================================================== ============================
 ``output_adapter``   small modules added on attention outputs             Receler
 ``weight_delta``     deltas of named parameters (any pipeline component)  ESD, UCE
 ``lora``             a diffusers-layout LoRA, loaded through peft         EraseAnything
-``inference_hook``   settings only; a named hook acts at inference        SLD, keyword zeroing
-==================== ==================================================== =====================
+``inference_hook``   settings only; a named hook acts at inference        SLD, keyword zeroing, SAFREE
+==================== ==================================================== ============================
 
 The contract (:mod:`.kind`): a kind is an :class:`EditKind` registered under its name, with
 ``attach(adapter, edit, scale) -> Attachment``; the attachment has ``detach()`` (alias
@@ -33,7 +33,7 @@ Methods produce Edits and never attach them. This package imports torch and safe
 from __future__ import annotations
 
 from ..errors import EditError
-from . import inference_hook, lora, output_adapter, weight_delta  # noqa: F401 (registers the kinds)
+from . import inference_hook, lora, output_adapter, safree_hook, weight_delta  # noqa: F401 (registers kinds, hooks)
 from .artifact import (
     FORMAT,
     LEGACY_KINDS,

@@ -1,5 +1,5 @@
 """Edit kind "inference_hook": an edit with settings and no weights, acting through hooks at
-inference (SLD's safe guidance, keyword zeroing).
+inference (SLD's safe guidance, keyword zeroing, SAFREE).
 
 Such an edit names its hook in ``hyperparameters["hook"]`` (edits saved before: inferred from
 the method) and keeps the hook's settings in its other hyperparameters. The hooks are classes
@@ -11,7 +11,10 @@ active. Several hook edits compose in the order they were applied.
 - ``safe_guidance`` (SLD): a forward hook on the denoiser replaces the conditional prediction
   by ``c - scale * g_s`` (see :class:`SafeGuidance`);
 - ``keyword_zeroing``: the keyword's rows of every text value projection are multiplied by
-  ``1 - scale`` in prompts that hold the keyword (see :class:`KeywordZeroing`).
+  ``1 - scale`` in prompts that hold the keyword (see :class:`KeywordZeroing`);
+- ``safree`` (SAFREE): the trigger words' text embeddings are projected away from the keywords'
+  subspace for the first denoising steps (:mod:`.safree_hook`, its own module, registered when
+  :mod:`erasekit.edits` is imported).
 """
 
 from __future__ import annotations

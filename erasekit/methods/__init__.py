@@ -1,4 +1,4 @@
-"""Erasure methods: one module each (receler, eraseanything, esd, uce, keyword_zeroing, sld, mace, rece, advunlearn).
+"""Erasure methods: one module each (receler, eraseanything, esd, uce, keyword_zeroing, sld, mace, rece, advunlearn, safree).
 
 Architecture
 ------------

@@ -277,6 +277,14 @@ class FamilyAdapter:
         (before the cast to the denoiser's dtype). SD: the CLIP encoder; Flux: T5."""
         raise NotImplementedError
 
+    def main_token_ids(self, prompts: Sequence[str]) -> Tensor:
+        """(B, L) int64 ids the main text encoder reads for ``prompts``, tokenized as the
+        pipeline and :meth:`token_spans` tokenize them (special tokens, padded to L, truncated):
+        ``main_text_encoder()[1](ids)[0]`` is ``encode(prompts).embeds``, on the CPU."""
+        tokenizer, max_length = self._main_tokenizer()
+        enc = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True)
+        return torch.tensor(enc["input_ids"], dtype=torch.long)
+
     def token_spans(self, prompt: str, phrase: str) -> list[list[int]]:
         """Every contiguous run of ``phrase``'s tokens in ``prompt`` (positions index
         Conditioning.embeds along L; sub-word pieces included; BOS/EOS/pad never included).
@@ -439,6 +447,28 @@ class FamilyAdapter:
         :attr:`denoiser` sees it (e.g. a call by the stock pipeline), in this adapter's units:
         ``predict(latents, t, cond, guidance)`` repeats the call. ``t`` has shape (B,)."""
         raise NotImplementedError
+
+    #: The denoiser forward's parameters that take Conditioning.embeds and Conditioning.pooled
+    #: (None: the family has no pooled text input), for :meth:`with_call_conditioning`.
+    conditioning_parameters: ClassVar[tuple[str, str | None]] = ("encoder_hidden_states", None)
+
+    def with_call_conditioning(self, args: tuple, kwargs: dict, cond: Conditioning) -> tuple[tuple, dict]:
+        """The (args, kwargs) of a denoiser forward call, as a forward pre-hook on
+        :attr:`denoiser` sees them, with the text conditioning replaced by ``cond`` (same batch
+        and layout as :meth:`call_inputs` gives it): the inverse of ``call_inputs``' third
+        element. A pooled tensor of ``cond`` is dropped for a family without one."""
+        names = list(inspect.signature(self.denoiser.forward).parameters)
+        args, kwargs = list(args), dict(kwargs)
+        embeds_name, pooled_name = self.conditioning_parameters
+        for name, value in ((embeds_name, cond.embeds), (pooled_name, cond.pooled)):
+            if name is None or value is None:
+                continue
+            position = names.index(name)
+            if name not in kwargs and position < len(args):
+                args[position] = value
+            else:
+                kwargs[name] = value
+        return tuple(args), kwargs
 
     def _forward_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The denoiser forward's arguments by parameter name."""
@@ -604,6 +634,18 @@ class FamilyAdapter:
             return fn(output)
 
         return point.module.register_forward_hook(hook)
+
+    def skip_stages(self) -> int:
+        """How many decoder stages read skip features from the encoder (SD: the UNet's up
+        blocks); 0 for a family without skip connections (Flux). See :meth:`add_skip_edit`."""
+        return 0
+
+    def add_skip_edit(self, fn: Callable[[int, tuple[Tensor, ...]], tuple[Tensor, ...]]) -> _Handle:
+        """Make the skip features that decoder stage ``s`` (0: the lowest resolution, first to
+        run) reads, a tuple of (B, C, h, w) tensors, become ``fn(s, features)`` (same shapes).
+        Skipped while :meth:`edits_disabled` is active. Returns a handle with ``remove()``.
+        ValueError for a family without skip features (``skip_stages() == 0``)."""
+        raise ValueError(f"the {self.family} family's denoiser has no decoder skip features (no UNet up blocks)")
 
     def register_switch(self, switch) -> _Handle:
         """Register an object with ``enable()`` / ``disable()`` (and optionally an ``enabled``

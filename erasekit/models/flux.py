@@ -32,6 +32,7 @@ class FluxAdapter(FamilyAdapter):
     pipeline_classes = ("FluxPipeline",)
     denoiser_names = ("FluxTransformer2DModel",)
     supported = "FluxPipeline (FLUX.1: FluxTransformer2DModel + CLIP + T5)"
+    conditioning_parameters = ("encoder_hidden_states", "pooled_projections")
 
     @classmethod
     def pipeline_mismatch(cls, components: dict[str, str]) -> str | None:

@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from .base import AttachmentPoint, FamilyAdapter, linear_dims
+from .base import AttachmentPoint, FamilyAdapter, _Handle, linear_dims
 from .conditioning import Conditioning
 from .probes import AttentionProbe, record_attention
 
@@ -320,6 +320,30 @@ class SDUNetAdapter(FamilyAdapter):
 
     def _is_cross_attn_layer(self, name: str) -> bool:
         return "attn2" in name.split(".")
+
+    def skip_stages(self) -> int:
+        """The UNet's up blocks."""
+        return len(self.denoiser.up_blocks)
+
+    def add_skip_edit(self, fn) -> _Handle:
+        """A forward pre-hook on every up block maps its ``res_hidden_states_tuple`` (the
+        down blocks' skip features it concatenates, FreeU's target) through ``fn(stage, h)``."""
+        state = self.edit_stack
+
+        def make(stage: int):
+            def hook(_module, args, kwargs):
+                features = kwargs.get("res_hidden_states_tuple")
+                if state.depth or features is None:
+                    return None
+                return args, {**kwargs, "res_hidden_states_tuple": tuple(fn(stage, tuple(features)))}
+
+            return hook
+
+        handles = [
+            block.register_forward_pre_hook(make(i), with_kwargs=True)
+            for i, block in enumerate(self.denoiser.up_blocks)
+        ]
+        return _Handle(lambda: [h.remove() for h in handles])
 
 
 def _attn2_downsampling(unet: nn.Module) -> dict[str, int]:
