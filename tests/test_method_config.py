@@ -244,6 +244,7 @@ def test_variants_are_the_bench_rows():
         "sld": ("sld", {}),
         "mace": ("mace", {}),
         "rece": ("rece", {}),
+        "advunlearn": ("advunlearn", {}),
         "safree": ("safree", {}),
     }
     spec, fixed = resolve_method("esd-u")
@@ -255,7 +256,9 @@ def test_variants_are_the_bench_rows():
 
 
 def test_unknown_method_and_preset():
-    known = "known: receler, eraseanything, esd, esd-x, esd-u, uce, keyword_zeroing, sld, mace, rece, safree"
+    known = (
+        "known: receler, eraseanything, esd, esd-x, esd-u, uce, keyword_zeroing, sld, mace, rece, advunlearn, safree"
+    )
     with pytest.raises(ConfigError, match=f"unknown erasure method 'nope'; {known}"):
         make_config("nope")
     with pytest.raises(ConfigError, match="unknown preset 'huge' for sld; known: paper, medium, weak"):

@@ -1,4 +1,5 @@
-"""Erasure methods: one module each (receler, eraseanything, esd, uce, keyword_zeroing, sld, mace, rece, advunlearn, safree).
+"""Erasure methods: one module each (receler, eraseanything, esd, uce, keyword_zeroing, sld, mace, rece,
+advunlearn, safree).
 
 Architecture
 ------------

@@ -20,7 +20,18 @@ from .config import ConfigError, MethodConfig, show_value
 logger = logging.getLogger(__name__)
 
 # The methods shipped with erasekit, in the order they are listed (modules of this package).
-BUILTIN_METHODS = ("receler", "eraseanything", "esd", "uce", "keyword_zeroing", "sld", "mace", "rece", "advunlearn", "safree")
+BUILTIN_METHODS = (
+    "receler",
+    "eraseanything",
+    "esd",
+    "uce",
+    "keyword_zeroing",
+    "sld",
+    "mace",
+    "rece",
+    "advunlearn",
+    "safree",
+)
 
 
 @dataclasses.dataclass(frozen=True)
