@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument(
         "--method",
         default="receler",
-        help="receler, eraseanything, esd (or esd-x / esd-u), uce, keyword_zeroing, sld, mace, rece, safree",
+        help="receler, eraseanything, esd (or esd-x / esd-u), uce, keyword_zeroing, sld, mace, rece, advunlearn, "
+        "safree",
     )
     er.add_argument(
         "--help-method",
@@ -556,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=None,
         help="comma-separated rows (default all: receler, eraseanything, esd-x, esd-u, uce, keyword_zeroing, sld, "
-        "mace, rece, safree)",
+        "mace, rece, advunlearn, safree)",
     )
     bt.add_argument(
         "--concepts",
