@@ -1,5 +1,6 @@
 """Trainable parameters of every registered method on the released architectures (SD 1.4's UNet,
-FLUX.1-dev's transformer), counted on the meta device from the method registry (no weights, no
+FLUX.1-dev's transformer; and, for methods that train text encoders, SD 1.4's CLIP-L and
+FLUX.1's CLIP-L + T5-XXL), counted on the meta device from the method registry (no weights, no
 training): what each method's paper preset changes.
 
     python benchmarks/trainable_counts.py [--methods receler,eraseanything,...] [--preset paper]
@@ -8,9 +9,10 @@ training): what each method's paper preset changes.
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 import torch
-from real_configs import FLUX1_DEV_TRANSFORMER, SD14_UNET
+from real_configs import CLIP_L_TEXT, FLUX1_DEV_TRANSFORMER, SD14_UNET, T5_XXL
 
 
 def main() -> None:
@@ -44,6 +46,50 @@ def main() -> None:
             except Exception as exc:  # a method without a count: say why
                 cells.append(f"n/a ({type(exc).__name__})")
         print(f"| {row} | " + " | ".join(cells) + " |", flush=True)
+    text_encoder_table(rows, args.preset)
+
+
+def text_encoder_table(rows: list[str], preset: str) -> None:
+    """The rows that train text encoders, counted on pipelines that hold only their text encoders."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from erasekit.methods import make_config, resolve_method
+    from erasekit.models import UnsupportedPipelineError
+
+    with torch.device("meta"):
+        clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+        t5 = T5EncoderModel(T5Config(**T5_XXL))
+    tokenizer = object()  # only its presence marks a text tower
+    pipes = {
+        "SD 1.4 text encoder (CLIP-L)": SimpleNamespace(text_encoder=clip, tokenizer=tokenizer),
+        "FLUX.1 text encoders (CLIP-L + T5-XXL)": SimpleNamespace(
+            text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer
+        ),
+    }
+    lines = []
+    for row in rows:
+        spec, fixed = resolve_method(row)
+        config = make_config(spec.name, preset, fixed)
+        try:
+            counts = [spec.trainable_parameters(pipe, config) for pipe in pipes.values()]
+        except (UnsupportedPipelineError, AttributeError, TypeError):  # a denoiser method: needs its adapter
+            continue
+        if any(counts):
+            lines.append(f"| {row} | " + " | ".join(f"{c:,}" for c in counts) + " |")
+    if lines:
+        print("\n| method | " + " | ".join(pipes) + " |")
+        print("|---|" + "---|" * len(pipes))
+        totals = [
+            sum(
+                p.numel()
+                for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+                if enc
+                for p in enc.parameters()
+            )
+            for pipe in pipes.values()
+        ]
+        print("| (whole text encoders) | " + " | ".join(f"{t:,}" for t in totals) + " |")
+        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

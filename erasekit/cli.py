@@ -557,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=None,
         help="comma-separated rows (default all: receler, eraseanything, esd-x, esd-u, uce, keyword_zeroing, sld, "
-        "mace, rece, advunlearn, safree)",
+        "mace, rece, advunlearn, safree); the unedited row (and oracle rows) always run, so 'base' alone runs "
+        "only them",
     )
     bt.add_argument(
         "--concepts",
