@@ -266,6 +266,16 @@ def test_keyword_runs_are_whole_words_for_both_tokenizer_families(tok):
     assert keyword_zeroing.find_runs(ids, runs, set(t5.all_special_ids), t5) == [1]
 
 
+def test_keyword_case_variants_find_a_name_in_title_case():
+    # A case-sensitive T5 tokenizer spells "Van Gogh" differently from "Van gogh" and "van gogh".
+    t5 = t5_word_tokenizer([*TINY_WORDS, "van", "gogh"])
+    ids = t5("a painting by Van Gogh")["input_ids"]
+    special = set(t5.all_special_ids)
+    assert keyword_zeroing.find_runs(ids, keyword_zeroing.keyword_id_runs(t5, ["van gogh"], False), special) == []
+    found = keyword_zeroing.find_runs(ids, keyword_zeroing.keyword_id_runs(t5, ["van gogh"]), special, t5)
+    assert t5.decode([ids[i] for i in found]) == "Van Gogh"
+
+
 # ---- EraseAnything's prompt shuffling ----------------------------------------------------------
 
 

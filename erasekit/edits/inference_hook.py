@@ -210,8 +210,8 @@ def keyword_id_runs(tokenizer, keywords: list[str], case_variants: bool = True) 
     """The token-id runs to look for: each keyword tokenized without special tokens, as the
     models' token spans tokenize a phrase (:func:`erasekit.models.conditioning.phrase_ids`)."""
     spellings = []
-    for k in keywords:
-        spellings += [k, k.lower(), k.capitalize(), k.upper()] if case_variants else [k]
+    for k in keywords:  # title(): "van gogh" -> "Van Gogh", which capitalize() misses for case-sensitive T5
+        spellings += [k, k.lower(), k.capitalize(), k.title(), k.upper()] if case_variants else [k]
     runs = []
     for s in dict.fromkeys(spellings):
         ids = phrase_ids(tokenizer, s)
