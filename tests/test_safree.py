@@ -12,6 +12,7 @@ find exactly that word.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -184,6 +185,25 @@ def test_a_planted_concept_word_is_flagged(family):
     # projection moves the prompt little: the release's budget is 0 (step 0 only).
     assert hook.analyse(OTHER).t_prime == 0
     assert hook.analyse("car") is None  # one word: nothing to compare it with
+    remove(pipe, edit)
+
+
+def test_clip_skip_is_said_not_silently_ignored():
+    # With clip_skip, SD's encode_prompt asks the encoder for its hidden states and reads an earlier
+    # layer: SAFREE cannot act there, and says so once. (The encoder is called as encode_prompt
+    # calls it: its next line needs CLIPTextModel.text_model, which transformers 5 no longer has.)
+    pipe = _planted("sd")
+    edit = _fit(pipe)
+    apply(pipe, edit)
+    ids = pipe.tokenizer(
+        [PROMPT], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    )
+    with pytest.warns(UserWarning, match="clip_skip"):
+        pipe.text_encoder(ids.input_ids, output_hidden_states=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.text_encoder(ids.input_ids, output_hidden_states=True)  # once per attachment
+        pipe.encode_prompt(PROMPT, "cpu", 1, False)  # the last layer: no warning
     remove(pipe, edit)
 
 

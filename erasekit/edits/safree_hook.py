@@ -36,6 +36,7 @@ made elsewhere (soft prompts), are not recognised and pass unchanged.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass, fields
 
@@ -263,6 +264,7 @@ class Safree(Attachment):
         self.tokenizer, self.encoder = adapter.main_text_encoder()
         self.special = set(self.tokenizer.all_special_ids)
         self.busy = False  # our own encoder and denoiser passes go through the hooks too
+        self.warned_hidden_states = False
         with torch.no_grad():
             self.toxic = Subspace(self._pooled(adapter.main_token_ids(keywords)))
             self.empty = self.negative = None
@@ -364,6 +366,17 @@ class Safree(Attachment):
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
+            return
+        if kwargs.get("output_hidden_states"):
+            # SD's clip_skip reads an earlier layer (then the final norm): the conditioning is not
+            # this output, so it would never match what is remembered here. Say so, once.
+            if not self.warned_hidden_states:
+                warnings.warn(
+                    "SAFREE acts on the text encoder's last layer; this pipeline reads its hidden states "
+                    "(clip_skip), so SAFREE leaves those prompts unchanged",
+                    stacklevel=2,
+                )
+                self.warned_hidden_states = True
             return
         hidden = _sequence_output(output)
         analyses = self.analyse_ids(ids.detach().cpu(), hidden)
