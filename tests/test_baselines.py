@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from peft import LoraConfig
 from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
@@ -521,3 +522,25 @@ def test_uce_token_span_to_end_and_the_objects_template_set():
         t.format(concept="car") for t in uce.OBJECT_TEMPLATES
     ]
     assert objects.hyperparameters["token_rows"] == 1 + len(uce.OBJECT_TEMPLATES)
+
+
+def _weight_edit(method: str, pipe):
+    from test_mace import TINY as MACE_TINY
+
+    from erasekit.methods.mace import MACEConfig
+    from erasekit.methods.rece import RECEConfig
+
+    config = {"uce": UCEConfig(preserve="dog"), "rece": RECEConfig(samples=1), "mace": MACEConfig(**MACE_TINY)}[method]
+    return method_module(method).fit(pipe, "car", config, progress=False)
+
+
+@pytest.mark.parametrize("method", ["uce", "rece", "mace"])
+def test_weight_edits_are_named_for_the_plain_model_under_a_users_lora(method):
+    # A user's peft LoRA on the same projections inserts ".base_layer." into the parameter names;
+    # the edit must still name the plain model's parameters, or it would not load without the LoRA.
+    plain = _weight_edit(method, tiny_sd_pipeline())
+    pipe = tiny_sd_pipeline()
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_k", "to_v"]), adapter_name="user")
+    assert any(".base_layer." in n for n, _ in pipe.unet.named_parameters())
+    wrapped = _weight_edit(method, pipe)
+    assert sorted(wrapped.tensors) == sorted(plain.tensors)

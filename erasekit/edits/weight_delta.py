@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import atomic_folder
+from ..models import plain_parameter_names
 from .artifact import Edit
 from .kind import Attachment, EditKind, register_kind
 
@@ -78,7 +79,13 @@ def _parameters(adapter, wanted: set[str]) -> dict[tuple[str, str], nn.Parameter
     missing = sorted(c for c in wanted if c not in mods)
     if missing:
         raise ValueError(f"the edit changes pipeline components this pipeline lacks: {missing}")
-    return {(c, n): p for c in sorted(wanted) for n, p in mods[c].named_parameters()}
+    # Keyed by the plain model's names: a LoRA attached through peft (a user's, or EraseAnything's)
+    # wraps layers in ".base_layer.", and a delta must land on the same weight with or without it.
+    out = {}
+    for c in sorted(wanted):
+        names = plain_parameter_names(mods[c])
+        out.update({(c, names[id(p)]): p for p in mods[c].parameters()})
+    return out
 
 
 def merged(base: Tensor, terms: list[tuple[Tensor, float]]) -> Tensor:

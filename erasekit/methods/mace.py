@@ -100,7 +100,7 @@ from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, attach_deltas, attached_parameters
 from ..errors import NotFound
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
-from ..models import FamilyAdapter, adapter_for, base_linear, frozen
+from ..models import FamilyAdapter, adapter_for, base_linear, frozen, plain_parameter_names
 from . import split_concepts, split_list
 from .config import setting
 from .losses import attention_feature
@@ -802,7 +802,7 @@ def fit(pipe, concept: str, config: MACEConfig | None = None, checkpoint_dir=Non
     templates = split_list(config.templates, "|")
     points = kv_points(adapter)
     # The edit's tensor names: the parameters' names on the plain model (a user's LoRA wraps them).
-    names = {id(p): n.replace(".base_layer.", ".") for n, p in adapter.denoiser.named_parameters()}
+    names = plain_parameter_names(adapter.denoiser)
     busy = attached_parameters(adapter)
     taken = [
         n

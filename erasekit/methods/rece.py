@@ -86,7 +86,7 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX
-from ..models import adapter_for, base_linear
+from ..models import adapter_for, base_linear, plain_parameter_names
 from . import split_concepts, split_list
 from .config import MethodConfig, setting
 from .registry import register_method
@@ -384,7 +384,7 @@ def fit(pipe, concept: str, config: RECEConfig | None = None, checkpoint_dir=Non
         )
     bar.close()
 
-    param_names = {id(p): n for n, p in adapter.denoiser.named_parameters()}
+    param_names = plain_parameter_names(adapter.denoiser)
     tensors = {}
     for p in points:
         weight = base_linear(p.module).weight

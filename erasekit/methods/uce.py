@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ..edits import Edit
 from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, export_merged  # noqa: F401 (re-exported)
-from ..models import FamilyAdapter, adapter_for, base_linear
+from ..models import FamilyAdapter, adapter_for, base_linear, plain_parameter_names
 from . import split_concepts, split_list
 from .config import MethodConfig, setting
 from .registry import register_method
@@ -186,7 +186,7 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
             cols += list(range(p, length))
     records = _record_inputs(adapter, points, prompts, rows, cols, max(1, config.samples), config.seed)
 
-    param_names = {id(p): n for n, p in adapter.denoiser.named_parameters()}
+    param_names = plain_parameter_names(adapter.denoiser)
     tensors = {}
     for point in points:
         base = base_linear(point.module)

@@ -29,6 +29,7 @@ from .base import (
     UnsupportedPipelineError,
     base_linear,
     frozen,
+    plain_parameter_names,
 )
 from .conditioning import Conditioning, find_token_spans
 from .probes import AttentionProbe
@@ -43,6 +44,7 @@ from .loading import adapter_for, family_of, load_pipeline, write_defaults
 __all__ = [
     "AttachmentPoint",
     "base_linear",
+    "plain_parameter_names",
     "AttentionProbe",
     "Conditioning",
     "FamilyAdapter",

@@ -68,6 +68,13 @@ def base_linear(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
+def plain_parameter_names(module: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name on the plain model: where peft has wrapped a layer (a user's LoRA
+    attached), the ``.base_layer.`` it inserts is left out, so an edit's tensor names fit the model
+    without it."""
+    return {id(p): n.replace(".base_layer.", ".") for n, p in module.named_parameters()}
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, also when peft has wrapped it."""
     base = base_linear(module)
