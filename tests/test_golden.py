@@ -3,7 +3,8 @@ same edit tensors and the same images as the recorded reference, bit for bit.
 
 The reference (tests/golden/methods.json: each tensor's sha256, shape, dtype, sum and sum of
 absolute values) was recorded from the code as it was before the package's layers were redrawn
-(commit 479f037); refactors must keep it. Re-record only for a deliberate change of behaviour:
+(commit 479f037), and for the methods added after it (MACE, RECE, AdvUnlearn, SAFREE) from main
+at a8ec641; refactors must keep it. Re-record only for a deliberate change of behaviour:
 python tests/test_golden.py --record
 
 Bit-identity holds only on the CPU the reference was recorded on: torch's CPU kernels pick
@@ -42,6 +43,11 @@ ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "uce": ("uce", {"samples": "1"}),
     "keyword_zeroing": ("keyword_zeroing", {}),
     "sld": ("sld", {}),
+    # Recorded later, from main at the time (the methods came after the redesign):
+    "mace": ("mace", {"images": "2", "image_steps": "2", "mask_samples": "1", "samples": "2", "iterations": "3"}),
+    "rece": ("rece", {"samples": "1"}),
+    "advunlearn": ("advunlearn", {"iterations": "4", "warmup": "1", "attack_steps": "2", "rollout_steps": "5"}),
+    "safree": ("safree", {}),
 }
 CONCEPT = "triangle"
 PROMPTS = ("an image of a triangle", "a wedge on a plain background", "an image of a square")
