@@ -945,6 +945,7 @@ def run_bench(
 
     n_rows = len(models) * len(concepts) * (1 + sum(len(seeded(configs[m])) for m in methods))
     n_rows += len(models) * sum(len(g) for g in grids.values() if len(g) > 1)
+    n_rows += sum(oracle_folder(oracles, label, c) is not None for label in models for c in concepts)
     bar = tqdm(total=n_rows, desc="bench", disable=not progress, unit="row")
     try:
 
