@@ -21,6 +21,7 @@ bit-identity was not checked.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -90,6 +91,7 @@ def _machine() -> str:
     return f"{platform.machine()} {platform.processor()} torch {torch.__version__}"
 
 
+@functools.cache  # read once per process: the test and its messages ask for it per row
 def cpu_signature() -> str:
     """What decides torch's CPU kernel paths here: vendor, model, torch's SIMD level, and the
     instruction-set flags (AMX, AVX512 variants, VNNI) its kernels dispatch on."""

@@ -1,7 +1,8 @@
 """Edit kind "weight_delta": changes of named parameters (ESD, UCE), on any module of the pipeline.
 
 An edit of this kind stores one tensor per changed parameter: ``delta.<parameter>`` for a
-parameter of the denoiser (``<parameter>`` as in ``denoiser.named_parameters()``) and
+parameter of the denoiser (``<parameter>`` as in ``denoiser.named_parameters()``, without the
+``.base_layer.`` a peft LoRA inserts: :func:`erasekit.models.plain_parameter_names`) and
 ``delta:<component>.<parameter>`` for one of another pipeline component (e.g.
 ``delta:text_encoder.text_model.encoder.layers.0.mlp.fc1.weight``). While attached, a
 parameter holds ``base + sum_k scale_k * delta_k`` over the edits attached to it, computed in

@@ -803,12 +803,8 @@ def fit(pipe, concept: str, config: MACEConfig | None = None, checkpoint_dir=Non
     points = kv_points(adapter)
     # The edit's tensor names: the parameters' names on the plain model (a user's LoRA wraps them).
     names = plain_parameter_names(adapter.denoiser)
-    busy = attached_parameters(adapter)
-    taken = [
-        n
-        for n, p in adapter.denoiser.named_parameters()
-        if n in busy and id(p) in {id(base_linear(q.module).weight) for q in points}
-    ]
+    busy = attached_parameters(adapter)  # named like ``names`` (the weight-delta slots)
+    taken = [names[id(w)] for w in (base_linear(q.module).weight for q in points) if names[id(w)] in busy]
     if taken:
         raise ValueError(f"weight edits are applied to projections MACE rewrites ({taken[0]}, ...); remove them first")
     for c in concepts:  # every prompt holds its concept (ValueError naming both otherwise)
