@@ -220,3 +220,31 @@ def test_every_training_method_registers_its_iterations():
     assert get_method("esd").training_iterations(make_config("esd-x"), "flux", "car") == 1400
     assert get_method("eraseanything").training_iterations(make_config("eraseanything"), "sd", "nudity") == 200
     assert get_method("uce").training_iterations(make_config("uce"), "sd", "car") == 0
+
+
+# ---- where the time goes -------------------------------------------------------------------
+
+
+def test_a_phase_inside_another_counts_for_itself_only(monkeypatch):
+    from erasekit.methods import training
+    from erasekit.methods.training import TrainingRun
+
+    clock = iter([0.0, 1.0, 3.0, 6.0])  # outer opens, inner opens, inner closes, outer closes
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    run = TrainingRun(object(), "esd", "weight_delta", "car", ESDConfig(**ESD), 2)
+    with run.phase("adversary"), run.phase("rollout"):
+        pass
+    assert dict(run.phase_seconds) == {"adversary": 1.0 + 3.0, "rollout": 2.0}
+
+
+@pytest.mark.parametrize("method", ["esd", "receler", "eraseanything"])
+def test_the_edit_says_where_its_training_time_went(method):
+    pipe = tiny_sd_pipeline()
+    edit = _fit(method, pipe)
+    phases = edit.metrics["phase_seconds"]
+    expected = {"rollout", "teacher", "student", "backward", "optimizer", "other"}
+    assert expected | ({"adversary"} if method == "receler" else set()) == set(phases)
+    assert all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(edit.metrics["train_seconds"], abs=0.05)
+    # Every denoiser call of the loop is counted: rollouts plus at least a teacher and a student pass each.
+    assert edit.metrics["denoiser_calls"] >= edit.metrics["rollout_denoiser_calls"] + 2 * edit.metrics["iterations"]

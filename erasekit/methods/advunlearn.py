@@ -317,29 +317,37 @@ def fit(
                     init = (
                         rows if config.attack_init == "latest" else random_rows(pipe, towers, config.attack_tokens, g)
                     )
-                    rows = attack(adapter, encoders, source, cond, uncond, adv_prompt, words, init, config, g)
+                    with run.phase("adversary"):
+                        rows = attack(adapter, encoders, source, cond, uncond, adv_prompt, words, init, config, g)
                     attacked = torch.ones(())
 
-                x_t, t = source.draw(cond, uncond, g)
-                e_c, e_u = frozen_predictions(adapter, x_t, t, cond, uncond)
-                target = negative_guidance(e_c, e_u, config.eta, base="anchor")
-                with with_soft_tokens(pipe, words, rows) if bool(attacked) else nullcontext():
-                    student_cond = adapter.encode([adv_prompt if bool(attacked) else prompt], grad=True)
-                erase = prediction_loss(adapter.predict(x_t, t, student_cond), target)
+                with run.phase("rollout"):
+                    x_t, t = source.draw(cond, uncond, g)
+                with run.phase("teacher"):
+                    e_c, e_u = frozen_predictions(adapter, x_t, t, cond, uncond)
+                    target = negative_guidance(e_c, e_u, config.eta, base="anchor")
+                with run.phase("student"):
+                    with with_soft_tokens(pipe, words, rows) if bool(attacked) else nullcontext():
+                        student_cond = adapter.encode([adv_prompt if bool(attacked) else prompt], grad=True)
+                    erase = prediction_loss(adapter.predict(x_t, t, student_cond), target)
 
                 pick = torch.randperm(len(retain_prompts), generator=g)[: config.retain_batch].tolist()
                 r0 = Conditioning.cat([retain_conds[i] for i in pick])
-                x_r, t_r = retain_source.draw(r0, uncond, g)
-                with torch.no_grad(), adapter.edits_disabled():
+                with run.phase("rollout"):
+                    x_r, t_r = retain_source.draw(r0, uncond, g)
+                with run.phase("teacher"), torch.no_grad(), adapter.edits_disabled():
                     e_r0 = adapter.predict(x_r, t_r, r0)
-                e_r = adapter.predict(x_r, t_r, adapter.encode([retain_prompts[i] for i in pick], grad=True))
-                retain = prediction_loss(e_r, e_r0)
+                with run.phase("student"):
+                    e_r = adapter.predict(x_r, t_r, adapter.encode([retain_prompts[i] for i in pick], grad=True))
+                    retain = prediction_loss(e_r, e_r0)
 
                 loss = erase + config.retain_weight * retain
                 run.log(loss, loss=loss.item(), erase=erase.item(), retain=retain.item())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                with run.phase("backward"):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                with run.phase("optimizer"):
+                    opt.step()
             deltas = student.deltas()
         finally:
             student.detach()

@@ -58,6 +58,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -349,6 +350,7 @@ class _Trainer:
     def __init__(self, adapter, concept: str, config: EraseAnythingConfig, synonyms, irrelevant, g, iterations: int):
         self.adapter, self.concept, self.config = adapter, concept, config
         self.synonyms, self.irrelevant, self.g = synonyms, irrelevant, g
+        self.phase = lambda name: nullcontext()  # fit sets the run's TrainingRun.phase
         self.templates = split_list(config.prompts, "|")
         for tpl in self.templates:
             adapter.token_indices(tpl.format(concept=concept), concept)  # ValueError if absent
@@ -430,13 +432,16 @@ class _Trainer:
         a, c = self.adapter, self.config
         prompt, idx = self.plan[call]
         cond = self.cond(prompt)
-        x_t, t = self.sources[0].draw(cond, self.empty, self.g)
-        target = negative_guidance_target(a, x_t, t, cond, self.anchor, c.eta)
-        with a.probe(layers=self.layers, token_indices=idx) as probe:
-            pred = a.predict(x_t, t, cond)
-        esd = prediction_loss(pred, target)
-        attn = attention_suppression([m for layer in self.layers for m in probe.maps[layer]])
-        loss = c.esd_weight * esd + c.attn_weight * attn
+        with self.phase("rollout"):
+            x_t, t = self.sources[0].draw(cond, self.empty, self.g)
+        with self.phase("teacher"):
+            target = negative_guidance_target(a, x_t, t, cond, self.anchor, c.eta)
+        with self.phase("student"):
+            with a.probe(layers=self.layers, token_indices=idx) as probe:
+                pred = a.predict(x_t, t, cond)
+            esd = prediction_loss(pred, target)
+            attn = attention_suppression([m for layer in self.layers for m in probe.maps[layer]])
+            loss = c.esd_weight * esd + c.attn_weight * attn
         return loss, {"esd": esd.item(), "attn": attn.item(), "prompt": prompt}
 
     def upper(self) -> tuple[torch.Tensor, dict]:
@@ -445,8 +450,9 @@ class _Trainer:
         x0 = self.latents[i : i + 1]
         noise = torch.randn(x0.shape, generator=self.g).to(x0.device, x0.dtype)
         t = a.sample_timesteps(1, generator=self.g)
-        pred = a.predict(a.add_noise(x0, noise, t), t, self.cond(self.preserve_prompts[i]))
-        fm = prediction_loss(pred, a.training_target(x0, noise, t))
+        with self.phase("student"):
+            pred = a.predict(a.add_noise(x0, noise, t), t, self.cond(self.preserve_prompts[i]))
+            fm = prediction_loss(pred, a.training_target(x0, noise, t))
         loss = c.fm_weight * fm
         logs = {"fm": fm.item()}
         if self.synonyms and c.rsc_weight:
@@ -464,10 +470,12 @@ class _Trainer:
         a, c = self.adapter, self.config
         syn = self.synonyms[self.randint(len(self.synonyms))]
         cond = self.cond(self.rsc_prompt)
-        x_t, t = self.sources[1].draw(cond, self.empty, self.g)
-        f_un = self.feature(x_t, t, cond, self.rsc_idx)  # edited model, with gradient
+        with self.phase("rollout"):
+            x_t, t = self.sources[1].draw(cond, self.empty, self.g)
+        with self.phase("student"):
+            f_un = self.feature(x_t, t, cond, self.rsc_idx)  # edited model, with gradient
         syn_prompt = c.preserve_prompt.format(concept=syn)
-        with torch.no_grad(), a.edits_disabled():  # frozen
+        with self.phase("teacher"), torch.no_grad(), a.edits_disabled():  # frozen
             f_syn = self.feature(x_t, t, self.cond(syn_prompt), a.token_indices(syn_prompt, syn))
             f_ir = [self.feature(x_t, t, ir_cond, ir_idx) for ir_cond, ir_idx in self.ir_rsc]
         return reverse_self_contrastive(f_un, f_syn, f_ir, c.tau)
@@ -519,6 +527,7 @@ def fit(
     prefix = lora_prefix(adapter)
     words = {"synonyms": synonyms, "irrelevant": irrelevant}
     run = TrainingRun(pipe, NAME, LORA, concept, config, iterations, checkpoint_dir, progress, settings=words)
+    trainer.phase = run.phase
 
     initial = init_lora(adapter, config.rank, config.targets, generator=g)
     saved = run.resume()
@@ -544,9 +553,11 @@ def fit(
             for it in run.loop(params, state, {"opt": opt}, generator=g, sources=trainer.sources):
                 if config.gradient_surgery:
                     lower, log_l = trainer.lower(it)
-                    g_lower = _flat_grad(lower, params)
+                    with run.phase("backward"):
+                        g_lower = _flat_grad(lower, params)
                     upper, log_u = trainer.upper()
-                    g_upper = _flat_grad(upper, params)
+                    with run.phase("backward"):
+                        g_upper = _flat_grad(upper, params)
                     conflict = bool(torch.dot(g_lower, g_upper) < 0)
                     run.log((lower, upper), level="both", **log_l, **log_u, conflict=conflict)
                     flat = pcgrad(g_lower, g_upper)
@@ -554,10 +565,12 @@ def fit(
                     level = "lower" if it % 2 == 0 else "upper"
                     loss, logs = trainer.lower(it // 2) if level == "lower" else trainer.upper()
                     run.log(loss, level=level, **logs)
-                    flat = _flat_grad(loss, params)
-                _set_grad(params, flat)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                    with run.phase("backward"):
+                        flat = _flat_grad(loss, params)
+                with run.phase("optimizer"):
+                    _set_grad(params, flat)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
             weights = handle.state(prefix)
         finally:
             handle.remove()

@@ -178,15 +178,19 @@ def fit(
                 return {f"student.{n}": t for n, t in teacher.student.items()}
 
             for _ in run.loop(params.values(), state, {"opt": opt}, generator=g, sources=[source]):
-                x_t, t = source.draw(cond, uncond, g)
-                e_cond, e_uncond = frozen_predictions(adapter, x_t, t, cond, uncond)  # the frozen teacher
-                target = esd_target(e_cond, e_uncond, config.eta, config.target_base)
-                pred = adapter.predict(x_t, t, cond)
-                loss = prediction_loss(pred, target)
+                with run.phase("rollout"):
+                    x_t, t = source.draw(cond, uncond, g)
+                with run.phase("teacher"):
+                    e_cond, e_uncond = frozen_predictions(adapter, x_t, t, cond, uncond)  # the frozen teacher
+                    target = esd_target(e_cond, e_uncond, config.eta, config.target_base)
+                with run.phase("student"):
+                    loss = prediction_loss(adapter.predict(x_t, t, cond), target)
                 run.log(loss, loss=loss.item())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                with run.phase("backward"):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                with run.phase("optimizer"):
+                    opt.step()
             deltas = teacher.deltas()
         finally:
             teacher.detach()

@@ -284,8 +284,9 @@ def fit(
     with frozen(adapter.denoiser, *adapter.text_encoders()), training_memory(adapter, memory):  # only the edit trains
         try:
             for _ in loop:
-                x_t, t = source.draw(cond, uncond, g)
-                with torch.no_grad(), adapter.edits_disabled():
+                with run.phase("rollout"):
+                    x_t, t = source.draw(cond, uncond, g)
+                with run.phase("teacher"), torch.no_grad(), adapter.edits_disabled():
                     e_anchor = adapter.predict(x_t, t, anchor)
                     # Not batched with the anchor (losses.frozen_predictions): the probe sees the concept's pass alone.
                     with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
@@ -296,7 +297,8 @@ def fit(
 
                 student_cond = cond
                 if adv is not None:
-                    with frozen(*erasers.values()):  # the adversary trains the soft prompt only
+                    # The adversary trains the soft prompt only.
+                    with run.phase("adversary"), frozen(*erasers.values()):
                         for _ in range(config.adv_steps):
                             attack = adapter.predict(x_t, t, cond.with_tokens(adv_pos, adv))
                             adv_loss = prediction_loss(attack, e_cond)
@@ -305,16 +307,18 @@ def fit(
                             adv_opt.step()
                     student_cond = cond.with_tokens(adv_pos, adv.detach())
                 elif rows:
-                    student_cond = input_attack(
-                        adapter, erasers, rows, concept, prompt, x_t, t, e_cond, adv_opt, config
-                    )
+                    with run.phase("adversary"):
+                        student_cond = input_attack(
+                            adapter, erasers, rows, concept, prompt, x_t, t, e_cond, adv_opt, config
+                        )
 
-                with recording(adapter) as outputs:
-                    pred = adapter.predict(x_t, t, student_cond)
-                erase_loss = prediction_loss(pred, target)
-                if config.adv_clean_erase and student_cond is not cond:
-                    clean = adapter.predict(x_t, t, cond)
-                    erase_loss = 0.5 * (erase_loss + prediction_loss(clean, target))
+                with run.phase("student"):
+                    with recording(adapter) as outputs:
+                        pred = adapter.predict(x_t, t, student_cond)
+                    erase_loss = prediction_loss(pred, target)
+                    if config.adv_clean_erase and student_cond is not cond:
+                        clean = adapter.predict(x_t, t, cond)
+                        erase_loss = 0.5 * (erase_loss + prediction_loss(clean, target))
                 loss = erase_loss
                 reg = torch.zeros(())
                 if config.reg_weight:
@@ -323,15 +327,18 @@ def fit(
                 keep = torch.zeros(())
                 if kept_conds:
                     other = kept_conds[int(torch.randint(len(kept_conds), (1,), generator=g))]
-                    x_k, t_k = keep_source.draw(other, uncond, g)
-                    with recording(adapter) as outputs:
+                    with run.phase("rollout"):
+                        x_k, t_k = keep_source.draw(other, uncond, g)
+                    with run.phase("student"), recording(adapter) as outputs:
                         adapter.predict(x_k, t_k, other)
                     keep = preservation_loss(outputs)
                     loss = loss + config.preserve_weight * keep
                 run.log(loss, erase=erase_loss.item(), reg=reg.item(), preserve=keep.item())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                with run.phase("backward"):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                with run.phase("optimizer"):
+                    opt.step()
         finally:
             loop.close()
             attachment.remove()

@@ -24,6 +24,12 @@ model (:func:`.checkpoints.model_identity`) and the settings (the config and wha
 adds). Resuming from a checkpoint made for anything else is a :class:`~.checkpoints.CheckpointMismatch`
 naming the field; nothing is trained or written.
 
+Where the time goes: a method wraps the parts of its step in ``with run.phase("rollout"):`` (and
+"teacher", "adversary", "student", "backward", "optimizer", ...); the Edit's metrics then hold
+``phase_seconds`` (exclusive wall seconds per phase, ``other`` for the rest of the loop) and
+``denoiser_calls`` (forward calls of the denoiser inside the loop, rollouts included). Each phase
+is also a ``torch.profiler.record_function`` range named ``erasekit.<phase>``.
+
 A non-finite loss or trained tensor stops the run with :class:`TrainingDiverged` (one line: the
 method, the iteration, the setting to lower); the checkpoint of that iteration and the Edit are
 not written (an earlier checkpoint stays).
@@ -33,7 +39,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -96,6 +104,11 @@ class TrainingRun:
         self.created = time.time()
         self.setup_seconds = 0.0
         self.sources: list = []
+        self.phase_seconds: dict[str, float] = defaultdict(float)
+        self.denoiser_calls = 0
+        self._denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        self._phases: list[str] = []
+        self._phase_mark = 0.0
         self._saved: dict[str, torch.Tensor] | None = None
         self._resumed = False
         self._logged: dict | None = None
@@ -155,6 +168,9 @@ class TrainingRun:
             else min(self.iterations, self.start + hooks.max_iterations)
         )
         label = self.concepts[0] if len(self.concepts) == 1 else "; ".join(self.concepts)
+        counter = None
+        if isinstance(self._denoiser, torch.nn.Module):
+            counter = self._denoiser.register_forward_pre_hook(self._count_call)
         t0 = time.time()
         self.setup_seconds = t0 - self.created
         self.done = self.start
@@ -189,7 +205,30 @@ class TrainingRun:
         finally:
             bar.close()
             self.seconds += time.time() - t0
+            if counter is not None:
+                counter.remove()
         hooks.loop_ended(self)
+
+    def _count_call(self, *_) -> None:
+        self.denoiser_calls += 1
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Count the block's wall seconds as phase ``name`` of the step (exclusive: time spent in a
+        phase opened inside it counts for that one), and label it ``erasekit.<name>`` for
+        torch.profiler. On an asynchronous device the seconds are where the host waited."""
+        now = time.perf_counter()
+        if self._phases:
+            self.phase_seconds[self._phases[-1]] += now - self._phase_mark
+        self._phases.append(name)
+        self._phase_mark = now
+        try:
+            with torch.profiler.record_function(f"erasekit.{name}"):
+                yield
+        finally:
+            now = time.perf_counter()
+            self.phase_seconds[self._phases.pop()] += now - self._phase_mark
+            self._phase_mark = now
 
     def log(self, loss: torch.Tensor | Sequence[torch.Tensor], /, **record) -> dict:
         """Check the iteration's loss (a tensor, or several: e.g. both levels of a bi-level
@@ -235,12 +274,17 @@ class TrainingRun:
     def metrics(self, summary: Mapping | None = None) -> dict:
         """The Edit's metrics: ``train_seconds`` (the loop's wall seconds in this call), the
         method's ``summary`` (final losses), the x_t sources' ``rollout_denoiser_calls`` and
-        ``rollout_draws``, then ``iterations`` (done, resumed ones included),
+        ``rollout_draws``, ``denoiser_calls`` and ``phase_seconds`` (see the module docstring; the
+        latter only when the method marks phases), then ``iterations`` (done, resumed ones included),
         ``resumed_from`` (the checkpoint's iteration, 0 without one), ``trainable_parameters``
         and ``setup_seconds`` (from the run's creation to its loop)."""
         out = {"train_seconds": round(self.seconds, 2)} | dict(summary or {})
         if self.sources:
             out |= rollout_metrics(*self.sources)
+        out["denoiser_calls"] = self.denoiser_calls
+        if self.phase_seconds:
+            other = max(0.0, self.seconds - sum(self.phase_seconds.values()))
+            out["phase_seconds"] = {k: round(v, 3) for k, v in self.phase_seconds.items()} | {"other": round(other, 3)}
         return out | {
             "iterations": self.done,
             "resumed_from": self.start,
