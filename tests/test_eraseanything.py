@@ -488,3 +488,28 @@ def test_no_synonyms_is_logged_and_training_goes_on(sd_pipe, caplog):
         syn, ir, _ = ea.concept_words(_cfg(synonyms="", lexicon="toyworld"), sd_pipe, "car")
     assert syn == [] and ir == ["dog", "cat", "tree"]
     assert "no synonyms for 'car'" in caplog.text and "synonym swap and L_rsc are off" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_batched_teacher_features_equal_the_separate_ones(family):
+    """``batch_teacher``: the frozen L_rsc features of several prompts from one pass equal the
+    per-prompt passes (up to float rounding), and a run with it makes fewer denoiser calls."""
+    pipe = BUILDERS[family]()
+    adapter = adapter_for(pipe)
+    config = _cfg(rsc_irrelevant=3)
+    trainer = ea._Trainer(adapter, "car", config, ["teddy bear"], ["dog", "cat", "tree"], torch.Generator(), 4)
+    x_t, t, _ = _inputs(adapter)
+    prompt = config.preserve_prompt.format(concept="teddy bear")
+    items = [(trainer.cond(prompt), adapter.token_indices(prompt, "teddy bear")), *trainer.ir_rsc]
+    with torch.no_grad():
+        batched = trainer.features(x_t, t, items)
+        separate = [trainer.feature(x_t, t, c, idx) for c, idx in items]
+    assert len(batched) == 4
+    for b, s in zip(batched, separate):
+        assert b.shape == s.shape == (1, s.shape[1])
+        torch.testing.assert_close(b, s, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(separate[0], separate[1])  # the items' features differ: the pick is per item
+    plain = fit(pipe, "car", _cfg(rsc_irrelevant=3), progress=False)
+    fewer = fit(pipe, "car", _cfg(rsc_irrelevant=3, batch_teacher=True), progress=False)
+    upper_iterations = 2  # of 4, alternating; each saves K = 3 passes
+    assert plain.metrics["denoiser_calls"] - fewer.metrics["denoiser_calls"] == 3 * upper_iterations

@@ -145,6 +145,11 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
         "auto", "layers of L_attn (auto: the adapter's keyword layers; Flux: last dual block)", nonempty=True
     )
     gradient_surgery: bool = setting(False, "compute both levels every step and combine them by PCGrad")
+    batch_teacher: bool = setting(
+        False,
+        "our extension: the frozen model's L_rsc features (synonym and K irrelevant prompts) in one batched pass "
+        "instead of K + 1 (the same features up to float rounding)",
+    )
     resolution: int | None = setting(None, "size of the training images in px (none: the model's; paper: 512)", low=8)
     checkpoint_every: int = setting(50, "with a checkpoint folder: save every this many iterations", low=1)
     seed: int = setting(0, "seed of the LoRA's init and of every random draw of training", low=0)
@@ -466,6 +471,16 @@ class _Trainer:
             self.adapter.predict(x_t, t, cond)
         return attention_feature([m for layer in self.layers for m in probe.maps[layer]])
 
+    def features(self, x_t, t, items: list[tuple[Conditioning, list[int]]]) -> list[torch.Tensor]:
+        """:meth:`feature` of every (conditioning, token indices) item at the same ``x_t`` (1, ...),
+        ``t`` (1,), from one denoiser pass over the batch: a (1, HW) feature per item."""
+        n = len(items)
+        cond = Conditioning.cat([cond_i for cond_i, _ in items])
+        with self.adapter.probe(layers=self.layers) as probe:  # every text column; each item picks its own
+            self.adapter.predict(x_t.repeat(n, *[1] * (x_t.dim() - 1)), t.repeat(n), cond)
+        maps = [m for layer in self.layers for m in probe.maps[layer]]
+        return [attention_feature([m[i : i + 1, ..., idx] for m in maps]) for i, (_, idx) in enumerate(items)]
+
     def rsc(self) -> torch.Tensor:
         a, c = self.adapter, self.config
         syn = self.synonyms[self.randint(len(self.synonyms))]
@@ -475,9 +490,12 @@ class _Trainer:
         with self.phase("student"):
             f_un = self.feature(x_t, t, cond, self.rsc_idx)  # edited model, with gradient
         syn_prompt = c.preserve_prompt.format(concept=syn)
+        frozen_items = [(self.cond(syn_prompt), a.token_indices(syn_prompt, syn)), *self.ir_rsc]
         with self.phase("teacher"), torch.no_grad(), a.edits_disabled():  # frozen
-            f_syn = self.feature(x_t, t, self.cond(syn_prompt), a.token_indices(syn_prompt, syn))
-            f_ir = [self.feature(x_t, t, ir_cond, ir_idx) for ir_cond, ir_idx in self.ir_rsc]
+            if c.batch_teacher:
+                f_syn, *f_ir = self.features(x_t, t, frozen_items)
+            else:
+                f_syn, *f_ir = [self.feature(x_t, t, cond_i, idx_i) for cond_i, idx_i in frozen_items]
         return reverse_self_contrastive(f_un, f_syn, f_ir, c.tau)
 
 
