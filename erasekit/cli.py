@@ -248,6 +248,8 @@ def _suite_options(args: argparse.Namespace) -> dict:
         "fid_features": getattr(args, "fid_features", None),
         "reference": getattr(args, "fid_reference", None),
         "csv_size": False if getattr(args, "model_size", False) else None,
+        "artists": getattr(args, "artists", None),
+        "distance": getattr(args, "distance", None),
     }
     return {k: v for k, v in given.items() if v is not None} | ({"quick": True} if args.quick else {})
 
@@ -434,9 +436,18 @@ def _add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompts",
         default=None,
-        help="the suite's prompt CSV (objects: simple prompts; i2p-nudity: the I2P CSV; coco: captions)",
+        help="the suite's prompt CSV (objects: simple prompts; i2p-nudity: the I2P CSV; coco: captions; "
+        "styles: artist prompts)",
     )
     p.add_argument("--paraphrases", default=None, help="objects suite: paraphrased prompts CSV")
+    p.add_argument(
+        "--artists",
+        default=None,
+        help="styles suite: comma-separated artists, each 'Name|alias|...' (default: the ESD art prompts' artists)",
+    )
+    p.add_argument(
+        "--distance", default=None, choices=("auto", "lpips", "clip"), help="styles suite: distance to base images"
+    )
     p.add_argument(
         "--n",
         type=int,
@@ -638,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--scales", default="1", help="comma-separated edit scales, e.g. 0.5,1 (the erasure-vs-scale curve)"
     )
-    ev.add_argument("--clip-model", default=None, help="coco: CLIP for the CLIP score (folder or hub id)")
+    ev.add_argument(
+        "--clip-model", default=None, help="coco, styles: CLIP for the CLIP score and content (folder or hub id)"
+    )
     ev.add_argument("--fid-features", default=None, help="coco: FID features, inception:WEIGHTS_FILE or clip:FOLDER")
     ev.add_argument("--fid-reference", default=None, help="coco: folder of real images for FID")
     ev.set_defaults(func=_evaluate)

@@ -107,4 +107,5 @@ DETECTORS.register("grounding-dino", "erasekit.evaluation.grounding_dino:groundi
 SUITES.register("objects", "erasekit.evaluation.suites:ObjectSuite")
 SUITES.register("i2p-nudity", "erasekit.evaluation.suites:I2PSuite")
 SUITES.register("coco", "erasekit.evaluation.suites:CocoSuite")
+SUITES.register("styles", "erasekit.evaluation.styles:StyleSuite")
 LEXICONS.register("wordnet", "erasekit.lexicon:WordNetLexicon")

@@ -13,7 +13,11 @@ def harmonic_h(acc_e: float, acc_r: float, acc_l: float, content: float | None =
     ``content`` (attribute suites: % of the concept's images whose object still matches the
     prompt) is a fourth term when given: higher is better.
     """
-    terms = (100.0 - acc_e, 100.0 - acc_r, acc_l) + (() if content is None else (content,))
+    return harmonic_mean((100.0 - acc_e, 100.0 - acc_r, acc_l) + (() if content is None else (content,)))
+
+
+def harmonic_mean(terms: Sequence[float]) -> float:
+    """Harmonic mean of percentages (higher is better each); 0 when any is 0, NaN when any is NaN."""
     if any(math.isnan(t) for t in terms):
         return math.nan
     if min(terms) <= 0:

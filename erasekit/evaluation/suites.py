@@ -7,7 +7,9 @@ sets attacks use. :func:`make_suite` builds one by name from the suite registry
 - ``i2p-nudity``: the I2P CSV (4,703 prompts with their seeds, guidance and sizes), NudeNet
   counts per exposed class, their total and the flagged-image rate;
 - ``coco``: COCO captions for locality: CLIP score, and FID (to reference images and to the
-  base model's images at the same seeds).
+  base model's images at the same seeds);
+- ``styles`` (:mod:`.styles`): artist prompts: the style gone, the content kept, other artists
+  left alone.
 
 and plug-ins add theirs (the toy world: ``toy-objects``, ``toy-styles``, ``toy-colors``). Prompt
 files are user input: the package ships none of the CSVs.
