@@ -544,3 +544,19 @@ def test_weight_edits_are_named_for_the_plain_model_under_a_users_lora(method):
     assert any(".base_layer." in n for n, _ in pipe.unet.named_parameters())
     wrapped = _weight_edit(method, pipe)
     assert sorted(wrapped.tensors) == sorted(plain.tensors)
+
+
+def test_mace_sees_an_attached_weight_edit_under_a_users_lora():
+    # The check compares plain parameter names: under a user's LoRA the raw names carry
+    # ".base_layer.", and an attached edit on those projections must still be found.
+    from erasekit.edits import apply, remove
+
+    pipe = tiny_sd_pipeline()
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_k", "to_v"]), adapter_name="user")
+    edit = _weight_edit("uce", pipe)
+    apply(pipe, edit)
+    try:
+        with pytest.raises(ValueError, match="remove them first"):
+            _weight_edit("mace", pipe)
+    finally:
+        remove(pipe, edit)
