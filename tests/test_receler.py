@@ -327,3 +327,54 @@ def test_input_space_adversary_moves_only_the_concept_words_rows(family, tmp_pat
 def test_input_space_adversary_needs_a_one_token_concept(sd_pipe):
     with pytest.raises(UserError, match="'teddy bear' is not one token for the text_encoder tokenizer"):
         fit(sd_pipe, "teddy bear", RecelerConfig(adv_space="input", **TINY), progress=False)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_image_adversary_denoises_the_concepts_images_as_textual_inversion(family, tmp_path, interrupted_at_draw):
+    """adv_images: the adversary's target is the training target at a noised latent of the frozen
+    model's concept images (made once, edits off), the erasers also erase there, and resume
+    reproduces the run."""
+    cfg = RecelerConfig(adv_space="input", adv_images=2, adv_image_steps=2, **TINY)
+    pipe = BUILDERS[family]()
+    adapter = adapter_for(pipe)
+    made, targets, drawn = [], [], []
+    real_generate, real_attack, real_noised = type(adapter).generate, receler.input_attack, receler.noised_image
+
+    def generate(self, prompts, seeds, **kw):
+        made.append((list(prompts), self.edit_stack.depth > 0))  # depth > 0: edits disabled
+        return real_generate(self, prompts, seeds, **kw)
+
+    def spy(adapter, erasers, rows, concept, prompt, x_t, t, target, *a, **k):
+        targets.append((x_t, t, target))
+        return real_attack(adapter, erasers, rows, concept, prompt, x_t, t, target, *a, **k)
+
+    def noised(adapter, latents, g):
+        out = real_noised(adapter, latents, g)
+        drawn.append((latents, out))
+        return out
+
+    type(adapter).generate, receler.input_attack, receler.noised_image = generate, spy, noised
+    try:
+        full = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    finally:
+        type(adapter).generate, receler.input_attack, receler.noised_image = real_generate, real_attack, real_noised
+    assert made == [(["car", "car"], True)]
+    assert len(targets) == len(drawn) == cfg.iterations
+    # The adversary's (x_t, t, target) is a noised latent of one of the 2 images and the denoiser's
+    # training target there (noise for SD's epsilon model, noise - x0 for Flux's velocity).
+    for (x, t, tgt), (latents, (x_i, t_i, target_i)) in zip(targets, drawn):
+        assert latents.shape[0] == 2 and x.shape[0] == 1
+        assert x is x_i and t is t_i and tgt is target_i
+    assert full.metrics["phase_seconds"]["adversary"] > 0
+    with interrupted_at_draw(4):
+        fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    for k in full.tensors:
+        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+
+
+def test_image_adversary_needs_an_input_space_adversary():
+    from erasekit.methods.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adv_images must be 0 unless adv_space is input"):
+        RecelerConfig(adv_images=2, **TINY)

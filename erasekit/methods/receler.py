@@ -33,7 +33,7 @@ from ..models import Conditioning, FamilyAdapter, adapter_for, frozen
 from . import split_list
 from .adversary import table_scales, with_soft_tokens, word_rows
 from .config import setting
-from .losses import attention_feature, negative_guidance, prediction_loss
+from .losses import attention_feature, frozen_predictions, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
 from .registry import register_method
 from .rollouts import RolloutSettings, source_from_config
@@ -74,6 +74,17 @@ class RecelerConfig(RolloutSettings, MemorySettings):
         "(our extension: the concept word's input embedding in every text encoder; keeps the text encoders in memory)",
         choices=ADV_SPACES,
     )
+    # Our extension (0: off): the input-space adversary learns, as textual inversion does, to
+    # denoise noised latents of the concept's own images (the frozen model's, made once at the
+    # start) instead of matching the frozen model's concept prediction on the rollout's x_t, and
+    # the erasers also erase at those latents under the adversary's prompt.
+    adv_images: int = setting(
+        0,
+        "our extension (adv_space input): images of the concept (the frozen model's, made once) that the adversary "
+        "learns to denoise as textual inversion does, and at which the erasers then erase; 0: off",
+        low=0,
+    )
+    adv_image_steps: int | None = setting(None, "sampler steps of those images (none: the family's default)", low=1)
     # Our extension (off in the paper preset): the eraser step also fits the erase target on the
     # clean prompt, not only on the adversarial one, averaging the two losses.
     adv_clean_erase: bool = setting(False, "our extension: also fit the erase target on the clean prompt")
@@ -102,6 +113,13 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     def guidance_eta(self) -> float:
         """``eta``: already in ALGORITHMS' form."""
         return self.eta
+
+    def check(self) -> None:
+        """Images for the adversary only where there is an input-space adversary."""
+        if self.adv_images and (self.adv_space != "input" or not self.adv_tokens or not self.adv_steps):
+            raise self.error(
+                "adv_images", self.adv_images, "0 unless adv_space is input with adv_tokens and adv_steps above 0"
+            )
 
     @classmethod
     def fast(cls, **overrides) -> RecelerConfig:
@@ -252,6 +270,12 @@ def fit(
     steps = config.rollout_steps or adapter.default_steps
     source = source_from_config(adapter, config, steps)
     keep_source = source_from_config(adapter, config, steps, name="preserve_rollout")  # drawn from with preservation
+    images = None  # adv_images: latents (n, ...) of the concept's images from the frozen model
+    if config.adv_images:
+        seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (config.adv_images,), generator=g)]
+        with torch.no_grad(), adapter.edits_disabled():
+            pixels = adapter.generate([prompt] * config.adv_images, seeds, steps=config.adv_image_steps)
+            images = adapter.encode_images(pixels * 2 - 1).detach()
     saved = run.resume()
     if saved is not None:
         for n, e in erasers.items():
@@ -306,10 +330,16 @@ def fit(
                             adv_loss.backward()
                             adv_opt.step()
                     student_cond = cond.with_tokens(adv_pos, adv.detach())
-                elif rows:
+                elif rows and images is None:
                     with run.phase("adversary"):
                         student_cond = input_attack(
                             adapter, erasers, rows, concept, prompt, x_t, t, e_cond, adv_opt, config
+                        )
+                elif rows:  # adv_images: the adversary denoises the concept's images, as textual inversion
+                    x_i, t_i, denoised = noised_image(adapter, images, g)
+                    with run.phase("adversary"):
+                        student_cond = input_attack(
+                            adapter, erasers, rows, concept, prompt, x_i, t_i, denoised, adv_opt, config
                         )
 
                 with run.phase("student"):
@@ -319,6 +349,14 @@ def fit(
                     if config.adv_clean_erase and student_cond is not cond:
                         clean = adapter.predict(x_t, t, cond)
                         erase_loss = 0.5 * (erase_loss + prediction_loss(clean, target))
+                if images is not None:  # erase at the image latent too, under the adversary's prompt
+                    with run.phase("teacher"):
+                        e_ci, e_ai = frozen_predictions(adapter, x_i, t_i, cond, anchor)
+                    with run.phase("student"):
+                        on_image = prediction_loss(
+                            adapter.predict(x_i, t_i, student_cond), negative_guidance(e_ci, e_ai, config.eta)
+                        )
+                    erase_loss = 0.5 * (erase_loss + on_image)
                 loss = erase_loss
                 reg = torch.zeros(())
                 if config.reg_weight:
@@ -359,11 +397,21 @@ def fit(
     )
 
 
+def noised_image(adapter, latents: torch.Tensor, generator: torch.Generator):
+    """One of ``latents`` (n, ...) noised at a random timestep, all draws from ``generator``:
+    (x_t (1, ...), t (1,), the denoiser's training target there)."""
+    x0 = latents[int(torch.randint(len(latents), (1,), generator=generator))][None]
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    t = adapter.sample_timesteps(1, generator=generator)
+    return adapter.add_noise(x0, noise, t), t, adapter.training_target(x0, noise, t)
+
+
 def input_attack(adapter, erasers, rows, concept, prompt, x_t, t, e_cond, opt, config) -> Conditioning:
     """``adv_space="input"``: ``config.adv_steps`` steps of ``opt`` on the concept word's input rows
-    (tower -> (1, D) Parameters, updated in place) towards the frozen model's concept prediction
-    ``e_cond`` at ``(x_t, t)``, the erasers frozen; returns the prompt's conditioning with the
-    rows, without gradient."""
+    (tower -> (1, D) Parameters, updated in place) towards ``e_cond`` at ``(x_t, t)`` (the frozen
+    model's concept prediction on a rollout's x_t; with ``adv_images`` the training target of a
+    noised concept image, textual inversion's), the erasers frozen; returns the prompt's
+    conditioning with the rows, without gradient."""
     with frozen(*erasers.values()):
         for _ in range(config.adv_steps):
             with with_soft_tokens(adapter.pipe, [concept], rows):
