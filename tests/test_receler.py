@@ -295,7 +295,7 @@ def test_input_space_adversary_moves_only_the_concept_words_rows(family, tmp_pat
         if n.startswith("text_encoder") and m is not None
     }
     seen = []
-    real = receler.input_attack
+    real = receler.attack_word
 
     def spy(adapter, erasers, rows, *a, **k):
         before = {n: r.detach().clone() for n, r in rows.items()}
@@ -305,11 +305,11 @@ def test_input_space_adversary_moves_only_the_concept_words_rows(family, tmp_pat
         assert all(p.grad is None for p in adapter.denoiser.parameters())
         return out
 
-    receler.input_attack = spy
+    receler.attack_word = spy
     try:
         full = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
     finally:
-        receler.input_attack = real
+        receler.attack_word = real
     towers = {"sd": {"text_encoder"}, "flux": {"text_encoder", "text_encoder_2"}}[family]
     # iteration 1: the erasers start at zero, so the attack's loss and gradient are zero there
     assert len(seen) == cfg.iterations and all(set(s) == towers for s in seen)
@@ -338,7 +338,7 @@ def test_image_adversary_denoises_the_concepts_images_as_textual_inversion(famil
     pipe = BUILDERS[family]()
     adapter = adapter_for(pipe)
     made, targets, drawn = [], [], []
-    real_generate, real_attack, real_noised = type(adapter).generate, receler.input_attack, receler.noised_image
+    real_generate, real_attack, real_noised = type(adapter).generate, receler.attack_word, receler.noised_latent
 
     def generate(self, prompts, seeds, **kw):
         made.append((list(prompts), self.edit_stack.depth > 0))  # depth > 0: edits disabled
@@ -353,11 +353,11 @@ def test_image_adversary_denoises_the_concepts_images_as_textual_inversion(famil
         drawn.append((latents, out))
         return out
 
-    type(adapter).generate, receler.input_attack, receler.noised_image = generate, spy, noised
+    type(adapter).generate, receler.attack_word, receler.noised_latent = generate, spy, noised
     try:
         full = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
     finally:
-        type(adapter).generate, receler.input_attack, receler.noised_image = real_generate, real_attack, real_noised
+        type(adapter).generate, receler.attack_word, receler.noised_latent = real_generate, real_attack, real_noised
     assert made == [(["car", "car"], True)]
     assert len(targets) == len(drawn) == cfg.iterations
     # The adversary's (x_t, t, target) is a noised latent of one of the 2 images and the denoiser's

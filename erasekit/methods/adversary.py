@@ -9,7 +9,10 @@ textual inversion (Pham et al. 2024) and AdvUnlearn's attacker (Zhang et al. 202
 prompt whose words carry no trace of the concept can still bring it back through such a vector.
 
 - AdvUnlearn inserts soft tokens after BOS, standing in for :func:`placeholder_words`;
-- Receler's ``adv_space="input"`` (our extension) replaces the concept's own word.
+- Receler's ``adv_space="input"`` (our extension) replaces the concept's own word
+  (:func:`attack_word`), towards the frozen model's prediction or, with ``adv_images``, as
+  textual inversion does: denoising noised latents of the concept's own images
+  (:func:`frozen_images`, :func:`noised_latent`).
 
 Rows are float32 tensors keyed by the tower's component name: ``{"text_encoder": (k, D), ...}``.
 """
@@ -22,7 +25,9 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..models import Conditioning, frozen
 from ..models.token_rows import single_token_id, text_towers, token_rows
+from .losses import prediction_loss
 
 # Placeholder words for inserted soft tokens, in order of preference: each must be one token in
 # every text encoder and absent from the prompt.
@@ -88,3 +93,38 @@ def table_scales(pipe) -> dict[str, float]:
     return {
         name: float(enc.get_input_embeddings().weight.detach().float().std()) for name, _, enc in text_towers(pipe)
     }
+
+
+def frozen_images(adapter, prompt: str, n: int, generator: torch.Generator, steps: int | None = None) -> Tensor:
+    """Latents (n, ...) of ``n`` images of ``prompt`` made by the frozen model (every edit off),
+    their seeds drawn from ``generator``; ``steps``: sampler steps (None: the family's)."""
+    seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (n,), generator=generator)]
+    with torch.no_grad(), adapter.edits_disabled():
+        pixels = adapter.generate([prompt] * n, seeds, steps=steps)
+        return adapter.encode_images(pixels * 2 - 1).detach()
+
+
+def noised_latent(adapter, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """One of ``latents`` (n, ...) noised at a random timestep, every draw from ``generator``:
+    (x_t (1, ...), t (1,), the denoiser's training target there: textual inversion's target)."""
+    x0 = latents[int(torch.randint(len(latents), (1,), generator=generator))][None]
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    t = adapter.sample_timesteps(1, generator=generator)
+    return adapter.add_noise(x0, noise, t), t, adapter.training_target(x0, noise, t)
+
+
+def attack_word(adapter, keep, rows, word, prompt, x_t, t, target, opt, steps: int) -> Conditioning:
+    """``steps`` steps of ``opt`` on ``word``'s input rows (tower -> (1, D) Parameters, updated in
+    place) so that the model denoises ``x_t`` at ``t`` on ``prompt`` towards ``target`` (same shape
+    as x_t), the modules in ``keep`` (the edit being trained) frozen; returns ``prompt``'s
+    conditioning with the rows, without gradient."""
+    with frozen(*keep):
+        for _ in range(steps):
+            with with_soft_tokens(adapter.pipe, [word], rows):
+                attack = adapter.predict(x_t, t, adapter.encode([prompt], grad=True))
+            loss = prediction_loss(attack, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad(), with_soft_tokens(adapter.pipe, [word], {n: r.detach() for n, r in rows.items()}):
+        return adapter.encode([prompt])

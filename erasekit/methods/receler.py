@@ -29,9 +29,9 @@ from ..edits import Edit
 from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
 from ..edits.output_adapter import Eraser, attach_modules, eraser_state, eraser_tensors, recording
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
-from ..models import Conditioning, FamilyAdapter, adapter_for, frozen
+from ..models import FamilyAdapter, adapter_for, frozen
 from . import split_list
-from .adversary import table_scales, with_soft_tokens, word_rows
+from .adversary import attack_word, frozen_images, noised_latent, table_scales, word_rows
 from .config import setting
 from .losses import attention_feature, frozen_predictions, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
@@ -270,12 +270,10 @@ def fit(
     steps = config.rollout_steps or adapter.default_steps
     source = source_from_config(adapter, config, steps)
     keep_source = source_from_config(adapter, config, steps, name="preserve_rollout")  # drawn from with preservation
-    images = None  # adv_images: latents (n, ...) of the concept's images from the frozen model
-    if config.adv_images:
-        seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (config.adv_images,), generator=g)]
-        with torch.no_grad(), adapter.edits_disabled():
-            pixels = adapter.generate([prompt] * config.adv_images, seeds, steps=config.adv_image_steps)
-            images = adapter.encode_images(pixels * 2 - 1).detach()
+    # adv_images: latents (n, ...) of the concept's images from the frozen model
+    images = (
+        frozen_images(adapter, prompt, config.adv_images, g, config.adv_image_steps) if config.adv_images else None
+    )
     saved = run.resume()
     if saved is not None:
         for n, e in erasers.items():
@@ -330,16 +328,13 @@ def fit(
                             adv_loss.backward()
                             adv_opt.step()
                     student_cond = cond.with_tokens(adv_pos, adv.detach())
-                elif rows and images is None:
+                elif rows:  # the concept word's input rows: towards the frozen model's concept prediction
+                    # at x_t, or (adv_images) denoising a noised concept image, as textual inversion does
+                    x_a, t_a, target_a = (x_t, t, e_cond) if images is None else noised_latent(adapter, images, g)
                     with run.phase("adversary"):
-                        student_cond = input_attack(
-                            adapter, erasers, rows, concept, prompt, x_t, t, e_cond, adv_opt, config
-                        )
-                elif rows:  # adv_images: the adversary denoises the concept's images, as textual inversion
-                    x_i, t_i, denoised = noised_image(adapter, images, g)
-                    with run.phase("adversary"):
-                        student_cond = input_attack(
-                            adapter, erasers, rows, concept, prompt, x_i, t_i, denoised, adv_opt, config
+                        keep, steps_a = erasers.values(), config.adv_steps
+                        student_cond = attack_word(
+                            adapter, keep, rows, concept, prompt, x_a, t_a, target_a, adv_opt, steps_a
                         )
 
                 with run.phase("student"):
@@ -351,10 +346,10 @@ def fit(
                         erase_loss = 0.5 * (erase_loss + prediction_loss(clean, target))
                 if images is not None:  # erase at the image latent too, under the adversary's prompt
                     with run.phase("teacher"):
-                        e_ci, e_ai = frozen_predictions(adapter, x_i, t_i, cond, anchor)
+                        e_ci, e_ai = frozen_predictions(adapter, x_a, t_a, cond, anchor)
                     with run.phase("student"):
                         on_image = prediction_loss(
-                            adapter.predict(x_i, t_i, student_cond), negative_guidance(e_ci, e_ai, config.eta)
+                            adapter.predict(x_a, t_a, student_cond), negative_guidance(e_ci, e_ai, config.eta)
                         )
                     erase_loss = 0.5 * (erase_loss + on_image)
                 loss = erase_loss
@@ -395,33 +390,6 @@ def fit(
         | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},
         metrics=run.metrics({"final_erase_loss": run.last("erase")}),
     )
-
-
-def noised_image(adapter, latents: torch.Tensor, generator: torch.Generator):
-    """One of ``latents`` (n, ...) noised at a random timestep, all draws from ``generator``:
-    (x_t (1, ...), t (1,), the denoiser's training target there)."""
-    x0 = latents[int(torch.randint(len(latents), (1,), generator=generator))][None]
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    t = adapter.sample_timesteps(1, generator=generator)
-    return adapter.add_noise(x0, noise, t), t, adapter.training_target(x0, noise, t)
-
-
-def input_attack(adapter, erasers, rows, concept, prompt, x_t, t, e_cond, opt, config) -> Conditioning:
-    """``adv_space="input"``: ``config.adv_steps`` steps of ``opt`` on the concept word's input rows
-    (tower -> (1, D) Parameters, updated in place) towards ``e_cond`` at ``(x_t, t)`` (the frozen
-    model's concept prediction on a rollout's x_t; with ``adv_images`` the training target of a
-    noised concept image, textual inversion's), the erasers frozen; returns the prompt's
-    conditioning with the rows, without gradient."""
-    with frozen(*erasers.values()):
-        for _ in range(config.adv_steps):
-            with with_soft_tokens(adapter.pipe, [concept], rows):
-                attack = adapter.predict(x_t, t, adapter.encode([prompt], grad=True))
-            adv_loss = prediction_loss(attack, e_cond)
-            opt.zero_grad(set_to_none=True)
-            adv_loss.backward()
-            opt.step()
-    with torch.no_grad(), with_soft_tokens(adapter.pipe, [concept], {n: r.detach() for n, r in rows.items()}):
-        return adapter.encode([prompt])
 
 
 PRESETS = {"paper": RecelerConfig, "fast": RecelerConfig.fast}
