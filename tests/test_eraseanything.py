@@ -533,3 +533,39 @@ def test_uncond_weight_keeps_the_empty_prompts_prediction(family):
             change[weight] = float((adapter.predict(x, t, empty) - ref).norm() / ref.norm())
         remove(pipe, edit)
     assert change[100.0] < 0.5 * change[0.0]
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_image_adversary_learns_the_concept_word_on_the_concepts_images(family, tmp_path, interrupted_at_draw):
+    """``adv_images``: the images come from the frozen model; the adversary moves the concept
+    word's input rows only (no LoRA or text-encoder gradient), towards the training target of a
+    noised image latent; the lower level erases there too; resume reproduces the run."""
+    from erasekit.methods import eraseanything
+
+    cfg = _cfg(iterations=4, adv_images=2, adv_steps=2, adv_image_steps=2)
+    pipe = BUILDERS[family]()
+    seen, real = [], eraseanything.attack_word
+
+    def spy(adapter, keep, rows, word, prompt, x_t, t, target, opt, steps):
+        before = {n: r.detach().clone() for n, r in rows.items()}
+        out = real(adapter, keep, rows, word, prompt, x_t, t, target, opt, steps)
+        assert all(p.grad is None for p in adapter.denoiser.parameters())  # the LoRA's included
+        assert all(p.grad is None for m in adapter.text_encoders() for p in m.parameters())
+        seen.append((word, prompt, x_t.shape[0], {n: not torch.equal(before[n], r) for n, r in rows.items()}))
+        return out
+
+    eraseanything.attack_word = spy
+    try:
+        full = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    finally:
+        eraseanything.attack_word = real
+    assert len(seen) == 2  # one per lower-level iteration
+    towers = {"sd": {"text_encoder"}, "flux": {"text_encoder", "text_encoder_2"}}[family]
+    assert all(w == "car" and p == "a photo of car" and b == 1 and set(moved) == towers for w, p, b, moved in seen)
+    assert all(any(moved.values()) for *_, moved in seen)
+    assert full.metrics["phase_seconds"]["adversary"] > 0
+    with interrupted_at_draw(3):  # the second lower level's draw, after the checkpoint at 2
+        fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    for k in full.tensors:
+        assert torch.equal(full.tensors[k], resumed.tensors[k]), k

@@ -12,7 +12,8 @@ prompt whose words carry no trace of the concept can still bring it back through
 - Receler's ``adv_space="input"`` (our extension) replaces the concept's own word
   (:func:`attack_word`), towards the frozen model's prediction or, with ``adv_images``, as
   textual inversion does: denoising noised latents of the concept's own images
-  (:func:`frozen_images`, :func:`noised_latent`).
+  (:func:`frozen_images`, :func:`noised_latent`); EraseAnything's ``adv_images`` (our
+  extension) does the latter.
 
 Rows are float32 tensors keyed by the tower's component name: ``{"text_encoder": (k, D), ...}``.
 """
@@ -95,13 +96,16 @@ def table_scales(pipe) -> dict[str, float]:
     }
 
 
-def frozen_images(adapter, prompt: str, n: int, generator: torch.Generator, steps: int | None = None) -> Tensor:
+def frozen_images(
+    adapter, prompt: str, n: int, generator: torch.Generator, steps: int | None = None, **size
+) -> Tensor:
     """Latents (n, ...) of ``n`` images of ``prompt`` made by the frozen model (every edit off),
-    their seeds drawn from ``generator``; ``steps``: sampler steps (None: the family's)."""
+    their seeds drawn from ``generator``; ``steps``: sampler steps (None: the family's);
+    ``size``: height / width in px (None: the model's)."""
     seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (n,), generator=generator)]
     with torch.no_grad(), adapter.edits_disabled():
-        pixels = adapter.generate([prompt] * n, seeds, steps=steps)
-        return adapter.encode_images(pixels * 2 - 1).detach()
+        pixels = adapter.generate([prompt] * n, seeds, steps=steps, **size)
+        return adapter.encode_images(pixels * 2 - 1).detach().contiguous()  # as a checkpoint restores them
 
 
 def noised_latent(adapter, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

@@ -59,7 +59,7 @@ import logging
 import re
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -71,6 +71,7 @@ from ..edits.lora import attach_lora, lora_prefix
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
 from ..models import Conditioning, FamilyAdapter, adapter_for, frozen
 from . import split_list
+from .adversary import attack_word, frozen_images, noised_latent, table_scales, word_rows
 from .config import setting
 from .losses import attention_feature, frozen_predictions, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
@@ -154,6 +155,20 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
         "(upper level, at its noised preserve image); 0: off",
         low=0,
     )
+    # Our extension (0: off): an adversary on the concept word's INPUT embedding (every text
+    # encoder) learns, as textual inversion does, to denoise noised latents of the concept's own
+    # images (the frozen model's, made once), and the lower level erases there too under its prompt.
+    adv_images: int = setting(
+        0,
+        "our extension: images of the concept (the frozen model's, made once) that an input-space adversary on the "
+        "concept word learns to denoise, as textual inversion does; the lower level erases there too; 0: off",
+        low=0,
+    )
+    adv_steps: int = setting(5, "adv_images: the adversary's Adam steps per lower-level iteration", low=1)
+    adv_lr: float = setting(
+        0.1, "adv_images: its learning rate, in units of each token-embedding table's std", above=0
+    )
+    adv_image_steps: int | None = setting(None, "adv_images: sampler steps of the images (none: the family's)", low=1)
     batch_teacher: bool = setting(
         False,
         "our extension: the frozen model's L_rsc features (synonym and K irrelevant prompts) in one batched pass "
@@ -365,6 +380,9 @@ class _Trainer:
         self.adapter, self.concept, self.config = adapter, concept, config
         self.synonyms, self.irrelevant, self.g = synonyms, irrelevant, g
         self.phase = lambda name: nullcontext()  # fit sets the run's TrainingRun.phase
+        self.images: torch.Tensor | None = None  # adv_images: latents of the concept's images
+        self.rows: dict[str, torch.nn.Parameter] = {}  # adv_images: the concept word's input rows
+        self.adv_opt: torch.optim.Optimizer | None = None
         self.templates = split_list(config.prompts, "|")
         for tpl in self.templates:
             adapter.token_indices(tpl.format(concept=concept), concept)  # ValueError if absent
@@ -438,7 +456,9 @@ class _Trainer:
         seeds = [int(s) for s in torch.randint(0, 2**31 - 1, (len(self.preserve_prompts),), generator=self.g)]
         with torch.no_grad(), a.edits_disabled():
             images = a.generate(self.preserve_prompts, seeds, steps=self.config.preserve_steps, **self.size())
-            return a.encode_images(images * 2 - 1).detach()
+            # Contiguous, as a checkpoint gives them back: SD's VAE returns channels-last latents, whose
+            # other conv kernels would make a resumed run differ from an uninterrupted one in the last bits.
+            return a.encode_images(images * 2 - 1).detach().contiguous()
 
     # -- the two levels --
     def lower(self, call: int) -> tuple[torch.Tensor, dict]:
@@ -456,7 +476,34 @@ class _Trainer:
             esd = prediction_loss(pred, target)
             attn = attention_suppression([m for layer in self.layers for m in probe.maps[layer]])
             loss = c.esd_weight * esd + c.attn_weight * attn
-        return loss, {"esd": esd.item(), "attn": attn.item(), "prompt": prompt}
+        logs = {"esd": esd.item(), "attn": attn.item(), "prompt": prompt}
+        if self.images is not None:
+            loss, logs["adv_esd"] = self.image_adversary(loss)
+        return loss, logs
+
+    def image_adversary(self, loss: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``adv_images``: the adversary's steps on a noised concept image (the LoRA frozen), then
+        ``loss`` plus the erase term there under the adversary's prompt, and that term's value."""
+        a, c = self.adapter, self.config
+        x_a, t_a, target_a = noised_latent(a, self.images, self.g)
+        with self.phase("adversary"):
+            adv = attack_word(
+                a,
+                [a.denoiser],
+                self.rows,
+                self.concept,
+                self.rsc_prompt,
+                x_a,
+                t_a,
+                target_a,
+                self.adv_opt,
+                c.adv_steps,
+            )
+        with self.phase("teacher"):
+            target = negative_guidance_target(a, x_a, t_a, self.cond(self.rsc_prompt), self.anchor, c.eta)
+        with self.phase("student"):
+            on_image = prediction_loss(a.predict(x_a, t_a, adv), target)
+        return loss + c.esd_weight * on_image, on_image.item()
 
     def upper(self) -> tuple[torch.Tensor, dict]:
         a, c = self.adapter, self.config
@@ -565,15 +612,35 @@ def fit(
     trainer.phase = run.phase
 
     initial = init_lora(adapter, config.rank, config.targets, generator=g)
+    if config.adv_images:
+        scales = table_scales(pipe)
+        trainer.rows = {n: torch.nn.Parameter(r) for n, r in word_rows(pipe, concept).items()}
+        trainer.adv_opt = torch.optim.Adam(
+            [{"params": [r], "lr": config.adv_lr * scales[n]} for n, r in trainer.rows.items()]
+        )
     saved = run.resume()
     if saved is not None:
         initial = {k[len("lora.") :]: v for k, v in saved.items() if k.startswith("lora.")}
         trainer.latents = saved["preserve_latents"].to(adapter.device, adapter.dtype)
+        if config.adv_images:
+            trainer.images = saved["adv_images"].to(adapter.device, adapter.dtype)
+            with torch.no_grad():
+                for n, r in trainer.rows.items():
+                    r.copy_(saved[f"adv_row.{n}"])
     else:
         trainer.latents = trainer.generate_preserve_latents()
+        if config.adv_images:
+            trainer.images = frozen_images(
+                adapter, trainer.rsc_prompt, config.adv_images, g, config.adv_image_steps, **trainer.size()
+            )
     trainer.encode_all()
 
-    with frozen(adapter.denoiser), training_memory(adapter, config, probed=trainer.layers):  # only the edit trains
+    # The adversary encodes its prompt inside the loop: the text encoders stay.
+    memory = replace(config, release_text_encoders=config.release_text_encoders and not trainer.rows)
+    with (
+        frozen(adapter.denoiser, *adapter.text_encoders()),
+        training_memory(adapter, memory, probed=trainer.layers),
+    ):  # only the edit trains
         handle = attach_lora(
             adapter, initial, f"erasekit_training_{id(trainer)}", config.alpha / config.rank, trainable=True
         )
@@ -583,9 +650,15 @@ def fit(
 
             def state() -> dict[str, torch.Tensor]:
                 lora = {f"lora.{k}": v for k, v in handle.state(prefix).items()}
-                return lora | {"preserve_latents": trainer.latents}
+                adv = {f"adv_row.{n}": r for n, r in trainer.rows.items()}
+                adv |= {"adv_images": trainer.images} if trainer.images is not None else {}
+                return lora | {"preserve_latents": trainer.latents} | adv
 
-            for it in run.loop(params, state, {"opt": opt}, generator=g, sources=trainer.sources):
+            optimizers = {"opt": opt, "adv_opt": trainer.adv_opt}
+            loop = run.loop(
+                params, state, optimizers, generator=g, sources=trainer.sources, auxiliary=trainer.rows.values()
+            )
+            for it in loop:
                 if config.gradient_surgery:
                     lower, log_l = trainer.lower(it)
                     with run.phase("backward"):
