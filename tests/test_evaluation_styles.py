@@ -144,29 +144,27 @@ def test_on_the_shared_art_prompts_with_a_tiny_clip(prompts_dir, tiny_clip_dir):
     assert 0 <= pct <= 100 and len(scores) == 3
 
 
-def test_the_cli_refuses_an_unknown_artist_before_loading_the_model(prompts_dir, tmp_path, capsys):
+def test_the_cli_refuses_an_unknown_artist_before_loading_the_model(art_csv, tmp_path, capsys):
     from erasekit.cli import main
 
     args = ["evaluate", "--model", str(tmp_path / "no-model"), "--suite", "styles", "--out", str(tmp_path / "o")]
-    args += ["--prompts", str(prompts_dir / "art_prompts.csv"), "--artists", "Claude Monet|Monet,Paul Cezanne|Cezanne"]
+    args += ["--prompts", str(art_csv), "--artists", "Claude Monet|Monet,Paul Cezanne|Cezanne"]
     assert main([*args, "--concept", "van gogh"]) == 2
     err = capsys.readouterr().err
     assert "artist 'van gogh' is not in the styles suite's artists (Claude Monet, Paul Cezanne)" in err
 
 
-def test_a_run_on_a_tiny_pipeline_end_to_end(prompts_dir, tiny_clip_dir):
+def test_a_run_on_a_tiny_pipeline_end_to_end(art_csv, tiny_clip_dir):
     from tiny_pipelines import tiny_sd_pipeline
 
     from erasekit.evaluation.evaluate import evaluate_run
 
     pipe = tiny_sd_pipeline()
-    suite = make_suite(
-        "styles", prompts=prompts_dir / "art_prompts.csv", n=2, n_locality=1, clip_model=str(tiny_clip_dir)
-    )
+    suite = make_suite("styles", prompts=art_csv, artists=TWO, n=2, n_locality=1, clip_model=str(tiny_clip_dir))
     detector = make_detector("clip", model=str(tiny_clip_dir), **suite.detector_options("clip"))
-    base = evaluate_run(pipe, suite, "picasso", detector, steps=2)
-    again = evaluate_run(pipe, suite, "picasso", detector, steps=2, base_images=base["images"])
+    base = evaluate_run(pipe, suite, "monet", detector, steps=2)
+    again = evaluate_run(pipe, suite, "monet", detector, steps=2, base_images=base["images"])
     m = again["metrics"]
-    assert m["n_images"] == len(suite.cases("picasso")) and 0 <= m["acc_e"] <= 100 and 0 <= m["content"] <= 100
+    assert m["n_images"] == len(suite.cases("monet")) == 3 and 0 <= m["acc_e"] <= 100 and 0 <= m["content"] <= 100
     assert m["distance_other"] == pytest.approx(0.0, abs=1e-5)  # same seeds, no edit: the same images
     assert m["distance_kind"].startswith("1 - cos of CLIP")
