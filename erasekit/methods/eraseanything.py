@@ -146,9 +146,9 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
         "auto", "layers of L_attn (auto: the adapter's keyword layers; Flux: last dual block)", nonempty=True
     )
     gradient_surgery: bool = setting(False, "compute both levels every step and combine them by PCGrad")
-    # Our extension (0: off): the LoRA changed the unconditional ("") prediction far more than
-    # other objects' conditional ones (52% against 9-14% on the toy SD triangle), and classifier-free
-    # guidance reads every image through that branch; this term keeps it at the frozen model's.
+    # Our extension (0: off): classifier-free guidance reads every image through the unconditional
+    # ("") branch, which the LoRA changes more than other prompts'; this term keeps it at the frozen
+    # model's (benchmarks/RESULTS.md has what it did).
     uncond_weight: float = setting(
         0.0,
         "our extension: weight of a term keeping the prediction on the empty prompt at the frozen model's "
