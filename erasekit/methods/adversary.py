@@ -96,16 +96,24 @@ def table_scales(pipe) -> dict[str, float]:
     }
 
 
-def frozen_images(
-    adapter, prompt: str, n: int, generator: torch.Generator, steps: int | None = None, **size
-) -> Tensor:
-    """Latents (n, ...) of ``n`` images of ``prompt`` made by the frozen model (every edit off),
-    their seeds drawn from ``generator``; ``steps``: sampler steps (None: the family's);
-    ``size``: height / width in px (None: the model's)."""
-    seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (n,), generator=generator)]
+def frozen_images(adapter, prompts: list[str], generator: torch.Generator, steps: int | None = None, **size) -> Tensor:
+    """Latents (n, ...) of one image per prompt made by the frozen model (every edit off), their
+    seeds drawn from ``generator``; ``steps``: sampler steps (None: the family's); ``size``:
+    height / width in px (None: the model's). Contiguous, as a checkpoint gives them back: SD's
+    VAE returns channels-last latents, whose other conv kernels would make a resumed run differ
+    from an uninterrupted one in the last bits."""
+    seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator)]
     with torch.no_grad(), adapter.edits_disabled():
-        pixels = adapter.generate([prompt] * n, seeds, steps=steps, **size)
-        return adapter.encode_images(pixels * 2 - 1).detach().contiguous()  # as a checkpoint restores them
+        pixels = adapter.generate(list(prompts), seeds, steps=steps, **size)
+        return adapter.encode_images(pixels * 2 - 1).detach().contiguous()
+
+
+def word_adversary(pipe, word: str, lr: float) -> tuple[dict[str, torch.nn.Parameter], torch.optim.Adam]:
+    """``word``'s input rows (:func:`word_rows`) as Parameters, and an Adam over them whose step
+    size is ``lr`` in units of each table's standard deviation (:func:`table_scales`)."""
+    scales = table_scales(pipe)
+    rows = {n: torch.nn.Parameter(r) for n, r in word_rows(pipe, word).items()}
+    return rows, torch.optim.Adam([{"params": [r], "lr": lr * scales[n]} for n, r in rows.items()])
 
 
 def noised_latent(adapter, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

@@ -71,7 +71,7 @@ from ..edits.lora import attach_lora, lora_prefix
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
 from ..models import Conditioning, FamilyAdapter, adapter_for, frozen
 from . import split_list
-from .adversary import attack_word, frozen_images, noised_latent, table_scales, word_rows
+from .adversary import attack_word, frozen_images, noised_latent, word_adversary
 from .config import setting
 from .losses import attention_feature, frozen_predictions, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
@@ -452,13 +452,7 @@ class _Trainer:
 
     def generate_preserve_latents(self) -> torch.Tensor:
         """Images of the irrelevant prompts from the FROZEN model, as latents (cached)."""
-        a = self.adapter
-        seeds = [int(s) for s in torch.randint(0, 2**31 - 1, (len(self.preserve_prompts),), generator=self.g)]
-        with torch.no_grad(), a.edits_disabled():
-            images = a.generate(self.preserve_prompts, seeds, steps=self.config.preserve_steps, **self.size())
-            # Contiguous, as a checkpoint gives them back: SD's VAE returns channels-last latents, whose
-            # other conv kernels would make a resumed run differ from an uninterrupted one in the last bits.
-            return a.encode_images(images * 2 - 1).detach().contiguous()
+        return frozen_images(self.adapter, self.preserve_prompts, self.g, self.config.preserve_steps, **self.size())
 
     # -- the two levels --
     def lower(self, call: int) -> tuple[torch.Tensor, dict]:
@@ -613,11 +607,7 @@ def fit(
 
     initial = init_lora(adapter, config.rank, config.targets, generator=g)
     if config.adv_images:
-        scales = table_scales(pipe)
-        trainer.rows = {n: torch.nn.Parameter(r) for n, r in word_rows(pipe, concept).items()}
-        trainer.adv_opt = torch.optim.Adam(
-            [{"params": [r], "lr": config.adv_lr * scales[n]} for n, r in trainer.rows.items()]
-        )
+        trainer.rows, trainer.adv_opt = word_adversary(pipe, concept, config.adv_lr)
     saved = run.resume()
     if saved is not None:
         initial = {k[len("lora.") :]: v for k, v in saved.items() if k.startswith("lora.")}
@@ -630,9 +620,8 @@ def fit(
     else:
         trainer.latents = trainer.generate_preserve_latents()
         if config.adv_images:
-            trainer.images = frozen_images(
-                adapter, trainer.rsc_prompt, config.adv_images, g, config.adv_image_steps, **trainer.size()
-            )
+            prompts = [trainer.rsc_prompt] * config.adv_images
+            trainer.images = frozen_images(adapter, prompts, g, config.adv_image_steps, **trainer.size())
     trainer.encode_all()
 
     # The adversary encodes its prompt inside the loop: the text encoders stay.

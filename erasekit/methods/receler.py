@@ -31,7 +31,7 @@ from ..edits.output_adapter import Eraser, attach_modules, eraser_state, eraser_
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
 from ..models import FamilyAdapter, adapter_for, frozen
 from . import split_list
-from .adversary import attack_word, frozen_images, noised_latent, table_scales, word_rows
+from .adversary import attack_word, frozen_images, noised_latent, word_adversary
 from .config import setting
 from .losses import attention_feature, frozen_predictions, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
@@ -260,9 +260,7 @@ def fit(
     adv = adv_opt = None
     rows: dict[str, nn.Parameter] = {}  # adv_space "input": tower -> (1, D) row standing in for the concept word
     if config.adv_tokens and config.adv_space == "input":
-        scales = table_scales(pipe)
-        rows = {n: nn.Parameter(r) for n, r in word_rows(pipe, concept).items()}
-        adv_opt = torch.optim.Adam([{"params": [r], "lr": config.adv_lr * scales[n]} for n, r in rows.items()])
+        rows, adv_opt = word_adversary(pipe, concept, config.adv_lr)
     elif config.adv_tokens and adv_pos:
         adv = nn.Parameter(cond.embeds[0, adv_pos].detach().clone().float())
         adv_opt = torch.optim.Adam([adv], lr=config.adv_lr, weight_decay=config.adv_weight_decay)
@@ -270,10 +268,9 @@ def fit(
     steps = config.rollout_steps or adapter.default_steps
     source = source_from_config(adapter, config, steps)
     keep_source = source_from_config(adapter, config, steps, name="preserve_rollout")  # drawn from with preservation
-    # adv_images: latents (n, ...) of the concept's images from the frozen model
-    images = (
-        frozen_images(adapter, prompt, config.adv_images, g, config.adv_image_steps) if config.adv_images else None
-    )
+    images = None  # adv_images: latents (n, ...) of the concept's images from the frozen model
+    if config.adv_images:
+        images = frozen_images(adapter, [prompt] * config.adv_images, g, config.adv_image_steps)
     saved = run.resume()
     if saved is not None:
         for n, e in erasers.items():

@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..models import adapter_for
 from .checkpoints import load_checkpoint, load_optimizer_tensors, model_identity, optimizer_tensors, save_checkpoint
 from .hooks import active_hooks
 from .rollouts import rollout_metrics
@@ -106,7 +107,7 @@ class TrainingRun:
         self.sources: list = []
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self.denoiser_calls = 0
-        self._denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        self.pipe = pipe
         self._phases: list[str] = []
         self._phase_mark = 0.0
         self._saved: dict[str, torch.Tensor] | None = None
@@ -168,9 +169,7 @@ class TrainingRun:
             else min(self.iterations, self.start + hooks.max_iterations)
         )
         label = self.concepts[0] if len(self.concepts) == 1 else "; ".join(self.concepts)
-        counter = None
-        if isinstance(self._denoiser, torch.nn.Module):
-            counter = self._denoiser.register_forward_pre_hook(self._count_call)
+        counter = adapter_for(self.pipe).denoiser.register_forward_pre_hook(self._count_call)
         t0 = time.time()
         self.setup_seconds = t0 - self.created
         self.done = self.start
@@ -205,8 +204,7 @@ class TrainingRun:
         finally:
             bar.close()
             self.seconds += time.time() - t0
-            if counter is not None:
-                counter.remove()
+            counter.remove()
         hooks.loop_ended(self)
 
     def _count_call(self, *_) -> None:
