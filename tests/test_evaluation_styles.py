@@ -103,7 +103,7 @@ def test_compare_measures_distance_to_the_base_images_per_set(art_csv):
     cases = suite.cases("Vincent van Gogh")
     base = [_image(c, True) for c in ("red", "green", "blue", "red", "blue")]
     edited = [_image("green", True), *base[1:]]  # one erased image changed, the others' untouched
-    d = suite.compare(base, edited)
+    d = suite.compare(cases, base, edited)
     assert d["distance_other"] == pytest.approx(0.0, abs=1e-6)
     assert d["distance_erased"] == pytest.approx(1 / 3)
     assert d["distance_kind"].startswith("1 - cos of CLIP")

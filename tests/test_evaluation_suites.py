@@ -96,9 +96,9 @@ def test_coco_suite_clip_score_and_fid_to_base(prompts_dir, tiny_clip_dir, tmp_p
     b = [torch.rand(3, 32, 32, generator=g) * 0.5 for _ in cases]
     m = suite.score(cases, a, None, "anything")
     assert 0 <= m["clip_score"] <= 100 and len(m["cases"]) == 6
-    cmp = suite.compare(a, b)
+    cmp = suite.compare(cases, a, b)
     assert cmp["fid_to_base"] > 0 and cmp["fid_record"]["library"] == "torchmetrics"
-    assert suite.compare(a, a)["fid_to_base"] == pytest.approx(0, abs=1e-3)
+    assert suite.compare(cases, a, a)["fid_to_base"] == pytest.approx(0, abs=1e-3)
 
 
 def test_toy_suite_and_quick_sizes():

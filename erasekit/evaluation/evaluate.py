@@ -146,7 +146,7 @@ def score_run(suite: Suite, cases, images, detector, concept: str, base_images=N
     with the base model's images at the same seeds)."""
     metrics = suite.score(cases, images, detector, concept)
     if base_images is not None:
-        metrics |= suite.compare(base_images, images)
+        metrics |= suite.compare(cases, base_images, images)
     return metrics
 
 

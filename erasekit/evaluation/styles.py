@@ -104,7 +104,6 @@ class StyleSuite(Suite):
             if who is not None:
                 self.by_artist[who.name].append(Case(r["prompt"], _seed(r["seed"], self.path, r.row), "", who.name))
         self._clip = None
-        self._last_cases: list[Case] = []
 
     def _artist_of(self, row) -> Artist | None:
         """The row's artist: its ``artist`` column, else the one artist its prompt names (None
@@ -146,7 +145,6 @@ class StyleSuite(Suite):
         for a in self.artists:
             if a is not target:
                 out += [Case(c.prompt, c.seed, "other", c.label) for c in self.by_artist[a.name][: self.n_locality]]
-        self._last_cases = out
         return out
 
     # ---- the concept's words (attacks) -------------------------------------------------------
@@ -185,17 +183,16 @@ class StyleSuite(Suite):
         results = detect_all(detector, images, [c.label for c in cases])
         erased = [i for i, c in enumerate(cases) if c.set == "erased"]
         other = [i for i, c in enumerate(cases) if c.set == "other"]
-        content, clip_scores = content_kept(
-            self._clip_model(), [images[i] for i in erased], [self.content_prompt(cases[i]) for i in erased]
-        )
+        content_prompts = [self.content_prompt(cases[i]) for i in erased]
+        content, clip_scores = content_kept(self._clip_model(), [images[i] for i in erased], content_prompts)
         acc_e = percent([results[i][0] for i in erased])
-        acc_l = percent([results[i][0] for i in other]) if other else math.nan
+        acc_l = percent([results[i][0] for i in other])
         per_artist: dict[str, list[bool]] = {}
         for i in other:
             per_artist.setdefault(cases[i].label, []).append(results[i][0])
         records = case_records(cases, results)
         for j, i in enumerate(erased):
-            records[i]["content_prompt"] = self.content_prompt(cases[i])
+            records[i]["content_prompt"] = content_prompts[j]
             records[i]["content_clip_score"] = round(clip_scores[j], 3)
         return {
             "acc_e": acc_e,
@@ -208,10 +205,8 @@ class StyleSuite(Suite):
             "cases": records,
         }
 
-    def compare(self, base_images, images) -> dict:
-        sets = [c.set for c in self._last_cases]
-        if len(sets) != len(images):
-            return {}
+    def compare(self, cases, base_images, images) -> dict:
+        sets = [c.set for c in cases]
         dist, kind = image_distances(list(base_images), list(images), self.distance, self._clip_model)
         out = {"distance_kind": kind}
         for name in ("erased", "other"):

@@ -231,8 +231,11 @@ class Suite:
         cases[i]); ``cases`` holds per-image records."""
         raise NotImplementedError
 
-    def compare(self, base_images: Sequence[torch.Tensor], images: Sequence[torch.Tensor]) -> dict:
-        """Metrics of a run against the base model's images at the same seeds (default none)."""
+    def compare(
+        self, cases: Sequence[Case], base_images: Sequence[torch.Tensor], images: Sequence[torch.Tensor]
+    ) -> dict:
+        """Metrics of a run against the base model's images at the same seeds (default none);
+        ``base_images[i]`` and ``images[i]`` are for ``cases[i]``."""
         return {}
 
     def attack_sets(self, concept: str) -> dict[str, list[Case]]:
@@ -613,7 +616,7 @@ class CocoSuite(Suite):
         out["cases"] = [{"prompt": c.prompt, "seed": c.seed, "clip_score": round(s, 3)} for c, s in zip(cases, scores)]
         return out
 
-    def compare(self, base_images, images) -> dict:
+    def compare(self, cases, base_images, images) -> dict:
         if self.fid_features is None:
             return {}
         from .fid import frechet_distance
