@@ -378,3 +378,25 @@ def test_image_adversary_needs_an_input_space_adversary():
 
     with pytest.raises(ConfigError, match="adv_images must be 0 unless adv_space is input"):
         RecelerConfig(adv_images=2, **TINY)
+
+
+def test_mask_of_a_fixed_area_keeps_the_most_attended_pixels():
+    # One layer, one head, one token, 2 images on a 2x4 grid: attention rises left to right.
+    ramp = torch.arange(8.0).reshape(1, 1, 8, 1)
+    maps = [torch.cat([ramp, ramp.flip(2)])]  # (2, 1, 8, 1)
+    by_area = receler.concept_mask(maps, (2, 4), threshold=0.1, area=0.25)
+    assert by_area.shape == (2, 2, 4)
+    assert by_area[0].flatten().tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert by_area[1].flatten().tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    # The threshold rule (paper) marks every pixel at >= 10% of the min-max range: 7 of 8 here.
+    by_threshold = receler.concept_mask(maps, (2, 4), threshold=0.1)
+    assert by_threshold.sum().item() == 14
+
+
+@pytest.mark.parametrize("area", [0.0, 0.25])
+def test_fit_records_the_masks_coverage(sd_pipe, area):
+    edit = fit(sd_pipe, "car", RecelerConfig(prompt="a photo of a {concept}", reg_area=area, **TINY), progress=False)
+    coverage = edit.metrics["mask_coverage"]
+    assert 0 < coverage <= 1
+    if area:
+        assert coverage == pytest.approx(area, abs=0.1)  # ties at the cut may add a pixel or two

@@ -57,6 +57,15 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     )
     reg_weight: float = setting(0.1, "weight of the concept-localized regulariser; 0 switches it off", low=0)
     reg_threshold: float = setting(0.1, "regulariser mask: min-max normalised attention >= threshold", low=0, high=1)
+    # Our extension (0 in the paper preset): a mask of a fixed area. On a one-word prompt the
+    # concept token's attention is spread over the whole grid, so the threshold rule marks nearly
+    # every pixel as the concept and leaves the regulariser no background to act on.
+    reg_area: float = setting(
+        0.0,
+        "our extension: the mask is this fraction of the grid, its most attended pixels (0: threshold rule)",
+        low=0,
+        high=1,
+    )
     adv_tokens: int = setting(16, "soft embeddings written after the concept's tokens; 0 switches them off", low=0)
     adv_steps: int = setting(50, "adversarial prompt steps per iteration", low=0)
     adv_lr: float = setting(
@@ -159,10 +168,18 @@ def build_erasers(adapter, rank: int, extra: bool = False) -> dict[str, Eraser]:
     return {p.name: Eraser(p.width, rank) for p in eraser_points(adapter, extra)}
 
 
-def concept_mask(maps: list[torch.Tensor], resolution: tuple[int, int], threshold: float) -> torch.Tensor:
+def concept_mask(
+    maps: list[torch.Tensor], resolution: tuple[int, int], threshold: float, area: float = 0.0
+) -> torch.Tensor:
     """Binary mask (B, h, w) of where the concept is: attention maps (B, heads, HW, n_tokens)
-    averaged over heads, tokens and layers, min-max normalised per image, >= ``threshold``."""
+    averaged over heads, tokens and layers, min-max normalised per image, >= ``threshold``;
+    with ``area`` in (0, 1] instead the ceil(area * HW) most attended pixels of each image (ties
+    at the cut are kept)."""
     m = attention_feature(maps)  # (B, HW)
+    if area > 0:
+        k = max(1, math.ceil(area * m.shape[1]))
+        cut = m.topk(k, dim=1).values[:, -1:]
+        return (m >= cut).float().reshape(-1, *resolution)
     lo, hi = m.amin(1, keepdim=True), m.amax(1, keepdim=True)
     m = (m - lo) / (hi - lo).clamp_min(1e-12)
     return (m >= threshold).float().reshape(-1, *resolution)
@@ -311,7 +328,7 @@ def fit(
                     with adapter.probe(layers=mid_layers, token_indices=concept_idx) as probe:
                         e_cond = adapter.predict(x_t, t, cond)
                     maps = [probe.last(layer) for layer in mid_layers]
-                    mask = concept_mask(maps, probe.resolution(mid_layers[0]), config.reg_threshold)
+                    mask = concept_mask(maps, probe.resolution(mid_layers[0]), config.reg_threshold, config.reg_area)
                 target = negative_guidance(e_cond, e_anchor, config.eta)
 
                 student_cond = cond
@@ -363,7 +380,8 @@ def fit(
                         adapter.predict(x_k, t_k, other)
                     keep = preservation_loss(outputs)
                     loss = loss + config.preserve_weight * keep
-                run.log(loss, erase=erase_loss.item(), reg=reg.item(), preserve=keep.item())
+                coverage = mask.mean().item()
+                run.log(loss, erase=erase_loss.item(), reg=reg.item(), preserve=keep.item(), mask_coverage=coverage)
                 with run.phase("backward"):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -385,7 +403,7 @@ def fit(
         tensors=tensors,
         hyperparameters=asdict(config)
         | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},
-        metrics=run.metrics({"final_erase_loss": run.last("erase")}),
+        metrics=run.metrics({"final_erase_loss": run.last("erase"), "mask_coverage": run.mean("mask_coverage")}),
     )
 
 

@@ -269,6 +269,12 @@ class TrainingRun:
                 return entry[key]
         return None
 
+    def mean(self, key: str) -> float | None:
+        """The mean of ``key`` over this call's loss history (iterations done before a resume are
+        not in it), rounded to 4 places; None if no entry holds it."""
+        values = [entry[key] for entry in self.history if key in entry]
+        return round(sum(values) / len(values), 4) if values else None
+
     def metrics(self, summary: Mapping | None = None) -> dict:
         """The Edit's metrics: ``train_seconds`` (the loop's wall seconds in this call), the
         method's ``summary`` (final losses), the x_t sources' ``rollout_denoiser_calls`` and
