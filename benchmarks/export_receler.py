@@ -9,7 +9,10 @@ pipeline x edit, and the distillation's residual and seconds.
 
     python benchmarks/export_receler.py [--models sd,flux] [--concept triangle] [--n 12]
         [--attacks textual-inversion,ring-a-bell,unlearndiffatk] [--attack-n 4] [--rank 16]
-        [--threads 1] [--iterations N]
+        [--threads 1] [--iterations N] [--distill-into attention-output,prompt-keys-values]
+
+``--distill-into``: one exported LoRA per place (``erasekit export --distill-into``), all scored
+beside the erasers in the same evaluation and attack runs.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--iterations", type=int, default=None, help="Receler's iterations (default: the fast preset's)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--distill-into", default="attention-output")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from safetensors.torch import load_file
@@ -54,23 +58,28 @@ def main() -> None:
         began = time.time()
         edit = erase(pipe, args.concept, "receler", make_config("receler", "fast", iters), progress=False)
         fit_s = time.time() - began
+        rows = [(edit, "receler (erasers)", "", fit_s)]
         with tempfile.TemporaryDirectory() as tmp:
-            began = time.time()
-            record = export(edit, pipe, "diffusers-lora", Path(tmp) / "lora", distill_rank=args.rank, progress=False)
-            export_s = time.time() - began
-            tensors = load_file(str(Path(tmp) / "lora" / LORA_WEIGHTS))
-            distilled = Edit(
-                "receler-distilled", list(edit.concepts), edit.family, edit.base_model, tensors, kind="lora"
-            )
+            for into in args.distill_into.split(","):
+                began = time.time()
+                out = Path(tmp) / into
+                record = export(
+                    edit, pipe, "diffusers-lora", out, distill_rank=args.rank, distill_into=into, progress=False
+                )
+                seconds = time.time() - began
+                tensors = load_file(str(out / LORA_WEIGHTS))
+                method = f"receler-distilled-{into}"
+                distilled = Edit(method, list(edit.concepts), edit.family, edit.base_model, tensors, kind="lora")
+                label = f"exported LoRA (rank {args.rank}, {into})"
+                rows.append((distilled, label, f"{record['relative_error']:.3f}", seconds))
+            edits = [e for e, *_ in rows]
             suite = {"n": args.n, "n_locality": args.n_locality}
-            ev = evaluate(
-                pipe, "toy-objects", args.concept, edits=[edit, distilled], suite_options=suite, progress=False
-            )
+            ev = evaluate(pipe, "toy-objects", args.concept, edits=edits, suite_options=suite, progress=False)
             at = attack(
                 pipe,
                 "toy-objects",
                 args.concept,
-                edits=[edit, distilled],
+                edits=edits,
                 out=Path(tmp) / "attack",
                 attacks=attacks,
                 n=args.attack_n,
@@ -78,10 +87,7 @@ def main() -> None:
                 progress=False,
             )
         metrics = {r["edit_id"]: r["metrics"] for r in ev["runs"] if r["edit_id"]}
-        for e, label, residual, seconds in (
-            (edit, "receler (erasers)", "", fit_s),
-            (distilled, f"exported LoRA (rank {args.rank})", f"{record['relative_error']:.3f}", export_s),
-        ):
+        for e, label, residual, seconds in rows:
             m = metrics[e.id]
             asr = at["asr"][e.method]
             rates = " | ".join(f"{asr.get(a, float('nan')):.1f}" for a in attacks)

@@ -191,6 +191,7 @@ def _export(args: argparse.Namespace) -> int:
         out=args.out,
         rank=args.rank,
         distill_rank=args.distill_rank,
+        distill_into=args.distill_into,
         dtype=args.dtype,
         overwrite=args.overwrite,
     )
@@ -684,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--attack-seed", type=int, default=None, help="seed of every attack (default 0)")
     at.set_defaults(func=_attack)
 
-    from .export import FORMATS
+    from .export import DISTILL_INTO, FORMATS
 
     ex = sub.add_parser(
         "export", help="write an edit as files other tools load: diffusers LoRA, kohya (A1111 / ComfyUI), merged model"
@@ -703,6 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--rank", type=int, default=64, help="LoRA rank of a weight-delta edit (ESD, UCE): truncated SVD")
     ex.add_argument(
         "--distill-rank", type=int, default=16, help="LoRA rank a Receler edit (erasers) is distilled into"
+    )
+    ex.add_argument(
+        "--distill-into",
+        default="attention-output",
+        choices=tuple(DISTILL_INTO),
+        help="where a Receler edit's LoRA goes: attention output projections (per-layer fit) or the prompt's "
+        "keys and values (end-to-end fit)",
     )
     ex.add_argument(
         "--dtype",

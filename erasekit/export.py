@@ -17,9 +17,10 @@ How each edit kind gets there:
 - ``weight_delta`` (ESD, UCE): merged exactly; as a LoRA through a truncated SVD at ``rank``
   (2-D weights only: deltas of biases, norms and convolutions are left out of a LoRA and counted
   in its error, ``relative_error`` = ||delta - LoRA|| / ||delta|| over every parameter).
-- ``output_adapter`` (Receler): distilled into a LoRA on the attention output projections
-  (:mod:`erasekit.methods.distill`, rank ``distill_rank``), then as a LoRA edit; the fit's relative
-  residual is recorded. Compare the suite's figures before and after (benchmarks/export_receler.py).
+- ``output_adapter`` (Receler): distilled into a LoRA (:mod:`erasekit.methods.distill`, rank
+  ``distill_rank``) on the attention output projections or on the prompt's keys and values
+  (``distill_into``), then as a LoRA edit; the fit's relative residual is recorded. Compare the
+  suite's figures before and after (benchmarks/export_receler.py).
 - ``inference_hook`` (SLD, keyword zeroing): nothing in the weights to export; refused.
 
 Every export writes ``erasekit_export.json`` (folders) or the same record in the file's metadata
@@ -45,6 +46,12 @@ from .errors import UserError
 from .files import atomic_folder, check_output_folder
 
 FORMATS = ("diffusers-lora", "kohya", "merged")
+# Where an output-adapter edit (Receler) is distilled: a per-layer fit on the attention output
+# projections, or an end-to-end fit on the text projections of cross / joint attention.
+DISTILL_INTO = {
+    "attention-output": "the attention output projections (per-layer fit)",
+    "prompt-keys-values": "the prompt's keys and values (end-to-end fit)",
+}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights(folder) looks for
 RECORD = "erasekit_export.json"
 
@@ -57,7 +64,9 @@ def _is_export_folder(folder: Path) -> bool:
     return (folder / RECORD).is_file()
 
 
-def _lora_of(pipe, edit: Edit, rank: int, distill_rank: int, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
+def _lora_of(
+    pipe, edit: Edit, rank: int, distill_rank: int, progress: bool, distill_into: str = "attention-output"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The edit as diffusers-layout LoRA tensors and a record of the approximation made."""
     kind = edit.kind or legacy_kind(edit.method)
     if kind == LORA:
@@ -65,9 +74,10 @@ def _lora_of(pipe, edit: Edit, rank: int, distill_rank: int, progress: bool) -> 
     if kind == WEIGHT_DELTA:
         return _lora_from_weight_deltas(edit, rank)
     if kind == "output_adapter":
-        lora, report = _distil(pipe, edit, distill_rank, progress)
+        lora, report = _distil(pipe, edit, distill_rank, progress, distill_into)
+        where = DISTILL_INTO[distill_into]
         return dict(lora.tensors), {
-            "approximation": f"distilled into a rank-{distill_rank} LoRA on the attention output projections",
+            "approximation": f"distilled into a rank-{distill_rank} LoRA on {where}",
             "relative_error": report["relative_residual"],
             "distill": report,
         }
@@ -116,9 +126,9 @@ def _lora_from_weight_deltas(edit: Edit, rank: int) -> tuple[dict[str, torch.Ten
     }
 
 
-def _distil(pipe, edit: Edit, rank: int, progress: bool):
+def _distil(pipe, edit: Edit, rank: int, progress: bool, into: str):
     from .lexicon import WordNetUnavailable, lexicon_for
-    from .methods.distill import distil_prompts, distil_to_lora
+    from .methods.distill import distil_prompts, distil_to_lora, distil_to_text_lora
 
     others: list[str] = []
     synonyms: list[str] = []
@@ -130,7 +140,8 @@ def _distil(pipe, edit: Edit, rank: int, progress: bool):
         except WordNetUnavailable:
             pass
     prompts, other_prompts = distil_prompts(list(edit.concepts) + synonyms, others)
-    return distil_to_lora(pipe, edit, prompts, other_prompts, rank=rank, progress=progress)
+    fit = distil_to_text_lora if into == "prompt-keys-values" else distil_to_lora
+    return fit(pipe, edit, prompts, other_prompts, rank=rank, progress=progress)
 
 
 def _as_weight_delta(edit: Edit, lora: dict[str, torch.Tensor]) -> Edit:
@@ -166,19 +177,23 @@ def export(
     dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    distill_into: str = "attention-output",
 ) -> dict:
     """Write ``edit`` (an Edit or its folder) for ``model`` (a pipeline, a folder or "toy:sd") in
     ``format`` (:data:`FORMATS`) at ``out``; returns the export record (also written beside it).
 
     ``rank``: a weight-delta edit's LoRA rank (truncated SVD); ``distill_rank``: the LoRA rank an
-    output-adapter edit is distilled into. ``dtype``: the merged checkpoint's weights ("fp16",
-    "bf16"; default the pipeline's). ``out``: a folder (diffusers-lora, merged) or a
-    ``.safetensors`` file (kohya); an earlier export there is replaced only with ``overwrite``,
-    anything else is refused. The record: format, paths, the edit's id / method / kind /
-    concepts, and the approximation with its ``relative_error`` (0 when exact).
+    output-adapter edit is distilled into, and ``distill_into`` where (:data:`DISTILL_INTO`).
+    ``dtype``: the merged checkpoint's weights ("fp16", "bf16"; default the pipeline's).
+    ``out``: a folder (diffusers-lora, merged) or a ``.safetensors`` file (kohya); an earlier
+    export there is replaced only with ``overwrite``, anything else is refused. The record:
+    format, paths, the edit's id / method / kind / concepts, and the approximation with its
+    ``relative_error`` (0 when exact).
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
+    if distill_into not in DISTILL_INTO:
+        raise ExportError(f"unknown distill_into {distill_into!r}; known: {', '.join(DISTILL_INTO)}")
     for name, value in (("rank", rank), ("distill_rank", distill_rank)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ExportError(f"{name} must be a positive integer, got {value!r}")
@@ -212,12 +227,12 @@ def export(
         if kind == WEIGHT_DELTA:
             merged_edit, approx = edit, {"approximation": "none (deltas added to the weights)", "relative_error": 0.0}
         else:
-            lora, approx = _lora_of(pipe, edit, rank, distill_rank, progress)
+            lora, approx = _lora_of(pipe, edit, rank, distill_rank, progress, distill_into)
             merged_edit = _as_weight_delta(edit, lora)
         record |= approx
         record["files"] = _write_merged(pipe, merged_edit, out, family, dtype, record, overwrite)
     else:
-        lora, approx = _lora_of(pipe, edit, rank, distill_rank, progress)
+        lora, approx = _lora_of(pipe, edit, rank, distill_rank, progress, distill_into)
         record |= approx | {"rank": _max_rank(lora)}
         if format == "kohya":
             from .edits.formats.kohya import save_kohya, to_kohya

@@ -12,7 +12,7 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 from erasekit.cli import main
 from erasekit.edits import Edit, apply, load_edit, lora, output_adapter, remove, weight_delta
 from erasekit.export import LORA_WEIGHTS, RECORD, ExportError, export
-from erasekit.methods.distill import _Moments, distil_to_lora, reduced_rank_fit
+from erasekit.methods.distill import _Moments, distil_to_lora, distil_to_text_lora, reduced_rank_fit
 from erasekit.models import adapter_for
 
 BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline}
@@ -190,6 +190,31 @@ def test_a_receler_edit_is_distilled_into_a_lora_that_follows_its_erasers(family
     # the export distils on its own prompts (the lexicon's), so compare with the file's own LoRA
     loaded = Edit("receler-distilled", ["car"], family, "tiny", _file_lora(tmp_path, family), kind="lora")
     assert _diff_8bit(adapter_for(stock).generate(PROMPTS, SEEDS), _images(BUILDERS[family](), loaded)) <= 1 / 255
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_a_receler_edit_distilled_end_to_end_into_the_prompts_keys_and_values(family, tmp_path):
+    pipe = BUILDERS[family]()
+    adapter = adapter_for(pipe)
+    edit = _receler_edit(adapter)
+    distilled, report = distil_to_text_lora(
+        pipe, edit, ["a photo of a car"], ["a circle in the park"], rank=4, steps=4, iterations=60, progress=False
+    )
+    assert distilled.kind == "lora" and distilled.hyperparameters["distilled_from"] == edit.id
+    modules = {k.rsplit(".lora_", 1)[0].split(".", 1)[1] for k in distilled.tensors}
+    assert modules == set(report["targets"]) and modules
+    assert all(m.rsplit(".", 1)[1] in {"to_k", "to_v", "add_k_proj", "add_v_proj"} for m in modules)
+    # 2 prompts + "" (added), 2 seeds, 4 states, the prompt's branch and the empty one ("" once)
+    assert report["examples"] == (2 * 2 + 1) * 2 * 4
+    # trained: much closer to the erasers' predictions than the base model is
+    assert report["relative_residual"] < 0.8, report
+    assert report["loss"][1] < report["loss"][0]
+    # the model is left as it was, and the LoRA file loads in stock diffusers
+    assert not any("lora" in n for n, _ in adapter.denoiser.named_modules())
+    distilled.save(tmp_path / "e")
+    stock = BUILDERS[family]()
+    stock.load_lora_weights(str(tmp_path / "e"), weight_name="edit.safetensors")
+    assert _diff_8bit(adapter_for(stock).generate(PROMPTS, SEEDS), _images(BUILDERS[family](), distilled)) <= 1 / 255
 
 
 def _file_lora(tmp_path, family):

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..edits.kind import kind_of
 from ..edits.lora import NAME as LORA
-from ..edits.lora import lora_prefix
+from ..edits.lora import attach_lora, lora_prefix
 from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
 from ..edits.output_adapter import attach_modules, erasers_from_tensors, points
 from ..models import adapter_for
@@ -112,6 +112,25 @@ def _carrier(adapter, point_name: str) -> tuple[str, nn.Linear, bool]:
     return f"{point_name}.to_out.0", den.get_submodule(f"{point_name}.to_out.0"), False
 
 
+def _erasers(adapter, edit: Edit, rank: int) -> dict[str, nn.Module]:
+    """The erasers of an output-adapter ``edit`` for ``adapter``'s model; ValueError for another
+    kind or family, a rank below 1, or erasers at points the model lacks."""
+    if kind_of(edit).name != OUTPUT_ADAPTER:
+        raise ValueError(f"only output-adapter edits are distilled; edit {edit.id} ({edit.method}) is a {edit.kind}")
+    if edit.family != adapter.family:
+        raise ValueError(
+            f"edit {edit.method}/{edit.concepts} was made for {edit.family!r}, the pipeline is {adapter.family!r}"
+        )
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    erasers = erasers_from_tensors(edit.tensors, adapter.device, adapter.dtype)
+    known = {p.name for p in points(adapter)}
+    missing = sorted(set(erasers) - known)
+    if missing:
+        raise ValueError(f"the edit has erasers for points this model lacks: {missing[:3]}")
+    return erasers
+
+
 def distil_to_lora(
     pipe,
     edit: Edit,
@@ -134,19 +153,7 @@ def distil_to_lora(
     the row count, and the mean residual weighted by ||E||^2.
     """
     adapter = adapter_for(pipe)
-    if kind_of(edit).name != OUTPUT_ADAPTER:
-        raise ValueError(f"only output-adapter edits are distilled; edit {edit.id} ({edit.method}) is a {edit.kind}")
-    if edit.family != adapter.family:
-        raise ValueError(
-            f"edit {edit.method}/{edit.concepts} was made for {edit.family!r}, the pipeline is {adapter.family!r}"
-        )
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    erasers = erasers_from_tensors(edit.tensors, adapter.device, adapter.dtype)
-    known = {p.name for p in points(adapter)}
-    missing = sorted(set(erasers) - known)
-    if missing:
-        raise ValueError(f"the edit has erasers for points this model lacks: {missing[:3]}")
+    erasers = _erasers(adapter, edit, rank)
     recorders = {name: _RecordingEraser(e) for name, e in erasers.items()}
     moments: dict[str, _Moments] = {}
     carriers = {name: _carrier(adapter, name) for name in recorders}
@@ -241,6 +248,127 @@ def distil_to_lora(
         tensors=tensors,
         hyperparameters=dict(edit.hyperparameters)
         | {"distilled_from": edit.id, "distill_rank": rank, "distill_seeds": list(seeds)},
+        metrics=dict(edit.metrics) | {"distill_relative_residual": report["relative_residual"]},
+    )
+    return out, report
+
+
+TEXT_TARGETS = "to_k,to_v,add_k_proj,add_v_proj"
+
+
+def distil_to_text_lora(
+    pipe,
+    edit: Edit,
+    prompts: Sequence[str],
+    other_prompts: Sequence[str] = ("",),
+    rank: int = 16,
+    seeds: Sequence[int] = (0, 1),
+    steps: int | None = None,
+    states: int = 10,
+    iterations: int = 400,
+    batch: int = 8,
+    lr: float = 1e-3,
+    targets: str = TEXT_TARGETS,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Edit, dict]:
+    """A LoRA edit (kind "lora") on the text projections of cross / joint attention (the keys and
+    values read from the prompt: SD ``attn2.to_k/to_v``, Flux ``add_k_proj/add_v_proj``) trained
+    so that the denoiser's output matches the output-adapter ``edit``'s.
+
+    Where :func:`distil_to_lora`'s map acts on every image feature alike, a LoRA on the prompt's
+    keys and values changes what a prompt says, token by token: the concept's words can change
+    while other prompts' do not. It cannot be fitted per layer (the erasers act after the
+    attention's softmax), so it is trained end to end: every prompt of ``prompts`` and
+    ``other_prompts`` ("" included or added: the unconditional branch) is sampled once per seed
+    in ``seeds`` with the erasers on (``steps`` sampler steps, default the adapter's), and each
+    of ``states`` states x_t (B=1) evenly spaced along that trajectory gives two examples,
+    (x_t, t, the prompt) and (x_t, t, ""), with the edited model's prediction as target. Then
+    ``iterations`` Adam steps (``lr``) on minibatches of ``batch`` examples fit the LoRA (rank
+    ``rank``, alpha = rank, peft's init from ``seed``) to those targets by mean squared error.
+
+    Returns the edit (method ``<method>-distilled``) and a report: ``relative_residual`` =
+    ||student - target|| / ||base - target|| over every example (1.0: no better than the base
+    model, 0: exact), ``examples``, ``targets`` (module names), ``loss`` (first and last).
+    """
+    from ..models import Conditioning, frozen
+    from .eraseanything import init_lora, lora_targets
+
+    adapter = adapter_for(pipe)
+    erasers = _erasers(adapter, edit, rank)
+    names = [p.name for p in lora_targets(adapter, targets)]
+    texts = list(dict.fromkeys(["", *prompts, *other_prompts]))  # "" first: the unconditional branch
+    conds = [adapter.encode([t]) for t in texts]
+    xs, ts, which, wanted, base = [], [], [], [], []
+    num_steps = steps or adapter.default_steps
+    attachment = attach_modules(adapter, erasers, "distill")
+    runs = [(i, s) for i in range(len(texts)) for s in seeds]
+    try:
+        with torch.no_grad():
+            for i, s in tqdm(runs, desc="distil: record", disable=not progress, leave=False):
+                g = torch.Generator().manual_seed(int(s))
+                trajectory, times = adapter.rollout_trajectory(
+                    conds[i], conds[0], num_steps - 1, num_steps, generator=g
+                )
+                keep = torch.linspace(0, len(times) - 1, min(states, len(times))).round().long().unique()
+                x, t = trajectory[keep, 0], times[keep]  # (states, *latent), (states,)
+                for j in dict.fromkeys([i, 0]):
+                    c = conds[j].expand_to(x.shape[0])
+                    wanted.append(adapter.predict(x, t, c).float().cpu())
+                    with adapter.edits_disabled():
+                        base.append(adapter.predict(x, t, c).float().cpu())
+                    xs.append(x.cpu())
+                    ts.append(t.cpu())
+                    which += [j] * x.shape[0]
+    finally:
+        attachment.detach()
+    x_all, t_all, y_all, b_all = torch.cat(xs), torch.cat(ts), torch.cat(wanted), torch.cat(base)
+    which_t = torch.tensor(which)
+
+    def student(idx: Tensor) -> Tensor:
+        cond = Conditioning.cat([conds[int(k)] for k in which_t[idx]])
+        return adapter.predict(x_all[idx].to(adapter.device), t_all[idx].to(adapter.device), cond).float().cpu()
+
+    g = torch.Generator().manual_seed(seed)
+    initial = init_lora(adapter, rank, names, generator=g)
+    losses = []
+    with frozen(adapter.denoiser, *adapter.text_encoders()):
+        handle = attach_lora(adapter, initial, "erasekit_distill", 1.0, trainable=True)
+        try:
+            opt = torch.optim.Adam(handle.parameters(), lr=lr)
+            for _ in tqdm(range(iterations), desc="distil: fit", disable=not progress, leave=False):
+                idx = torch.randint(len(which_t), (min(batch, len(which_t)),), generator=g)
+                loss = (student(idx) - y_all[idx]).pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            with torch.no_grad():
+                err = sum(
+                    float((student(idx) - y_all[idx]).pow(2).sum()) for idx in torch.arange(len(which_t)).split(32)
+                )
+            tensors = handle.state(lora_prefix(adapter))
+        finally:
+            handle.detach()
+    gap = float((b_all - y_all).pow(2).sum())
+    report = {
+        "relative_residual": (err / gap) ** 0.5 if gap > 0 else 0.0,
+        "examples": len(which_t),
+        "targets": names,
+        "rank": rank,
+        "loss": [losses[0], losses[-1]] if losses else [],
+        "prompts": list(prompts),
+        "other_prompts": list(other_prompts),
+    }
+    out = Edit(
+        kind=LORA,
+        method=f"{edit.method}-distilled",
+        concepts=list(edit.concepts),
+        family=edit.family,
+        base_model=edit.base_model,
+        tensors=tensors,
+        hyperparameters=dict(edit.hyperparameters)
+        | {"distilled_from": edit.id, "distill_rank": rank, "distill_seeds": list(seeds), "distill_targets": targets},
         metrics=dict(edit.metrics) | {"distill_relative_residual": report["relative_residual"]},
     )
     return out, report
