@@ -324,6 +324,42 @@ def test_input_space_adversary_moves_only_the_concept_words_rows(family, tmp_pat
         assert torch.equal(full.tensors[k], resumed.tensors[k]), k
 
 
+def test_a_population_of_input_space_adversaries(sd_pipe, tmp_path, interrupted_at_draw):
+    """adv_population: the first adversary starts at the concept word's row, the others at other
+    tokens' rows; each iteration steps one of them (the others stay), and resume restores all."""
+    from erasekit.methods.adversary import word_rows
+
+    cfg = RecelerConfig(adv_space="input", adv_population=3, **(TINY | {"iterations": 6, "checkpoint_every": 3}))
+    concept_row = word_rows(sd_pipe, "car")["text_encoder"]
+    seen = []
+    real = receler.attack_word
+
+    def spy(adapter, erasers, rows, *a, **k):
+        seen.append((rows["text_encoder"], rows["text_encoder"].detach().clone()))
+        return real(adapter, erasers, rows, *a, **k)
+
+    receler.attack_word = spy
+    try:
+        full = fit(sd_pipe, "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    finally:
+        receler.attack_word = real
+    members = list(dict.fromkeys(id(r) for r, _ in seen))
+    assert len(seen) == 6 and len(members) >= 2  # several adversaries took turns
+    starts = {}
+    for row, before in seen:
+        starts.setdefault(id(row), before)
+    first_turns = list(starts.values())
+    assert sum(torch.equal(b, concept_row) for b in first_turns) <= 1
+    assert any(not torch.equal(b, concept_row) for b in first_turns)  # a random token's row, not the word's
+    with interrupted_at_draw(5):  # after the checkpoint at 3
+        fit(tiny_sd_pipeline(seed=0), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = fit(tiny_sd_pipeline(seed=0), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    for k in full.tensors:
+        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    with pytest.raises(UserError, match="adv_population"):
+        RecelerConfig(adv_population=2)
+
+
 def test_input_space_adversary_needs_a_one_token_concept(sd_pipe):
     with pytest.raises(UserError, match="'teddy bear' is not one token for the text_encoder tokenizer"):
         fit(sd_pipe, "teddy bear", RecelerConfig(adv_space="input", **TINY), progress=False)

@@ -108,12 +108,20 @@ def frozen_images(adapter, prompts: list[str], generator: torch.Generator, steps
         return adapter.encode_images(pixels * 2 - 1).detach().contiguous()
 
 
-def word_adversary(pipe, word: str, lr: float) -> tuple[dict[str, torch.nn.Parameter], torch.optim.Adam]:
-    """``word``'s input rows (:func:`word_rows`) as Parameters, and an Adam over them whose step
-    size is ``lr`` in units of each table's standard deviation (:func:`table_scales`)."""
+def word_adversary(
+    pipe, word: str, lr: float, population: int = 1, generator: torch.Generator | None = None
+) -> tuple[list[dict[str, torch.nn.Parameter]], torch.optim.Adam]:
+    """``population`` adversaries, each tower name -> (1, D) Parameter: the first is ``word``'s
+    input rows (:func:`word_rows`), the others rows of random vocabulary tokens drawn from
+    ``generator`` (nothing is drawn when ``population`` is 1); and one Adam over all of them whose
+    step size is ``lr`` in units of each table's standard deviation (:func:`table_scales`). Adam
+    skips rows without a gradient, so stepping one adversary leaves the others as they are."""
     scales = table_scales(pipe)
-    rows = {n: torch.nn.Parameter(r) for n, r in word_rows(pipe, word).items()}
-    return rows, torch.optim.Adam([{"params": [r], "lr": lr * scales[n]} for n, r in rows.items()])
+    first = word_rows(pipe, word)
+    others = [random_rows(pipe, list(first), 1, generator) for _ in range(population - 1)]
+    members = [{n: torch.nn.Parameter(r) for n, r in rows.items()} for rows in [first, *others]]
+    groups = [{"params": [r], "lr": lr * scales[n]} for rows in members for n, r in rows.items()]
+    return members, torch.optim.Adam(groups)
 
 
 def noised_latent(adapter, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

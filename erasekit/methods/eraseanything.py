@@ -607,7 +607,7 @@ def fit(
 
     initial = init_lora(adapter, config.rank, config.targets, generator=g)
     if config.adv_images:
-        trainer.rows, trainer.adv_opt = word_adversary(pipe, concept, config.adv_lr)
+        (trainer.rows,), trainer.adv_opt = word_adversary(pipe, concept, config.adv_lr)
     saved = run.resume()
     if saved is not None:
         initial = {k[len("lora.") :]: v for k, v in saved.items() if k.startswith("lora.")}

@@ -94,6 +94,15 @@ class RecelerConfig(RolloutSettings, MemorySettings):
         low=0,
     )
     adv_image_steps: int | None = setting(None, "sampler steps of those images (none: the family's default)", low=1)
+    # Our extension (1: off): several input-space adversaries. The first starts at the concept
+    # word's row; the others at rows of random vocabulary tokens, as a textual inversion that
+    # starts from an unrelated word would; each iteration trains the erasers against one of them.
+    adv_population: int = setting(
+        1,
+        "our extension (adv_space input): adversaries kept, the concept word's row and random tokens' rows; "
+        "each iteration steps and erases against one of them",
+        low=1,
+    )
     # Our extension (off in the paper preset): the eraser step also fits the erase target on the
     # clean prompt, not only on the adversarial one, averaging the two losses.
     adv_clean_erase: bool = setting(False, "our extension: also fit the erase target on the clean prompt")
@@ -128,6 +137,12 @@ class RecelerConfig(RolloutSettings, MemorySettings):
         if self.adv_images and (self.adv_space != "input" or not self.adv_tokens or not self.adv_steps):
             raise self.error(
                 "adv_images", self.adv_images, "0 unless adv_space is input with adv_tokens and adv_steps above 0"
+            )
+        if self.adv_population > 1 and (self.adv_space != "input" or not self.adv_tokens or not self.adv_steps):
+            raise self.error(
+                "adv_population",
+                self.adv_population,
+                "1 unless adv_space is input with adv_tokens and adv_steps above 0",
             )
 
     @classmethod
@@ -275,9 +290,10 @@ def fit(
     length = cond.embeds.shape[1]
     adv_pos = list(range(concept_idx[-1] + 1, min(length, concept_idx[-1] + 1 + config.adv_tokens)))
     adv = adv_opt = None
-    rows: dict[str, nn.Parameter] = {}  # adv_space "input": tower -> (1, D) row standing in for the concept word
+    # adv_space "input": adversaries, each tower -> (1, D) row standing in for the concept word
+    members: list[dict[str, nn.Parameter]] = []
     if config.adv_tokens and config.adv_space == "input":
-        rows, adv_opt = word_adversary(pipe, concept, config.adv_lr)
+        members, adv_opt = word_adversary(pipe, concept, config.adv_lr, config.adv_population, g)
     elif config.adv_tokens and adv_pos:
         adv = nn.Parameter(cond.embeds[0, adv_pos].detach().clone().float())
         adv_opt = torch.optim.Adam([adv], lr=config.adv_lr, weight_decay=config.adv_weight_decay)
@@ -288,6 +304,16 @@ def fit(
     images = None  # adv_images: latents (n, ...) of the concept's images from the frozen model
     if config.adv_images:
         images = frozen_images(adapter, [prompt] * config.adv_images, g, config.adv_image_steps)
+
+    def member() -> dict[str, nn.Parameter]:
+        """The adversary of this iteration: drawn from g when there are several."""
+        return members[int(torch.randint(len(members), (1,), generator=g))] if len(members) > 1 else members[0]
+
+    def member_rows() -> list[tuple[str, nn.Parameter]]:
+        """(checkpoint key, row) of every adversary: "adv_row.<tower>" for the first, as before
+        populations existed, "adv_row<k>.<tower>" for the k-th."""
+        return [(f"adv_row{k or ''}.{n}", r) for k, rows in enumerate(members) for n, r in rows.items()]
+
     saved = run.resume()
     if saved is not None:
         for n, e in erasers.items():
@@ -295,15 +321,11 @@ def fit(
         with torch.no_grad():
             if adv is not None:
                 adv.copy_(saved["adv"])
-            for n, r in rows.items():
-                r.copy_(saved[f"adv_row.{n}"])
+            for key, r in member_rows():
+                r.copy_(saved[key])
 
     def state() -> dict[str, torch.Tensor]:
-        return (
-            eraser_tensors(erasers)
-            | ({"adv": adv} if adv is not None else {})
-            | {f"adv_row.{n}": r for n, r in rows.items()}
-        )
+        return eraser_tensors(erasers) | ({"adv": adv} if adv is not None else {}) | dict(member_rows())
 
     mid_layers = adapter.middle_resolution_layers()
     attachment = attach_modules(adapter, erasers, "training", 1.0)
@@ -313,10 +335,10 @@ def fit(
         {"opt": opt, "adv_opt": adv_opt},
         generator=g,
         sources=[source, keep_source],
-        auxiliary=[adv, *rows.values()],
+        auxiliary=[adv, *(r for _, r in member_rows())],
     )
     # The input-space adversary encodes prompts inside the loop: the text encoders stay.
-    memory = replace(config, release_text_encoders=config.release_text_encoders and not rows)
+    memory = replace(config, release_text_encoders=config.release_text_encoders and not members)
     with frozen(adapter.denoiser, *adapter.text_encoders()), training_memory(adapter, memory):  # only the edit trains
         try:
             for _ in loop:
@@ -342,13 +364,13 @@ def fit(
                             adv_loss.backward()
                             adv_opt.step()
                     student_cond = cond.with_tokens(adv_pos, adv.detach())
-                elif rows:  # the concept word's input rows: towards the frozen model's concept prediction
+                elif members:  # the concept word's input rows: towards the frozen model's concept prediction
                     # at x_t, or (adv_images) denoising a noised concept image, as textual inversion does
                     x_a, t_a, target_a = (x_t, t, e_cond) if images is None else noised_latent(adapter, images, g)
                     with run.phase("adversary"):
                         keep, steps_a = erasers.values(), config.adv_steps
                         student_cond = attack_word(
-                            adapter, keep, rows, concept, prompt, x_a, t_a, target_a, adv_opt, steps_a
+                            adapter, keep, member(), concept, prompt, x_a, t_a, target_a, adv_opt, steps_a
                         )
 
                 with run.phase("student"):
