@@ -112,6 +112,21 @@ def _carrier(adapter, point_name: str) -> tuple[str, nn.Linear, bool]:
     return f"{point_name}.to_out.0", den.get_submodule(f"{point_name}.to_out.0"), False
 
 
+def _distilled(edit: Edit, tensors: dict[str, Tensor], residual: float, **settings) -> Edit:
+    """The LoRA edit ``<method>-distilled`` made of ``tensors`` from ``edit``: its hyper-parameters
+    with ``distilled_from`` and the distillation's ``settings``, its metrics with the residual."""
+    return Edit(
+        kind=LORA,
+        method=f"{edit.method}-distilled",
+        concepts=list(edit.concepts),
+        family=edit.family,
+        base_model=edit.base_model,
+        tensors=tensors,
+        hyperparameters=dict(edit.hyperparameters) | {"distilled_from": edit.id} | settings,
+        metrics=dict(edit.metrics) | {"distill_relative_residual": residual},
+    )
+
+
 def _erasers(adapter, edit: Edit, rank: int) -> dict[str, nn.Module]:
     """The erasers of an output-adapter ``edit`` for ``adapter``'s model; ValueError for another
     kind or family, a rank below 1, or erasers at points the model lacks."""
@@ -239,18 +254,7 @@ def distil_to_lora(
         num += rel**2 * m.yy
         den += m.yy
     report["relative_residual"] = (num / den) ** 0.5 if den > 0 else 0.0
-    out = Edit(
-        kind=LORA,
-        method=f"{edit.method}-distilled",
-        concepts=list(edit.concepts),
-        family=edit.family,
-        base_model=edit.base_model,
-        tensors=tensors,
-        hyperparameters=dict(edit.hyperparameters)
-        | {"distilled_from": edit.id, "distill_rank": rank, "distill_seeds": list(seeds)},
-        metrics=dict(edit.metrics) | {"distill_relative_residual": report["relative_residual"]},
-    )
-    return out, report
+    return _distilled(edit, tensors, report["relative_residual"], distill_rank=rank, distill_seeds=list(seeds)), report
 
 
 TEXT_TARGETS = "to_k,to_v,add_k_proj,add_v_proj"
@@ -360,18 +364,8 @@ def distil_to_text_lora(
         "prompts": list(prompts),
         "other_prompts": list(other_prompts),
     }
-    out = Edit(
-        kind=LORA,
-        method=f"{edit.method}-distilled",
-        concepts=list(edit.concepts),
-        family=edit.family,
-        base_model=edit.base_model,
-        tensors=tensors,
-        hyperparameters=dict(edit.hyperparameters)
-        | {"distilled_from": edit.id, "distill_rank": rank, "distill_seeds": list(seeds), "distill_targets": targets},
-        metrics=dict(edit.metrics) | {"distill_relative_residual": report["relative_residual"]},
-    )
-    return out, report
+    settings = {"distill_rank": rank, "distill_seeds": list(seeds), "distill_targets": targets}
+    return _distilled(edit, tensors, report["relative_residual"], **settings), report
 
 
 def distil_prompts(concepts: Sequence[str], others: Sequence[str]) -> tuple[list[str], list[str]]:
