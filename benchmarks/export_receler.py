@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--iterations", type=int, default=None, help="Receler's iterations (default: the fast preset's)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--distill-into", default="attention-output")
+    ap.add_argument("--distill-into", default="prompt-keys-values,attention-output")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from safetensors.torch import load_file

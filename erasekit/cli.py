@@ -707,10 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "--distill-into",
-        default="attention-output",
+        default="prompt-keys-values",
         choices=tuple(DISTILL_INTO),
-        help="where a Receler edit's LoRA goes: attention output projections (per-layer fit) or the prompt's "
-        "keys and values (end-to-end fit)",
+        help="where a Receler edit's LoRA goes: the prompt's keys and values (end-to-end fit, default) or the "
+        "attention output projections (per-layer fit)",
     )
     ex.add_argument(
         "--dtype",

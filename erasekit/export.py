@@ -18,8 +18,8 @@ How each edit kind gets there:
   (2-D weights only: deltas of biases, norms and convolutions are left out of a LoRA and counted
   in its error, ``relative_error`` = ||delta - LoRA|| / ||delta|| over every parameter).
 - ``output_adapter`` (Receler): distilled into a LoRA (:mod:`erasekit.methods.distill`, rank
-  ``distill_rank``) on the attention output projections or on the prompt's keys and values
-  (``distill_into``), then as a LoRA edit; the fit's relative residual is recorded. Compare the
+  ``distill_rank``) on the prompt's keys and values (default) or on the attention output
+  projections (``distill_into``), then as a LoRA edit; the fit's relative residual is recorded. Compare the
   suite's figures before and after (benchmarks/export_receler.py).
 - ``inference_hook`` (SLD, keyword zeroing): nothing in the weights to export; refused.
 
@@ -46,11 +46,12 @@ from .errors import UserError
 from .files import atomic_folder, check_output_folder
 
 FORMATS = ("diffusers-lora", "kohya", "merged")
-# Where an output-adapter edit (Receler) is distilled: a per-layer fit on the attention output
-# projections, or an end-to-end fit on the text projections of cross / joint attention.
+# Where an output-adapter edit (Receler) is distilled: an end-to-end fit on the text projections
+# of cross / joint attention (the default: on both toy pipelines it keeps more locality and
+# robustness, benchmarks/RESULTS.md), or a per-layer fit on the attention output projections.
 DISTILL_INTO = {
-    "attention-output": "the attention output projections (per-layer fit)",
     "prompt-keys-values": "the prompt's keys and values (end-to-end fit)",
+    "attention-output": "the attention output projections (per-layer fit)",
 }
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights(folder) looks for
 RECORD = "erasekit_export.json"
@@ -65,7 +66,7 @@ def _is_export_folder(folder: Path) -> bool:
 
 
 def _lora_of(
-    pipe, edit: Edit, rank: int, distill_rank: int, progress: bool, distill_into: str = "attention-output"
+    pipe, edit: Edit, rank: int, distill_rank: int, progress: bool, distill_into: str = "prompt-keys-values"
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The edit as diffusers-layout LoRA tensors and a record of the approximation made."""
     kind = edit.kind or legacy_kind(edit.method)
@@ -177,7 +178,7 @@ def export(
     dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    distill_into: str = "attention-output",
+    distill_into: str = "prompt-keys-values",
 ) -> dict:
     """Write ``edit`` (an Edit or its folder) for ``model`` (a pipeline, a folder or "toy:sd") in
     ``format`` (:data:`FORMATS`) at ``out``; returns the export record (also written beside it).

@@ -178,12 +178,13 @@ def test_a_receler_edit_is_distilled_into_a_lora_that_follows_its_erasers(family
         remove(pipe, distilled)
     assert (by_lora - by_erasers).norm() < 0.5 * (by_erasers - base).norm()
     # exported as a kohya file (SD) or diffusers folder (Flux), stock loading gives the distilled LoRA's images
+    per_layer = {"distill_rank": 8, "distill_into": "attention-output", "progress": False}
     if family == "sd":
-        record = export(edit, pipe, "kohya", tmp_path / "r.safetensors", distill_rank=8, progress=False)
+        record = export(edit, pipe, "kohya", tmp_path / "r.safetensors", **per_layer)
         stock = BUILDERS[family]()
         stock.load_lora_weights(str(tmp_path), weight_name="r.safetensors")
     else:
-        record = export(edit, pipe, "diffusers-lora", tmp_path / "r", distill_rank=8, progress=False)
+        record = export(edit, pipe, "diffusers-lora", tmp_path / "r", **per_layer)
         stock = BUILDERS[family]()
         stock.load_lora_weights(str(tmp_path / "r"))
     assert "distilled" in record["approximation"] and 0 < record["relative_error"] < 0.35
@@ -215,6 +216,32 @@ def test_a_receler_edit_distilled_end_to_end_into_the_prompts_keys_and_values(fa
     stock = BUILDERS[family]()
     stock.load_lora_weights(str(tmp_path / "e"), weight_name="edit.safetensors")
     assert _diff_8bit(adapter_for(stock).generate(PROMPTS, SEEDS), _images(BUILDERS[family](), distilled)) <= 1 / 255
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_export_distils_a_receler_edit_end_to_end_by_default_into_a_kohya_file(family, tmp_path, monkeypatch):
+    from erasekit.methods import distill
+
+    real = distill.distil_to_text_lora
+    calls = []
+
+    def short(*a, **k):  # the export's own prompts, a shorter fit
+        calls.append(k)
+        return real(*a, **(k | {"iterations": 20, "steps": 3, "states": 2}))
+
+    monkeypatch.setattr(distill, "distil_to_text_lora", short)
+    pipe = BUILDERS[family]()
+    edit = _receler_edit(adapter_for(pipe))
+    record = export(edit, pipe, "kohya", tmp_path / "k.safetensors", distill_rank=4, progress=False)
+    assert len(calls) == 1 and "keys and values" in record["approximation"] and 0 < record["relative_error"] < 1.5
+    kohya = BUILDERS[family]()
+    kohya.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
+    if family == "sd":  # the same file, read back as diffusers-layout factors
+        (tmp_path / "k.safetensors").rename(tmp_path / "r.safetensors")
+    else:  # the same fit (same seeds) as a diffusers folder
+        export(edit, pipe, "diffusers-lora", tmp_path / "r", distill_rank=4, progress=False)
+    loaded = Edit("receler-distilled", ["car"], family, "tiny", _file_lora(tmp_path, family), kind="lora")
+    assert _diff_8bit(adapter_for(kohya).generate(PROMPTS, SEEDS), _images(BUILDERS[family](), loaded)) <= 1 / 255
 
 
 def _file_lora(tmp_path, family):
