@@ -12,6 +12,7 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 from erasekit.cli import main
 from erasekit.edits import Edit, apply, load_edit, lora, output_adapter, remove, weight_delta
 from erasekit.export import LORA_WEIGHTS, RECORD, ExportError, export
+from erasekit.methods import receler
 from erasekit.methods.distill import _Moments, distil_to_lora, distil_to_text_lora, reduced_rank_fit
 from erasekit.models import adapter_for
 
@@ -38,7 +39,7 @@ def _delta_edit(adapter, seed=0) -> Edit:
 
 def _receler_edit(adapter, seed=0) -> Edit:
     g = torch.Generator().manual_seed(seed)
-    erasers = {p.name: output_adapter.Eraser(p.width, 4) for p in output_adapter.points(adapter)}
+    erasers = {p.name: output_adapter.Eraser(p.width, 4) for p in receler.eraser_points(adapter, extra=True)}
     for e in erasers.values():
         with torch.no_grad():
             e.up.weight.copy_(torch.randn(e.up.weight.shape, generator=g) * 0.05)

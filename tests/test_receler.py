@@ -436,3 +436,27 @@ def test_fit_records_the_masks_coverage(sd_pipe, area):
     assert 0 < coverage <= 1
     if area:
         assert coverage == pytest.approx(area, abs=0.1)  # ties at the cut may add a pixel or two
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_erasers_on_the_prompts_keys_and_values(family, tmp_path):
+    """eraser_site="text_proj": one eraser per text projection; the edit saves, loads and applies
+    like any Receler edit, and the regulariser (image positions) must be off."""
+    pipe = BUILDERS[family]()
+    adapter = adapter_for(pipe)
+    cfg = RecelerConfig(prompt="a photo of a {concept}", eraser_site="text_proj", reg_weight=0.0, **TINY)
+    edit = fit(pipe, "car", cfg, progress=False)
+    names = {k.split(".", 1)[1].rsplit(".", 2)[0] for k in edit.tensors if k.startswith("erasers.")}
+    assert names == {p.name for p in adapter.attachment_points("text_proj")}
+    erasers = sum(v.numel() for k, v in edit.tensors.items() if k.startswith("erasers."))
+    assert receler.trainable_parameters(pipe, cfg) == erasers
+    x, t, cond = _inputs(adapter, prompt="a photo of a car")
+    base = adapter.predict(x, t, cond)
+    edit.save(tmp_path / "e")
+    loaded = load_edit(tmp_path / "e")
+    apply(pipe, loaded)
+    assert not torch.allclose(adapter.predict(x, t, cond), base)
+    remove(pipe, loaded)
+    assert torch.equal(adapter.predict(x, t, cond), base)
+    with pytest.raises(UserError, match="reg_weight"):
+        RecelerConfig(eraser_site="text_proj")

@@ -26,7 +26,7 @@ from .kind import Attachment, EditKind, register_kind
 
 NAME = "output_adapter"
 PREFIX = "erasers."
-POINT_KINDS = ("attn_out", "attn_out_extra")  # the adapter's attachment points this kind uses
+POINT_KINDS = ("attn_out", "attn_out_extra", "text_proj")  # the adapter's attachment points this kind uses
 
 
 class Eraser(nn.Module):

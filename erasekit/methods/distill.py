@@ -169,6 +169,13 @@ def distil_to_lora(
     """
     adapter = adapter_for(pipe)
     erasers = _erasers(adapter, edit, rank)
+    outputs = {p.name for kind in ("attn_out", "attn_out_extra") for p in adapter.attachment_points(kind)}
+    elsewhere = sorted(set(erasers) - outputs)
+    if elsewhere:
+        raise ValueError(
+            f"a per-layer fit reads erasers on attention outputs; this edit has some on {elsewhere[:2]}: "
+            "distil it end to end (distill_into='prompt-keys-values')"
+        )
     recorders = {name: _RecordingEraser(e) for name, e in erasers.items()}
     moments: dict[str, _Moments] = {}
     carriers = {name: _carrier(adapter, name) for name in recorders}

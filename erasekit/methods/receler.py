@@ -41,6 +41,7 @@ from .training import TrainingRun
 
 NAME = "receler"
 ADV_SPACES = ("output", "input")
+ERASER_SITES = ("attn_out", "text_proj")
 
 
 @dataclass
@@ -109,6 +110,14 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     # Our extension (off in the paper preset): erasers on the adapter's "attn_out_extra" points
     # too (Flux: the image part of every single-stream block's attention; SD: there are none).
     extra_erasers: bool = setting(False, "our extension: erasers on the attn_out_extra points too (Flux)")
+    # Our extension ("attn_out" in both presets): erasers on the text projections of cross / joint
+    # attention (the prompt's keys and values, token by token) instead of the attention outputs.
+    eraser_site: str = setting(
+        "attn_out",
+        "where the erasers act: attn_out (paper: the attention outputs) or text_proj (our extension: the "
+        "prompt's keys and values; needs reg_weight 0, the regulariser masks image positions)",
+        choices=ERASER_SITES,
+    )
     prompt: str = setting("{concept}", "the erased prompt c", template=True)
     # The erase target's anchor a: e(a) - eta * (e(c) - e(a)). "" is ESD's unconditional anchor
     # (paper). Rollouts keep the empty prompt as their unconditional branch.
@@ -137,6 +146,10 @@ class RecelerConfig(RolloutSettings, MemorySettings):
         if self.adv_images and (self.adv_space != "input" or not self.adv_tokens or not self.adv_steps):
             raise self.error(
                 "adv_images", self.adv_images, "0 unless adv_space is input with adv_tokens and adv_steps above 0"
+            )
+        if self.eraser_site == "text_proj" and self.reg_weight:
+            raise self.error(
+                "reg_weight", self.reg_weight, "0 with eraser_site text_proj (the regulariser masks image positions)"
             )
         if self.adv_population > 1 and (self.adv_space != "input" or not self.adv_tokens or not self.adv_steps):
             raise self.error(
@@ -171,16 +184,19 @@ class RecelerConfig(RolloutSettings, MemorySettings):
         return cls(**(base | overrides))
 
 
-def eraser_points(adapter, extra: bool = False) -> list:
+def eraser_points(adapter, extra: bool = False, site: str = "attn_out") -> list:
     """Where erasers go: the adapter's "attn_out" points, and its "attn_out_extra" ones with
-    ``extra`` (Flux: the single-stream blocks too; SD: nothing more)."""
+    ``extra`` (Flux: the single-stream blocks too; SD: nothing more); with ``site`` "text_proj"
+    its "text_proj" points instead (SD attn2.to_k/to_v; Flux add_q/k/v_proj)."""
+    if site == "text_proj":
+        return adapter.attachment_points("text_proj")
     kinds = ("attn_out", "attn_out_extra") if extra else ("attn_out",)
     return [p for kind in kinds for p in adapter.attachment_points(kind)]
 
 
-def build_erasers(adapter, rank: int, extra: bool = False) -> dict[str, Eraser]:
+def build_erasers(adapter, rank: int, extra: bool = False, site: str = "attn_out") -> dict[str, Eraser]:
     """One zero-initialised eraser per point of :func:`eraser_points`: point name -> Eraser."""
-    return {p.name: Eraser(p.width, rank) for p in eraser_points(adapter, extra)}
+    return {p.name: Eraser(p.width, rank) for p in eraser_points(adapter, extra, site)}
 
 
 def concept_mask(
@@ -247,7 +263,7 @@ def trainable_parameters(model, config: RecelerConfig) -> int:
     meta-device one included): built on the meta device, so no memory is allocated."""
     adapter = model if isinstance(model, FamilyAdapter) else adapter_for(model)
     with torch.device("meta"):
-        erasers = build_erasers(adapter, config.rank, config.extra_erasers)
+        erasers = build_erasers(adapter, config.rank, config.extra_erasers, config.eraser_site)
     return sum(p.numel() for e in erasers.values() for p in e.parameters())
 
 
@@ -277,7 +293,8 @@ def fit(
     run = TrainingRun(pipe, NAME, OUTPUT_ADAPTER, concept, config, config.iterations, checkpoint_dir, progress)
     device = adapter.device
     torch.manual_seed(config.seed)
-    erasers = {n: e.to(device) for n, e in build_erasers(adapter, config.rank, config.extra_erasers).items()}
+    built = build_erasers(adapter, config.rank, config.extra_erasers, config.eraser_site)
+    erasers = {n: e.to(device) for n, e in built.items()}
     params = [p for e in erasers.values() for p in e.parameters()]
     opt = torch.optim.Adam(params, lr=config.lr)
     g = torch.Generator().manual_seed(config.seed)  # every random draw of training goes through g
