@@ -177,13 +177,17 @@ def test_every_solve_satisfies_its_normal_equations(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_start_is_uce(family):
     """rounds 0 is the UCE edit the release starts from: to-end rows onto the empty guide, lamb 0.5,
-    the same as erasekit's uce with token_span to-end (bit for bit); the retained empty prompt
+    the same as erasekit's uce with token_span to-end (to float64 rounding); the retained empty prompt
     is the release's extra."""
     pipe = BUILDERS[family]()
     start = _fit(pipe, rounds=0, preserve_empty=False)
     ref = uce.fit(pipe, "car", UCEConfig(token_span="to-end", samples=1), progress=False)
     assert start.tensors.keys() == ref.tensors.keys()
-    assert all(torch.equal(start.tensors[k], ref.tensors[k]) for k in ref.tensors)
+    # The same float64 solve along two code paths: bit for bit on most CPUs; on some (an AMD EPYC
+    # here) the BLAS kernels round the last bit differently (1.4e-14 of 0.19). Any real
+    # difference between the two edits is many orders above this bound.
+    for k in ref.tensors:
+        assert (start.tensors[k] - ref.tensors[k]).abs().max() <= 1e-12 * ref.tensors[k].abs().max(), k
     with_empty = _fit(pipe, rounds=0)
     assert with_empty.hyperparameters["start_preserve_scale_used"] == 1.0  # max(0.1, 1 / len([""]))
     assert not torch.equal(next(iter(with_empty.tensors.values())), next(iter(ref.tensors.values())))
