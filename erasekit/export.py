@@ -19,8 +19,8 @@ How each edit kind gets there:
   in its error, ``relative_error`` = ||delta - LoRA|| / ||delta|| over every parameter).
 - ``output_adapter`` (Receler): distilled into a LoRA (:mod:`erasekit.methods.distill`, rank
   ``distill_rank``) on the prompt's keys and values (default) or on the attention output
-  projections (``distill_into``), then as a LoRA edit; the fit's relative residual is recorded. Compare the
-  suite's figures before and after (benchmarks/export_receler.py).
+  projections (``distill_into``), then as a LoRA edit; the fit's relative residual is recorded.
+  Compare the suite's figures before and after (benchmarks/export_receler.py).
 - ``inference_hook`` (SLD, keyword zeroing): nothing in the weights to export; refused.
 
 Every export writes ``erasekit_export.json`` (folders) or the same record in the file's metadata
@@ -66,7 +66,7 @@ def _is_export_folder(folder: Path) -> bool:
 
 
 def _lora_of(
-    pipe, edit: Edit, rank: int, distill_rank: int, progress: bool, distill_into: str = "prompt-keys-values"
+    pipe, edit: Edit, rank: int, distill_rank: int, progress: bool, distill_into: str
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The edit as diffusers-layout LoRA tensors and a record of the approximation made."""
     kind = edit.kind or legacy_kind(edit.method)

@@ -40,7 +40,8 @@ from ..edits.lora import NAME as LORA
 from ..edits.lora import attach_lora, lora_prefix
 from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
 from ..edits.output_adapter import attach_modules, erasers_from_tensors, points
-from ..models import adapter_for
+from ..models import Conditioning, adapter_for, frozen
+from .eraseanything import init_lora, lora_targets
 
 DISTILL_TEMPLATES = ("an image of a {}", "a photo of a {}", "a picture of a {}", "{}")
 
@@ -302,9 +303,6 @@ def distil_to_text_lora(
     ||student - target|| / ||base - target|| over every example (1.0: no better than the base
     model, 0: exact), ``examples``, ``targets`` (module names), ``loss`` (first and last).
     """
-    from ..models import Conditioning, frozen
-    from .eraseanything import init_lora, lora_targets
-
     adapter = adapter_for(pipe)
     erasers = _erasers(adapter, edit, rank)
     names = [p.name for p in lora_targets(adapter, targets)]
