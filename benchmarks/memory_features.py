@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from real_configs import FLUX1_DEV_TRANSFORMER  # benchmarks/real_configs.py, beside this script
 
-from erasekit.edits.lora import attach_lora
+from erasekit.edits.lora import attach_lora, init_lora, lora_shapes, lora_targets
 from erasekit.evaluation.resources import PeakMemory
 from erasekit.methods import eraseanything as ea
 from erasekit.models import Conditioning, FamilyAdapter
@@ -51,7 +51,8 @@ def step_peak_mib(heads: int, dual: int, single: int, checkpointing: bool, size:
     transformer = build(heads, dual, single)
     adapter = FamilyAdapter.for_denoiser(transformer)
     adapter.default_height = adapter.default_width = size
-    init = ea.init_lora(adapter, 8, generator=torch.Generator().manual_seed(0))
+    shapes = lora_shapes(adapter, 8, lora_targets(adapter, ea.EraseAnythingConfig.targets))
+    init = init_lora(shapes, 8, torch.Generator().manual_seed(0))
     handle = attach_lora(adapter, init, "bench", trainable=True)
     g = torch.Generator().manual_seed(0)
     cond = Conditioning(torch.randn(1, text, 4096, generator=g), torch.randn(1, 768, generator=g))

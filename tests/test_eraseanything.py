@@ -12,7 +12,7 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 import erasekit
 from erasekit import lexicon
 from erasekit.edits import apply, load_edit, remove
-from erasekit.edits.lora import attach_lora
+from erasekit.edits.lora import attach_lora, init_lora, lora_shapes, lora_targets
 from erasekit.methods import eraseanything as ea
 from erasekit.methods import make_config
 from erasekit.methods.eraseanything import EraseAnythingConfig, fit
@@ -41,10 +41,15 @@ def _predict(adapter, inputs):
         return adapter.predict(*inputs)
 
 
+def _shapes(adapter, rank):
+    """EraseAnything's LoRA shapes at its default targets."""
+    return lora_shapes(adapter, rank, lora_targets(adapter, EraseAnythingConfig.targets))
+
+
 def _random_lora(adapter, seed=0, std=0.3):
     """A LoRA in the diffusers layout with non-zero A and B (the trained init has B = 0)."""
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) * std for k, s in ea.lora_shapes(adapter, 8).items()}
+    return {k: torch.randn(s, generator=g) * std for k, s in _shapes(adapter, 8).items()}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,7 @@ def test_lora_on_the_real_flux1_dev_config_has_76_tensors_and_1867776_parameters
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER)
     adapter = FamilyAdapter.for_denoiser(transformer)
-    shapes = ea.lora_shapes(adapter, EraseAnythingConfig().rank)
+    shapes = _shapes(adapter, EraseAnythingConfig().rank)
     assert len(shapes) == 76
     assert sum(a * b for a, b in shapes.values()) == 1_867_776
     assert all(k.startswith("transformer.transformer_blocks.") for k in shapes)
@@ -81,7 +86,7 @@ def test_lora_on_the_real_flux1_dev_config_has_76_tensors_and_1867776_parameters
 def test_lora_on_sd14_sits_on_the_cross_attention_keys_and_values():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD14_UNET)
-    shapes = ea.lora_shapes(FamilyAdapter.for_denoiser(unet), 8)
+    shapes = _shapes(FamilyAdapter.for_denoiser(unet), 8)
     assert len(shapes) == 64  # 16 attn2 x (to_k, to_v) x (A, B)
     assert all(".attn2.to_k.lora_" in k or ".attn2.to_v.lora_" in k for k in shapes)
     assert all(k.startswith("unet.") for k in shapes)
@@ -96,7 +101,7 @@ def _layers(denoiser):
 def test_lora_wraps_exactly_the_target_projections(family):
     adapter = adapter_for(BUILDERS[family]())
     handle = attach_lora(adapter, _random_lora(adapter), "t")
-    names = [p.name for p in ea.lora_targets(adapter)]
+    names = [p.name for p in lora_targets(adapter, EraseAnythingConfig.targets)]
     assert sorted(_layers(adapter.denoiser)) == sorted(names)
     suffixes = {n.rsplit(".", 1)[1] for n in names}
     assert suffixes == ({"to_k", "to_v"} if family == "sd" else {"add_q_proj", "add_k_proj"})
@@ -108,7 +113,7 @@ def test_gaussian_init_leaves_the_model_unchanged(family):
     adapter = adapter_for(BUILDERS[family]())
     inputs = _inputs(adapter)
     base = _predict(adapter, inputs)
-    init = ea.init_lora(adapter, 8, generator=torch.Generator().manual_seed(0))
+    init = init_lora(_shapes(adapter, 8), 8, torch.Generator().manual_seed(0))
     a = torch.cat([v.flatten() for k, v in init.items() if "lora_A" in k])
     assert abs(a.std().item() - 1 / 8) < 0.01  # peft's "gaussian": A ~ N(0, 1/r), B = 0
     assert all(not v.any() for k, v in init.items() if "lora_B" in k)
@@ -289,10 +294,10 @@ def test_pooled_projection_target_trains_and_loads_with_the_stock_loader(tmp_pat
     targets = "add_q_proj,add_k_proj,text_embedder.linear_1"
     flux = adapter_for(tiny_flux_pipeline())
     assert [p.role for p in flux.attachment_points("pooled_proj")] == ["pooled"]
-    names = [p.name for p in ea.lora_targets(flux, targets)]
+    names = [p.name for p in lora_targets(flux, targets)]
     assert names[-1] == "time_text_embed.text_embedder.linear_1" and len(names) == 5
     with pytest.raises(ValueError, match="no text projection"):
-        ea.lora_targets(adapter_for(tiny_sd_pipeline()), "text_embedder.linear_1")  # SD has none
+        lora_targets(adapter_for(tiny_sd_pipeline()), "text_embedder.linear_1")  # SD has none
     edit = fit(tiny_flux_pipeline(), "car", _cfg(lr=3e-2, targets=targets), progress=False)
     assert edit.tensors["transformer.time_text_embed.text_embedder.linear_1.lora_B.weight"].abs().sum() > 0
     edit.save(tmp_path / "edit")
@@ -308,7 +313,7 @@ def test_pooled_projection_target_trains_and_loads_with_the_stock_loader(tmp_pat
 def test_apply_remove_scale_save_load(family, trained, tmp_path):
     edit = trained[family]
     assert edit.method == "eraseanything" and edit.family == family and edit.concepts == ["car"]
-    assert set(edit.tensors) == set(ea.lora_shapes(adapter_for(BUILDERS[family]()), 8))
+    assert set(edit.tensors) == set(_shapes(adapter_for(BUILDERS[family]()), 8))
     hp = edit.hyperparameters
     assert hp["synonyms"] == ["teddy bear"] and hp["irrelevant_concepts"] == ["dog", "cat", "tree"]
     pipe = BUILDERS[family]()

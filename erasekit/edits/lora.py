@@ -17,6 +17,7 @@ its LoRA the same way with ``trainable=True`` (:func:`attach_lora`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -34,6 +35,43 @@ def lora_prefix(adapter) -> str:
             if component is adapter.denoiser:
                 return name
     return "unet" if "UNet" in type(adapter.denoiser).__name__ else "transformer"
+
+
+def lora_targets(adapter, targets: str | Sequence[str]) -> list:
+    """The adapter's "text_proj" and "pooled_proj" attachment points whose name is, or ends with,
+    one of ``targets`` (a comma-separated string or a sequence: "add_q_proj", "to_k", or
+    "text_embedder.linear_1" for Flux's pooled-text projection)."""
+    names = targets.split(",") if isinstance(targets, str) else targets
+    wanted = {w.strip() for w in names if w.strip()}
+    points = [
+        p
+        for kind in ("text_proj", "pooled_proj")
+        for p in adapter.attachment_points(kind)
+        if any(p.name == w or p.name.endswith("." + w) for w in wanted)
+    ]
+    if not points:
+        raise ValueError(f"no text projection of this model is named one of {sorted(wanted)}")
+    return points
+
+
+def lora_shapes(adapter, rank: int, points: Sequence) -> dict[str, tuple[int, int]]:
+    """Diffusers LoRA keys -> shapes at the attachment ``points``: ``<prefix>.<module>.lora_A.weight``
+    (rank, in) and ``...lora_B.weight`` (out, rank)."""
+    prefix = lora_prefix(adapter)
+    shapes = {}
+    for p in points:
+        shapes[f"{prefix}.{p.name}.lora_A.weight"] = (rank, p.in_features)
+        shapes[f"{prefix}.{p.name}.lora_B.weight"] = (p.width, rank)
+    return shapes
+
+
+def init_lora(shapes: dict[str, tuple[int, int]], rank: int, generator=None) -> dict[str, torch.Tensor]:
+    """peft's gaussian init of LoRA factors of ``shapes``, drawn from ``generator`` in key order:
+    A ~ N(0, (1/rank)^2), B = 0 (float32, CPU). The edited model starts identical to the base."""
+    return {
+        k: torch.randn(s, generator=generator) / rank if k.endswith("lora_A.weight") else torch.zeros(s)
+        for k, s in shapes.items()
+    }
 
 
 def _tuner_layers(module):

@@ -37,11 +37,10 @@ from tqdm.auto import tqdm
 from ..edits import Edit
 from ..edits.kind import kind_of
 from ..edits.lora import NAME as LORA
-from ..edits.lora import attach_lora, lora_prefix
+from ..edits.lora import attach_lora, init_lora, lora_prefix, lora_shapes, lora_targets
 from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
 from ..edits.output_adapter import attach_modules, erasers_from_tensors, points
 from ..models import Conditioning, adapter_for, frozen
-from .eraseanything import init_lora, lora_targets
 
 DISTILL_TEMPLATES = ("an image of a {}", "a photo of a {}", "a picture of a {}", "{}")
 
@@ -305,7 +304,8 @@ def distil_to_text_lora(
     """
     adapter = adapter_for(pipe)
     erasers = _erasers(adapter, edit, rank)
-    names = [p.name for p in lora_targets(adapter, targets)]
+    targeted = lora_targets(adapter, targets)
+    names = [p.name for p in targeted]
     texts = list(dict.fromkeys(["", *prompts, *other_prompts]))  # "" first: the unconditional branch
     conds = [adapter.encode([t]) for t in texts]
     xs, ts, which, wanted, base = [], [], [], [], []
@@ -339,7 +339,7 @@ def distil_to_text_lora(
         return adapter.predict(x_all[idx].to(adapter.device), t_all[idx].to(adapter.device), cond).float().cpu()
 
     g = torch.Generator().manual_seed(seed)
-    initial = init_lora(adapter, rank, names, generator=g)
+    initial = init_lora(lora_shapes(adapter, rank, targeted), rank, g)
     losses = []
     with frozen(adapter.denoiser, *adapter.text_encoders()):
         handle = attach_lora(adapter, initial, "erasekit_distill", 1.0, trainable=True)

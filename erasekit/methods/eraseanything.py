@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from ..edits import WEIGHTS_FILE, Edit
 from ..edits.lora import NAME as LORA
-from ..edits.lora import attach_lora, lora_prefix
+from ..edits.lora import attach_lora, init_lora, lora_prefix, lora_shapes, lora_targets
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
 from ..models import Conditioning, FamilyAdapter, adapter_for, frozen
 from . import split_list
@@ -221,44 +221,6 @@ PRESETS = {"paper": EraseAnythingConfig, "fast": EraseAnythingConfig.fast}
 
 
 # ---- the LoRA ------------------------------------------------------------------------------
-
-
-def lora_targets(adapter, targets: str | Sequence[str] = EraseAnythingConfig.targets):
-    """The "text_proj" and "pooled_proj" attachment points whose name ends with one of
-    ``targets`` ("add_q_proj", or "text_embedder.linear_1" for Flux's pooled-text projection)."""
-    wanted = set(split_list(targets) if isinstance(targets, str) else targets)
-    points = [
-        p
-        for kind in ("text_proj", "pooled_proj")
-        for p in adapter.attachment_points(kind)
-        if any(p.name == w or p.name.endswith("." + w) for w in wanted)
-    ]
-    if not points:
-        raise ValueError(f"no text projection of this model is named one of {sorted(wanted)}")
-    return points
-
-
-def lora_shapes(adapter, rank: int, targets=EraseAnythingConfig.targets) -> dict[str, tuple[int, int]]:
-    """Diffusers LoRA keys -> shapes: ``<prefix>.<module>.lora_A.weight`` (rank, in) and
-    ``...lora_B.weight`` (out, rank) for every target."""
-    prefix = lora_prefix(adapter)
-    shapes = {}
-    for p in lora_targets(adapter, targets):
-        shapes[f"{prefix}.{p.name}.lora_A.weight"] = (rank, p.in_features)
-        shapes[f"{prefix}.{p.name}.lora_B.weight"] = (p.width, rank)
-    return shapes
-
-
-def init_lora(adapter, rank: int, targets=EraseAnythingConfig.targets, generator=None) -> dict[str, torch.Tensor]:
-    """peft's gaussian init, drawn from ``generator``: A ~ N(0, (1/rank)^2), B = 0 (float32,
-    CPU). The edited model starts identical to the base."""
-    out = {}
-    for key, shape in lora_shapes(adapter, rank, targets).items():
-        if key.endswith("lora_A.weight"):
-            out[key] = torch.randn(shape, generator=generator) / rank
-        else:
-            out[key] = torch.zeros(shape)
-    return out
 
 
 # ---- prompts -------------------------------------------------------------------------------
@@ -574,7 +536,7 @@ def trainable_parameters(model, config: EraseAnythingConfig) -> int:
     """Parameters of the LoRA ``fit`` would train on ``model`` (a pipeline or an adapter, a
     meta-device one included), from the shapes alone."""
     adapter = model if isinstance(model, FamilyAdapter) else adapter_for(model)
-    return count_parameters(lora_shapes(adapter, config.rank, config.targets).values())
+    return count_parameters(lora_shapes(adapter, config.rank, lora_targets(adapter, config.targets)).values())
 
 
 def iterations(config: EraseAnythingConfig, family: str, concept: str) -> int:
@@ -605,7 +567,7 @@ def fit(
     run = TrainingRun(pipe, NAME, LORA, concept, config, iterations, checkpoint_dir, progress, settings=words)
     trainer.phase = run.phase
 
-    initial = init_lora(adapter, config.rank, config.targets, generator=g)
+    initial = init_lora(lora_shapes(adapter, config.rank, lora_targets(adapter, config.targets)), config.rank, g)
     if config.adv_images:
         (trainer.rows,), trainer.adv_opt = word_adversary(pipe, concept, config.adv_lr)
     saved = run.resume()

@@ -95,7 +95,7 @@ import torch
 import torch.nn.functional as F
 
 from ..edits import Edit
-from ..edits.lora import attach_lora, lora_prefix
+from ..edits.lora import attach_lora, init_lora, lora_prefix, lora_shapes
 from ..edits.weight_delta import NAME as WEIGHT_DELTA
 from ..edits.weight_delta import PREFIX, attach_deltas, attached_parameters
 from ..errors import NotFound
@@ -587,27 +587,10 @@ def concept_region(adapter, x0: torch.Tensor, cond, idx: list[int], config: MACE
 # ---- the LoRAs -----------------------------------------------------------------------------
 
 
-def lora_shapes(adapter, rank: int) -> dict[str, tuple[int, int]]:
-    """Diffusers LoRA keys -> shapes of one concept's LoRA on the key and value projections."""
-    prefix = lora_prefix(adapter)
-    out = {}
-    for p in kv_points(adapter):
-        out[f"{prefix}.{p.name}.lora_A.weight"] = (rank, p.in_features)
-        out[f"{prefix}.{p.name}.lora_B.weight"] = (p.width, rank)
-    return out
-
-
 def lora_parameters(model, rank: int = 1) -> int:
     """Parameters of one concept's LoRA (SD 1.4 at rank 1: 49,536; FLUX.1: 233,472)."""
     adapter = model if isinstance(model, FamilyAdapter) else adapter_for(model)
-    return sum(math.prod(s) for s in lora_shapes(adapter, rank).values())
-
-
-def _init_lora(adapter, rank: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    return {
-        k: torch.randn(s, generator=g) / rank if k.endswith("lora_A.weight") else torch.zeros(s)
-        for k, s in lora_shapes(adapter, rank).items()
-    }
+    return sum(math.prod(s) for s in lora_shapes(adapter, rank, kv_points(adapter)).values())
 
 
 def lora_delta(tensors: dict[str, torch.Tensor], prefix: str, point: str) -> torch.Tensor:
@@ -832,7 +815,8 @@ def fit(pipe, concept: str, config: MACEConfig | None = None, checkpoint_dir=Non
         progress,
         settings={"mappings": maps, "lora_steps": steps},
     )
-    initial = [_init_lora(adapter, config.rank, g) for _ in concepts]
+    shapes = lora_shapes(adapter, config.rank, kv_points(adapter))
+    initial = [init_lora(shapes, config.rank, g) for _ in concepts]
     saved = run.resume()
     t_data = time.time()
     latents, regions = [], []
