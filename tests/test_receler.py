@@ -460,3 +460,13 @@ def test_erasers_on_the_prompts_keys_and_values(family, tmp_path):
     assert torch.equal(adapter.predict(x, t, cond), base)
     with pytest.raises(UserError, match="reg_weight"):
         RecelerConfig(eraser_site="text_proj")
+
+
+def test_extra_erasers_are_named_as_unused_on_the_text_projections(caplog):
+    """The fast preset's extra_erasers has no text-projection counterpart: the same erasers, and
+    a log line that says so."""
+    adapter = adapter_for(BUILDERS["flux"]())
+    with caplog.at_level("INFO", logger="erasekit.methods.receler"):
+        extra = receler.eraser_points(adapter, True, "text_proj")
+    assert [p.name for p in extra] == [p.name for p in receler.eraser_points(adapter, False, "text_proj")]
+    assert "extra_erasers has no effect" in caplog.text

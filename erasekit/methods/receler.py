@@ -17,6 +17,7 @@ partial rollout of the edited model (the paper's recipe) or a pool of them.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from .training import TrainingRun
 
 NAME = "receler"
 ADV_SPACES = ("output", "input")
+logger = logging.getLogger(__name__)
 ERASER_SITES = ("attn_out", "text_proj")
 
 
@@ -109,7 +111,9 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     adv_clean_erase: bool = setting(False, "our extension: also fit the erase target on the clean prompt")
     # Our extension (off in the paper preset): erasers on the adapter's "attn_out_extra" points
     # too (Flux: the image part of every single-stream block's attention; SD: there are none).
-    extra_erasers: bool = setting(False, "our extension: erasers on the attn_out_extra points too (Flux)")
+    extra_erasers: bool = setting(
+        False, "our extension: erasers on the attn_out_extra points too (Flux); no effect with eraser_site text_proj"
+    )
     # Our extension ("attn_out" in both presets): erasers on the text projections of cross / joint
     # attention (the prompt's keys and values, token by token) instead of the attention outputs.
     eraser_site: str = setting(
@@ -189,6 +193,8 @@ def eraser_points(adapter, extra: bool = False, site: str = "attn_out") -> list:
     ``extra`` (Flux: the single-stream blocks too; SD: nothing more); with ``site`` "text_proj"
     its "text_proj" points instead (SD attn2.to_k/to_v; Flux add_q/k/v_proj)."""
     if site == "text_proj":
+        if extra:
+            logger.info("extra_erasers has no effect with eraser_site text_proj: erasers on the text projections only")
         return adapter.attachment_points("text_proj")
     kinds = ("attn_out", "attn_out_extra") if extra else ("attn_out",)
     return [p for kind in kinds for p in adapter.attachment_points(kind)]
