@@ -1,4 +1,6 @@
-"""Real tokenizers for tests, built offline: CLIP's byte-level BPE with its 49408-token vocabulary.
+"""Real tokenizers for tests, built offline: CLIP's byte-level BPE with its 49408-token vocabulary
+(SD 1.x), and T5's SentencePiece unigram vocabulary of 32100 tokens (FLUX.1's tokenizer_2; from
+the JSON vendored in tests/data/t5_unigram, see its LICENSE).
 
 The released CLIP vocabulary (SD 1.x's tokenizer) splits words such as "nudity", "Van Gogh" or
 "Pikachu" into several pieces, where the word-level toy tokenizers keep them whole. Built from
@@ -26,12 +28,15 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5TokenizerFast
 
 BPE_FILE = Path(__file__).resolve().parent / "data" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 N_MERGES = 49152 - 256 - 2  # 48894
 VOCAB_SIZE = 2 * 256 + N_MERGES + 2  # 49408
+T5_FILE = Path(__file__).resolve().parent / "data" / "t5_unigram" / "tokenizer.json.gz"
+T5_SHA256 = "fdc1945f69027833709ac6976273c25ce523960c0d20b041f13e4ca900a15dd3"
+T5_VOCAB_SIZE = 32100  # 32000 pieces + 100 <extra_id_*>
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 BOS_ID, EOS_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1  # 49406, 49407
 
@@ -71,6 +76,26 @@ def clip_bpe_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
             unk_token=EOS,
             pad_token=EOS,
         )
+
+
+def t5_unigram_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
+    """FLUX.1's T5 tokenizer (32100 tokens; pad 0, EOS 1, unk 2; no BOS), built offline from
+    the vendored tokenizer.json."""
+    with tempfile.TemporaryDirectory(prefix="t5-unigram-") as folder:
+        path = Path(folder, "tokenizer.json")
+        path.write_bytes(gzip.decompress(T5_FILE.read_bytes()))
+        return T5TokenizerFast(tokenizer_file=str(path), model_max_length=model_max_length)
+
+
+def tiny_flux_pipeline_with(t5_tokenizer, seed: int = 0):
+    """The tiny Flux pipeline of tests/tiny_pipelines.py with ``t5_tokenizer`` as tokenizer_2:
+    its T5 encoder (width 32) has one embedding row per token and reads
+    ``t5_tokenizer.model_max_length`` positions (the pipeline's max_sequence_length)."""
+    from tiny_pipelines import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(seed=seed, t5_tokenizer=t5_tokenizer)
+    assert pipe.text_encoder_2.get_input_embeddings().weight.shape[0] == len(t5_tokenizer)
+    return pipe
 
 
 def tiny_sd_pipeline_with(tokenizer, seed: int = 0):

@@ -91,12 +91,14 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", tokenizer=
     return _finish(pipe)
 
 
-def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
-    """A random FluxPipeline: 2 dual-stream + 1 single-stream blocks, 32x32 images."""
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False, t5_tokenizer=None) -> FluxPipeline:
+    """A random FluxPipeline: 2 dual-stream + 1 single-stream blocks, 32x32 images.
+    ``t5_tokenizer``: a T5 tokenizer to use instead of the tiny word-level one (the T5 encoder
+    gets one embedding row per token)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip_tok = clip_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
-        t5_tok = t5_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
+        t5_tok = t5_tokenizer if t5_tokenizer is not None else t5_word_tokenizer(TINY_WORDS, model_max_length=TEXT_LEN)
         t5 = t5_text_encoder(
             t5_tok,
             width=32,

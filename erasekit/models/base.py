@@ -301,15 +301,20 @@ class FamilyAdapter:
 
     def unfamiliar_words(self, text: str) -> list[tuple[str, list[str]]]:
         """The words of ``text`` that the main tokenizer does not hold as words: (word, pieces) for
-        each word it splits into more than two pieces or into unknown-token pieces (a word
-        spelled out character by character, an emoji). Text embeddings of such words carry
-        little of what a reader means by them."""
+        each word it splits into unknown-token pieces (an emoji) or spells out, i.e. splits into
+        more than two pieces of fewer than two characters each on average, word markers ("</w>",
+        "▁") not counted. Text embeddings of such words carry little of what a reader means
+        by them. The average, not the count: T5's SentencePiece splits words a model reads well
+        into three pieces ("nudity" = ▁nu d ity) where CLIP's BPE uses two (nu dity</w>);
+        "nudityx" is spelled out by both (nu d ity x</w>; ▁nu d ity x)."""
         tokenizer, _ = self._main_tokenizer()
         unknown = getattr(tokenizer, "unk_token", None)
         out = []
         for word in text.replace(";", " ").replace(",", " ").split():
             pieces = phrase_pieces(tokenizer, word)
-            if len(pieces) > 2 or (unknown is not None and unknown in pieces):
+            chars = sum(len(p.replace("</w>", "").replace("\u2581", "")) for p in pieces)
+            spelled_out = len(pieces) > 2 and chars < 2 * len(pieces)
+            if spelled_out or (unknown is not None and unknown in pieces):
                 out.append((word, pieces))
         return out
 

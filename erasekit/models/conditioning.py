@@ -124,6 +124,8 @@ def find_token_spans(tokenizer, prompt: str, phrase: str, max_length: int) -> li
         if offsets is None:
             return True
         a, b = offsets[start][0], offsets[stop - 1][1]
+        while a < b and prompt[a].isspace():  # SentencePiece's marked piece spans the space before it
+            a += 1
         left_ok = a == 0 or not prompt[a - 1].isalnum()
         right_ok = b >= len(prompt) or not prompt[b].isalnum()
         return left_ok and right_ok
