@@ -15,7 +15,7 @@ How each edit kind gets there:
 
 - ``lora`` (EraseAnything): its factors as they are (exact).
 - ``weight_delta`` (ESD, UCE): merged exactly; as a LoRA through a truncated SVD at ``rank``
-  (2-D weights only: deltas of biases, norms and convolutions are left out of a LoRA and counted
+  (Linear and Conv2d weights; deltas of biases and norms are left out of a LoRA and counted
   in its error, ``relative_error`` = ||delta - LoRA|| / ||delta|| over every parameter).
 - ``output_adapter`` (Receler): distilled into a LoRA (:mod:`erasekit.methods.distill`, rank
   ``distill_rank``) on the prompt's keys and values (default) or on the attention output
@@ -97,7 +97,7 @@ def _lora_from_weight_deltas(edit: Edit, rank: int) -> tuple[dict[str, torch.Ten
     for (component, parameter), delta in targets_of(edit).items():
         norm_sq = float(delta.double().pow(2).sum())
         total += norm_sq
-        if delta.dim() != 2 or not parameter.endswith(".weight"):
+        if delta.dim() not in (2, 4) or not parameter.endswith(".weight"):
             dropped[f"{component + '.' if component else ''}{parameter}"] = norm_sq
             continue
         prefix = component or DENOISER_PREFIX.get(edit.family, "unet")
@@ -105,8 +105,8 @@ def _lora_from_weight_deltas(edit: Edit, rank: int) -> tuple[dict[str, torch.Ten
         norms_sq[prefix, parameter] = norm_sq
     if not groups:
         raise ExportError(
-            f"the {edit.method} edit changes no 2-D weight a LoRA can carry ({', '.join(list(dropped)[:3])}); "
-            "use --format merged"
+            f"the {edit.method} edit changes no Linear or Conv2d weight a LoRA can carry "
+            f"({', '.join(list(dropped)[:3])}); use --format merged"
         )
     tensors: dict[str, torch.Tensor] = {}
     err_sq = 0.0

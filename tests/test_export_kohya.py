@@ -250,9 +250,56 @@ def test_a_truncated_full_rank_delta_reports_the_error_svd_predicts():
     assert report["rank"] == 1
 
 
-def test_non_2d_deltas_cannot_become_a_lora():
-    deltas = {"a.weight": torch.ones(3, 4), "a.bias": torch.ones(3), "conv.weight": torch.ones(4, 3, 3, 3)}
-    with pytest.raises(ValueError, match="a.bias, conv.weight") as err:
+def test_conv_deltas_become_locon_factors():
+    g = torch.Generator().manual_seed(2)
+    delta = torch.randn(6, 3, 3, 3, generator=g)  # (out, in, kh, kw): rank at most 6
+    tensors, report = lora_from_deltas({"conv.weight": delta}, 8, "unet")
+    a, b = tensors["unet.conv.lora_A.weight"], tensors["unet.conv.lora_B.weight"]
+    assert a.shape == (6, 3, 3, 3) and b.shape == (6, 6, 1, 1)
+    assert report["parameters"]["conv.weight"]["shape"] == [6, 3, 3, 3] and report["relative_error"] < 1e-6
+    torch.testing.assert_close((b.flatten(1) @ a.flatten(1)).reshape(delta.shape), delta)
+    _, cut = lora_from_deltas({"conv.weight": delta}, 1, "unet")
+    s = np.linalg.svd(delta.flatten(1).double().numpy(), compute_uv=False)
+    assert cut["relative_error"] == pytest.approx(np.sqrt((s[1:] ** 2).sum() / (s**2).sum()), rel=1e-5)
+
+
+def test_conv_weight_deltas_as_a_kohya_lora_load_in_stock_diffusers(tmp_path):
+    """An ESD-u-like edit (resnet convolutions and a time-embedding Linear changed) at full rank:
+    stock diffusers' kohya loader gives the weight edit's images."""
+    import torch.nn as nn
+
+    from erasekit.edits.weight_delta import NAME as WEIGHT_DELTA
+    from erasekit.edits.weight_delta import delta_key
+
+    pipe = tiny_sd_pipeline()
+    convs = [n for n, m in pipe.unet.named_modules() if isinstance(m, nn.Conv2d) and ".resnets." in n][:4]
+    linear = next(n for n, m in pipe.unet.named_modules() if n.endswith("time_emb_proj"))
+    g = torch.Generator().manual_seed(3)
+    weights = dict(pipe.unet.named_parameters())
+    deltas = {f"{n}.weight": 0.2 * torch.randn(weights[f"{n}.weight"].shape, generator=g) for n in [*convs, linear]}
+    base = uce.fit(tiny_sd_pipeline(), "circle", UCEConfig(), progress=False)
+    edit = Edit(
+        kind=WEIGHT_DELTA,
+        method="esd",
+        concepts=["circle"],
+        family="sd",
+        base_model=base.base_model,
+        tensors={delta_key(k, ""): v for k, v in deltas.items()},
+    )
+    full = max(min(d.flatten(1).shape) for d in deltas.values())
+    tensors, report = lora_from_deltas(deltas, full, "unet")
+    assert report["relative_error"] < 1e-5 and any(t.dim() == 4 for t in tensors.values())
+    save_kohya(tmp_path / "esd.safetensors", to_kohya(tensors, "sd"), {"erasekit_method": "esd"})
+    from_stock = _stock_images("sd", tmp_path, "esd.safetensors")
+    from_apply = _apply_images("sd", edit)
+    assert _max_8bit_diff(from_stock, from_apply) <= 1 / 255
+    assert (from_stock - from_apply).abs().max() < 1e-4
+    assert _max_8bit_diff(from_apply, _apply_images("sd", None)) > 8 / 255  # the edit does something
+
+
+def test_bias_and_norm_deltas_cannot_become_a_lora():
+    deltas = {"a.weight": torch.ones(3, 4), "a.bias": torch.ones(3), "norm.weight": torch.ones(4)}
+    with pytest.raises(ValueError, match="a.bias, norm.weight") as err:
         lora_from_deltas(deltas, 2, "unet")
     assert "\n" not in str(err.value) and "a.weight" not in str(err.value)
     with pytest.raises(ValueError, match="rank"):

@@ -275,18 +275,20 @@ def to_kohya(tensors: dict[str, Tensor], family: str) -> dict[str, Tensor]:
 def lora_from_deltas(deltas: dict[str, Tensor], rank: int, prefix: str) -> tuple[dict[str, Tensor], dict]:
     """LoRA factors that approximate weight deltas, by truncated SVD (computed in float64).
 
-    ``deltas``: parameter name (``"<module>.weight"``) -> delta (out, in), e.g. ``deltas_of(edit)``
-    of an ESD / UCE edit. Each delta D = U S V^T is cut to its ``r = min(rank, out, in)`` largest
-    singular values and split evenly: ``{prefix}.{module}.lora_B.weight`` = U_r sqrt(S_r)
+    ``deltas``: parameter name (``"<module>.weight"``) -> delta (out, in) of a Linear or
+    (out, in, kh, kw) of a Conv2d, e.g. ``deltas_of(edit)`` of an ESD / UCE edit. Each delta,
+    as a matrix D (out, in * kh * kw) = U S V^T, is cut to its ``r = min(rank, out, in * kh * kw)``
+    largest singular values and split evenly: ``{prefix}.{module}.lora_B.weight`` = U_r sqrt(S_r)
     (out, r) and ``{prefix}.{module}.lora_A.weight`` = sqrt(S_r) V_r^T (r, in), float32 on the
-    CPU, diffusers layout at alpha = rank (B A approximates D at strength 1). ``prefix``: the
-    component the deltas belong to ("unet", "transformer", "text_encoder").
+    CPU, diffusers layout at alpha = rank (B A approximates D at strength 1). For a Conv2d, A is
+    reshaped to a (r, in, kh, kw) kernel and B to (out, r, 1, 1), peft's and kohya's LoCon
+    layout. ``prefix``: the component the deltas belong to ("unet", "transformer", "text_encoder").
 
     Returns ``(tensors, report)``; ``report``: ``{"rank": rank, "relative_error": overall,
-    "parameters": {name: {"rank": r, "shape": [out, in], "relative_error": e}}}`` with e =
-    ||D - B A||_F / ||D||_F of the returned (float32) factors (0 for a zero delta) and overall
-    = sqrt(sum ||D - B A||_F^2) / sqrt(sum ||D||_F^2). Biases, norms and convolutions (not 2-D,
-    or not ``*.weight``) cannot be a LoRA: ``ValueError`` naming them.
+    "parameters": {name: {"rank": r, "shape": list(delta.shape), "relative_error": e}}}`` with
+    e = ||D - B A||_F / ||D||_F of the returned (float32) factors (0 for a zero delta) and overall
+    = sqrt(sum ||D - B A||_F^2) / sqrt(sum ||D||_F^2). Biases and norms (1-D, or not
+    ``*.weight``) cannot be a LoRA: ``ValueError`` naming them.
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"the LoRA rank must be a positive integer, got {rank!r}")
@@ -294,28 +296,31 @@ def lora_from_deltas(deltas: dict[str, Tensor], rank: int, prefix: str) -> tuple
         raise ValueError(f"the LoRA key prefix must be a component name such as 'unet', got {prefix!r}")
     if not deltas:
         raise ValueError("no weight deltas to turn into a LoRA")
-    bad = sorted(n for n, d in deltas.items() if d.dim() != 2 or not n.endswith(".weight"))
+    bad = sorted(n for n, d in deltas.items() if d.dim() not in (2, 4) or not n.endswith(".weight"))
     if bad:
         raise ValueError(
-            f"only 2-D weight deltas can become a LoRA; these cannot: {', '.join(bad)} "
+            f"only Linear (2-D) and Conv2d (4-D) weight deltas can become a LoRA; these cannot: {', '.join(bad)} "
             "(leave them out, and the LoRA lacks them, or export the merged model)"
         )
     tensors: dict[str, Tensor] = {}
     parameters: dict[str, dict] = {}
     err_sq = norm_sq = 0.0
     for name in sorted(deltas):
-        d = deltas[name].detach().to("cpu", torch.float64)
+        full = deltas[name].detach().to("cpu", torch.float64)
+        d = full.flatten(1)  # a Conv2d's (out, in, kh, kw) as (out, in * kh * kw)
         r = min(rank, *d.shape)
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         root = s[:r].sqrt()
         b = (u[:, :r] * root).float()
         a = (root[:, None] * vh[:r]).float()
+        err = torch.linalg.matrix_norm(d - b.double() @ a.double()).item()
+        norm = torch.linalg.matrix_norm(d).item()
+        if full.dim() == 4:
+            a, b = a.reshape(r, *full.shape[1:]), b.reshape(*b.shape, 1, 1)
         module = name[: -len(".weight")]
         tensors[f"{prefix}.{module}{A_SUFFIX}"] = a.contiguous()
         tensors[f"{prefix}.{module}{B_SUFFIX}"] = b.contiguous()
-        err = torch.linalg.matrix_norm(d - b.double() @ a.double()).item()
-        norm = torch.linalg.matrix_norm(d).item()
-        parameters[name] = {"rank": r, "shape": list(d.shape), "relative_error": err / norm if norm else 0.0}
+        parameters[name] = {"rank": r, "shape": list(full.shape), "relative_error": err / norm if norm else 0.0}
         err_sq, norm_sq = err_sq + err**2, norm_sq + norm**2
     overall = (err_sq / norm_sq) ** 0.5 if norm_sq else 0.0
     return tensors, {"rank": rank, "relative_error": overall, "parameters": parameters}
