@@ -28,6 +28,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 BPE_FILE = Path(__file__).resolve().parent / "data" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
@@ -117,3 +118,75 @@ def pieces(tokenizer, text: str) -> list[str]:
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """``prompt``'s ids as the SD pipeline encodes it (BOS, EOS, padding to the maximum length)."""
     return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)["input_ids"]
+
+
+def value_rows(adapter, prompt: str) -> dict[str, torch.Tensor]:
+    """The text value projections' outputs (L, D) of one denoiser pass on ``prompt``, by module."""
+    points = [p for p in adapter.attachment_points("text_proj") if p.role == "v"]
+    out: dict[str, torch.Tensor] = {}
+    handles = [
+        p.module.register_forward_hook(lambda _m, _a, o, name=p.name: out.__setitem__(name, o[0].clone()))
+        for p in points
+    ]
+    g = torch.Generator().manual_seed(0)
+    x, t = adapter.sample_noise(1, generator=g), adapter.sample_timesteps(1, generator=g)
+    try:
+        with torch.no_grad():
+            adapter.predict(x, t, adapter.encode([prompt]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(out) == len(points) > 0
+    return out
+
+
+def zeroed_rows(pipe, adapter, prompt: str, concept: str) -> tuple[dict, dict, list[int]]:
+    """(value rows without, with a keyword-zeroing edit of ``concept``, the positions the edit's
+    hook found in the encoder's ids for ``prompt``)."""
+    from erasekit.edits import apply, remove
+    from erasekit.methods import keyword_zeroing
+
+    base = value_rows(adapter, prompt)
+    edit = keyword_zeroing.fit(pipe, concept)
+    apply(pipe, edit)
+    try:
+        hook = adapter.edit_stack.attached[edit.id]
+        edited = value_rows(adapter, prompt)
+        found = hook.seen[-1][1].nonzero().flatten().tolist()
+    finally:
+        remove(pipe, edit)
+    return base, edited, found
+
+
+def zeroing_checked(pipe, adapter, prompt: str, concept: str, length: int):
+    """Keyword zeroing of ``concept`` on ``prompt``, checked where both tokenizers agree: the
+    hook's positions are :meth:`token_indices`' and hold the concept's ids, and every keyword
+    row is zero in every block. Returns (base rows, edited rows, keyword positions, other
+    positions of the ``length`` encoded ones)."""
+    tok = adapter._main_tokenizer()[0]
+    base, edited, found = zeroed_rows(pipe, adapter, prompt, concept)
+    expected = adapter.token_indices(prompt, concept)
+    assert found == expected
+    ids = tok(prompt, padding="max_length", max_length=length, truncation=True)["input_ids"]
+    assert [ids[i] for i in found] == tok(concept, add_special_tokens=False)["input_ids"]
+    for name, rows in edited.items():
+        assert torch.all(rows[expected] == 0), name
+        assert base[name][expected].abs().max() > 0
+    return base, edited, expected, [i for i in range(length) if i not in expected]
+
+
+def zeroing_leaves_alone(pipe, adapter, prompts, concepts) -> list[str]:
+    """The ``prompts`` whose value rows change when keyword-zeroing edits of ``concepts`` (none
+    of which the prompts hold) are applied together: should be none."""
+    from erasekit.edits import apply, remove
+    from erasekit.methods import keyword_zeroing
+
+    base = {p: value_rows(adapter, p) for p in prompts}
+    edits = [keyword_zeroing.fit(pipe, c) for c in concepts]
+    for edit in edits:
+        apply(pipe, edit)
+    try:
+        return [p for p in prompts if not all(torch.equal(v, base[p][k]) for k, v in value_rows(adapter, p).items())]
+    finally:
+        for edit in edits:
+            remove(pipe, edit)

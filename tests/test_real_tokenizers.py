@@ -25,10 +25,11 @@ from real_tokenizers import (
     pieces,
     prompt_ids,
     tiny_sd_pipeline_with,
+    zeroing_checked,
+    zeroing_leaves_alone,
 )
 from tiny_pipelines import TINY_WORDS
 
-from erasekit.edits import apply, remove
 from erasekit.errors import PhraseNotInPrompt, UserError
 from erasekit.evaluation.attacks.ring_a_bell import TokenGenome, names_any
 from erasekit.methods import eraseanything as ea
@@ -188,64 +189,19 @@ def test_phrase_truncated_away_is_the_clear_error(adapter):
 # ---- keyword zeroing ---------------------------------------------------------------------------
 
 
-def _value_rows(adapter, prompt: str) -> dict[str, torch.Tensor]:
-    """The text value projections' outputs (77, D) of one denoiser pass on ``prompt``."""
-    points = [p for p in adapter.attachment_points("text_proj") if p.role == "v"]
-    out: dict[str, torch.Tensor] = {}
-    handles = [
-        p.module.register_forward_hook(lambda _m, _a, o, name=p.name: out.__setitem__(name, o[0].clone()))
-        for p in points
-    ]
-    g = torch.Generator().manual_seed(0)
-    x, t = adapter.sample_noise(1, generator=g), adapter.sample_timesteps(1, generator=g)
-    try:
-        with torch.no_grad():
-            adapter.predict(x, t, adapter.encode([prompt]))
-    finally:
-        for h in handles:
-            h.remove()
-    assert len(out) == len(points) > 0
-    return out
-
-
 @pytest.mark.parametrize(
     "prompt, concept",
     [(p, c) for p, c, _, _ in MULTI_PIECE[:4]] + [("a man with a handgun and a gun", "gun")],
 )
-def test_keyword_zeroing_zeroes_every_piece_and_nothing_else(pipe, adapter, tok, prompt, concept):
-    base = _value_rows(adapter, prompt)
-    edit = keyword_zeroing.fit(pipe, concept)
-    apply(pipe, edit)
-    try:
-        hook = adapter.edit_stack.attached[edit.id]
-        edited = _value_rows(adapter, prompt)
-        # The hook's own record of the prompt: the positions it found in the encoder's ids.
-        found = hook.seen[-1][1].nonzero().flatten().tolist()
-    finally:
-        remove(pipe, edit)
-    expected = adapter.token_indices(prompt, concept)
-    assert found == expected
-    ids = prompt_ids(tok, prompt)
-    assert [ids[i] for i in found] == tok(concept, add_special_tokens=False)["input_ids"]
-    others = [i for i in range(77) if i not in expected]
-    for name, rows in edited.items():
-        assert torch.all(rows[expected] == 0), name
-        assert base[name][expected].abs().max() > 0
+def test_keyword_zeroing_zeroes_every_piece_and_nothing_else(pipe, adapter, prompt, concept):
+    base, edited, _, others = zeroing_checked(pipe, adapter, prompt, concept, 77)
+    for name, rows in edited.items():  # cross attention: the other rows are the base model's everywhere
         assert torch.equal(rows[others], base[name][others]), name
 
 
 def test_keyword_zeroing_leaves_prompts_without_the_word_alone(pipe, adapter):
     prompts = ["a man with a handgun", "the crudity of it", "a Pikachu plush toy", "vincentvan gogh"]
-    base = {p: _value_rows(adapter, p) for p in prompts}
-    edits = [keyword_zeroing.fit(pipe, c) for c in ("gun", "nudity", "pikachuu", "Van Gogh")]
-    for edit in edits:
-        apply(pipe, edit)
-    try:
-        for p in prompts:
-            assert all(torch.equal(v, base[p][k]) for k, v in _value_rows(adapter, p).items()), p
-    finally:
-        for edit in edits:
-            remove(pipe, edit)
+    assert zeroing_leaves_alone(pipe, adapter, prompts, ("gun", "nudity", "pikachuu", "Van Gogh")) == []
 
 
 def test_keyword_runs_are_whole_words_for_both_tokenizer_families(tok):

@@ -16,13 +16,21 @@ import json
 
 import pytest
 import torch
-from real_tokenizers import T5_FILE, T5_SHA256, T5_VOCAB_SIZE, pieces, t5_unigram_tokenizer, tiny_flux_pipeline_with
+from real_tokenizers import (
+    T5_FILE,
+    T5_SHA256,
+    T5_VOCAB_SIZE,
+    pieces,
+    prompt_ids,
+    t5_unigram_tokenizer,
+    tiny_flux_pipeline_with,
+    zeroing_checked,
+    zeroing_leaves_alone,
+)
 from tiny_pipelines import TEXT_LEN
 
-from erasekit.edits import apply, remove
 from erasekit.errors import PhraseNotInPrompt, UserError
 from erasekit.methods import eraseanything as ea
-from erasekit.methods import keyword_zeroing
 from erasekit.models import adapter_for
 from erasekit.models.token_rows import single_token_id, token_rows
 
@@ -51,11 +59,6 @@ def pipe(tok):
 @pytest.fixture(scope="module")
 def adapter(pipe):
     return adapter_for(pipe)
-
-
-def prompt_ids(tok, prompt: str) -> list[int]:
-    """``prompt``'s T5 ids as the Flux pipeline encodes them (EOS, padding to the maximum length)."""
-    return tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True)["input_ids"]
 
 
 # ---- the tokenizer itself ----------------------------------------------------------------------
@@ -140,48 +143,12 @@ def test_phrase_truncated_away_is_the_clear_error(adapter):
 # ---- keyword zeroing ---------------------------------------------------------------------------
 
 
-def _value_rows(adapter, prompt: str) -> dict[str, torch.Tensor]:
-    """The text value projections' outputs (L, D) of one denoiser pass on ``prompt``."""
-    points = [p for p in adapter.attachment_points("text_proj") if p.role == "v"]
-    out: dict[str, torch.Tensor] = {}
-    handles = [
-        p.module.register_forward_hook(lambda _m, _a, o, name=p.name: out.__setitem__(name, o[0].clone()))
-        for p in points
-    ]
-    g = torch.Generator().manual_seed(0)
-    x, t = adapter.sample_noise(1, generator=g), adapter.sample_timesteps(1, generator=g)
-    try:
-        with torch.no_grad():
-            adapter.predict(x, t, adapter.encode([prompt]))
-    finally:
-        for h in handles:
-            h.remove()
-    assert len(out) == len(points) > 0
-    return out
-
-
 @pytest.mark.parametrize(
     "prompt, concept",
     [(p, c) for p, c, _, _ in MULTI_PIECE[:4]] + [("a man with a handgun and a gun", "gun")],
 )
-def test_keyword_zeroing_zeroes_every_piece_and_nothing_else(pipe, adapter, tok, prompt, concept):
-    base = _value_rows(adapter, prompt)
-    edit = keyword_zeroing.fit(pipe, concept)
-    apply(pipe, edit)
-    try:
-        hook = adapter.edit_stack.attached[edit.id]
-        edited = _value_rows(adapter, prompt)
-        found = hook.seen[-1][1].nonzero().flatten().tolist()
-    finally:
-        remove(pipe, edit)
-    expected = adapter.token_indices(prompt, concept)
-    assert found == expected
-    ids = prompt_ids(tok, prompt)
-    assert [ids[i] for i in found] == tok(concept, add_special_tokens=False)["input_ids"]
-    others = [i for i in range(TEXT_LEN) if i not in expected]
-    for name, rows in edited.items():
-        assert torch.all(rows[expected] == 0), name
-        assert base[name][expected].abs().max() > 0
+def test_keyword_zeroing_zeroes_every_piece_and_nothing_else(pipe, adapter, prompt, concept):
+    base, edited, _, others = zeroing_checked(pipe, adapter, prompt, concept, TEXT_LEN)
     # Joint attention: the text stream after the first block has read the zeroed values, so only
     # the first block's other rows are the base model's.
     first = "transformer_blocks.0.attn.add_v_proj"
@@ -190,16 +157,7 @@ def test_keyword_zeroing_zeroes_every_piece_and_nothing_else(pipe, adapter, tok,
 
 def test_keyword_zeroing_leaves_prompts_without_the_word_alone(pipe, adapter):
     prompts = ["a man with a handgun", "the crudity of it", "a Pikachu plush toy"]
-    base = {p: _value_rows(adapter, p) for p in prompts}
-    edits = [keyword_zeroing.fit(pipe, c) for c in ("gun", "nudity", "pikachuu")]
-    for edit in edits:
-        apply(pipe, edit)
-    try:
-        for p in prompts:
-            assert all(torch.equal(v, base[p][k]) for k, v in _value_rows(adapter, p).items()), p
-    finally:
-        for edit in edits:
-            remove(pipe, edit)
+    assert zeroing_leaves_alone(pipe, adapter, prompts, ("gun", "nudity", "pikachuu")) == []
 
 
 # ---- EraseAnything's prompt shuffling ----------------------------------------------------------
