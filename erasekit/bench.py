@@ -223,6 +223,18 @@ def pick_best(rows: Sequence[dict]) -> int:
     return max(range(len(rows)), key=score)
 
 
+# Settings added after bench rows were recorded, with their default: a config at that default
+# leaves them out of its rows' keys, so rows recorded before the setting existed keep their keys
+# (and their figures, which the default does not change).
+LATE_SETTINGS: dict[str, Any] = {"autocast_bf16": False}
+
+
+def keyed_config(config) -> dict:
+    """A method config as a row's key holds it: every field, except :data:`LATE_SETTINGS` at
+    their defaults."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if not (k in LATE_SETTINGS and v == LATE_SETTINGS[k])}
+
+
 def _key(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -865,7 +877,7 @@ def run_bench(
         if suite_for_concept(concept) != OBJECT_SUITE:  # object rows keep the keys they always had
             settings["suite"] = suite_for_concept(concept)
         if method not in (BASE, ORACLE):
-            settings |= {"method": variant_method(method)[0], "preset": preset, "config": dataclasses.asdict(config)}
+            settings |= {"method": variant_method(method)[0], "preset": preset, "config": keyed_config(config)}
         settings |= attack_settings
         if phase != "report":
             settings |= {"phase": phase} | (extra or {})

@@ -138,6 +138,46 @@ def test_bfloat16_pipelines_train_float32_edits(method):
     assert trained and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained)
 
 
+@pytest.mark.parametrize("method", sorted(FITS))
+def test_autocast_runs_the_loop_in_bfloat16_and_trains_float32_edits(method, monkeypatch):
+    """autocast_bf16: the denoiser's Linears see bf16 inputs inside the loop; the edit is float32,
+    finite and close to (not equal to) the float32 run's."""
+    seen = []
+    original = F.linear
+
+    def spy(x, w, b=None):
+        out = original(x, w, b)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(F, "linear", spy)
+    plain = FITS[method](tiny_sd_pipeline(), "car", CONFIGS[method](), progress=False)
+    assert seen and torch.bfloat16 not in seen
+    seen.clear()
+    edit = FITS[method](tiny_sd_pipeline(), "car", CONFIGS[method](autocast_bf16=True), progress=False)
+    monkeypatch.undo()
+    assert torch.bfloat16 in seen  # Linear outputs in bf16 inside the loop
+    assert edit.hyperparameters["autocast_bf16"] is True
+    moved = 0.0
+    for k, v in edit.tensors.items():
+        assert v.dtype == plain.tensors[k].dtype and torch.isfinite(v).all(), k
+        moved = max(moved, (v - plain.tensors[k]).abs().max().item())
+    assert moved > 0  # bf16 products round differently
+
+
+def test_a_late_setting_at_its_default_leaves_bench_keys_as_they_were():
+    """Bench rows are keyed by their config; a setting added later (autocast_bf16) must not
+    re-key the rows recorded before it existed."""
+    import dataclasses
+
+    from erasekit.bench import LATE_SETTINGS, keyed_config
+
+    config = esd.ESDConfig()
+    full = dataclasses.asdict(config)
+    assert set(full) - set(keyed_config(config)) == set(LATE_SETTINGS)
+    assert keyed_config(esd.ESDConfig(autocast_bf16=True))["autocast_bf16"] is True
+
+
 def test_cli_erase_in_bfloat16_with_checkpointing(tmp_path):
     import json
 

@@ -12,6 +12,10 @@ backward instead of keeping them (:meth:`FamilyAdapter.gradient_checkpointing`),
 whose attention the method probes with gradient (EraseAnything's keyword layers). About one
 more forward pass of compute per backward; same gradients.
 
+``autocast_bf16`` (default off): the loop runs under ``torch.autocast`` in bfloat16 on the
+model's device (matrix products and convolutions in bf16, reductions and losses in float32 as
+autocast decides); the weights stay as loaded and the trained tensors in float32.
+
 Half precision: load the pipeline in bfloat16 (``load_pipeline(..., dtype=torch.bfloat16)``,
 ``erasekit erase --dtype bfloat16``). Trained tensors (erasers, LoRA) stay in float32, as do the
 losses. Attention runs through each layer's own processor (PyTorch's fused
@@ -25,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
+import torch
+
 from .config import MethodConfig, setting
 
 
@@ -34,6 +40,7 @@ class MemorySettings(MethodConfig):
 
     release_text_encoders: bool = setting(True, "encode every prompt first, park the text encoders on the CPU")
     gradient_checkpointing: bool = setting(False, "recompute unprobed denoiser blocks in backward")
+    autocast_bf16: bool = setting(False, "run the training loop under torch.autocast in bfloat16")
 
 
 @contextmanager
@@ -45,4 +52,6 @@ def training_memory(adapter, settings: MemorySettings, probed: Sequence[str] = (
             stack.enter_context(adapter.text_encoders_released())
         if settings.gradient_checkpointing:
             stack.enter_context(adapter.gradient_checkpointing(keep=probed))
+        if settings.autocast_bf16:
+            stack.enter_context(torch.autocast(adapter.device.type, dtype=torch.bfloat16))
         yield
