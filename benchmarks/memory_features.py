@@ -52,7 +52,7 @@ def step_peak_mib(heads: int, dual: int, single: int, checkpointing: bool, size:
     adapter = FamilyAdapter.for_denoiser(transformer)
     adapter.default_height = adapter.default_width = size
     shapes = lora_shapes(adapter, 8, lora_targets(adapter, ea.EraseAnythingConfig.targets))
-    init = init_lora(shapes, 8, torch.Generator().manual_seed(0))
+    init = init_lora(shapes, torch.Generator().manual_seed(0))
     handle = attach_lora(adapter, init, "bench", trainable=True)
     g = torch.Generator().manual_seed(0)
     cond = Conditioning(torch.randn(1, text, 4096, generator=g), torch.randn(1, 768, generator=g))

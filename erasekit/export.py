@@ -37,7 +37,7 @@ import torch
 
 from .edits import Edit, apply, load_edit, remove
 from .edits.artifact import legacy_kind
-from .edits.formats.kohya import DENOISER_PREFIX
+from .edits.formats.kohya import DENOISER_PREFIX, lora_can_carry, lora_from_deltas
 from .edits.kind import check_edit
 from .edits.lora import NAME as LORA
 from .edits.weight_delta import NAME as WEIGHT_DELTA
@@ -88,8 +88,6 @@ def _lora_of(
 
 
 def _lora_from_weight_deltas(edit: Edit, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
-    from .edits.formats.kohya import lora_from_deltas
-
     groups: dict[str, dict[str, torch.Tensor]] = {}
     norms_sq: dict[tuple[str, str], float] = {}  # (prefix, parameter) -> ||delta||^2
     dropped: dict[str, float] = {}
@@ -97,7 +95,7 @@ def _lora_from_weight_deltas(edit: Edit, rank: int) -> tuple[dict[str, torch.Ten
     for (component, parameter), delta in targets_of(edit).items():
         norm_sq = float(delta.double().pow(2).sum())
         total += norm_sq
-        if delta.dim() not in (2, 4) or not parameter.endswith(".weight"):
+        if not lora_can_carry(parameter, delta):
             dropped[f"{component + '.' if component else ''}{parameter}"] = norm_sq
             continue
         prefix = component or DENOISER_PREFIX.get(edit.family, "unet")

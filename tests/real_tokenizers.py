@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer, T5TokenizerFast
 
+from erasekit.edits import apply, remove
+from erasekit.methods import keyword_zeroing
+
 BPE_FILE = Path(__file__).resolve().parent / "data" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 N_MERGES = 49152 - 256 - 2  # 48894
@@ -143,9 +146,6 @@ def value_rows(adapter, prompt: str) -> dict[str, torch.Tensor]:
 def zeroed_rows(pipe, adapter, prompt: str, concept: str) -> tuple[dict, dict, list[int]]:
     """(value rows without, with a keyword-zeroing edit of ``concept``, the positions the edit's
     hook found in the encoder's ids for ``prompt``)."""
-    from erasekit.edits import apply, remove
-    from erasekit.methods import keyword_zeroing
-
     base = value_rows(adapter, prompt)
     edit = keyword_zeroing.fit(pipe, concept)
     apply(pipe, edit)
@@ -158,29 +158,26 @@ def zeroed_rows(pipe, adapter, prompt: str, concept: str) -> tuple[dict, dict, l
     return base, edited, found
 
 
-def zeroing_checked(pipe, adapter, prompt: str, concept: str, length: int):
+def zeroing_checked(pipe, adapter, prompt: str, concept: str):
     """Keyword zeroing of ``concept`` on ``prompt``, checked where both tokenizers agree: the
     hook's positions are :meth:`token_indices`' and hold the concept's ids, and every keyword
-    row is zero in every block. Returns (base rows, edited rows, keyword positions, other
-    positions of the ``length`` encoded ones)."""
-    tok = adapter._main_tokenizer()[0]
+    row is zero in every block. Returns (base rows, edited rows, keyword positions, the other
+    positions of the encoded prompt)."""
+    tok, _ = adapter.main_text_encoder()
     base, edited, found = zeroed_rows(pipe, adapter, prompt, concept)
     expected = adapter.token_indices(prompt, concept)
     assert found == expected
-    ids = tok(prompt, padding="max_length", max_length=length, truncation=True)["input_ids"]
+    ids = adapter.main_token_ids([prompt])[0].tolist()
     assert [ids[i] for i in found] == tok(concept, add_special_tokens=False)["input_ids"]
     for name, rows in edited.items():
         assert torch.all(rows[expected] == 0), name
         assert base[name][expected].abs().max() > 0
-    return base, edited, expected, [i for i in range(length) if i not in expected]
+    return base, edited, expected, [i for i in range(len(ids)) if i not in expected]
 
 
 def zeroing_leaves_alone(pipe, adapter, prompts, concepts) -> list[str]:
     """The ``prompts`` whose value rows change when keyword-zeroing edits of ``concepts`` (none
     of which the prompts hold) are applied together: should be none."""
-    from erasekit.edits import apply, remove
-    from erasekit.methods import keyword_zeroing
-
     base = {p: value_rows(adapter, p) for p in prompts}
     edits = [keyword_zeroing.fit(pipe, c) for c in concepts]
     for edit in edits:

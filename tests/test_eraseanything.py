@@ -113,7 +113,7 @@ def test_gaussian_init_leaves_the_model_unchanged(family):
     adapter = adapter_for(BUILDERS[family]())
     inputs = _inputs(adapter)
     base = _predict(adapter, inputs)
-    init = init_lora(_shapes(adapter, 8), 8, torch.Generator().manual_seed(0))
+    init = init_lora(_shapes(adapter, 8), torch.Generator().manual_seed(0))
     a = torch.cat([v.flatten() for k, v in init.items() if "lora_A" in k])
     assert abs(a.std().item() - 1 / 8) < 0.01  # peft's "gaussian": A ~ N(0, 1/r), B = 0
     assert all(not v.any() for k, v in init.items() if "lora_B" in k)

@@ -194,7 +194,7 @@ def test_phrase_truncated_away_is_the_clear_error(adapter):
     [(p, c) for p, c, _, _ in MULTI_PIECE[:4]] + [("a man with a handgun and a gun", "gun")],
 )
 def test_keyword_zeroing_zeroes_every_piece_and_nothing_else(pipe, adapter, prompt, concept):
-    base, edited, _, others = zeroing_checked(pipe, adapter, prompt, concept, 77)
+    base, edited, _, others = zeroing_checked(pipe, adapter, prompt, concept)
     for name, rows in edited.items():  # cross attention: the other rows are the base model's everywhere
         assert torch.equal(rows[others], base[name][others]), name
 

@@ -148,7 +148,7 @@ def test_phrase_truncated_away_is_the_clear_error(adapter):
     [(p, c) for p, c, _, _ in MULTI_PIECE[:4]] + [("a man with a handgun and a gun", "gun")],
 )
 def test_keyword_zeroing_zeroes_every_piece_and_nothing_else(pipe, adapter, prompt, concept):
-    base, edited, _, others = zeroing_checked(pipe, adapter, prompt, concept, TEXT_LEN)
+    base, edited, _, others = zeroing_checked(pipe, adapter, prompt, concept)
     # Joint attention: the text stream after the first block has read the zeroed values, so only
     # the first block's other rows are the base model's.
     first = "transformer_blocks.0.attn.add_v_proj"

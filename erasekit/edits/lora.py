@@ -65,11 +65,12 @@ def lora_shapes(adapter, rank: int, points: Sequence) -> dict[str, tuple[int, in
     return shapes
 
 
-def init_lora(shapes: dict[str, tuple[int, int]], rank: int, generator=None) -> dict[str, torch.Tensor]:
-    """peft's gaussian init of LoRA factors of ``shapes``, drawn from ``generator`` in key order:
-    A ~ N(0, (1/rank)^2), B = 0 (float32, CPU). The edited model starts identical to the base."""
+def init_lora(shapes: dict[str, tuple[int, int]], generator=None) -> dict[str, torch.Tensor]:
+    """peft's gaussian init of LoRA factors of ``shapes`` (:func:`lora_shapes`), drawn from
+    ``generator`` in key order: A (rank, in) ~ N(0, (1/rank)^2), B = 0 (float32, CPU). The edited
+    model starts identical to the base."""
     return {
-        k: torch.randn(s, generator=generator) / rank if k.endswith("lora_A.weight") else torch.zeros(s)
+        k: torch.randn(s, generator=generator) / s[0] if k.endswith("lora_A.weight") else torch.zeros(s)
         for k, s in shapes.items()
     }
 

@@ -339,7 +339,7 @@ def distil_to_text_lora(
         return adapter.predict(x_all[idx].to(adapter.device), t_all[idx].to(adapter.device), cond).float().cpu()
 
     g = torch.Generator().manual_seed(seed)
-    initial = init_lora(lora_shapes(adapter, rank, targeted), rank, g)
+    initial = init_lora(lora_shapes(adapter, rank, targeted), g)
     losses = []
     with frozen(adapter.denoiser, *adapter.text_encoders()):
         handle = attach_lora(adapter, initial, "erasekit_distill", 1.0, trainable=True)

@@ -567,7 +567,7 @@ def fit(
     run = TrainingRun(pipe, NAME, LORA, concept, config, iterations, checkpoint_dir, progress, settings=words)
     trainer.phase = run.phase
 
-    initial = init_lora(lora_shapes(adapter, config.rank, lora_targets(adapter, config.targets)), config.rank, g)
+    initial = init_lora(lora_shapes(adapter, config.rank, lora_targets(adapter, config.targets)), g)
     if config.adv_images:
         (trainer.rows,), trainer.adv_opt = word_adversary(pipe, concept, config.adv_lr)
     saved = run.resume()

@@ -816,7 +816,7 @@ def fit(pipe, concept: str, config: MACEConfig | None = None, checkpoint_dir=Non
         settings={"mappings": maps, "lora_steps": steps},
     )
     shapes = lora_shapes(adapter, config.rank, kv_points(adapter))
-    initial = [init_lora(shapes, config.rank, g) for _ in concepts]
+    initial = [init_lora(shapes, g) for _ in concepts]
     saved = run.resume()
     t_data = time.time()
     latents, regions = [], []

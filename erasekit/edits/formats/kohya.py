@@ -272,6 +272,12 @@ def to_kohya(tensors: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     raise ValueError(f"no kohya LoRA layout for family {family!r}; known: {sorted(DENOISER_PREFIX)}")
 
 
+def lora_can_carry(name: str, delta: Tensor) -> bool:
+    """Whether a weight delta can be a LoRA: a Linear's (2-D) or a Conv2d's (4-D) ``*.weight``;
+    not a bias or a norm."""
+    return delta.dim() in (2, 4) and name.endswith(".weight")
+
+
 def lora_from_deltas(deltas: dict[str, Tensor], rank: int, prefix: str) -> tuple[dict[str, Tensor], dict]:
     """LoRA factors that approximate weight deltas, by truncated SVD (computed in float64).
 
@@ -296,7 +302,7 @@ def lora_from_deltas(deltas: dict[str, Tensor], rank: int, prefix: str) -> tuple
         raise ValueError(f"the LoRA key prefix must be a component name such as 'unet', got {prefix!r}")
     if not deltas:
         raise ValueError("no weight deltas to turn into a LoRA")
-    bad = sorted(n for n, d in deltas.items() if d.dim() not in (2, 4) or not n.endswith(".weight"))
+    bad = sorted(n for n, d in deltas.items() if not lora_can_carry(n, d))
     if bad:
         raise ValueError(
             f"only Linear (2-D) and Conv2d (4-D) weight deltas can become a LoRA; these cannot: {', '.join(bad)} "
