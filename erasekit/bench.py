@@ -16,9 +16,11 @@ across the object and attribute definitions.
 
 Every finished row is appended to ``rows.jsonl`` in the output folder as soon as it is done; a
 later run with the same folder skips the rows already there that were made with the same
-settings. After every row, ``bench.json`` (machine, versions, command, settings, every
-per-concept row and the means over concepts) and ``bench.md`` (the table of means, then the
-per-concept one) are rewritten.
+settings, and so does a second process run at the same time on the same folder with other
+methods (the file is read again before each row; two processes on the same row both run it).
+After every row, ``bench.json`` (machine, versions, command, settings, every per-concept row and
+the means over concepts) and ``bench.md`` (the table of means, then the per-concept one) are
+rewritten.
 
 Fair comparison:
 
@@ -976,6 +978,8 @@ def run_bench(
             nonlocal skipped
             label = st["label"]
             order.append(p)
+            if p["key"] not in done:  # another bench process on this folder may have finished it
+                done.update({k: v for k, v in read_rows(out).items() if k == p["key"]})
             if p["key"] in done:
                 skipped += 1
                 bar.update(1)

@@ -130,6 +130,26 @@ def test_table_and_a_resumed_run_skips_finished_rows(tmp_path, monkeypatch):
     assert calls == {"erase": 4, "suite": 6} and other_n["skipped"] == 0 and other_n["rows"][0]["n_images"] == 8 + 5
 
 
+def test_a_row_another_process_finished_meanwhile_is_skipped(tmp_path, monkeypatch):
+    models = {"sd": tiny_sd_pipeline()}
+    _bench(tmp_path, models, methods=["uce"], out=tmp_path / "other")
+    finished = (tmp_path / "other" / "rows.jsonl").read_text().splitlines()
+    uce_line = next(line for line in finished if json.loads(line)["method"] == "uce")
+    real_suite = bench.evaluate_run
+
+    def other_process_finishes_uce(*a, **k):  # while this process scores its base row
+        with open(tmp_path / "bench" / "rows.jsonl", "a") as f:
+            f.write(uce_line + "\n")
+        return real_suite(*a, **k)
+
+    calls = _counting(monkeypatch)
+    monkeypatch.setattr(bench, "evaluate_run", other_process_finishes_uce)
+    result = _bench(tmp_path, models, methods=["uce"])
+    assert calls["erase"] == 0 and result["skipped"] == 1
+    assert [r["method"] for r in result["rows"]] == ["base", "uce"]
+    assert result["rows"][1] == json.loads(uce_line)
+
+
 def test_a_remove_that_does_not_restore_stops_the_bench(tmp_path, monkeypatch):
     import erasekit.edits
 
