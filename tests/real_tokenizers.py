@@ -187,3 +187,26 @@ def zeroing_leaves_alone(pipe, adapter, prompts, concepts) -> list[str]:
     finally:
         for edit in edits:
             remove(pipe, edit)
+
+
+def shuffled_spans(adapter, tokenizer, prompt: str, concept: str, tries: int = 12) -> tuple[list, int]:
+    """EraseAnything's shuffled rewrites of ``prompt``, which names ``concept`` twice (seed 0,
+    ``tries`` of them), checked: the rewrite still names its word twice, and its token indices are
+    two contiguous spans of equal length that each decode to the word (in any case). Returns the (new prompt,
+    word, indices, prompt ids) of each rewrite and how many of them moved the indices."""
+    from erasekit.methods import eraseanything as ea
+
+    g = torch.Generator().manual_seed(0)
+    out, moved = [], 0
+    for _ in range(tries):
+        new, word = ea.rewrite_prompt(prompt, concept, ["pikachuu"], g, shuffle_prob=1.0, synonym_prob=0.3)
+        assert new.count(word) == 2, new  # every occurrence moves as one unit
+        idx = adapter.token_indices(new, word)
+        ids = prompt_ids(tokenizer, new)
+        k = len(idx) // 2
+        assert len(idx) == 2 * k and idx[k - 1] - idx[0] == k - 1 and idx[-1] - idx[k] == k - 1, (new, idx)
+        spans = {tokenizer.decode([ids[i] for i in span]).lower() for span in (idx[:k], idx[k:])}
+        assert spans == {word.lower()}, (new, spans)  # CLIP lower-cases
+        moved += idx != adapter.token_indices(prompt, concept)
+        out.append((new, word, idx, ids))
+    return out, moved

@@ -22,6 +22,7 @@ from real_tokenizers import (
     T5_VOCAB_SIZE,
     pieces,
     prompt_ids,
+    shuffled_spans,
     t5_unigram_tokenizer,
     tiny_flux_pipeline_with,
     zeroing_checked,
@@ -30,7 +31,6 @@ from real_tokenizers import (
 from tiny_pipelines import TEXT_LEN
 
 from erasekit.errors import PhraseNotInPrompt, UserError
-from erasekit.methods import eraseanything as ea
 from erasekit.models import adapter_for
 from erasekit.models.token_rows import single_token_id, token_rows
 
@@ -165,20 +165,8 @@ def test_keyword_zeroing_leaves_prompts_without_the_word_alone(pipe, adapter):
 
 @pytest.mark.parametrize("concept", ["Van Gogh", "nudity", "Thomas Kinkade"])
 def test_shuffled_prompts_keep_the_concept_whole_and_its_indices_right(adapter, tok, concept):
-    prompt = f"a painting of {concept}, in the style of {concept}"
-    g = torch.Generator().manual_seed(0)
-    moved = 0
-    for _ in range(12):
-        new, word = ea.rewrite_prompt(prompt, concept, ["pikachuu"], g, shuffle_prob=1.0, synonym_prob=0.3)
-        assert new.count(word) == 2
-        idx = adapter.token_indices(new, word)
-        ids = prompt_ids(tok, new)
-        k = len(idx) // 2
-        assert len(idx) == 2 * k and k >= 3
-        assert tok.decode([ids[i] for i in idx[:k]]) == word and tok.decode([ids[i] for i in idx[k:]]) == word
-        assert idx[k - 1] - idx[0] == k - 1 and idx[-1] - idx[k] == k - 1  # each span contiguous
-        moved += idx != adapter.token_indices(prompt, concept)
-    assert moved >= 8
+    rewrites, moved = shuffled_spans(adapter, tok, f"a painting of {concept}, in the style of {concept}", concept)
+    assert all(len(idx) >= 6 for _, _, idx, _ in rewrites) and moved >= 8  # every word here is 3+ pieces
 
 
 # ---- the other places that map words to tokens -------------------------------------------------
