@@ -254,6 +254,22 @@ class TrainingDeltas(Attachment):
             n: (self.student[n].float() - self.frozen[n].float()).to(self.frozen[n].dtype).cpu() for n in self.params
         }
 
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters, with their gradients switched on (for an optimizer)."""
+        for p in self.params.values():
+            p.requires_grad_(True)
+        return list(self.params.values())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors for a checkpoint: ``"student.<name>"`` -> tensor (live, not copied)."""
+        return {f"student.{n}": t for n, t in self.student.items()}
+
+    def load_state(self, saved: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's trained tensors (:meth:`state`'s keys) into the students, in place."""
+        with torch.no_grad():
+            for n, t in self.student.items():
+                t.copy_(saved[f"student.{n}"])
+
     def set_scale(self, scale: float) -> None:
         """Training tensors have no strength: always 1."""
         raise ValueError("training deltas are always at scale 1")

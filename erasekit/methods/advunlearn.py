@@ -294,23 +294,15 @@ def fit(
     student = train_deltas(adapter, params)
     with frozen(*pipe_modules):
         try:
-            for p in params.values():
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(list(params.values()), lr=config.lr)
+            opt = torch.optim.Adam(student.trainable(), lr=config.lr)
             saved = run.resume()
             if saved is not None:
-                with torch.no_grad():
-                    for n, t in student.student.items():
-                        t.copy_(saved[f"student.{n}"])
+                student.load_state(saved)
                 rows = {n: saved[f"adv.{n}"].clone() for n in rows}
                 attacked = saved["attacked"].clone()
 
             def state() -> dict[str, Tensor]:
-                return (
-                    {f"student.{n}": t for n, t in student.student.items()}
-                    | {f"adv.{n}": r for n, r in rows.items()}
-                    | {"attacked": attacked}
-                )
+                return student.state() | {f"adv.{n}": r for n, r in rows.items()} | {"attacked": attacked}
 
             for it in run.loop(params.values(), state, {"opt": opt}, g, [source, retain_source]):
                 if it >= config.warmup and (it - config.warmup) % config.attack_every == 0:

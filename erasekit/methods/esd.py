@@ -165,19 +165,12 @@ def fit(
     teacher = train_deltas(adapter, params)
     with frozen(adapter.denoiser), training_memory(adapter, config):  # only the edit trains
         try:
-            for p in params.values():
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(list(params.values()), lr=config.lr)
+            opt = torch.optim.Adam(teacher.trainable(), lr=config.lr)
             saved = run.resume()
             if saved is not None:
-                with torch.no_grad():
-                    for n, t in teacher.student.items():
-                        t.copy_(saved[f"student.{n}"])
+                teacher.load_state(saved)
 
-            def state() -> dict[str, torch.Tensor]:
-                return {f"student.{n}": t for n, t in teacher.student.items()}
-
-            for _ in run.loop(params.values(), state, {"opt": opt}, generator=g, sources=[source]):
+            for _ in run.loop(params.values(), teacher.state, {"opt": opt}, generator=g, sources=[source]):
                 with run.phase("rollout"):
                     x_t, t = source.draw(cond, uncond, g)
                 with run.phase("teacher"):
