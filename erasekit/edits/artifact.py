@@ -64,6 +64,13 @@ class Edit:
         self.created = self.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.kind = self.kind or legacy_kind(self.method)
 
+    @classmethod
+    def made_on(cls, adapter, **fields) -> Edit:
+        """An Edit made on ``adapter``'s model: its family, and as ``base_model`` its pipeline's
+        ``name_or_path`` ('' when it has none); ``fields``: the other fields."""
+        pipe = getattr(adapter, "pipe", None)
+        return cls(family=adapter.family, base_model=str(getattr(pipe, "name_or_path", "") or ""), **fields)
+
     def metadata(self) -> dict:
         """What ``edit.json`` holds (tensor shapes, not their values)."""
         return {

@@ -348,12 +348,11 @@ def fit(
     for name, d in deltas.items():
         component, _, parameter = name.partition(":")
         tensors[delta_key(parameter, component)] = d
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=WEIGHT_DELTA,
         method=NAME,
         concepts=[concept],
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors,
         hyperparameters=asdict(config)
         | {

@@ -641,12 +641,11 @@ def fit(
     def level(name: str):
         return lambda entry: entry["level"] in (name, "both")
 
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=LORA,
         method=NAME,
         concepts=[concept],
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors_out,
         hyperparameters=asdict(config)
         | {

@@ -188,12 +188,11 @@ def fit(
         finally:
             teacher.detach()
 
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=WEIGHT_DELTA,
         method=NAME,
         concepts=[concept],
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors={PREFIX + n: d for n, d in deltas.items()},
         hyperparameters=asdict(config)
         | {

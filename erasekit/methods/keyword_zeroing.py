@@ -60,12 +60,11 @@ def fit(
     keywords = [concept.strip()] + [k.strip() for k in config.keywords.split(";") if k.strip()]
     if not keywords[0]:
         raise ValueError("empty keyword")
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=INFERENCE_HOOK,
         method=NAME,
         concepts=[concept.strip()],
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors={},
         hyperparameters=asdict(config) | {"keyword_list": keywords, "hook": "keyword_zeroing"},
         metrics={"train_seconds": 0.0},

@@ -953,12 +953,11 @@ def fit(pipe, concept: str, config: MACEConfig | None = None, checkpoint_dir=Non
         "fusion_seconds": round(fusion_seconds, 2),
         "train_seconds": round(time.time() - t_start, 2),
     }
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=WEIGHT_DELTA,
         method=NAME,
         concepts=concepts,
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors,
         hyperparameters=asdict(config)
         | {

@@ -390,12 +390,11 @@ def fit(pipe, concept: str, config: RECEConfig | None = None, checkpoint_dir=Non
         weight = base_linear(p.module).weight
         tensors[PREFIX + param_names[id(weight)]] = (current[p.name] - base[p.name]).to(weight.dtype).cpu()
 
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=WEIGHT_DELTA,
         method=NAME,
         concepts=concepts,
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors,
         hyperparameters=asdict(config)
         | {

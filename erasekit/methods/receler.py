@@ -439,12 +439,11 @@ def fit(
     tensors = {k: v.cpu() for k, v in eraser_tensors(erasers).items()}
     if adv is not None:
         tensors["adversarial_prompt"] = adv.detach().cpu()
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=OUTPUT_ADAPTER,
         method=NAME,
         concepts=[concept],
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors,
         hyperparameters=asdict(config)
         | {"adv_positions": adv_pos, "rollout_steps": steps, "preserved_concepts": kept},

@@ -195,12 +195,11 @@ def fit(pipe, concept: str, config: SafreeConfig | None = None, checkpoint_dir=N
             f"safree: latent_reattention needs a UNet's up-block skip features; the {adapter.family} family has none "
             "(set latent_reattention=false)"
         )
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=INFERENCE_HOOK,
         method=NAME,
         concepts=[concept.strip()],
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors={},
         hyperparameters=asdict(config) | {"keyword_list": keywords, "hook": "safree"},
         metrics={"train_seconds": 0.0},

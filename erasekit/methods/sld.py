@@ -99,12 +99,11 @@ def fit(pipe, concept: str, config: SLDConfig | None = None, checkpoint_dir=None
     """Instant: the Edit holds the SLD settings (no tensors)."""
     config = config or SLDConfig()
     adapter = adapter_for(pipe)
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=INFERENCE_HOOK,
         method=NAME,
         concepts=[concept],
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors={},
         hyperparameters=asdict(config)
         | {"safety_concept": config.safety_prompt.format(concept=concept), "hook": "safe_guidance"},

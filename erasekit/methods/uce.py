@@ -204,12 +204,11 @@ def fit(pipe, concept: str, config: UCEConfig | None = None, checkpoint_dir=None
         new = torch.linalg.solve(rhs, lhs.T).T  # lhs @ rhs^-1 (rhs is symmetric)
         tensors[PREFIX + param_names[id(base.weight)]] = (new - w).to(base.weight.dtype).cpu()
 
-    return Edit(
+    return Edit.made_on(
+        adapter,
         kind=WEIGHT_DELTA,
         method=NAME,
         concepts=concepts,
-        family=adapter.family,
-        base_model=str(getattr(pipe, "name_or_path", "") or ""),
         tensors=tensors,
         hyperparameters=asdict(config)
         | {"erase_prompts": [p for p, _ in erase], "token_positions": positions, "token_rows": n_e},
