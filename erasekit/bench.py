@@ -589,6 +589,11 @@ def markdown(result: dict) -> str:
             )
     for e in result["errors"]:
         lines.append(f"\n**failed**: {e['model']} / {e['method']} / {e['concept']}: {e['error']}")
+    if result.get("missing"):
+        lines.append(
+            f"\n**not yet run** ({len(result['missing'])} rows; the means above leave them out): "
+            + "; ".join(result["missing"])
+        )
     tune = result.get("tune")
     if tune:
         lines += [
@@ -764,6 +769,7 @@ def run_bench(
     tune: bool = False,
     dev_concept: str = DEV_CONCEPT,
     oracles: str | Path | None = None,
+    report_only: bool = False,
 ) -> dict:
     """Run the toy bench; returns the result also written to ``out/bench.json``.
 
@@ -786,7 +792,9 @@ def run_bench(
     pipelines retrained without one concept each, ``LABEL-no-CONCEPT`` (:func:`oracle_folder`):
     where one exists, an ``oracle`` row (its suite and attacks, the attacks' targets from the
     model ``LABEL``) follows the base row, and every method gets its gaps to it
-    (:func:`oracle_gaps`); missing ones are listed in ``oracles_missing``.
+    (:func:`oracle_gaps`); missing ones are listed in ``oracles_missing``. ``report_only``: run
+    nothing; write the tables from the rows already in ``out`` (those not there are listed in
+    ``missing``, e.g. while other processes are still running them).
     Accuracies and attack success rates are % in [0, 100], times seconds, memory MiB.
     """
     from .models import adapter_for, load_pipeline
@@ -931,6 +939,7 @@ def run_bench(
         "oracles_missing": [],
         "errors": [],
         "skipped": 0,
+        "missing": [],
     }
     if tune:
         result["tune"] = {
@@ -940,6 +949,7 @@ def run_bench(
             "rows": [],
         }
     errors: list[dict] = []
+    missing: list[str] = []
     order: list[dict] = []  # every planned row, in order (those of later models are added as they are known)
     skipped = 0
 
@@ -950,6 +960,7 @@ def run_bench(
         result["oracle_gaps"] = oracle_gaps(rows, attacks)
         result["errors"] = errors
         result["skipped"] = skipped
+        result["missing"] = missing
         if tune:
             result["tune"]["rows"] = [done[p["key"]] for p in order if p["phase"] == "tune" and p["key"] in done]
         atomic_write_text(out / JSON_FILE, json.dumps(result, indent=2) + "\n")
@@ -984,6 +995,14 @@ def run_bench(
                 skipped += 1
                 bar.update(1)
                 return done[p["key"]]
+            if report_only:
+                seed = config_seed(p["config"])
+                seed_text = f" / seed {seed}" if seed is not None else ""
+                grid = p["settings"].get("grid")
+                tuning = f" (tuning: {_settings_text(grid)})" if grid is not None else ""
+                missing.append(f"{label} / {p['concept']} / {p['method']}{seed_text}{tuning}")
+                bar.update(1)
+                return None
             loaded(st)
             pipe, adapter, references = st["pipe"], st["adapter"], st.setdefault("references", {})
             concept, method = p["concept"], p["method"]

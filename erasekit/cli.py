@@ -120,7 +120,7 @@ def _bench_toy(args: argparse.Namespace) -> int:
         quick=args.quick,
         out=args.out,
         device=args.device,
-        command="erasekit " + shlex.join(args.argv),
+        command="erasekit " + shlex.join(a for a in args.argv if a != "--report-only"),
         on_row=show,
         seeds=seeds,
         attacks=split_list(args.attacks) if args.attacks else (),
@@ -129,6 +129,7 @@ def _bench_toy(args: argparse.Namespace) -> int:
         tune=args.tune,
         dev_concept=args.dev_concept,
         oracles=None if args.oracles.lower() == "none" else args.oracles,
+        report_only=args.report_only,
     )
     from .bench import MD_FILE, markdown
 
@@ -619,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ATTACK.KEY=VALUE",
         help="an attack's setting, e.g. soft-prompt.steps=20 (repeatable)",
+    )
+    bt.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write bench.json / bench.md / report.html from the rows already in --out, "
+        "listing those not yet run (e.g. while other processes on the same --out run them)",
     )
     bt.add_argument(
         "--tune",

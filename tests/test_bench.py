@@ -150,6 +150,19 @@ def test_a_row_another_process_finished_meanwhile_is_skipped(tmp_path, monkeypat
     assert result["rows"][1] == json.loads(uce_line)
 
 
+def test_report_only_writes_the_tables_from_finished_rows_and_runs_nothing(tmp_path, monkeypatch):
+    models = {"sd": tiny_sd_pipeline()}
+    first = _bench(tmp_path, models, methods=["uce"])
+    calls = _counting(monkeypatch)
+    result = _bench(tmp_path, models, methods=["esd-x", "uce"], report_only=True)
+    assert calls == {"erase": 0, "suite": 0}
+    assert [r["method"] for r in result["rows"]] == ["base", "uce"] and result["rows"] == first["rows"]
+    assert result["missing"] == ["sd / circle / esd-x / seed 0"]
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert saved["missing"] == result["missing"] and [m["method"] for m in saved["means"]] == ["base", "uce"]
+    assert "**not yet run** (1 rows" in (tmp_path / "bench" / "bench.md").read_text()
+
+
 def test_a_remove_that_does_not_restore_stops_the_bench(tmp_path, monkeypatch):
     import erasekit.edits
 
