@@ -308,7 +308,7 @@ def distil_to_text_lora(
     names = [p.name for p in targeted]
     texts = list(dict.fromkeys(["", *prompts, *other_prompts]))  # "" first: the unconditional branch
     conds = [adapter.encode([t]) for t in texts]
-    xs, ts, which, wanted, base = [], [], [], [], []
+    xs, ts, src, which, wanted, base = [], [], [], [], [], []  # x_t and t once per trajectory state
     num_steps = steps or adapter.default_steps
     attachment = attach_modules(adapter, erasers, "distill")
     runs = [(i, s) for i in range(len(texts)) for s in seeds]
@@ -321,22 +321,25 @@ def distil_to_text_lora(
                 )
                 keep = torch.linspace(0, len(times) - 1, min(states, len(times))).round().long().unique()
                 x, t = trajectory[keep, 0], times[keep]  # (states, *latent), (states,)
-                for j in dict.fromkeys([i, 0]):
+                first = sum(len(v) for v in ts)
+                xs.append(x.cpu())
+                ts.append(t.cpu())
+                for j in dict.fromkeys([i, 0]):  # the prompt's branch and the empty one
                     c = conds[j].expand_to(x.shape[0])
                     wanted.append(adapter.predict(x, t, c).float().cpu())
                     with adapter.edits_disabled():
                         base.append(adapter.predict(x, t, c).float().cpu())
-                    xs.append(x.cpu())
-                    ts.append(t.cpu())
+                    src += range(first, first + x.shape[0])
                     which += [j] * x.shape[0]
     finally:
         attachment.detach()
     x_all, t_all, y_all, b_all = torch.cat(xs), torch.cat(ts), torch.cat(wanted), torch.cat(base)
-    which_t = torch.tensor(which)
+    which_t, src_t = torch.tensor(which), torch.tensor(src)
 
     def student(idx: Tensor) -> Tensor:
         cond = Conditioning.cat([conds[int(k)] for k in which_t[idx]])
-        return adapter.predict(x_all[idx].to(adapter.device), t_all[idx].to(adapter.device), cond).float().cpu()
+        at = src_t[idx]
+        return adapter.predict(x_all[at].to(adapter.device), t_all[at].to(adapter.device), cond).float().cpu()
 
     g = torch.Generator().manual_seed(seed)
     initial = init_lora(lora_shapes(adapter, rank, targeted), g)
