@@ -16,8 +16,9 @@ across the object and attribute definitions.
 
 Every finished row is appended to ``rows.jsonl`` in the output folder as soon as it is done; a
 later run with the same folder skips the rows already there that were made with the same
-settings, and so does a second process run at the same time on the same folder with other
-methods (the file is read again before each row; two processes on the same row both run it).
+settings, and so does a second process run at the same time on the same folder (the file is read
+again before each row, and a row is locked while it runs: a report row another process is running
+is left to it, a tuning row waited for).
 After every row, ``bench.json`` (machine, versions, command, settings, every per-concept row and
 the means over concepts) and ``bench.md`` (the table of means, then the per-concept one) are
 rewritten.
@@ -51,8 +52,10 @@ import json
 import math
 import os
 import platform
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .evaluation.attacks import PROMPT_ATTACKS, attack, attack_spec, make_attack_config
 from .evaluation.evaluate import evaluate_run
+from .evaluation.lock import OutputInUse, output_lock
 from .evaluation.metrics import harmonic_h, pooled_accuracies
 from .evaluation.resources import PeakMemory, Stopwatch
 from .evaluation.suites import make_suite
@@ -127,6 +131,8 @@ ATTACK_N, QUICK_ATTACK_N = 4, 1  # prompts per attack set (and plain prompts) af
 MEANINGFUL_BASE = 50.0  # % of simple prompts showing the concept below which erasure means nothing
 ROWS_FILE, JSON_FILE, MD_FILE, REPORT_FILE = "rows.jsonl", "bench.json", "bench.md", "report.html"
 GRIDS, GRID_IMAGES = "grids", 8  # per row: the first simple prompts' images, in out/grids/KEY.png
+RUNNING = ".running"  # out/.running/KEY: locked while a process runs row KEY
+ROW_WAIT_SECONDS = 30.0  # how often a tuning row another process is running is checked for
 BATCH_SIZE = 64  # images per generation batch (each image has its own generator)
 
 
@@ -1003,6 +1009,27 @@ def run_bench(
                 missing.append(f"{label} / {p['concept']} / {p['method']}{seed_text}{tuning}")
                 bar.update(1)
                 return None
+            with ExitStack() as held:
+                while True:  # one process per row: a row another process is running now is not run twice
+                    try:
+                        held.enter_context(output_lock(out / RUNNING / p["key"], "erasekit bench"))
+                        break
+                    except OutputInUse:
+                        if p["phase"] == "report":  # left to that process; --report-only gathers it later
+                            missing.append(f"{label} / {p['concept']} / {p['method']} (running in another process)")
+                            bar.update(1)
+                            return None
+                        time.sleep(ROW_WAIT_SECONDS)  # a tuning row: its figures choose the setting, so wait
+                done.update({k: v for k, v in read_rows(out).items() if k == p["key"]})
+                if p["key"] in done:  # finished by the other process while this one waited
+                    skipped += 1
+                    bar.update(1)
+                    return done[p["key"]]
+                return compute(p, st)
+
+        def compute(p: dict, st: dict) -> dict | None:
+            """Run plan entry ``p`` now (see ``run``)."""
+            label = st["label"]
             loaded(st)
             pipe, adapter, references = st["pipe"], st["adapter"], st.setdefault("references", {})
             concept, method = p["concept"], p["method"]

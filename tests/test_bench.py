@@ -150,6 +150,39 @@ def test_a_row_another_process_finished_meanwhile_is_skipped(tmp_path, monkeypat
     assert result["rows"][1] == json.loads(uce_line)
 
 
+def test_a_row_another_process_is_running_is_left_to_it(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    models = {"sd": tiny_sd_pipeline()}
+    _bench(tmp_path, models, methods=["uce"], out=tmp_path / "other")
+    rows = [json.loads(line) for line in (tmp_path / "other" / "rows.jsonl").read_text().splitlines()]
+    key = next(r["key"] for r in rows if r["method"] == "uce")
+    lock = tmp_path / "bench" / bench.RUNNING / key / ".erasekit.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process running the uce row: it holds the row's lock
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, sys, time; f = open({str(lock)!r}, 'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        calls = _counting(monkeypatch)
+        result = _bench(tmp_path, models, methods=["uce"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert calls["erase"] == 0 and [r["method"] for r in result["rows"]] == ["base"]
+    assert result["missing"] == ["sd / circle / uce (running in another process)"]
+    again = _bench(tmp_path, models, methods=["uce"])  # the lock is free: the row runs
+    assert calls["erase"] == 1 and [r["method"] for r in again["rows"]] == ["base", "uce"]
+
+
 def test_report_only_writes_the_tables_from_finished_rows_and_runs_nothing(tmp_path, monkeypatch):
     models = {"sd": tiny_sd_pipeline()}
     first = _bench(tmp_path, models, methods=["uce"])
