@@ -150,28 +150,28 @@ def test_a_row_another_process_finished_meanwhile_is_skipped(tmp_path, monkeypat
     assert result["rows"][1] == json.loads(uce_line)
 
 
-def test_a_row_another_process_is_running_is_left_to_it(tmp_path, monkeypatch):
+def _hold_row_lock(folder, key, seconds):
+    """Another process holding row ``key``'s lock in bench folder ``folder`` for ``seconds``."""
     import subprocess
     import sys
 
+    lock = folder / bench.RUNNING / key / ".erasekit.lock"
+    lock.parent.mkdir(parents=True)
+    code = (
+        f"import fcntl, time; f = open({str(lock)!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+        f"print('held', flush=True); time.sleep({seconds})"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_row_another_process_is_running_is_left_to_it(tmp_path, monkeypatch):
     models = {"sd": tiny_sd_pipeline()}
     _bench(tmp_path, models, methods=["uce"], out=tmp_path / "other")
     rows = [json.loads(line) for line in (tmp_path / "other" / "rows.jsonl").read_text().splitlines()]
-    key = next(r["key"] for r in rows if r["method"] == "uce")
-    lock = tmp_path / "bench" / bench.RUNNING / key / ".erasekit.lock"
-    lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen(  # another process running the uce row: it holds the row's lock
-        [
-            sys.executable,
-            "-c",
-            f"import fcntl, sys, time; f = open({str(lock)!r}, 'w'); "
-            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _hold_row_lock(tmp_path / "bench", next(r["key"] for r in rows if r["method"] == "uce"), 60)
     try:
-        assert holder.stdout.readline().strip() == "held"
         calls = _counting(monkeypatch)
         result = _bench(tmp_path, models, methods=["uce"])
     finally:
@@ -181,6 +181,27 @@ def test_a_row_another_process_is_running_is_left_to_it(tmp_path, monkeypatch):
     assert result["missing"] == ["sd / circle / uce (running in another process)"]
     again = _bench(tmp_path, models, methods=["uce"])  # the lock is free: the row runs
     assert calls["erase"] == 1 and [r["method"] for r in again["rows"]] == ["base", "uce"]
+
+
+def test_a_tuning_row_another_process_is_running_is_waited_for(tmp_path, monkeypatch):
+    import time
+
+    models = {"sd": tiny_sd_pipeline()}
+    monkeypatch.setattr(bench, "TUNE_GRIDS", {"uce": [{"lamb": "0.5"}, {"lamb": "1"}]})
+    _bench(tmp_path, models, methods=["uce"], tune=True, out=tmp_path / "other")
+    tuned = [json.loads(line) for line in (tmp_path / "other" / "rows.jsonl").read_text().splitlines()]
+    first = next(r["key"] for r in tuned if r.get("phase") == "tune")
+    monkeypatch.setattr(bench, "ROW_WAIT_SECONDS", 0.2)
+    holder = _hold_row_lock(tmp_path / "bench", first, 3)  # it ends without writing the row
+    start = time.monotonic()
+    try:
+        calls = _counting(monkeypatch)
+        result = _bench(tmp_path, models, methods=["uce"], tune=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert time.monotonic() - start >= 2.5  # waited for the lock, then ran the row itself
+    assert calls["erase"] == 3 and not result["missing"] and len(result["tune"]["rows"]) == 2
 
 
 def test_report_only_writes_the_tables_from_finished_rows_and_runs_nothing(tmp_path, monkeypatch):
