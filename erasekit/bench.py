@@ -996,7 +996,7 @@ def run_bench(
             label = st["label"]
             order.append(p)
             if p["key"] not in done:  # another bench process on this folder may have finished it
-                done.update({k: v for k, v in read_rows(out).items() if k == p["key"]})
+                done.update(read_rows(out))
             if p["key"] in done:
                 skipped += 1
                 bar.update(1)
@@ -1020,7 +1020,7 @@ def run_bench(
                             bar.update(1)
                             return None
                         time.sleep(ROW_WAIT_SECONDS)  # a tuning row: its figures choose the setting, so wait
-                done.update({k: v for k, v in read_rows(out).items() if k == p["key"]})
+                done.update(read_rows(out))
                 if p["key"] in done:  # finished by the other process while this one waited
                     skipped += 1
                     bar.update(1)
