@@ -1203,6 +1203,9 @@ def _run_row(
             "train_metrics": edit.metrics,
             "edit_fingerprint": edit_fingerprint(edit),
         }
+        # The attack folders name the edit by its id: an id from its content lets a row stopped
+        # during its attacks resume after a restart (a fresh random id makes the folder another run's).
+        edit.id = row["edit_fingerprint"][:12]
         earlier = same_edit(row["edit_fingerprint"]) if same_edit is not None else None
         if earlier is not None:
             spent = {"suite_seconds": 0.0} | ({"attack_seconds": 0.0} if "attack_seconds" in earlier else {})

@@ -400,6 +400,17 @@ def test_seeds_give_per_seed_rows_and_mean_and_spread(tmp_path, monkeypatch):
     assert [r["seed"] for r in again["rows"] if r["method"] == "esd-x"] == [0, 1, 2]
 
 
+def test_a_row_stopped_during_its_attacks_resumes_after_a_restart(tmp_path):
+    pipe = tiny_sd_pipeline()
+    first = _bench(tmp_path, {"sd": pipe}, methods=["uce"], attacks=["paraphrase"], attack_n=1)
+    rows_file = tmp_path / "bench" / "rows.jsonl"
+    lines = rows_file.read_text().splitlines()
+    rows_file.write_text(lines[0] + "\n")  # the uce row never finished; its attack folder is there
+    again = _bench(tmp_path, {"sd": pipe}, methods=["uce"], attacks=["paraphrase"], attack_n=1)
+    assert not again["errors"], again["errors"]  # the refitted edit is the same edit: its folder resumes
+    assert again["rows"][1]["attacks"] == first["rows"][1]["attacks"]
+
+
 def test_attacks_add_columns_and_order_the_table_by_worst_case_h(tmp_path, monkeypatch):
     """A real prompt attack through erasekit.evaluation.attacks.attack, then a stubbed one whose
     success decides the order."""
