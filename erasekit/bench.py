@@ -993,39 +993,46 @@ def run_bench(
             """The row of plan entry ``p``: the finished one of an earlier run, or run now. ``st``:
             the model's label, spec, and its pipeline, adapter and base fingerprints once loaded."""
             nonlocal skipped
-            label = st["label"]
             order.append(p)
-            if p["key"] not in done:  # another bench process on this folder may have finished it
-                done.update(read_rows(out))
-            if p["key"] in done:
-                skipped += 1
-                bar.update(1)
-                return done[p["key"]]
-            if report_only:
-                seed = config_seed(p["config"])
-                seed_text = f" / seed {seed}" if seed is not None else ""
-                grid = p["settings"].get("grid")
-                tuning = f" (tuning: {_settings_text(grid)})" if grid is not None else ""
-                missing.append(f"{label} / {p['concept']} / {p['method']}{seed_text}{tuning}")
+            row = finished(p)
+            if row is None and report_only:
+                missing.append(row_name(p, st))
                 bar.update(1)
                 return None
-            with ExitStack() as held:
-                while True:  # one process per row: a row another process is running now is not run twice
-                    try:
-                        held.enter_context(output_lock(out / RUNNING / p["key"], "erasekit bench"))
-                        break
-                    except OutputInUse:
-                        if p["phase"] == "report":  # left to that process; --report-only gathers it later
-                            missing.append(f"{label} / {p['concept']} / {p['method']} (running in another process)")
-                            bar.update(1)
-                            return None
-                        time.sleep(ROW_WAIT_SECONDS)  # a tuning row: its figures choose the setting, so wait
+            if row is None:
+                with ExitStack() as held:
+                    while True:  # one process per row: a row another process is running now is not run twice
+                        try:
+                            held.enter_context(output_lock(out / RUNNING / p["key"], "erasekit bench"))
+                            break
+                        except OutputInUse:
+                            if p["phase"] == "report":  # left to that process; --report-only gathers it later
+                                missing.append(row_name(p, st) + " (running in another process)")
+                                bar.update(1)
+                                return None
+                            time.sleep(ROW_WAIT_SECONDS)  # a tuning row: its figures choose the setting, so wait
+                    row = finished(p)  # the other process may have finished it meanwhile
+                    if row is None:
+                        return compute(p, st)
+            skipped += 1
+            bar.update(1)
+            return row
+
+        def finished(p: dict) -> dict | None:
+            """The finished row of plan entry ``p``, by this process or another on the same folder."""
+            if p["key"] not in done:
                 done.update(read_rows(out))
-                if p["key"] in done:  # finished by the other process while this one waited
-                    skipped += 1
-                    bar.update(1)
-                    return done[p["key"]]
-                return compute(p, st)
+            return done.get(p["key"])
+
+        def row_name(p: dict, st: dict) -> str:
+            """How the tables name a missing row: model / concept / method[ / seed S][ (tuning: settings)]."""
+            seed = config_seed(p["config"])
+            grid = p["settings"].get("grid")
+            return (
+                f"{st['label']} / {p['concept']} / {p['method']}"
+                + (f" / seed {seed}" if seed is not None else "")
+                + (f" (tuning: {_settings_text(grid)})" if grid is not None else "")
+            )
 
         def compute(p: dict, st: dict) -> dict | None:
             """Run plan entry ``p`` now (see ``run``)."""

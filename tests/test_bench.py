@@ -178,7 +178,7 @@ def test_a_row_another_process_is_running_is_left_to_it(tmp_path, monkeypatch):
         holder.kill()
         holder.wait()
     assert calls["erase"] == 0 and [r["method"] for r in result["rows"]] == ["base"]
-    assert result["missing"] == ["sd / circle / uce (running in another process)"]
+    assert result["missing"] == ["sd / circle / uce / seed 0 (running in another process)"]
     again = _bench(tmp_path, models, methods=["uce"])  # the lock is free: the row runs
     assert calls["erase"] == 1 and [r["method"] for r in again["rows"]] == ["base", "uce"]
 
