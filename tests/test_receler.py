@@ -470,3 +470,32 @@ def test_extra_erasers_are_named_as_unused_on_the_text_projections(caplog):
         extra = receler.eraser_points(adapter, True, "text_proj")
     assert [p.name for p in extra] == [p.name for p in receler.eraser_points(adapter, False, "text_proj")]
     assert "extra_erasers has no effect" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["kept", "adversary", "both"])
+def test_preservation_runs_under_the_prompt_asked_for(where, monkeypatch):
+    """preserve_prompt: the kept concept's x_t is denoised under the kept concept's prompt, the
+    adversary's prompt of the iteration (the concept word with its soft tokens), or both."""
+    pipe = tiny_sd_pipeline()
+    adapter = adapter_for(pipe)
+    dog = adapter.encode(["a photo of a dog"]).embeds
+    cls = type(adapter)
+    real = cls.predict
+    calls = []
+
+    def spy(self, latents, t, cond, guidance=None):
+        if torch.is_grad_enabled():  # the adversary's and the student's passes
+            calls.append(cond.embeds.detach().clone())
+        return real(self, latents, t, cond, guidance)
+
+    monkeypatch.setattr(cls, "predict", spy)
+    cfg = RecelerConfig(
+        prompt="a photo of a {concept}", **TINY, preserve_weight=1.0, preserve="dog", preserve_prompt=where
+    )
+    fit(pipe, "car", cfg, progress=False)
+    on_dog = sum(e.shape == dog.shape and torch.equal(e, dog) for e in calls)
+    per_iteration = cfg.adv_steps + 1 + (2 if where == "both" else 1)  # adversary, erase, preservation
+    assert len(calls) == cfg.iterations * per_iteration
+    assert on_dog == (0 if where == "adversary" else cfg.iterations)
+    with pytest.raises(UserError, match="preserve_prompt"):
+        RecelerConfig(preserve_prompt="adversary")  # no preservation term to run

@@ -44,6 +44,7 @@ NAME = "receler"
 ADV_SPACES = ("output", "input")
 logger = logging.getLogger(__name__)
 ERASER_SITES = ("attn_out", "text_proj")
+PRESERVE_PROMPTS = ("kept", "adversary", "both")
 
 
 @dataclass
@@ -135,6 +136,16 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     preserve: str = setting("", "concepts to keep; empty: from the lexicon", sep=",")
     preserve_count: int = setting(5, "concepts to keep taken from the lexicon", low=1)
     preserve_tiers: str = setting("close", "lexicon tiers of the kept concepts", sep=",", items=TIERS, nonempty=True)
+    # Our extension ("kept": the kept concept's own prompt): the prompt under which the erasers
+    # are kept silent on a kept concept's x_t. Under the adversary's prompt too, the erasers
+    # cannot stay silent for every unfamiliar token and act on the word: they have to tell the
+    # concept from the kept ones by the image.
+    preserve_prompt: str = setting(
+        "kept",
+        "our extension: prompt of the preservation term: kept (the kept concept's), adversary (the "
+        "adversary's prompt of that iteration: the erasers must tell the concept by the image) or both",
+        choices=PRESERVE_PROMPTS,
+    )
     lexicon: str = setting(
         "auto", "auto (toy world for its pipelines, else WordNet), wordnet, toyworld or none", choices=LEXICONS
     )
@@ -154,6 +165,12 @@ class RecelerConfig(RolloutSettings, MemorySettings):
         if self.eraser_site == "text_proj" and self.reg_weight:
             raise self.error(
                 "reg_weight", self.reg_weight, "0 with eraser_site text_proj (the regulariser masks image positions)"
+            )
+        if self.preserve_prompt != "kept" and not (self.preserve_weight and self.adv_tokens and self.adv_steps):
+            raise self.error(
+                "preserve_prompt",
+                self.preserve_prompt,
+                "kept unless preserve_weight, adv_tokens and adv_steps are above 0",
             )
         if self.adv_population > 1 and (self.adv_space != "input" or not self.adv_tokens or not self.adv_steps):
             raise self.error(
@@ -421,9 +438,11 @@ def fit(
                     other = kept_conds[int(torch.randint(len(kept_conds), (1,), generator=g))]
                     with run.phase("rollout"):
                         x_k, t_k = keep_source.draw(other, uncond, g)
-                    with run.phase("student"), recording(adapter) as outputs:
-                        adapter.predict(x_k, t_k, other)
-                    keep = preservation_loss(outputs)
+                    prompts = {"kept": [other], "adversary": [student_cond], "both": [other, student_cond]}
+                    for kept_prompt in prompts[config.preserve_prompt]:
+                        with run.phase("student"), recording(adapter) as outputs:
+                            adapter.predict(x_k, t_k, kept_prompt)
+                        keep = keep + preservation_loss(outputs) / len(prompts[config.preserve_prompt])
                     loss = loss + config.preserve_weight * keep
                 coverage = mask.mean().item()
                 run.log(loss, erase=erase_loss.item(), reg=reg.item(), preserve=keep.item(), mask_coverage=coverage)
