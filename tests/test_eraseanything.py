@@ -13,6 +13,7 @@ import erasekit
 from erasekit import lexicon
 from erasekit.edits import apply, load_edit, remove
 from erasekit.edits.lora import attach_lora, init_lora, lora_shapes, lora_targets
+from erasekit.errors import UserError
 from erasekit.methods import eraseanything as ea
 from erasekit.methods import make_config
 from erasekit.methods.eraseanything import EraseAnythingConfig, fit
@@ -574,3 +575,34 @@ def test_image_adversary_learns_the_concept_word_on_the_concepts_images(family, 
     resumed = fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     for k in full.tensors:
         assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+
+
+def test_adversary_preservation_runs_under_the_adversarys_current_prompt(tmp_path, interrupted_at_draw):
+    """``adv_preserve_weight``: each upper level denoises its irrelevant image under the prompt
+    with the adversary's current rows (not the plain prompt), and resume still reproduces the run."""
+    from erasekit.methods.eraseanything import _Trainer
+
+    cfg = _cfg(iterations=4, adv_images=2, adv_steps=2, adv_image_steps=2, adv_preserve_weight=1.0)
+    pipe = tiny_sd_pipeline()
+    plain = adapter_for(pipe).encode(["a photo of car"]).embeds
+    seen, real = [], _Trainer.adversary_cond
+
+    def spy(self):
+        cond = real(self)
+        seen.append(cond.embeds.clone())
+        return cond
+
+    _Trainer.adversary_cond = spy
+    try:
+        full = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    finally:
+        _Trainer.adversary_cond = real
+    assert len(seen) == 2  # one per upper level
+    assert all(not torch.equal(e, plain) for e in seen)  # the adversary had moved the rows
+    with interrupted_at_draw(3):
+        fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    for k in full.tensors:
+        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    with pytest.raises(UserError, match="adv_preserve_weight"):
+        _cfg(adv_preserve_weight=1.0)

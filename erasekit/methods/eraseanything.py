@@ -71,7 +71,7 @@ from ..edits.lora import attach_lora, init_lora, lora_prefix, lora_shapes, lora_
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
 from ..models import Conditioning, FamilyAdapter, adapter_for, frozen
 from . import split_list
-from .adversary import attack_word, frozen_images, noised_latent, word_adversary
+from .adversary import attack_word, frozen_images, noised_latent, with_soft_tokens, word_adversary
 from .config import setting
 from .losses import attention_feature, frozen_predictions, negative_guidance, prediction_loss
 from .memory import MemorySettings, training_memory
@@ -169,6 +169,16 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
         0.1, "adv_images: its learning rate, in units of each token-embedding table's std", above=0
     )
     adv_image_steps: int | None = setting(None, "adv_images: sampler steps of the images (none: the family's)", low=1)
+    # Our extension (0: off): the upper level also keeps the prediction at its irrelevant image
+    # under the adversary's prompt at the frozen model's. Preserved under their own prompts only,
+    # the LoRA may act on any unfamiliar token; under the adversary's prompt too, it has to tell
+    # the concept from the irrelevant ones by the image.
+    adv_preserve_weight: float = setting(
+        0.0,
+        "our extension (adv_images): weight of a term keeping the prediction at the upper level's irrelevant "
+        "image under the adversary's prompt at the frozen model's; 0: off",
+        low=0,
+    )
     batch_teacher: bool = setting(
         False,
         "our extension: the frozen model's L_rsc features (synonym and K irrelevant prompts) in one batched pass "
@@ -179,9 +189,12 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
     seed: int = setting(0, "seed of the LoRA's init and of every random draw of training", low=0)
 
     def check(self) -> None:
-        """rsc_steps counts steps of the rollout: at most rollout_steps when that is given."""
+        """rsc_steps counts steps of the rollout: at most rollout_steps when that is given; the
+        adversary's preservation needs the adversary."""
         if self.rollout_steps is not None and self.rsc_steps > self.rollout_steps:
             raise self.error("rsc_steps", self.rsc_steps, f"an integer in [1, rollout_steps = {self.rollout_steps}]")
+        if self.adv_preserve_weight and not self.adv_images:
+            raise self.error("adv_preserve_weight", self.adv_preserve_weight, "0 unless adv_images is above 0")
 
     def guidance_eta(self) -> float:
         """``eta``: already in ALGORITHMS' form."""
@@ -480,11 +493,25 @@ class _Trainer:
                 uncond = prediction_loss(a.predict(x_t, t, self.empty), frozen_uncond)
             loss = loss + c.uncond_weight * uncond
             logs["uncond"] = uncond.item()
+        if c.adv_preserve_weight:
+            adv = self.adversary_cond()
+            with self.phase("teacher"), torch.no_grad(), a.edits_disabled():
+                frozen_adv = a.predict(x_t, t, adv)
+            with self.phase("student"):
+                adv_keep = prediction_loss(a.predict(x_t, t, adv), frozen_adv)
+            loss = loss + c.adv_preserve_weight * adv_keep
+            logs["adv_keep"] = adv_keep.item()
         if self.synonyms and c.rsc_weight:
             rsc = self.rsc()
             loss = loss + c.rsc_weight * rsc
             logs["rsc"] = rsc.item()
         return loss, logs
+
+    def adversary_cond(self) -> Conditioning:
+        """The adversary's prompt (``rsc_prompt`` with the concept word's current input rows), no gradient."""
+        rows = {n: r.detach() for n, r in self.rows.items()}
+        with torch.no_grad(), with_soft_tokens(self.adapter.pipe, [self.concept], rows):
+            return self.adapter.encode([self.rsc_prompt])
 
     def feature(self, x_t, t, cond, idx) -> torch.Tensor:
         with self.adapter.probe(layers=self.layers, token_indices=idx) as probe:
