@@ -606,3 +606,35 @@ def test_adversary_preservation_runs_under_the_adversarys_current_prompt(tmp_pat
         assert torch.equal(full.tensors[k], resumed.tensors[k]), k
     with pytest.raises(UserError, match="adv_preserve_weight"):
         _cfg(adv_preserve_weight=1.0)
+
+
+def test_rollout_adversary_steps_at_the_lower_levels_x_t(tmp_path, interrupted_at_draw):
+    """``adv_rollout``: the adversary moves the concept word's input rows at the lower level's
+    rollout x_t (no images made), towards the frozen model's concept prediction there; resume
+    reproduces the run."""
+    from erasekit.methods import eraseanything
+
+    cfg = _cfg(iterations=4, adv_rollout=True, adv_steps=2, adv_preserve_weight=1.0)
+    seen, real = [], eraseanything.attack_word
+
+    def spy(adapter, keep, rows, word, prompt, x_t, t, target, opt, steps):
+        before = {n: r.detach().clone() for n, r in rows.items()}
+        out = real(adapter, keep, rows, word, prompt, x_t, t, target, opt, steps)
+        assert all(p.grad is None for p in adapter.denoiser.parameters())
+        seen.append((word, prompt, any(not torch.equal(before[n], r) for n, r in rows.items())))
+        return out
+
+    eraseanything.attack_word = spy
+    try:
+        full = fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    finally:
+        eraseanything.attack_word = real
+    assert seen == [("car", "a photo of car", True)] * 2  # one per lower level
+    assert "adv_images" not in full.tensors
+    with interrupted_at_draw(3):
+        fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    for k in full.tensors:
+        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    with pytest.raises(UserError, match="adv_rollout"):
+        _cfg(adv_rollout=True, adv_images=2)

@@ -164,9 +164,19 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
         "concept word learns to denoise, as textual inversion does; the lower level erases there too; 0: off",
         low=0,
     )
-    adv_steps: int = setting(5, "adv_images: the adversary's Adam steps per lower-level iteration", low=1)
+    # Our extension (off): the same input-space adversary, at the lower level's rollout x_t towards
+    # the frozen model's prediction on the concept prompt there (Receler's adv_space input)
+    # instead of at image latents; the lower level erases there under its prompt too.
+    adv_rollout: bool = setting(
+        False,
+        "our extension: an input-space adversary on the concept word at the lower level's rollout x_t, towards "
+        "the frozen model's concept prediction there; the lower level erases there under its prompt too",
+    )
+    adv_steps: int = setting(
+        5, "adv_images / adv_rollout: the adversary's Adam steps per lower-level iteration", low=1
+    )
     adv_lr: float = setting(
-        0.1, "adv_images: its learning rate, in units of each token-embedding table's std", above=0
+        0.1, "adv_images / adv_rollout: its learning rate, in units of each token-embedding table's std", above=0
     )
     adv_image_steps: int | None = setting(None, "adv_images: sampler steps of the images (none: the family's)", low=1)
     # Our extension (0: off): the upper level also keeps the prediction at its irrelevant image
@@ -175,8 +185,8 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
     # the concept from the irrelevant ones by the image.
     adv_preserve_weight: float = setting(
         0.0,
-        "our extension (adv_images): weight of a term keeping the prediction at the upper level's irrelevant "
-        "image under the adversary's prompt at the frozen model's; 0: off",
+        "our extension (adv_images or adv_rollout): weight of a term keeping the prediction at the upper "
+        "level's irrelevant image under the adversary's prompt at the frozen model's; 0: off",
         low=0,
     )
     batch_teacher: bool = setting(
@@ -193,8 +203,12 @@ class EraseAnythingConfig(RolloutSettings, MemorySettings):
         adversary's preservation needs the adversary."""
         if self.rollout_steps is not None and self.rsc_steps > self.rollout_steps:
             raise self.error("rsc_steps", self.rsc_steps, f"an integer in [1, rollout_steps = {self.rollout_steps}]")
-        if self.adv_preserve_weight and not self.adv_images:
-            raise self.error("adv_preserve_weight", self.adv_preserve_weight, "0 unless adv_images is above 0")
+        if self.adv_preserve_weight and not (self.adv_images or self.adv_rollout):
+            raise self.error(
+                "adv_preserve_weight", self.adv_preserve_weight, "0 unless adv_images is above 0 or adv_rollout is on"
+            )
+        if self.adv_images and self.adv_rollout:
+            raise self.error("adv_rollout", self.adv_rollout, "off with adv_images above 0 (one adversary)")
 
     def guidance_eta(self) -> float:
         """``eta``: already in ALGORITHMS' form."""
@@ -448,7 +462,25 @@ class _Trainer:
         logs = {"esd": esd.item(), "attn": attn.item(), "prompt": prompt}
         if self.images is not None:
             loss, logs["adv_esd"] = self.image_adversary(loss)
+        elif c.adv_rollout:
+            loss, logs["adv_esd"] = self.rollout_adversary(loss, x_t, t)
         return loss, logs
+
+    def rollout_adversary(self, loss: torch.Tensor, x_t, t) -> tuple[torch.Tensor, float]:
+        """``adv_rollout``: the adversary's steps at the rollout's ``x_t`` towards the frozen model's
+        prediction on the concept prompt there (the LoRA frozen), then ``loss`` plus the erase
+        term at ``x_t`` under the adversary's prompt, and that term's value."""
+        a, c = self.adapter, self.config
+        concept = self.cond(self.rsc_prompt)
+        with self.phase("teacher"), torch.no_grad(), a.edits_disabled():
+            v_cond, v_anchor = frozen_predictions(a, x_t, t, concept, self.anchor)
+        with self.phase("adversary"):
+            adv = attack_word(
+                a, [a.denoiser], self.rows, self.concept, self.rsc_prompt, x_t, t, v_cond, self.adv_opt, c.adv_steps
+            )
+        with self.phase("student"):
+            on_rollout = prediction_loss(a.predict(x_t, t, adv), negative_guidance(v_cond, v_anchor, c.eta))
+        return loss + c.esd_weight * on_rollout, on_rollout.item()
 
     def image_adversary(self, loss: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``adv_images``: the adversary's steps on a noised concept image (the LoRA frozen), then
@@ -595,7 +627,7 @@ def fit(
     trainer.phase = run.phase
 
     initial = init_lora(lora_shapes(adapter, config.rank, lora_targets(adapter, config.targets)), g)
-    if config.adv_images:
+    if config.adv_images or config.adv_rollout:
         (trainer.rows,), trainer.adv_opt = word_adversary(pipe, concept, config.adv_lr)
     saved = run.resume()
     if saved is not None:
@@ -603,6 +635,7 @@ def fit(
         trainer.latents = saved["preserve_latents"].to(adapter.device, adapter.dtype)
         if config.adv_images:
             trainer.images = saved["adv_images"].to(adapter.device, adapter.dtype)
+        if trainer.rows:
             with torch.no_grad():
                 for n, r in trainer.rows.items():
                     r.copy_(saved[f"adv_row.{n}"])
