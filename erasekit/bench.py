@@ -234,7 +234,12 @@ def pick_best(rows: Sequence[dict]) -> int:
 # Settings added after bench rows were recorded, with their default: a config at that default
 # leaves them out of its rows' keys, so rows recorded before the setting existed keep their keys
 # (and their figures, which the default does not change).
-LATE_SETTINGS: dict[str, Any] = {"autocast_bf16": False}
+LATE_SETTINGS: dict[str, Any] = {
+    "autocast_bf16": False,
+    "preserve_prompt": "kept",  # Receler's (EraseAnything's field of that name is a template, never "kept")
+    "adv_preserve_weight": 0.0,
+    "adv_rollout": False,
+}
 
 
 def keyed_config(config) -> dict:
