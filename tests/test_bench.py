@@ -561,3 +561,23 @@ def test_a_seed_that_gives_the_same_edit_shares_the_figures_of_the_first(tmp_pat
     assert "same_edit_as" not in first and "same_edit_as" not in rows[("esd-x", 1)]
     assert rows[("esd-x", 0)]["edit_fingerprint"] != rows[("esd-x", 1)]["edit_fingerprint"]
     assert calls == {"erase": 4, "suite": 4}  # base, uce seed 0, esd-x seeds 0 and 1: one suite each
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_the_committed_fair_bench_rows_keep_their_keys(family, tmp_path, capsys):
+    """A setting added to a method (at its default) must not re-key rows already recorded
+    (``bench.LATE_SETTINGS``): every row of the committed fair bench is found again by the command
+    that recorded it (its bench.md header)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "fair-bench" / family
+    if not (folder / "rows.jsonl").exists():
+        pytest.skip("no committed fair bench")
+    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+    command = (folder / "bench.md").read_text().split("`erasekit ", 1)[1].split("`", 1)[0].split()
+    (tmp_path / "rows.jsonl").write_text((folder / "rows.jsonl").read_text())
+    out = command.index("--out")
+    command[out + 1] = str(tmp_path)
+    assert main([*command, "--report-only"]) == 0
+    found = int(capsys.readouterr().out.split(" rows were already in")[0].split()[-1])
+    assert found == len({r["key"] for r in rows if "error" not in r})
