@@ -460,51 +460,28 @@ class _Trainer:
             attn = attention_suppression([m for layer in self.layers for m in probe.maps[layer]])
             loss = c.esd_weight * esd + c.attn_weight * attn
         logs = {"esd": esd.item(), "attn": attn.item(), "prompt": prompt}
-        if self.images is not None:
-            loss, logs["adv_esd"] = self.image_adversary(loss)
-        elif c.adv_rollout:
-            loss, logs["adv_esd"] = self.rollout_adversary(loss, x_t, t)
+        if self.images is not None:  # adv_images: at a noised concept image, towards its training target
+            x_a, t_a, target_a = noised_latent(a, self.images, self.g)
+            loss, logs["adv_esd"] = self.adversary_erase(loss, x_a, t_a, target_a)
+        elif c.adv_rollout:  # at the rollout's x_t, towards the frozen model's concept prediction there
+            loss, logs["adv_esd"] = self.adversary_erase(loss, x_t, t)
         return loss, logs
 
-    def rollout_adversary(self, loss: torch.Tensor, x_t, t) -> tuple[torch.Tensor, float]:
-        """``adv_rollout``: the adversary's steps at the rollout's ``x_t`` towards the frozen model's
-        prediction on the concept prompt there (the LoRA frozen), then ``loss`` plus the erase
-        term at ``x_t`` under the adversary's prompt, and that term's value."""
+    def adversary_erase(self, loss: torch.Tensor, x, t, adv_target=None) -> tuple[torch.Tensor, float]:
+        """The input-space adversary's steps at ``x`` (1, ...), ``t`` (1,) towards ``adv_target``
+        (none: the frozen model's prediction on the concept prompt there), the LoRA frozen; then
+        ``loss`` plus the erase term at ``x`` under the adversary's prompt, and that term's value."""
         a, c = self.adapter, self.config
-        concept = self.cond(self.rsc_prompt)
-        with self.phase("teacher"), torch.no_grad(), a.edits_disabled():
-            v_cond, v_anchor = frozen_predictions(a, x_t, t, concept, self.anchor)
-        with self.phase("adversary"):
-            adv = attack_word(
-                a, [a.denoiser], self.rows, self.concept, self.rsc_prompt, x_t, t, v_cond, self.adv_opt, c.adv_steps
-            )
-        with self.phase("student"):
-            on_rollout = prediction_loss(a.predict(x_t, t, adv), negative_guidance(v_cond, v_anchor, c.eta))
-        return loss + c.esd_weight * on_rollout, on_rollout.item()
-
-    def image_adversary(self, loss: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``adv_images``: the adversary's steps on a noised concept image (the LoRA frozen), then
-        ``loss`` plus the erase term there under the adversary's prompt, and that term's value."""
-        a, c = self.adapter, self.config
-        x_a, t_a, target_a = noised_latent(a, self.images, self.g)
-        with self.phase("adversary"):
-            adv = attack_word(
-                a,
-                [a.denoiser],
-                self.rows,
-                self.concept,
-                self.rsc_prompt,
-                x_a,
-                t_a,
-                target_a,
-                self.adv_opt,
-                c.adv_steps,
-            )
         with self.phase("teacher"):
-            target = negative_guidance_target(a, x_a, t_a, self.cond(self.rsc_prompt), self.anchor, c.eta)
+            v_cond, v_anchor = frozen_predictions(a, x, t, self.cond(self.rsc_prompt), self.anchor)
+        target = v_cond if adv_target is None else adv_target
+        with self.phase("adversary"):
+            adv = attack_word(
+                a, [a.denoiser], self.rows, self.concept, self.rsc_prompt, x, t, target, self.adv_opt, c.adv_steps
+            )
         with self.phase("student"):
-            on_image = prediction_loss(a.predict(x_a, t_a, adv), target)
-        return loss + c.esd_weight * on_image, on_image.item()
+            term = prediction_loss(a.predict(x, t, adv), negative_guidance(v_cond, v_anchor, c.eta))
+        return loss + c.esd_weight * term, term.item()
 
     def upper(self) -> tuple[torch.Tensor, dict]:
         a, c = self.adapter, self.config
@@ -519,18 +496,11 @@ class _Trainer:
         loss = c.fm_weight * fm
         logs = {"fm": fm.item()}
         if c.uncond_weight:
-            with self.phase("teacher"), torch.no_grad(), a.edits_disabled():
-                frozen_uncond = a.predict(x_t, t, self.empty)
-            with self.phase("student"):
-                uncond = prediction_loss(a.predict(x_t, t, self.empty), frozen_uncond)
+            uncond = self.kept_at_frozen(x_t, t, self.empty)
             loss = loss + c.uncond_weight * uncond
             logs["uncond"] = uncond.item()
         if c.adv_preserve_weight:
-            adv = self.adversary_cond()
-            with self.phase("teacher"), torch.no_grad(), a.edits_disabled():
-                frozen_adv = a.predict(x_t, t, adv)
-            with self.phase("student"):
-                adv_keep = prediction_loss(a.predict(x_t, t, adv), frozen_adv)
+            adv_keep = self.kept_at_frozen(x_t, t, self.adversary_cond())
             loss = loss + c.adv_preserve_weight * adv_keep
             logs["adv_keep"] = adv_keep.item()
         if self.synonyms and c.rsc_weight:
@@ -538,6 +508,15 @@ class _Trainer:
             loss = loss + c.rsc_weight * rsc
             logs["rsc"] = rsc.item()
         return loss, logs
+
+    def kept_at_frozen(self, x_t, t, cond: Conditioning) -> torch.Tensor:
+        """The edited model's prediction at ``x_t``, ``t`` on ``cond`` against the frozen model's
+        (a preservation term; gradient to the LoRA only)."""
+        a = self.adapter
+        with self.phase("teacher"), torch.no_grad(), a.edits_disabled():
+            frozen_pred = a.predict(x_t, t, cond)
+        with self.phase("student"):
+            return prediction_loss(a.predict(x_t, t, cond), frozen_pred)
 
     def adversary_cond(self) -> Conditioning:
         """The adversary's prompt (``rsc_prompt`` with the concept word's current input rows), no gradient."""
