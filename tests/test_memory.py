@@ -171,11 +171,25 @@ def test_a_late_setting_at_its_default_leaves_bench_keys_as_they_were():
     import dataclasses
 
     from erasekit.bench import LATE_SETTINGS, keyed_config
+    from erasekit.methods.eraseanything import EraseAnythingConfig
+    from erasekit.methods.receler import RecelerConfig
 
-    config = esd.ESDConfig()
-    full = dataclasses.asdict(config)
-    assert set(full) - set(keyed_config(config)) == set(LATE_SETTINGS)
+    dropped = {
+        esd.ESDConfig: {"autocast_bf16"},
+        RecelerConfig: {"autocast_bf16", "preserve_prompt"},
+        EraseAnythingConfig: {"autocast_bf16", "adv_preserve_weight", "adv_rollout"},
+    }
+    for cls, late in dropped.items():
+        config = cls()
+        assert set(dataclasses.asdict(config)) - set(keyed_config(config)) == late, cls.__name__
+    assert set().union(*dropped.values()) == set(LATE_SETTINGS)
+    # EraseAnything's own preserve_prompt (a template) is never Receler's default "kept": it stays keyed.
+    assert keyed_config(EraseAnythingConfig())["preserve_prompt"] == EraseAnythingConfig().preserve_prompt
     assert keyed_config(esd.ESDConfig(autocast_bf16=True))["autocast_bf16"] is True
+    assert (
+        keyed_config(RecelerConfig.fast(preserve_weight=0.3, preserve_prompt="adversary"))["preserve_prompt"]
+        == "adversary"
+    )
 
 
 def test_cli_erase_in_bfloat16_with_checkpointing(tmp_path):
