@@ -231,21 +231,24 @@ def pick_best(rows: Sequence[dict]) -> int:
     return max(range(len(rows)), key=score)
 
 
-# Settings added after bench rows were recorded, with their default: a config at that default
-# leaves them out of its rows' keys, so rows recorded before the setting existed keep their keys
-# (and their figures, which the default does not change).
-LATE_SETTINGS: dict[str, Any] = {
-    "autocast_bf16": False,
-    "preserve_prompt": "kept",  # Receler's (EraseAnything's field of that name is a template, never "kept")
-    "adv_preserve_weight": 0.0,
-    "adv_rollout": False,
+# Settings added after bench rows were recorded, per method (its registry name), with their
+# default: a config at that default leaves them out of its rows' keys, so rows recorded before the
+# setting existed keep their keys (and their figures, which the default does not change). Per
+# method, because two methods may give one field name different meanings (Receler's
+# ``preserve_prompt`` is a choice of prompt, EraseAnything's a template that stays keyed).
+LATE_SETTINGS: dict[str, dict[str, Any]] = {
+    "esd": {"autocast_bf16": False},
+    "mace": {"autocast_bf16": False},
+    "receler": {"autocast_bf16": False, "preserve_prompt": "kept"},
+    "eraseanything": {"autocast_bf16": False, "adv_preserve_weight": 0.0, "adv_rollout": False},
 }
 
 
 def keyed_config(config) -> dict:
-    """A method config as a row's key holds it: every field, except :data:`LATE_SETTINGS` at
-    their defaults."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if not (k in LATE_SETTINGS and v == LATE_SETTINGS[k])}
+    """A method config as a row's key holds it: every field, except its method's
+    :data:`LATE_SETTINGS` at their defaults."""
+    late = LATE_SETTINGS.get(type(config).method_name, {})
+    return {k: v for k, v in dataclasses.asdict(config).items() if not (k in late and v == late[k])}
 
 
 def _key(*parts: Any) -> str:

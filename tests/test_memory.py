@@ -166,24 +166,29 @@ def test_autocast_runs_the_loop_in_bfloat16_and_trains_float32_edits(method, mon
 
 
 def test_a_late_setting_at_its_default_leaves_bench_keys_as_they_were():
-    """Bench rows are keyed by their config; a setting added later (autocast_bf16) must not
-    re-key the rows recorded before it existed."""
+    """Bench rows are keyed by their config; a setting added later (autocast_bf16, Receler's
+    preserve_prompt, ...) must not re-key the rows recorded before it existed, and only its own
+    method's late settings are left out of a key."""
     import dataclasses
 
     from erasekit.bench import LATE_SETTINGS, keyed_config
     from erasekit.methods.eraseanything import EraseAnythingConfig
+    from erasekit.methods.mace import MACEConfig
     from erasekit.methods.receler import RecelerConfig
+    from erasekit.methods.uce import UCEConfig
 
     dropped = {
         esd.ESDConfig: {"autocast_bf16"},
+        MACEConfig: {"autocast_bf16"},
         RecelerConfig: {"autocast_bf16", "preserve_prompt"},
         EraseAnythingConfig: {"autocast_bf16", "adv_preserve_weight", "adv_rollout"},
+        UCEConfig: set(),
     }
     for cls, late in dropped.items():
         config = cls()
         assert set(dataclasses.asdict(config)) - set(keyed_config(config)) == late, cls.__name__
-    assert set().union(*dropped.values()) == set(LATE_SETTINGS)
-    # EraseAnything's own preserve_prompt (a template) is never Receler's default "kept": it stays keyed.
+        assert set(LATE_SETTINGS.get(cls.method_name, {})) == late, cls.__name__
+    # EraseAnything's own preserve_prompt (a template) is not one of its late settings: it stays keyed.
     assert keyed_config(EraseAnythingConfig())["preserve_prompt"] == EraseAnythingConfig().preserve_prompt
     assert keyed_config(esd.ESDConfig(autocast_bf16=True))["autocast_bf16"] is True
     assert (
