@@ -108,3 +108,17 @@ def test_like_shipped_copies_the_recorded_config(tmp_path):
     assert cfg.exclude == ("heart",) and cfg.vae == str(weights_dir() / "sd" / "vae") and cfg.threads == 1
     with pytest.raises(ValueError, match="unknown toy-world object 'giraffe'"):
         like_shipped("sd", str(tmp_path / "o"), exclude=("giraffe",))
+
+
+def test_the_record_holds_paths_relative_to_the_working_directory(tmp_path, tiny_vae, monkeypatch):
+    """A training.json written in one checkout reads the same in every clone: no absolute path
+    of the machine it ran on when the folder and the autoencoder are under the working directory."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_vae, tmp_path / "vae")
+    cfg = dict(family="sd", dataset_size=16, steps=1, warmup=1, batch_size=4, snapshot_every=0, seed=3)
+    out = train(TrainConfig(out=str(tmp_path / "runs" / "a"), vae=str(tmp_path / "vae"), **cfg))
+    record = json.loads((out / "training.json").read_text())
+    assert record["config"]["out"] == "runs/a" and record["config"]["vae"] == "vae" and record["vae_from"] == "vae"
+    assert str(tmp_path) not in json.dumps(record)

@@ -203,6 +203,17 @@ def _assemble(family: str, vae: AutoencoderKL, latents: torch.Tensor, seed: int)
     return FluxPipeline(**flux_components() | {"vae": vae})
 
 
+def _portable(path: str | None) -> str | None:
+    """``path`` as a record holds it: relative to the working directory when inside it, so that
+    a record written in one checkout reads the same in every clone."""
+    if not path or not Path(path).is_absolute():
+        return path
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def _is_training_output(folder: Path) -> bool:
     """A folder this trainer wrote (its ``training.json``): the only kind ``--out`` may replace."""
     return (folder / "training.json").is_file()
@@ -232,7 +243,7 @@ def train(cfg: TrainConfig) -> Path:
         "command": "erasekit toyworld train " + " ".join(sys.argv[3:])
         if sys.argv[1:3] == ["toyworld", "train"]
         else None,
-        "config": asdict(cfg),
+        "config": {k: _portable(v) if k in ("out", "vae") else v for k, v in asdict(cfg).items()},
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor()} {platform.system()}",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -240,7 +251,7 @@ def train(cfg: TrainConfig) -> Path:
     scenes, images = render_dataset(cfg.dataset_size, cfg.seed, cfg.objects)
     if cfg.vae:
         vae = AutoencoderKL.from_pretrained(cfg.vae).eval().requires_grad_(False)
-        record["vae_from"] = cfg.vae
+        record["vae_from"] = _portable(cfg.vae)
         vae_record = Path(cfg.vae) / "training.json"
         if vae_record.is_file():
             record["vae_training"] = json.loads(vae_record.read_text())
