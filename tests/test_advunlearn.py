@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from edit_asserts import assert_same_tensors
 from real_configs import CLIP_L_TEXT, T5_XXL
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
@@ -204,9 +205,7 @@ def test_resume_gives_the_same_edit(tmp_path):
         advunlearn.fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path, progress=False)
     resumed = advunlearn.fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path, progress=False)
     assert resumed.metrics["resumed_from"] == 2
-    assert full.tensors.keys() == resumed.tensors.keys()
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
 
 
 def test_edit_round_trip_and_stock_text_encoder_folder(tmp_path):

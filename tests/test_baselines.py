@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from edit_asserts import assert_same_tensors
 from peft import LoraConfig
 from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
@@ -175,9 +176,7 @@ def test_esd_resumes_to_the_same_weights(tmp_path, interrupted_at_rollout):
     assert not adapter.edit_stack.switches
     assert {n: p.requires_grad for n, p in adapter.denoiser.named_parameters()} == grads
     resumed = esd.fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    assert full.tensors.keys() == resumed.tensors.keys()
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
 
 
 def test_esd_refuses_to_train_under_a_weight_edit():

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from edit_asserts import assert_same_tensors
 from peft.tuners.tuners_utils import BaseTunerLayer
 from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
@@ -385,9 +386,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, interrupted_
     assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["iteration"] == 2
     assert not _layers(adapter.denoiser)  # nothing left attached
     resumed = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    assert full.tensors.keys() == resumed.tensors.keys()
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
     with pytest.raises(ValueError, match="other settings"):
         fit(pipe, "car", _cfg(iterations=5, lr=5e-3), checkpoint_dir=tmp_path / "b", progress=False)
 
@@ -573,8 +572,7 @@ def test_image_adversary_learns_the_concept_word_on_the_concepts_images(family, 
     with interrupted_at_draw(3):  # the second lower level's draw, after the checkpoint at 2
         fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     resumed = fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
 
 
 def test_adversary_preservation_runs_under_the_adversarys_current_prompt(tmp_path, interrupted_at_draw):
@@ -602,8 +600,7 @@ def test_adversary_preservation_runs_under_the_adversarys_current_prompt(tmp_pat
     with interrupted_at_draw(3):
         fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     resumed = fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
     with pytest.raises(UserError, match="adv_preserve_weight"):
         _cfg(adv_preserve_weight=1.0)
 
@@ -634,7 +631,6 @@ def test_rollout_adversary_steps_at_the_lower_levels_x_t(tmp_path, interrupted_a
     with interrupted_at_draw(3):
         fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     resumed = fit(tiny_sd_pipeline(), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
     with pytest.raises(UserError, match="adv_rollout"):
         _cfg(adv_rollout=True, adv_images=2)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from edit_asserts import assert_same_tensors
 from test_models_meta import FLUX1_DEV_TRANSFORMER, SD14_UNET
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
@@ -175,9 +176,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, interrupted_
         fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     assert not list(adapter.denoiser._forward_hooks.values())  # nothing left attached
     resumed = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    assert full.tensors.keys() == resumed.tensors.keys()
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
 
 
 def test_resume_restores_the_preservation_rollouts_too(tmp_path, interrupted_at_draw):
@@ -199,8 +198,7 @@ def test_resume_restores_the_preservation_rollouts_too(tmp_path, interrupted_at_
     with interrupted_at_draw(7):  # the first draw of iteration 4 of 4: after the checkpoint at 2
         fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     resumed = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
 
 
 def test_concept_missing_from_prompt_is_an_error(sd_pipe):
@@ -320,8 +318,7 @@ def test_input_space_adversary_moves_only_the_concept_words_rows(family, tmp_pat
     with interrupted_at_draw(4):  # iteration 4 of 4: after the checkpoint at 2
         fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     resumed = fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
 
 
 def test_a_population_of_input_space_adversaries(sd_pipe, tmp_path, interrupted_at_draw):
@@ -354,8 +351,7 @@ def test_a_population_of_input_space_adversaries(sd_pipe, tmp_path, interrupted_
     with interrupted_at_draw(5):  # after the checkpoint at 3
         fit(tiny_sd_pipeline(seed=0), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     resumed = fit(tiny_sd_pipeline(seed=0), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
     with pytest.raises(UserError, match="adv_population"):
         RecelerConfig(adv_population=2)
 
@@ -405,8 +401,7 @@ def test_image_adversary_denoises_the_concepts_images_as_textual_inversion(famil
     with interrupted_at_draw(4):
         fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
     resumed = fit(BUILDERS[family](), "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
 
 
 def test_image_adversary_needs_an_input_space_adversary():

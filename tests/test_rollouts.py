@@ -4,6 +4,7 @@ fewer (counted) denoiser calls, and a pooled run resumes to the same weights."""
 
 import pytest
 import torch
+from edit_asserts import assert_same_tensors
 from safetensors.torch import load_file
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
@@ -215,9 +216,7 @@ def test_pooled_training_resumes_to_the_same_weights(method, family, tmp_path, i
     saved = load_file(str(tmp_path / "b" / "checkpoint.safetensors"))
     assert saved["rollout.states"].shape[:2] == (2, 4) and int(saved["rollout.draws"]) == 3
     resumed = fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    assert full.tensors.keys() == resumed.tensors.keys()
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
     assert resumed.metrics["rollout_denoiser_calls"] == full.metrics["rollout_denoiser_calls"]
 
 
@@ -230,5 +229,4 @@ def test_pooled_eraseanything_resumes_to_the_same_weights(tmp_path, interrupted_
     saved = load_file(str(tmp_path / "b" / "checkpoint.safetensors"))
     assert {"rollout.states", "rsc_rollout.states"} <= set(saved)
     resumed = eraseanything.fit(pipe, "car", cfg, checkpoint_dir=tmp_path / "b", progress=False)
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    assert_same_tensors(full, resumed)
