@@ -53,5 +53,7 @@ def training_memory(adapter, settings: MemorySettings, probed: Sequence[str] = (
         if settings.gradient_checkpointing:
             stack.enter_context(adapter.gradient_checkpointing(keep=probed))
         if settings.autocast_bf16:
-            stack.enter_context(torch.autocast(adapter.device.type, dtype=torch.bfloat16))
+            # No weight cache: autocast keeps one bf16 copy of each trained tensor for the whole
+            # region, so every forward after the first optimizer step would read stale weights.
+            stack.enter_context(torch.autocast(adapter.device.type, dtype=torch.bfloat16, cache_enabled=False))
         yield
