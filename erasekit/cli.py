@@ -19,7 +19,7 @@ def _toyworld_train(args: argparse.Namespace) -> int:
     if args.family == "detector":
         from .toyworld.detector import train_detector
 
-        accuracy = train_detector(args.out, seed=args.seed)
+        accuracy = train_detector(args.out, seed=0 if args.seed is None else args.seed)
         print("test accuracy on fresh renders: " + ", ".join(f"{h} {100 * a:.2f}%" for h, a in accuracy.items()))
         return 0
     from .methods import split_list
@@ -27,14 +27,14 @@ def _toyworld_train(args: argparse.Namespace) -> int:
 
     exclude = tuple(split_list(args.exclude or ""))
     if args.like_shipped:
-        cfg = like_shipped(args.family, args.out, exclude, args.threads)
+        cfg = like_shipped(args.family, args.out, exclude, args.threads, seed=args.seed)
         path = train(cfg)
         print(f"saved {cfg.family} to {path}")
         return 0
     cfg = TrainConfig(
         family=args.family,
         out=args.out,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
         steps=args.steps,
         vae_steps=args.vae_steps,
         dataset_size=args.dataset_size,
@@ -734,7 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = toy_sub.add_parser("train", help="train a toy-world pipeline from scratch")
     tr.add_argument("--family", required=True, choices=["sd", "flux", "vae", "detector"])
     tr.add_argument("--out", required=True, help="folder to write the pipeline to")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument(
+        "--seed", type=int, default=None, help="training seed (default 0; with --like-shipped, the recorded one)"
+    )
     tr.add_argument("--steps", type=int, default=4000)
     tr.add_argument("--vae-steps", type=int, default=1500)
     tr.add_argument("--dataset-size", type=int, default=24_000)
@@ -772,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--like-shipped",
         action="store_true",
         help="every other setting (seed, steps, curriculum, autoencoder) as the shipped pipeline of --family recorded"
-        " in its training.json (sd, flux); the other flags are ignored",
+        " in its training.json (sd, flux); the other flags except --seed are ignored",
     )
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     tr.set_defaults(func=_toyworld_train)

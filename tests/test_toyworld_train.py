@@ -1,5 +1,6 @@
 """The toy-world trainer on a few steps: what it trains, what it freezes, what it records."""
 
+import dataclasses
 import json
 
 import pytest
@@ -108,6 +109,9 @@ def test_like_shipped_copies_the_recorded_config(tmp_path):
     assert cfg.exclude == ("heart",) and cfg.vae == str(weights_dir() / "sd" / "vae") and cfg.threads == 1
     with pytest.raises(ValueError, match="unknown toy-world object 'giraffe'"):
         like_shipped("sd", str(tmp_path / "o"), exclude=("giraffe",))
+    other = like_shipped("sd", str(tmp_path / "o"), exclude=("heart",), threads=1, seed=recorded["seed"] + 1)
+    assert other.seed == recorded["seed"] + 1
+    assert dataclasses.replace(other, seed=cfg.seed) == cfg
 
 
 def test_the_record_holds_paths_relative_to_the_working_directory(tmp_path, tiny_vae, monkeypatch):

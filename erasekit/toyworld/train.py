@@ -80,10 +80,13 @@ class TrainConfig:
         return tuple(o for o in OBJECT_NAMES if o not in self.exclude)
 
 
-def like_shipped(family: str, out: str, exclude: tuple[str, ...] = (), threads: int | None = None) -> TrainConfig:
+def like_shipped(
+    family: str, out: str, exclude: tuple[str, ...] = (), threads: int | None = None, seed: int | None = None
+) -> TrainConfig:
     """The recorded config of the shipped ``family`` pipeline (its ``training.json``: seed, steps,
     curriculum, batch, learning rate, ...) writing to ``out``, reusing the shipped autoencoder,
-    with ``exclude`` and ``threads`` as given: retraining it without some objects changes nothing else."""
+    with ``exclude`` and ``threads`` as given: retraining it without some objects changes nothing else.
+    ``seed`` replaces the recorded seed when given (another draw of the same recipe)."""
     from . import weights_dir
 
     if family not in ("sd", "flux"):
@@ -92,6 +95,8 @@ def like_shipped(family: str, out: str, exclude: tuple[str, ...] = (), threads: 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = {k: v for k, v in recorded.items() if k in fields}
     settings |= {"out": str(out), "vae": str(weights_dir() / family / "vae"), "threads": threads, "exclude": exclude}
+    if seed is not None:
+        settings["seed"] = seed
     return TrainConfig(**settings)
 
 
