@@ -730,8 +730,9 @@ class RestoreError(RuntimeError):
 def source_name(spec: str) -> str:
     """How a pipeline folder enters the rows' keys: "toy:sd" / "toy:flux" for the shipped toy
     pipelines and "oracle:NAME" for a folder holding a toy pipeline retrained without a concept
-    (a training.json with ``exclude``), so a clone elsewhere or a worktree reuses the same rows;
-    any other folder by its resolved path."""
+    (a training.json with ``exclude``; "oracle:NAME/seed N" when it was trained with a seed other
+    than 0, so a redrawn oracle never reuses the rows of the one it replaces), so a clone elsewhere
+    or a worktree reuses the same rows; any other folder by its resolved path."""
     from .models.loading import resolve_pipeline_name
     from .registry import PIPELINES
 
@@ -745,8 +746,10 @@ def source_name(spec: str) -> str:
     record = resolved / "training.json"
     if record.is_file():
         try:
-            if json.loads(record.read_text()).get("config", {}).get("exclude"):
-                return f"oracle:{resolved.name}"
+            config = json.loads(record.read_text()).get("config", {})
+            if config.get("exclude"):
+                seed = config.get("seed") or 0
+                return f"oracle:{resolved.name}" + (f"/seed {seed}" if seed else "")
         except (OSError, ValueError, AttributeError):
             pass
     return str(resolved)

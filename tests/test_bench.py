@@ -544,6 +544,8 @@ def test_rows_are_keyed_by_location_independent_source_names(tmp_path):
     oracle.mkdir()
     (oracle / "training.json").write_text(json.dumps({"config": {"exclude": ["circle"]}}))
     assert source_name(str(oracle)) == "oracle:sd-no-circle"
+    (oracle / "training.json").write_text(json.dumps({"config": {"exclude": ["circle"], "seed": 1}}))
+    assert source_name(str(oracle)) == "oracle:sd-no-circle/seed 1"
     other = tmp_path / "mine"
     other.mkdir()
     assert source_name(str(other)) == str(other.resolve())
