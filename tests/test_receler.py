@@ -119,6 +119,20 @@ def test_fit_apply_remove_save_load(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
+def test_eraser_layers_keeps_the_erasers_at_the_named_points_only(family):
+    pipe = BUILDERS[family]()
+    adapter = adapter_for(pipe)
+    every = list(build_erasers(adapter, rank=8))
+    first, last = every[0], every[-1]
+    assert len(every) >= 2 and list(build_erasers(adapter, rank=8, layers=f" {first}, {last}")) == [first, last]
+    config = RecelerConfig(prompt="a photo of a {concept}", eraser_layers=first, **TINY)
+    edit = fit(pipe, "car", config, progress=False)
+    assert {k[len("erasers.") : -len(".down.weight")] for k in edit.tensors if k.endswith(".down.weight")} == {first}
+    with pytest.raises(ValueError, match="matches no eraser point"):
+        build_erasers(adapter, rank=8, layers="no_such_block")
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
 def test_extra_erasers_on_the_single_stream_blocks(family, tmp_path):
     pipe = BUILDERS[family]()
     adapter = adapter_for(pipe)

@@ -123,6 +123,13 @@ class RecelerConfig(RolloutSettings, MemorySettings):
         "prompt's keys and values; needs reg_weight 0, the regulariser masks image positions)",
         choices=ERASER_SITES,
     )
+    # Our extension (empty: every point, paper): erasers only at the points whose name contains
+    # one of these texts. At some layers a linear probe of the attention outputs tells the
+    # concept's held-out prompts from its neighbours' and at others it does not; an eraser at
+    # the latter fires on the neighbours too.
+    eraser_layers: str = setting(
+        "", "our extension: erasers only at points whose name contains one of these; empty: every point", sep=","
+    )
     prompt: str = setting("{concept}", "the erased prompt c", template=True)
     # The erase target's anchor a: e(a) - eta * (e(c) - e(a)). "" is ESD's unconditional anchor
     # (paper). Rollouts keep the empty prompt as their unconditional branch.
@@ -217,9 +224,19 @@ def eraser_points(adapter, extra: bool = False, site: str = "attn_out") -> list:
     return [p for kind in kinds for p in adapter.attachment_points(kind)]
 
 
-def build_erasers(adapter, rank: int, extra: bool = False, site: str = "attn_out") -> dict[str, Eraser]:
-    """One zero-initialised eraser per point of :func:`eraser_points`: point name -> Eraser."""
-    return {p.name: Eraser(p.width, rank) for p in eraser_points(adapter, extra, site)}
+def build_erasers(
+    adapter, rank: int, extra: bool = False, site: str = "attn_out", layers: str = ""
+) -> dict[str, Eraser]:
+    """One zero-initialised eraser per point of :func:`eraser_points` (only those whose name
+    contains one of the comma-separated ``layers``, when given): point name -> Eraser.
+    ValueError when ``layers`` matches no point."""
+    chosen = eraser_points(adapter, extra, site)
+    wanted = split_list(layers)
+    if wanted:
+        chosen = [p for p in chosen if any(w in p.name for w in wanted)]
+        if not chosen:
+            raise ValueError(f"eraser_layers {layers!r} matches no eraser point of this model")
+    return {p.name: Eraser(p.width, rank) for p in chosen}
 
 
 def concept_mask(
@@ -286,7 +303,7 @@ def trainable_parameters(model, config: RecelerConfig) -> int:
     meta-device one included): built on the meta device, so no memory is allocated."""
     adapter = model if isinstance(model, FamilyAdapter) else adapter_for(model)
     with torch.device("meta"):
-        erasers = build_erasers(adapter, config.rank, config.extra_erasers, config.eraser_site)
+        erasers = build_erasers(adapter, config.rank, config.extra_erasers, config.eraser_site, config.eraser_layers)
     return sum(p.numel() for e in erasers.values() for p in e.parameters())
 
 
@@ -316,7 +333,7 @@ def fit(
     run = TrainingRun(pipe, NAME, OUTPUT_ADAPTER, concept, config, config.iterations, checkpoint_dir, progress)
     device = adapter.device
     torch.manual_seed(config.seed)
-    built = build_erasers(adapter, config.rank, config.extra_erasers, config.eraser_site)
+    built = build_erasers(adapter, config.rank, config.extra_erasers, config.eraser_site, config.eraser_layers)
     erasers = {n: e.to(device) for n, e in built.items()}
     params = [p for e in erasers.values() for p in e.parameters()]
     opt = torch.optim.Adam(params, lr=config.lr)
