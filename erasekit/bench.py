@@ -239,7 +239,7 @@ def pick_best(rows: Sequence[dict]) -> int:
 LATE_SETTINGS: dict[str, dict[str, Any]] = {
     "esd": {"autocast_bf16": False},
     "mace": {"autocast_bf16": False},
-    "receler": {"autocast_bf16": False, "preserve_prompt": "kept", "eraser_layers": ""},
+    "receler": {"autocast_bf16": False, "preserve_prompt": "kept", "eraser_layers": "", "preserve_layers": ""},
     "eraseanything": {"autocast_bf16": False, "adv_preserve_weight": 0.0, "adv_rollout": False},
 }
 

@@ -199,7 +199,7 @@ def test_a_late_setting_at_its_default_leaves_bench_keys_as_they_were():
     dropped = {
         esd.ESDConfig: {"autocast_bf16"},
         MACEConfig: {"autocast_bf16"},
-        RecelerConfig: {"autocast_bf16", "preserve_prompt", "eraser_layers"},
+        RecelerConfig: {"autocast_bf16", "preserve_prompt", "eraser_layers", "preserve_layers"},
         EraseAnythingConfig: {"autocast_bf16", "adv_preserve_weight", "adv_rollout"},
         UCEConfig: set(),
     }

@@ -1,5 +1,7 @@
 """Receler on tiny pipelines of both families."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -10,7 +12,7 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 from erasekit.edits import apply, load_edit, remove
 from erasekit.edits.output_adapter import attach_modules, recording
 from erasekit.errors import UserError
-from erasekit.methods import receler
+from erasekit.methods import ConfigError, receler
 from erasekit.methods.receler import RecelerConfig, build_erasers, fit
 from erasekit.models import FamilyAdapter, adapter_for
 
@@ -257,6 +259,35 @@ def test_preservation_silences_the_erasers_on_kept_concepts(family):
     assert plain.hyperparameters["preserved_concepts"] == [] and kept.hyperparameters["preserved_concepts"] == ["dog"]
     assert eraser_energy(kept, "a photo of a dog") < 0.1 * eraser_energy(plain, "a photo of a dog")
     assert eraser_energy(kept, "a photo of a car") > 0
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_preserve_layers_silences_the_named_points_only(family):
+    """With ``preserve_layers`` naming one point, the erasers there go silent on the kept
+    concept's prompt and the others keep acting on it as without preservation."""
+    cfg = dict(TINY, prompt="a photo of a {concept}", adv_tokens=0, iterations=6, lr=3e-2)
+    first = next(iter(build_erasers(adapter_for(BUILDERS[family]()), rank=8)))
+
+    def energy(edit, points):
+        pipe = BUILDERS[family]()
+        adapter = adapter_for(pipe)
+        x, t, cond = _inputs(adapter, prompt="a photo of a dog")
+        apply(pipe, edit)
+        chosen = {n for n in build_erasers(adapter, rank=8) if (n == first) == (points == "first")}
+        with recording(adapter, chosen) as outs:
+            adapter.predict(x, t, cond)
+        assert len(outs) == len(chosen)
+        return receler.preservation_loss(outs).item()
+
+    plain = fit(BUILDERS[family](), "car", RecelerConfig(**cfg), progress=False)
+    kept = RecelerConfig(**cfg, preserve_weight=1e4, preserve="dog", preserve_layers=first)
+    one = fit(BUILDERS[family](), "car", kept, progress=False)
+    assert energy(one, "first") < 0.1 * energy(plain, "first")
+    assert energy(one, "others") > 0.1 * energy(plain, "others") > 0
+    with pytest.raises(ValueError, match="matches no eraser point"):
+        fit(BUILDERS[family](), "car", dataclasses.replace(kept, preserve_layers="no_such_block"), progress=False)
+    with pytest.raises(ConfigError, match="preserve_layers"):
+        RecelerConfig(preserve_layers=first)
 
 
 def test_preserved_concepts_come_from_the_config_or_the_lexicon(sd_pipe):

@@ -14,7 +14,7 @@ outputs with :func:`recording`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -152,11 +152,12 @@ def attach_modules(adapter, modules: dict[str, nn.Module], name: str, scale: flo
 
 
 @contextmanager
-def recording(adapter) -> Iterator[list[torch.Tensor]]:
-    """Collect the added outputs (B, tokens, C) of every point, for every forward inside the
-    context (one tensor per point and forward, in forward order)."""
+def recording(adapter, points: Collection[str] | None = None) -> Iterator[list[torch.Tensor]]:
+    """Collect the added outputs (B, tokens, C) of every point (only those named in ``points``,
+    when given), for every forward inside the context (one tensor per point and forward, in
+    forward order)."""
     outs: list[torch.Tensor] = []
-    banks = list(_banks(adapter).values())
+    banks = [bank for name, bank in _banks(adapter).items() if points is None or name in points]
     for bank in banks:
         bank.record = outs
     try:

@@ -141,6 +141,13 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     # so the erasers learn silence on features of what is kept, not on the erased concept's.
     preserve_weight: float = setting(0.0, "our extension: weight of the preservation term; 0 switches it off", low=0)
     preserve: str = setting("", "concepts to keep; empty: from the lexicon", sep=",")
+    # Our extension (empty: every eraser): the preservation term on the erasers at the points
+    # whose name contains one of these only. Where a point's input cannot tell the concept's
+    # synonyms from the kept concepts, silence there costs nothing the other points cannot do;
+    # where it can, the erasers stay free to act on the synonyms.
+    preserve_layers: str = setting(
+        "", "our extension: keep silent only the erasers at points whose name contains one of these", sep=","
+    )
     preserve_count: int = setting(5, "concepts to keep taken from the lexicon", low=1)
     preserve_tiers: str = setting("close", "lexicon tiers of the kept concepts", sep=",", items=TIERS, nonempty=True)
     # Our extension ("kept": the kept concept's own prompt): the prompt under which the erasers
@@ -179,6 +186,8 @@ class RecelerConfig(RolloutSettings, MemorySettings):
                 self.preserve_prompt,
                 "kept unless preserve_weight, adv_tokens and adv_steps are above 0",
             )
+        if self.preserve_layers and not self.preserve_weight:
+            raise self.error("preserve_layers", self.preserve_layers, "empty unless preserve_weight is above 0")
         if self.adv_population > 1 and (self.adv_space != "input" or not self.adv_tokens or not self.adv_steps):
             raise self.error(
                 "adv_population",
@@ -343,6 +352,11 @@ def fit(
     uncond = adapter.encode([""])
     anchor = uncond if config.anchor_prompt == "" else adapter.encode([config.anchor_prompt])
     kept = preserved_concepts(config, pipe, concept)
+    kept_points = None  # the points whose erasers the preservation term keeps silent (None: all)
+    if config.preserve_layers:
+        kept_points = {n for n in erasers if any(w in n for w in split_list(config.preserve_layers))}
+        if not kept_points:
+            raise ValueError(f"preserve_layers {config.preserve_layers!r} matches no eraser point of this model")
     kept_conds = [adapter.encode([config.prompt.format(concept=w)]) for w in kept]
     length = cond.embeds.shape[1]
     adv_pos = list(range(concept_idx[-1] + 1, min(length, concept_idx[-1] + 1 + config.adv_tokens)))
@@ -457,7 +471,7 @@ def fit(
                         x_k, t_k = keep_source.draw(other, uncond, g)
                     prompts = {"kept": [other], "adversary": [student_cond], "both": [other, student_cond]}
                     for kept_prompt in prompts[config.preserve_prompt]:
-                        with run.phase("student"), recording(adapter) as outputs:
+                        with run.phase("student"), recording(adapter, kept_points) as outputs:
                             adapter.predict(x_k, t_k, kept_prompt)
                         keep = keep + preservation_loss(outputs) / len(prompts[config.preserve_prompt])
                     loss = loss + config.preserve_weight * keep
