@@ -1,8 +1,9 @@
 """Which of Receler's eraser inputs can tell a concept's prompts from its neighbours'?
 
-For every eraser point ("attn_out") of a toy pipeline, the attention output averaged over image
-positions is recorded for each prompt at the same 18 noisy latents (6 rendered scenes x 3 noise
-levels: the 80th, 50th and 20th percentile of the training timesteps), so only the prompt differs.
+For every eraser point of a toy pipeline ("attn_out", and "attn_out_extra": Flux's single-stream
+blocks), the attention output averaged over image positions is recorded for each prompt at the
+same 18 noisy latents (6 rendered scenes x 3 noise levels: the 80th, 50th and 20th percentile of
+the training timesteps), so only the prompt differs.
 A logistic probe per point is trained on what erasure and preservation training see (the concept
 word and "an image of a CONCEPT" against the other objects' word and simple prompt) and scored on
 the suite's held-out prompts (the concept's paraphrase, synonym and indirect prompts against the
@@ -87,7 +88,7 @@ def main() -> None:
 
     pipe = load_pipeline(f"toy:{args.model}")
     adapter = adapter_for(pipe)
-    points = [p.name for p in adapter.attachment_points("attn_out")]
+    points = [p.name for kind in ("attn_out", "attn_out_extra") for p in adapter.attachment_points(kind)]
     store: dict[str, torch.Tensor] = {}
     attach_modules(adapter, {p: _Recorder(store, p) for p in points}, "probe")
     with torch.no_grad():
