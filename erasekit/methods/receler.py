@@ -125,8 +125,8 @@ class RecelerConfig(RolloutSettings, MemorySettings):
     )
     # Our extension (empty: every point, paper): erasers only at the points whose name contains
     # one of these texts. At some layers a linear probe of the attention outputs tells the
-    # concept's held-out prompts from its neighbours' and at others it does not; an eraser at
-    # the latter fires on the neighbours too.
+    # concept's held-out prompts from its neighbours' and at others it does not
+    # (benchmarks/eraser_inputs.py); this puts the erasers where it does.
     eraser_layers: str = setting(
         "", "our extension: erasers only at points whose name contains one of these; empty: every point", sep=","
     )
