@@ -233,19 +233,27 @@ def eraser_points(adapter, extra: bool = False, site: str = "attn_out") -> list:
     return [p for kind in kinds for p in adapter.attachment_points(kind)]
 
 
+def points_named(names: list[str], layers: str, setting: str) -> list[str]:
+    """The point names that contain one of the comma-separated texts of ``layers`` (every name
+    when ``layers`` is empty); ValueError naming ``setting`` when none does."""
+    wanted = split_list(layers)
+    if not wanted:
+        return names
+    chosen = [n for n in names if any(w in n for w in wanted)]
+    if not chosen:
+        raise ValueError(f"{setting} {layers!r} matches no eraser point of this model")
+    return chosen
+
+
 def build_erasers(
     adapter, rank: int, extra: bool = False, site: str = "attn_out", layers: str = ""
 ) -> dict[str, Eraser]:
     """One zero-initialised eraser per point of :func:`eraser_points` (only those whose name
     contains one of the comma-separated ``layers``, when given): point name -> Eraser.
     ValueError when ``layers`` matches no point."""
-    chosen = eraser_points(adapter, extra, site)
-    wanted = split_list(layers)
-    if wanted:
-        chosen = [p for p in chosen if any(w in p.name for w in wanted)]
-        if not chosen:
-            raise ValueError(f"eraser_layers {layers!r} matches no eraser point of this model")
-    return {p.name: Eraser(p.width, rank) for p in chosen}
+    points = eraser_points(adapter, extra, site)
+    chosen = set(points_named([p.name for p in points], layers, "eraser_layers"))
+    return {p.name: Eraser(p.width, rank) for p in points if p.name in chosen}
 
 
 def concept_mask(
@@ -352,11 +360,10 @@ def fit(
     uncond = adapter.encode([""])
     anchor = uncond if config.anchor_prompt == "" else adapter.encode([config.anchor_prompt])
     kept = preserved_concepts(config, pipe, concept)
-    kept_points = None  # the points whose erasers the preservation term keeps silent (None: all)
+    # the points whose erasers the preservation term keeps silent (None: every recorded point)
+    kept_points = None
     if config.preserve_layers:
-        kept_points = {n for n in erasers if any(w in n for w in split_list(config.preserve_layers))}
-        if not kept_points:
-            raise ValueError(f"preserve_layers {config.preserve_layers!r} matches no eraser point of this model")
+        kept_points = set(points_named(list(erasers), config.preserve_layers, "preserve_layers"))
     kept_conds = [adapter.encode([config.prompt.format(concept=w)]) for w in kept]
     length = cond.embeds.shape[1]
     adv_pos = list(range(concept_idx[-1] + 1, min(length, concept_idx[-1] + 1 + config.adv_tokens)))
