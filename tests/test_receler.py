@@ -130,7 +130,7 @@ def test_eraser_layers_keeps_the_erasers_at_the_named_points_only(family):
     config = RecelerConfig(prompt="a photo of a {concept}", eraser_layers=first, **TINY)
     edit = fit(pipe, "car", config, progress=False)
     assert {k[len("erasers.") : -len(".down.weight")] for k in edit.tensors if k.endswith(".down.weight")} == {first}
-    with pytest.raises(ValueError, match="matches no eraser point"):
+    with pytest.raises(ConfigError, match="receler: eraser_layers 'no_such_block' matches no eraser point"):
         build_erasers(adapter, rank=8, layers="no_such_block")
 
 
@@ -284,7 +284,7 @@ def test_preserve_layers_silences_the_named_points_only(family):
     one = fit(BUILDERS[family](), "car", kept, progress=False)
     assert energy(one, "first") < 0.1 * energy(plain, "first")
     assert energy(one, "others") > 0.1 * energy(plain, "others") > 0
-    with pytest.raises(ValueError, match="matches no eraser point"):
+    with pytest.raises(ConfigError, match="receler: preserve_layers 'no_such_block' matches no eraser point"):
         fit(BUILDERS[family](), "car", dataclasses.replace(kept, preserve_layers="no_such_block"), progress=False)
     with pytest.raises(ConfigError, match="preserve_layers"):
         RecelerConfig(preserve_layers=first)

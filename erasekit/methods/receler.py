@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..edits import Edit
 from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
 from ..edits.output_adapter import Eraser, attach_modules, eraser_state, eraser_tensors, recording
+from ..errors import ConfigError
 from ..lexicon import LEXICONS, TIERS, WordNetUnavailable, lexicon_for
 from ..models import FamilyAdapter, adapter_for, frozen
 from . import split_list
@@ -235,13 +236,13 @@ def eraser_points(adapter, extra: bool = False, site: str = "attn_out") -> list:
 
 def points_named(names: list[str], layers: str, setting: str) -> list[str]:
     """The point names that contain one of the comma-separated texts of ``layers`` (every name
-    when ``layers`` is empty); ValueError naming ``setting`` when none does."""
+    when ``layers`` is empty); ConfigError (a ValueError) naming ``setting`` when none does."""
     wanted = split_list(layers)
     if not wanted:
         return names
     chosen = [n for n in names if any(w in n for w in wanted)]
     if not chosen:
-        raise ValueError(f"{setting} {layers!r} matches no eraser point of this model")
+        raise ConfigError(f"receler: {setting} {layers!r} matches no eraser point of this model")
     return chosen
 
 
@@ -250,7 +251,7 @@ def build_erasers(
 ) -> dict[str, Eraser]:
     """One zero-initialised eraser per point of :func:`eraser_points` (only those whose name
     contains one of the comma-separated ``layers``, when given): point name -> Eraser.
-    ValueError when ``layers`` matches no point."""
+    ConfigError when ``layers`` matches no point."""
     points = eraser_points(adapter, extra, site)
     chosen = set(points_named([p.name for p in points], layers, "eraser_layers"))
     return {p.name: Eraser(p.width, rank) for p in points if p.name in chosen}
