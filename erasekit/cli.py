@@ -716,8 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--distill-into",
         default="prompt-keys-values",
         choices=tuple(DISTILL_INTO),
-        help="where a Receler edit's LoRA goes: the prompt's keys and values (end-to-end fit, default) or the "
-        "attention output projections (per-layer fit)",
+        help="where a Receler edit's LoRA goes: the prompt's keys and values (end-to-end fit, default), the "
+        "attention output projections (per-layer fit), or both (end-to-end fit)",
     )
     ex.add_argument(
         "--dtype",

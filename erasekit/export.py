@@ -52,6 +52,8 @@ FORMATS = ("diffusers-lora", "kohya", "merged")
 DISTILL_INTO = {
     "prompt-keys-values": "the prompt's keys and values (end-to-end fit)",
     "attention-output": "the attention output projections (per-layer fit)",
+    "prompt-keys-values+attention-output": "the prompt's keys and values and the attention output projections "
+    "(end-to-end fit)",
 }
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights(folder) looks for
 RECORD = "erasekit_export.json"
@@ -139,8 +141,10 @@ def _distil(pipe, edit: Edit, rank: int, progress: bool, into: str):
         except WordNetUnavailable:
             pass
     prompts, other_prompts = distil_prompts(list(edit.concepts) + synonyms, others)
-    fit = distil_to_text_lora if into == "prompt-keys-values" else distil_to_lora
-    return fit(pipe, edit, prompts, other_prompts, rank=rank, progress=progress)
+    if into == "attention-output":
+        return distil_to_lora(pipe, edit, prompts, other_prompts, rank=rank, progress=progress)
+    outputs = into == "prompt-keys-values+attention-output"
+    return distil_to_text_lora(pipe, edit, prompts, other_prompts, rank=rank, outputs=outputs, progress=progress)
 
 
 def _as_weight_delta(edit: Edit, lora: dict[str, torch.Tensor]) -> Edit:

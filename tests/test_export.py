@@ -220,6 +220,34 @@ def test_a_receler_edit_distilled_end_to_end_into_the_prompts_keys_and_values(fa
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
+def test_export_distils_into_keys_values_and_outputs_a_kohya_file_stock_diffusers_loads(family, tmp_path, monkeypatch):
+    from erasekit.methods import distill
+
+    real = distill.distil_to_text_lora
+    monkeypatch.setattr(
+        distill, "distil_to_text_lora", lambda *a, **k: real(*a, **(k | {"iterations": 20, "steps": 3, "states": 2}))
+    )
+    pipe = BUILDERS[family]()
+    edit = _receler_edit(adapter_for(pipe))
+    into = "prompt-keys-values+attention-output"
+    record = export(edit, pipe, "kohya", tmp_path / "k.safetensors", distill_rank=4, distill_into=into, progress=False)
+    assert "output projections" in record["approximation"], record["approximation"]
+    # the prompt's keys and values, and one more LoRA after each eraser: its attention's output
+    # projection (Flux single-stream: the block's proj_out)
+    targets = set(record["distill"]["targets"])
+    text = {m for m in targets if m.rsplit(".", 1)[1] in {"to_k", "to_v", "add_k_proj", "add_v_proj"}}
+    points = output_adapter.erasers_from_tensors(edit.tensors)
+    after = {p.rsplit(".", 1)[0] + ".proj_out" if p.startswith("single_") else p + ".to_out.0" for p in points}
+    assert text and targets - text == after
+    assert any(m.endswith("proj_out") for m in after) == (family == "flux")
+    kohya = BUILDERS[family]()
+    kohya.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
+    export(edit, pipe, "diffusers-lora", tmp_path / "r", distill_rank=4, distill_into=into, progress=False)
+    loaded = Edit("receler-distilled", ["car"], family, "tiny", _file_lora(tmp_path, "flux"), kind="lora")
+    assert _diff_8bit(adapter_for(kohya).generate(PROMPTS, SEEDS), _images(BUILDERS[family](), loaded)) <= 1 / 255
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
 def test_export_distils_a_receler_edit_end_to_end_by_default_into_a_kohya_file(family, tmp_path, monkeypatch):
     from erasekit.methods import distill
 

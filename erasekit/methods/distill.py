@@ -281,6 +281,7 @@ def distil_to_text_lora(
     lr: float = 1e-3,
     targets: str = TEXT_TARGETS,
     seed: int = 0,
+    outputs: bool = False,
     progress: bool = True,
 ) -> tuple[Edit, dict]:
     """A LoRA edit (kind "lora") on the text projections of cross / joint attention (the keys and
@@ -297,6 +298,9 @@ def distil_to_text_lora(
     (x_t, t, the prompt) and (x_t, t, ""), with the edited model's prediction as target. Then
     ``iterations`` Adam steps (``lr``) on minibatches of ``batch`` examples fit the LoRA (rank
     ``rank``, alpha = rank, peft's init from ``seed``) to those targets by mean squared error.
+    With ``outputs`` the LoRA also covers the Linear after each eraser (the attention output
+    projection ``to_out.0``; Flux single-stream: the block's ``proj_out``), fitted jointly: the
+    prompt's keys and values say what changes, the output projections how.
 
     Returns the edit (method ``<method>-distilled``) and a report: ``relative_residual`` =
     ||student - target|| / ||base - target|| over every example (1.0: no better than the base
@@ -306,6 +310,14 @@ def distil_to_text_lora(
     erasers = _erasers(adapter, edit, rank)
     targeted = lora_targets(adapter, targets)
     names = [p.name for p in targeted]
+    shapes = lora_shapes(adapter, rank, targeted)
+    if outputs:
+        prefix = lora_prefix(adapter)
+        for point in erasers:
+            module_name, linear, _ = _carrier(adapter, point)
+            shapes[f"{prefix}.{module_name}.lora_A.weight"] = (rank, linear.in_features)
+            shapes[f"{prefix}.{module_name}.lora_B.weight"] = (linear.out_features, rank)
+            names.append(module_name)
     texts = list(dict.fromkeys(["", *prompts, *other_prompts]))  # "" first: the unconditional branch
     conds = [adapter.encode([t]) for t in texts]
     xs, ts, src, which, wanted, base = [], [], [], [], [], []  # x_t and t once per trajectory state
@@ -342,7 +354,7 @@ def distil_to_text_lora(
         return adapter.predict(x_all[at].to(adapter.device), t_all[at].to(adapter.device), cond).float().cpu()
 
     g = torch.Generator().manual_seed(seed)
-    initial = init_lora(lora_shapes(adapter, rank, targeted), g)
+    initial = init_lora(shapes, g)
     losses = []
     with frozen(adapter.denoiser, *adapter.text_encoders()):
         handle = attach_lora(adapter, initial, "erasekit_distill", 1.0, trainable=True)
@@ -373,6 +385,8 @@ def distil_to_text_lora(
         "other_prompts": list(other_prompts),
     }
     settings = {"distill_rank": rank, "distill_seeds": list(seeds), "distill_targets": targets}
+    if outputs:
+        settings["distill_outputs"] = True
     return _distilled(edit, tensors, report["relative_residual"], **settings), report
 
 
