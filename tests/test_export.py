@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from safetensors.torch import load_file
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd_pipeline
 
 from erasekit.cli import main
@@ -221,12 +222,7 @@ def test_a_receler_edit_distilled_end_to_end_into_the_prompts_keys_and_values(fa
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_export_distils_into_keys_values_and_outputs_a_kohya_file_stock_diffusers_loads(family, tmp_path, monkeypatch):
-    from erasekit.methods import distill
-
-    real = distill.distil_to_text_lora
-    monkeypatch.setattr(
-        distill, "distil_to_text_lora", lambda *a, **k: real(*a, **(k | {"iterations": 20, "steps": 3, "states": 2}))
-    )
+    _shorter_distillation(monkeypatch)
     pipe = BUILDERS[family]()
     edit = _receler_edit(adapter_for(pipe))
     into = "prompt-keys-values+attention-output"
@@ -243,22 +239,30 @@ def test_export_distils_into_keys_values_and_outputs_a_kohya_file_stock_diffuser
     kohya = BUILDERS[family]()
     kohya.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
     export(edit, pipe, "diffusers-lora", tmp_path / "r", distill_rank=4, distill_into=into, progress=False)
-    loaded = Edit("receler-distilled", ["car"], family, "tiny", _file_lora(tmp_path, "flux"), kind="lora")
+    folder = load_file(str(tmp_path / "r" / LORA_WEIGHTS))  # the same fit, as a diffusers folder
+    loaded = Edit("receler-distilled", ["car"], family, "tiny", folder, kind="lora")
     assert _diff_8bit(adapter_for(kohya).generate(PROMPTS, SEEDS), _images(BUILDERS[family](), loaded)) <= 1 / 255
 
 
-@pytest.mark.parametrize("family", ["sd", "flux"])
-def test_export_distils_a_receler_edit_end_to_end_by_default_into_a_kohya_file(family, tmp_path, monkeypatch):
+def _shorter_distillation(monkeypatch) -> list[dict]:
+    """Make the export's end-to-end distillation (its own prompts) a shorter fit; returns the
+    keyword arguments of each call."""
     from erasekit.methods import distill
 
     real = distill.distil_to_text_lora
     calls = []
 
-    def short(*a, **k):  # the export's own prompts, a shorter fit
+    def short(*a, **k):
         calls.append(k)
         return real(*a, **(k | {"iterations": 20, "steps": 3, "states": 2}))
 
     monkeypatch.setattr(distill, "distil_to_text_lora", short)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_export_distils_a_receler_edit_end_to_end_by_default_into_a_kohya_file(family, tmp_path, monkeypatch):
+    calls = _shorter_distillation(monkeypatch)
     pipe = BUILDERS[family]()
     edit = _receler_edit(adapter_for(pipe))
     record = export(edit, pipe, "kohya", tmp_path / "k.safetensors", distill_rank=4, progress=False)

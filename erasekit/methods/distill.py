@@ -40,7 +40,7 @@ from ..edits.lora import NAME as LORA
 from ..edits.lora import attach_lora, init_lora, lora_prefix, lora_shapes, lora_targets
 from ..edits.output_adapter import NAME as OUTPUT_ADAPTER
 from ..edits.output_adapter import attach_modules, erasers_from_tensors, points
-from ..models import Conditioning, adapter_for, frozen
+from ..models import AttachmentPoint, Conditioning, adapter_for, frozen
 
 DISTILL_TEMPLATES = ("an image of a {}", "a photo of a {}", "a picture of a {}", "{}")
 
@@ -309,15 +309,11 @@ def distil_to_text_lora(
     adapter = adapter_for(pipe)
     erasers = _erasers(adapter, edit, rank)
     targeted = lora_targets(adapter, targets)
-    names = [p.name for p in targeted]
-    shapes = lora_shapes(adapter, rank, targeted)
-    if outputs:
-        prefix = lora_prefix(adapter)
+    if outputs:  # the Linear after each eraser, as a point lora_shapes reads
         for point in erasers:
             module_name, linear, _ = _carrier(adapter, point)
-            shapes[f"{prefix}.{module_name}.lora_A.weight"] = (rank, linear.in_features)
-            shapes[f"{prefix}.{module_name}.lora_B.weight"] = (linear.out_features, rank)
-            names.append(module_name)
+            targeted.append(AttachmentPoint(module_name, linear, linear.out_features, linear.in_features))
+    names = [p.name for p in targeted]
     texts = list(dict.fromkeys(["", *prompts, *other_prompts]))  # "" first: the unconditional branch
     conds = [adapter.encode([t]) for t in texts]
     xs, ts, src, which, wanted, base = [], [], [], [], [], []  # x_t and t once per trajectory state
@@ -354,7 +350,7 @@ def distil_to_text_lora(
         return adapter.predict(x_all[at].to(adapter.device), t_all[at].to(adapter.device), cond).float().cpu()
 
     g = torch.Generator().manual_seed(seed)
-    initial = init_lora(shapes, g)
+    initial = init_lora(lora_shapes(adapter, rank, targeted), g)
     losses = []
     with frozen(adapter.denoiser, *adapter.text_encoders()):
         handle = attach_lora(adapter, initial, "erasekit_distill", 1.0, trainable=True)
